@@ -1,0 +1,335 @@
+// CPU kernels of sgsc::fake_quantize and its fused backward.
+//
+// The schemas live in sgsc/ops.py; this file only provides the CPU implementations. The per-group
+// constants (2^-e, 2^e and the clamp range) come from ATen on the (G,) tensors with exactly the
+// calls the PyTorch reference makes, so forward outputs match it bit for bit. The element loops
+// are compiled once per instruction set through function multiversioning: without SSE4.1, floor
+// and rint are libm calls and the loop runs at a fraction of memory bandwidth.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <array>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "isa.h"
+
+namespace sgsc {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per parallel task: large enough to amortise scheduling
+constexpr int kLanes = 16;           // independent accumulators, so the reduction vectorises in order
+constexpr double kLn2 = 0.69314718055994530942;
+
+// The weight dtypes the op accepts; the arithmetic is float32 in every case.
+#define SGSC_DISPATCH_WEIGHT_TYPES(TYPE, NAME, ...)           \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+struct GroupConstants {
+  at::Tensor scale, inv_scale, lo, hi, bits;
+};
+
+GroupConstants group_constants(const at::Tensor& b, const at::Tensor& e) {
+  // Mirrors sgsc.reference.group_params call for call; see the file comment.
+  auto bits = at::clamp_min(b, 0);
+  auto half = at::exp2(bits - 1);
+  return {at::exp2(-e), at::exp2(e), -half, half - 1, bits};
+}
+
+enum class Rounding { kNearest, kFloor };
+
+Rounding parse_rounding(c10::string_view rounding) {
+  if (rounding == "nearest") return Rounding::kNearest;
+  if (rounding == "floor") return Rounding::kFloor;
+  TORCH_CHECK_VALUE(false, "sgsc.fake_quantize: rounding must be 'nearest' or 'floor', got '",
+                    std::string(rounding), "'");
+}
+
+void check_finite(const at::Tensor& t, const char* name) {
+  auto values = t.contiguous();
+  const float* p = values.data_ptr<float>();
+  for (int64_t g = 0; g < values.numel(); ++g) {
+    TORCH_CHECK_VALUE(std::isfinite(p[g]), "sgsc.fake_quantize: ", name, " must be finite, found ", p[g],
+                      " at group ", g);
+  }
+}
+
+void check_inputs(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e) {
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf ||
+                       w.scalar_type() == at::kBFloat16,
+                   "sgsc.fake_quantize: w must be float32, float16 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat && e.scalar_type() == at::kFloat,
+                   "sgsc.fake_quantize: b and e must be float32, got ", b.scalar_type(), " and ",
+                   e.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() >= 1, "sgsc.fake_quantize: w must have at least one dimension");
+  TORCH_CHECK_VALUE(b.dim() == 1 && e.sizes() == b.sizes(),
+                    "sgsc.fake_quantize: b and e must be 1-D of equal length, got ", b.sizes(), " and ",
+                    e.sizes());
+  TORCH_CHECK_VALUE(b.size(0) > 0 && w.size(0) % b.size(0) == 0, "sgsc.fake_quantize: ", b.size(0),
+                    " groups do not divide w's first dimension ", w.size(0));
+  check_finite(b, "b");
+  check_finite(e, "e");
+}
+
+// ---- element loops, one clone per ISA ------------------------------------------------------
+
+template <Rounding R>
+SGSC_ALWAYS_INLINE float round_scaled(float clamped) {
+  return R == Rounding::kFloor ? std::floor(clamped) : std::nearbyint(clamped);
+}
+
+// The comparisons are written so that NaN in w falls through both and propagates.
+SGSC_ALWAYS_INLINE float clamp_scaled(float s, float lo, float hi) {
+  float c = s < lo ? lo : s;
+  return c > hi ? hi : c;
+}
+
+template <Rounding R>
+SGSC_ALWAYS_INLINE void forward_span(const float* w, float* q, int64_t n, float scale, float inv_scale,
+                                     float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    q[i] = round_scaled<R>(clamp_scaled(w[i] * scale, lo, hi)) * inv_scale;
+  }
+}
+
+SGSC_MULTIVERSION void forward_span_floor(const float* w, float* q, int64_t n, float scale,
+                                          float inv_scale, float lo, float hi) {
+  forward_span<Rounding::kFloor>(w, q, n, scale, inv_scale, lo, hi);
+}
+
+SGSC_MULTIVERSION void forward_span_nearest(const float* w, float* q, int64_t n, float scale,
+                                            float inv_scale, float lo, float hi) {
+  forward_span<Rounding::kNearest>(w, q, n, scale, inv_scale, lo, hi);
+}
+
+// Straight-through backward of one block: writes grad_w and adds, per accumulator lane,
+// g * (r - s * inside) to acc_e and g * ([s > hi] - [s < lo]) to acc_b (the per-group sums before
+// their common factors). The lane loop has no reordering, so it vectorises without -ffast-math.
+template <Rounding R>
+SGSC_ALWAYS_INLINE void backward_block(const float* __restrict g, const float* __restrict w,
+                                       float* __restrict gw, int64_t n, float scale, float lo, float hi,
+                                       float* __restrict acc_e, float* __restrict acc_b) {
+  auto step = [&](int64_t k, int lane) {
+    float s = w[k] * scale;
+    float r = round_scaled<R>(clamp_scaled(s, lo, hi));
+    bool inside = (s >= lo) & (s <= hi);
+    gw[k] = inside ? g[k] : 0.0f;
+    acc_e[lane] += inside ? g[k] * (r - s) : g[k] * r;
+    acc_b[lane] += (s > hi ? g[k] : 0.0f) - (s < lo ? g[k] : 0.0f);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) step(i + lane, lane);
+  }
+  for (int lane = 0; i < n; ++i, ++lane) step(i, lane);
+}
+
+SGSC_MULTIVERSION void backward_block_floor(const float* g, const float* w, float* gw, int64_t n, float scale,
+                                            float lo, float hi, float* acc_e, float* acc_b) {
+  backward_block<Rounding::kFloor>(g, w, gw, n, scale, lo, hi, acc_e, acc_b);
+}
+
+SGSC_MULTIVERSION void backward_block_nearest(const float* g, const float* w, float* gw, int64_t n,
+                                              float scale, float lo, float hi, float* acc_e, float* acc_b) {
+  backward_block<Rounding::kNearest>(g, w, gw, n, scale, lo, hi, acc_e, acc_b);
+}
+
+using BackwardBlockFn = void (*)(const float*, const float*, float*, int64_t, float, float, float, float*, float*);
+
+// Float lanes are flushed into double sums every kFlush elements, which bounds the float
+// rounding error per lane to a short run however long the group is.
+std::array<double, 2> backward_span(BackwardBlockFn block_fn, const float* g, const float* w, float* gw,
+                                    int64_t n, float scale, float lo, float hi) {
+  constexpr int64_t kFlush = 1024;
+  std::array<double, 2> sums = {0.0, 0.0};
+  for (int64_t begin = 0; begin < n; begin += kFlush) {
+    float acc_e[kLanes] = {};
+    float acc_b[kLanes] = {};
+    block_fn(g + begin, w + begin, gw + begin, std::min(kFlush, n - begin), scale, lo, hi, acc_e, acc_b);
+    for (int lane = 0; lane < kLanes; ++lane) {
+      sums[0] += acc_e[lane];
+      sums[1] += acc_b[lane];
+    }
+  }
+  return sums;
+}
+
+// ---- drivers -------------------------------------------------------------------------------
+
+// Every group is cut into chunks of at most kChunk elements; a task is one (group, chunk) pair.
+struct Tiling {
+  int64_t groups, group_len, chunks_per_group;
+  int64_t tasks() const { return groups * chunks_per_group; }
+  int64_t group(int64_t task) const { return task / chunks_per_group; }
+  int64_t begin(int64_t task) const { return group(task) * group_len + (task % chunks_per_group) * kChunk; }
+  int64_t length(int64_t task) const {
+    return std::min(kChunk, group_len - (task % chunks_per_group) * kChunk);
+  }
+};
+
+Tiling make_tiling(const at::Tensor& w, int64_t groups) {
+  int64_t group_len = w.numel() / groups;
+  return {groups, group_len, std::max<int64_t>(1, (group_len + kChunk - 1) / kChunk)};
+}
+
+int64_t task_grain(const Tiling& tiling) {
+  // Keep tiny tensors on one thread, where waking the pool costs more than the work.
+  return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, tiling.group_len));
+}
+
+// Float32 view of one chunk: the pointer itself for float32, a converted copy for narrow dtypes.
+template <typename scalar_t>
+struct FloatSpan {
+  std::vector<float> storage;
+  const float* load(const scalar_t* src, int64_t n) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return src;
+    } else {
+      storage.resize(n);
+      for (int64_t i = 0; i < n; ++i) storage[i] = static_cast<float>(src[i]);
+      return storage.data();
+    }
+  }
+  float* out(scalar_t* dst, int64_t n) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return dst;
+    } else {
+      storage.resize(n);
+      return storage.data();
+    }
+  }
+  void store(scalar_t* dst, int64_t n) {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(storage[i]);
+    }
+  }
+};
+
+void forward_into(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e, Rounding rounding,
+                  at::Tensor& q) {
+  if (w.numel() == 0) return;
+  auto k = group_constants(b, e);
+  const float* scale = k.scale.data_ptr<float>();
+  const float* inv_scale = k.inv_scale.data_ptr<float>();
+  const float* lo = k.lo.data_ptr<float>();
+  const float* hi = k.hi.data_ptr<float>();
+  const float* bits = k.bits.data_ptr<float>();
+  Tiling tiling = make_tiling(w, b.size(0));
+  auto span_fn = rounding == Rounding::kFloor ? forward_span_floor : forward_span_nearest;
+  SGSC_DISPATCH_WEIGHT_TYPES(w.scalar_type(), "sgsc_fake_quantize", [&] {
+    const scalar_t* w_ptr = w.data_ptr<scalar_t>();
+    scalar_t* q_ptr = q.data_ptr<scalar_t>();
+    at::parallel_for(0, tiling.tasks(), task_grain(tiling), [&](int64_t first, int64_t last) {
+      FloatSpan<scalar_t> in, out;
+      for (int64_t task = first; task < last; ++task) {
+        int64_t g = tiling.group(task), begin = tiling.begin(task), n = tiling.length(task);
+        if (bits[g] == 0.0f) {
+          std::fill(q_ptr + begin, q_ptr + begin + n, scalar_t(0));
+          continue;
+        }
+        const float* src = in.load(w_ptr + begin, n);
+        span_fn(src, out.out(q_ptr + begin, n), n, scale[g], inv_scale[g], lo[g], hi[g]);
+        out.store(q_ptr + begin, n);
+      }
+    });
+  });
+}
+
+at::Tensor fake_quantize_cpu(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
+                             c10::string_view rounding) {
+  check_inputs(w, b, e);
+  auto w_contig = w.contiguous();
+  auto q = at::empty_like(w_contig);
+  forward_into(w_contig, b.contiguous(), e.contiguous(), parse_rounding(rounding), q);
+  return q;
+}
+
+void fake_quantize_out_cpu(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
+                           c10::string_view rounding, at::Tensor out) {
+  check_inputs(w, b, e);
+  TORCH_CHECK_VALUE(out.sizes() == w.sizes() && out.scalar_type() == w.scalar_type(),
+                    "sgsc.fake_quantize: out must match w's shape and dtype");
+  TORCH_CHECK_VALUE(out.is_contiguous(), "sgsc.fake_quantize: out must be contiguous");
+  forward_into(w.contiguous(), b.contiguous(), e.contiguous(), parse_rounding(rounding), out);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
+    const at::Tensor& grad_q, const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
+    c10::string_view rounding) {
+  check_inputs(w, b, e);
+  TORCH_CHECK_VALUE(grad_q.sizes() == w.sizes(), "sgsc.fake_quantize backward: grad_q shape ",
+                    grad_q.sizes(), " does not match w shape ", w.sizes());
+  auto w_contig = w.contiguous();
+  auto g_contig = grad_q.to(w.scalar_type()).contiguous();
+  auto grad_w = at::empty_like(w_contig);
+  auto grad_b = at::zeros_like(b);
+  auto grad_e = at::zeros_like(e);
+  if (w.numel() == 0) return {grad_w, grad_b, grad_e};
+
+  auto k = group_constants(b.contiguous(), e.contiguous());
+  const float* scale = k.scale.data_ptr<float>();
+  const float* inv_scale = k.inv_scale.data_ptr<float>();
+  const float* lo = k.lo.data_ptr<float>();
+  const float* hi = k.hi.data_ptr<float>();
+  const float* bits = k.bits.data_ptr<float>();
+  Tiling tiling = make_tiling(w_contig, b.size(0));
+  BackwardBlockFn block_fn =
+      parse_rounding(rounding) == Rounding::kFloor ? backward_block_floor : backward_block_nearest;
+  // Partial sums per task, added up in task order afterwards: the result does not depend on
+  // how many threads ran or how the tasks were split between them.
+  std::vector<std::array<double, 2>> partial(tiling.tasks(), {0.0, 0.0});
+
+  SGSC_DISPATCH_WEIGHT_TYPES(w.scalar_type(), "sgsc_fake_quantize_bwd", [&] {
+    const scalar_t* w_ptr = w_contig.data_ptr<scalar_t>();
+    const scalar_t* g_ptr = g_contig.data_ptr<scalar_t>();
+    scalar_t* gw_ptr = grad_w.data_ptr<scalar_t>();
+    at::parallel_for(0, tiling.tasks(), task_grain(tiling), [&](int64_t first, int64_t last) {
+      FloatSpan<scalar_t> w_in, g_in, gw_out;
+      for (int64_t task = first; task < last; ++task) {
+        int64_t g = tiling.group(task), begin = tiling.begin(task), n = tiling.length(task);
+        if (bits[g] == 0.0f) {
+          std::fill(gw_ptr + begin, gw_ptr + begin + n, scalar_t(0));
+          continue;
+        }
+        partial[task] = backward_span(block_fn, g_in.load(g_ptr + begin, n), w_in.load(w_ptr + begin, n),
+                                gw_out.out(gw_ptr + begin, n), n, scale[g], lo[g], hi[g]);
+        gw_out.store(gw_ptr + begin, n);
+      }
+    });
+  });
+
+  float* grad_b_ptr = grad_b.data_ptr<float>();
+  float* grad_e_ptr = grad_e.data_ptr<float>();
+  for (int64_t g = 0; g < tiling.groups; ++g) {
+    if (bits[g] == 0.0f) continue;
+    double sum_e = 0.0, sum_b = 0.0;
+    for (int64_t c = 0; c < tiling.chunks_per_group; ++c) {
+      sum_e += partial[g * tiling.chunks_per_group + c][0];
+      sum_b += partial[g * tiling.chunks_per_group + c][1];
+    }
+    double step = kLn2 * static_cast<double>(inv_scale[g]);
+    grad_e_ptr[g] = static_cast<float>(step * sum_e);
+    grad_b_ptr[g] = static_cast<float>(step * static_cast<double>(-lo[g]) * sum_b);
+  }
+  return {grad_w, grad_b, grad_e};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
+  m.impl("fake_quantize", &fake_quantize_cpu);
+  m.impl("fake_quantize_out", &fake_quantize_out_cpu);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+}
+
+}  // namespace sgsc
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_isa", &sgsc::selected_isa, "The instruction set the CPU kernels run with on this machine.");
+}

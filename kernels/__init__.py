@@ -1,0 +1,1 @@
+"""Triton GPU kernels of sgsc, installed as ``sgsc.kernels`` and dispatched through ``sgsc.ops``."""

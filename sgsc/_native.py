@@ -1,0 +1,28 @@
+"""Guarded load of the optional C++ extension ``sgsc._C``.
+
+A missing or broken build never breaks ``import sgsc``: the reason is kept here, the CPU ops run on
+the PyTorch reference, and ``sgsc doctor`` reports what happened.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_extension = None
+load_error: str | None = None
+
+try:
+    _extension = importlib.import_module("sgsc._C")
+except Exception as exc:  # noqa: BLE001 - any failure (missing file, ABI mismatch) means "no extension"
+    load_error = f"{type(exc).__name__}: {exc}"
+
+
+def available() -> bool:
+    return _extension is not None
+
+
+def cpu_isa() -> str:
+    """The instruction set the C++ kernels selected on this CPU."""
+    if _extension is None:
+        return f"none (C++ extension not loaded: {load_error})"
+    return _extension.cpu_isa()
