@@ -1,0 +1,5 @@
+import sys
+
+from sgsc.cli import main
+
+sys.exit(main())
