@@ -31,15 +31,33 @@ constexpr double kLn2 = 0.69314718055994530942;
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-struct GroupConstants {
-  at::Tensor scale, inv_scale, lo, hi, bits;
+// Per-group constants of eq. (1), one struct per group for the element loops.
+struct Group {
+  float scale, inv_scale, lo, hi;
+  bool pruned;
 };
 
-GroupConstants group_constants(const at::Tensor& b, const at::Tensor& e) {
-  // Mirrors sgsc.reference.group_params call for call; see the file comment.
-  auto bits = at::clamp_min(b, 0);
-  auto half = at::exp2(bits - 1);
-  return {at::exp2(-e), at::exp2(e), -half, half - 1, bits};
+// Mirrors sgsc.reference.group_params: the three powers of two come from one ATen exp2 over a
+// (3, G) tensor laid out exactly as the reference's, so every value (including ATen's choice of
+// vector or scalar exp2 for each position) is the same; the rest is exact arithmetic.
+std::vector<Group> group_constants(const at::Tensor& b, const at::Tensor& e) {
+  const int64_t groups = b.numel();
+  auto powers = at::empty({3, groups}, b.options());
+  const float* b_ptr = b.data_ptr<float>();
+  const float* e_ptr = e.data_ptr<float>();
+  float* p = powers.data_ptr<float>();
+  for (int64_t g = 0; g < groups; ++g) {
+    p[g] = -e_ptr[g];
+    p[groups + g] = e_ptr[g];
+    p[2 * groups + g] = std::max(b_ptr[g], 0.0f) - 1.0f;
+  }
+  powers.exp2_();
+  std::vector<Group> out(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    float half = p[2 * groups + g];
+    out[g] = {p[g], p[groups + g], -half, half - 1.0f, !(b_ptr[g] > 0.0f)};
+  }
+  return out;
 }
 
 enum class Rounding { kNearest, kFloor };
@@ -214,12 +232,7 @@ struct FloatSpan {
 void forward_into(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e, Rounding rounding,
                   at::Tensor& q) {
   if (w.numel() == 0) return;
-  auto k = group_constants(b, e);
-  const float* scale = k.scale.data_ptr<float>();
-  const float* inv_scale = k.inv_scale.data_ptr<float>();
-  const float* lo = k.lo.data_ptr<float>();
-  const float* hi = k.hi.data_ptr<float>();
-  const float* bits = k.bits.data_ptr<float>();
+  const std::vector<Group> constants = group_constants(b, e);
   Tiling tiling = make_tiling(w, b.size(0));
   auto span_fn = rounding == Rounding::kFloor ? forward_span_floor : forward_span_nearest;
   SGSC_DISPATCH_WEIGHT_TYPES(w.scalar_type(), "sgsc_fake_quantize", [&] {
@@ -229,12 +242,13 @@ void forward_into(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
       FloatSpan<scalar_t> in, out;
       for (int64_t task = first; task < last; ++task) {
         int64_t g = tiling.group(task), begin = tiling.begin(task), n = tiling.length(task);
-        if (bits[g] == 0.0f) {
+        const Group& k = constants[g];
+        if (k.pruned) {
           std::fill(q_ptr + begin, q_ptr + begin + n, scalar_t(0));
           continue;
         }
         const float* src = in.load(w_ptr + begin, n);
-        span_fn(src, out.out(q_ptr + begin, n), n, scale[g], inv_scale[g], lo[g], hi[g]);
+        span_fn(src, out.out(q_ptr + begin, n), n, k.scale, k.inv_scale, k.lo, k.hi);
         out.store(q_ptr + begin, n);
       }
     });
@@ -272,12 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   auto grad_e = at::zeros_like(e);
   if (w.numel() == 0) return {grad_w, grad_b, grad_e};
 
-  auto k = group_constants(b.contiguous(), e.contiguous());
-  const float* scale = k.scale.data_ptr<float>();
-  const float* inv_scale = k.inv_scale.data_ptr<float>();
-  const float* lo = k.lo.data_ptr<float>();
-  const float* hi = k.hi.data_ptr<float>();
-  const float* bits = k.bits.data_ptr<float>();
+  const std::vector<Group> constants = group_constants(b.contiguous(), e.contiguous());
   Tiling tiling = make_tiling(w_contig, b.size(0));
   BackwardBlockFn block_fn =
       parse_rounding(rounding) == Rounding::kFloor ? backward_block_floor : backward_block_nearest;
@@ -293,12 +302,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
       FloatSpan<scalar_t> w_in, g_in, gw_out;
       for (int64_t task = first; task < last; ++task) {
         int64_t g = tiling.group(task), begin = tiling.begin(task), n = tiling.length(task);
-        if (bits[g] == 0.0f) {
+        const Group& k = constants[g];
+        if (k.pruned) {
           std::fill(gw_ptr + begin, gw_ptr + begin + n, scalar_t(0));
           continue;
         }
         partial[task] = backward_span(block_fn, g_in.load(g_ptr + begin, n), w_in.load(w_ptr + begin, n),
-                                gw_out.out(gw_ptr + begin, n), n, scale[g], lo[g], hi[g]);
+                                gw_out.out(gw_ptr + begin, n), n, k.scale, k.lo, k.hi);
         gw_out.store(gw_ptr + begin, n);
       }
     });
@@ -307,15 +317,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   float* grad_b_ptr = grad_b.data_ptr<float>();
   float* grad_e_ptr = grad_e.data_ptr<float>();
   for (int64_t g = 0; g < tiling.groups; ++g) {
-    if (bits[g] == 0.0f) continue;
+    const Group& k = constants[g];
+    if (k.pruned) continue;
     double sum_e = 0.0, sum_b = 0.0;
     for (int64_t c = 0; c < tiling.chunks_per_group; ++c) {
       sum_e += partial[g * tiling.chunks_per_group + c][0];
       sum_b += partial[g * tiling.chunks_per_group + c][1];
     }
-    double step = kLn2 * static_cast<double>(inv_scale[g]);
+    double step = kLn2 * static_cast<double>(k.inv_scale);
     grad_e_ptr[g] = static_cast<float>(step * sum_e);
-    grad_b_ptr[g] = static_cast<float>(step * static_cast<double>(-lo[g]) * sum_b);
+    grad_b_ptr[g] = static_cast<float>(step * static_cast<double>(-k.lo) * sum_b);
   }
   return {grad_w, grad_b, grad_e};
 }
