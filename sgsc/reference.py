@@ -16,12 +16,12 @@ ROUNDING_MODES = ("nearest", "floor")
 def group_params(b: torch.Tensor, e: torch.Tensor):
     """Per-group constants of eq. (1): the scale ``2^-e``, its inverse ``2^e`` and the clamp range.
 
-    Every implementation derives them with these exact torch calls on the ``(G,)`` tensors, so
-    forward outputs agree bit for bit with the kernels that share them.
+    The three powers of two come from one ``exp2`` over a ``(3, G)`` stack; the C++ kernels make
+    the same call on the same layout, so forward outputs agree bit for bit.
     """
     bits = torch.clamp(b, min=0)
-    half = torch.exp2(bits - 1)
-    return torch.exp2(-e), torch.exp2(e), -half, half - 1, bits
+    scale, inv_scale, half = torch.exp2(torch.stack([-e, e, bits - 1]))
+    return scale, inv_scale, -half, half - 1, bits
 
 
 def fake_quantize(w: torch.Tensor, b: torch.Tensor, e: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
