@@ -12,6 +12,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -21,7 +22,6 @@ namespace sgsc {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task: large enough to amortise scheduling
-constexpr int kLanes = 16;           // independent accumulators, so the reduction vectorises in order
 constexpr double kLn2 = 0.69314718055994530942;
 
 // The weight dtypes the op accepts; the arithmetic is float32 in every case.
@@ -126,54 +126,72 @@ SGSC_MULTIVERSION void forward_span_nearest(const float* w, float* q, int64_t n,
   forward_span<Rounding::kNearest>(w, q, n, scale, inv_scale, lo, hi);
 }
 
-// Straight-through backward of one block: writes grad_w and adds, per accumulator lane,
-// g * (r - s * inside) to acc_e and g * ([s > hi] - [s < lo]) to acc_b (the per-group sums before
-// their common factors). The lane loop has no reordering, so it vectorises without -ffast-math.
+// Straight-through backward of one block of at most kBlock elements: writes grad_w and adds to
+// sums[0] the sum of g * (r - s * inside) and to sums[1] the sum of g * ([s > hi] - [s < lo]),
+// the per-group sums before their common factors. The element loop only writes arrays, so it
+// vectorises as the forward does; the sums are then taken over the block, still in L1, with
+// explicit 8-wide vectors, in float within the block and in double across blocks.
+constexpr int64_t kBlock = 1024;
+typedef float Float8 __attribute__((vector_size(32)));
+
 template <Rounding R>
 SGSC_ALWAYS_INLINE void backward_block(const float* __restrict g, const float* __restrict w,
                                        float* __restrict gw, int64_t n, float scale, float lo, float hi,
-                                       float* __restrict acc_e, float* __restrict acc_b) {
-  auto step = [&](int64_t k, int lane) {
+                                       double* __restrict sums) {
+  float terms_e[kBlock], terms_b[kBlock];
+  for (int64_t k = 0; k < n; ++k) {
     float s = w[k] * scale;
     float r = round_scaled<R>(clamp_scaled(s, lo, hi));
     bool inside = (s >= lo) & (s <= hi);
     gw[k] = inside ? g[k] : 0.0f;
-    acc_e[lane] += inside ? g[k] * (r - s) : g[k] * r;
-    acc_b[lane] += (s > hi ? g[k] : 0.0f) - (s < lo ? g[k] : 0.0f);
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) step(i + lane, lane);
+    terms_e[k] = g[k] * (inside ? r - s : r);
+    terms_b[k] = (s > hi ? g[k] : 0.0f) - (s < lo ? g[k] : 0.0f);
   }
-  for (int lane = 0; i < n; ++i, ++lane) step(i, lane);
+  Float8 acc_e0 = {}, acc_e1 = {}, acc_b0 = {}, acc_b1 = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    Float8 e0, e1, b0, b1;
+    std::memcpy(&e0, terms_e + k, sizeof(Float8));
+    std::memcpy(&e1, terms_e + k + 8, sizeof(Float8));
+    std::memcpy(&b0, terms_b + k, sizeof(Float8));
+    std::memcpy(&b1, terms_b + k + 8, sizeof(Float8));
+    acc_e0 += e0;
+    acc_e1 += e1;
+    acc_b0 += b0;
+    acc_b1 += b1;
+  }
+  double sum_e = 0.0, sum_b = 0.0;
+  for (; k < n; ++k) {
+    sum_e += terms_e[k];
+    sum_b += terms_b[k];
+  }
+  for (int lane = 0; lane < 8; ++lane) {
+    sum_e += static_cast<double>(acc_e0[lane]) + acc_e1[lane];
+    sum_b += static_cast<double>(acc_b0[lane]) + acc_b1[lane];
+  }
+  sums[0] += sum_e;
+  sums[1] += sum_b;
 }
 
-SGSC_MULTIVERSION void backward_block_floor(const float* g, const float* w, float* gw, int64_t n, float scale,
-                                            float lo, float hi, float* acc_e, float* acc_b) {
-  backward_block<Rounding::kFloor>(g, w, gw, n, scale, lo, hi, acc_e, acc_b);
+SGSC_MULTIVERSION void backward_block_floor(const float* __restrict g, const float* __restrict w,
+                                            float* __restrict gw, int64_t n, float scale, float lo, float hi,
+                                            double* __restrict sums) {
+  backward_block<Rounding::kFloor>(g, w, gw, n, scale, lo, hi, sums);
 }
 
-SGSC_MULTIVERSION void backward_block_nearest(const float* g, const float* w, float* gw, int64_t n,
-                                              float scale, float lo, float hi, float* acc_e, float* acc_b) {
-  backward_block<Rounding::kNearest>(g, w, gw, n, scale, lo, hi, acc_e, acc_b);
+SGSC_MULTIVERSION void backward_block_nearest(const float* __restrict g, const float* __restrict w,
+                                              float* __restrict gw, int64_t n, float scale, float lo, float hi,
+                                              double* __restrict sums) {
+  backward_block<Rounding::kNearest>(g, w, gw, n, scale, lo, hi, sums);
 }
 
-using BackwardBlockFn = void (*)(const float*, const float*, float*, int64_t, float, float, float, float*, float*);
+using BackwardBlockFn = void (*)(const float*, const float*, float*, int64_t, float, float, float, double*);
 
-// Float lanes are flushed into double sums every kFlush elements, which bounds the float
-// rounding error per lane to a short run however long the group is.
 std::array<double, 2> backward_span(BackwardBlockFn block_fn, const float* g, const float* w, float* gw,
                                     int64_t n, float scale, float lo, float hi) {
-  constexpr int64_t kFlush = 1024;
   std::array<double, 2> sums = {0.0, 0.0};
-  for (int64_t begin = 0; begin < n; begin += kFlush) {
-    float acc_e[kLanes] = {};
-    float acc_b[kLanes] = {};
-    block_fn(g + begin, w + begin, gw + begin, std::min(kFlush, n - begin), scale, lo, hi, acc_e, acc_b);
-    for (int lane = 0; lane < kLanes; ++lane) {
-      sums[0] += acc_e[lane];
-      sums[1] += acc_b[lane];
-    }
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    block_fn(g + begin, w + begin, gw + begin, std::min(kBlock, n - begin), scale, lo, hi, sums.data());
   }
   return sums;
 }
