@@ -163,6 +163,7 @@ def main(argv=None):
     parser.add_argument("--shapes", default=None, help="comma-separated ROWSxCOLS list")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per provider")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON results")
+    parser.add_argument("--note", default="", help="free text recorded with the results (e.g. allocator settings)")
     args = parser.parse_args(argv)
     shapes = args.shapes.split(",") if args.shapes else DEFAULT_SHAPES[args.device]
     meta = {
@@ -170,6 +171,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "sgsc": sgsc.__version__,
         "commit": commit_id(),
+        "note": args.note,
     }
     print(meta)
     rows = run(args.device, shapes, args.min_run_time)
