@@ -16,6 +16,7 @@ and gradients become NaN instead of silently clamping.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -164,6 +165,7 @@ def _streaming_multiprocessors(device: torch.device) -> int:
     return 1  # the interpreter: fewer, larger programs run faster on the CPU
 
 
+@functools.lru_cache(maxsize=1024)  # a training run sees a handful of shapes, each every step
 def launch_config(n_groups: int, group_len: int, device: torch.device) -> LaunchConfig:
     """Tile shape and column split: wide tiles along a group, more groups per tile when groups are
     short, and groups split into column ranges only when there are too few groups to fill the GPU."""
