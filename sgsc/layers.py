@@ -1,0 +1,480 @@
+"""Quantized layers with learnable per-group bit depths, and the helpers built on them.
+
+A quantized layer holds its float ``weight`` plus two float32 Parameters of shape ``(G,)``:
+``bits`` (b) and ``exponent`` (e). Its forward uses ``sgsc.fake_quantize(weight, bits, exponent)``
+in place of ``weight``, so training moves b and e by the straight-through estimator, and a group
+whose ``bits`` fall to ``<= 0`` contributes exact zeros (it is pruned). Group ``g`` covers output
+rows ``[g*O/G, (g+1)*O/G)``; ``G`` defaults to one group per output channel.
+
+The number of groups is called ``quant_groups`` everywhere, because ``nn.Conv2d.groups`` already
+names the convolution's channel grouping.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgsc.ops import WEIGHT_DTYPES, fake_quantize
+from sgsc.reference import ROUNDING_MODES
+
+MAX_BITS = 32
+
+
+def _check_init_bits(init_bits: float) -> float:
+    if isinstance(init_bits, bool) or not isinstance(init_bits, Real):
+        raise TypeError(f"init_bits must be a number, got {type(init_bits).__name__}")
+    if not 1 <= init_bits <= MAX_BITS:
+        raise ValueError(f"init_bits must be in [1, {MAX_BITS}], got {init_bits}")
+    return float(init_bits)
+
+
+def _check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    return rounding
+
+
+def _resolve_quant_groups(quant_groups: int | None, out_dim: int) -> int:
+    if quant_groups is None:
+        return out_dim
+    if isinstance(quant_groups, bool) or not isinstance(quant_groups, int):
+        raise TypeError(f"quant_groups must be an int or None, got {type(quant_groups).__name__}")
+    if quant_groups <= 0 or out_dim % quant_groups != 0:
+        raise ValueError(
+            f"quant_groups must be a positive divisor of the {out_dim} output channels, got {quant_groups}"
+        )
+    return quant_groups
+
+
+def initial_exponent(weight: torch.Tensor, quant_groups: int, bits: float) -> torch.Tensor:
+    """Per-group ``e = ceil(log2(max|w| / (2^(b-1) - 1)))``: the finest grid on which no weight clips.
+
+    The largest magnitude then lands on at most the top code, so the starting error is at most half
+    a step. An all-zero group gets ``e = 0`` (any grid represents it exactly); 1-bit groups, whose
+    positive range is empty, size the grid from the negative code ``-1`` instead.
+    """
+    if weight.numel() == 0:
+        return torch.zeros(quant_groups, dtype=torch.float32, device=weight.device)
+    peak = weight.detach().float().reshape(quant_groups, -1).abs().amax(dim=1)
+    top_code = max(2.0 ** (bits - 1) - 1, 1.0)
+    exponent = torch.ceil(torch.log2(peak / top_code))
+    return torch.where(peak > 0, exponent, torch.zeros_like(exponent))
+
+
+class _Quantized:
+    """What QLinear and QConv2d share; mixed in ahead of the nn layer they extend."""
+
+    weight: nn.Parameter
+    bits: nn.Parameter
+    exponent: nn.Parameter
+    rounding: str
+
+    def _init_quantizer(self, quant_groups: int | None, init_bits: float, rounding: str) -> None:
+        groups = _resolve_quant_groups(quant_groups, self.weight.shape[0]) if self.weight.shape[0] else 0
+        bits = _check_init_bits(init_bits)
+        self.rounding = _check_rounding(rounding)
+        self.bits = nn.Parameter(torch.full((groups,), bits, dtype=torch.float32, device=self.weight.device))
+        self.exponent = nn.Parameter(initial_exponent(self.weight, groups, bits))
+
+    @property
+    def quant_groups(self) -> int:
+        """``G``, the number of (bits, exponent) pairs of this layer."""
+        return self.bits.numel()
+
+    @property
+    def elements_per_group(self) -> int:
+        """Weights that share one group's bit depth."""
+        return self.weight.numel() // self.quant_groups if self.quant_groups else 0
+
+    @torch.no_grad()
+    def reset_quantizer(self, init_bits: float = 8) -> None:
+        """Set every group to ``init_bits`` and re-fit the exponents to the current weights."""
+        bits = _check_init_bits(init_bits)
+        self.bits.fill_(bits)
+        self.exponent.copy_(initial_exponent(self.weight, self.quant_groups, bits))
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward pass sees it (differentiable to weight, bits and exponent)."""
+        if self.weight.numel() == 0:
+            return self.weight  # a fully pruned layer described by a zero-width config
+        # .float() keeps the op's float32 contract after a model-wide .half()/.to(dtype)
+        return fake_quantize(self.weight, self.bits.float(), self.exponent.float(), rounding=self.rounding)
+
+    def _quant_repr(self) -> str:
+        return f"quant_groups={self.quant_groups}, rounding={self.rounding!r}"
+
+
+class QLinear(_Quantized, nn.Linear):
+    """``nn.Linear`` whose weight is fake-quantized per group of output rows."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        quant_groups: int | None = None,
+        init_bits: float = 8,
+        rounding: str = "nearest",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        with warnings.catch_warnings():
+            # zero-width layers are legitimate here: they describe fully pruned heads or MLPs
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quantizer(quant_groups, init_bits, rounding)
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, *, quant_groups: int | None = None, init_bits: float = 8, rounding: str = "nearest"
+    ) -> QLinear:
+        """A QLinear that takes over ``linear``'s Parameters (shared, so tied weights stay tied)."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            quant_groups=quant_groups,
+            init_bits=init_bits,
+            rounding=rounding,
+            device="meta",
+            dtype=linear.weight.dtype,
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._init_quantizer(quant_groups, init_bits, rounding)
+        return new.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+class QConv2d(_Quantized, nn.Conv2d):
+    """``nn.Conv2d`` whose weight is fake-quantized per group of output channels.
+
+    Every ``nn.Conv2d`` option (stride, padding modes, dilation, channel ``groups``) is supported:
+    quantization only replaces the weight tensor the convolution reads.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        quant_groups: int | None = None,
+        init_bits: float = 8,
+        rounding: str = "nearest",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self._init_quantizer(quant_groups, init_bits, rounding)
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, *, quant_groups: int | None = None, init_bits: float = 8, rounding: str = "nearest"
+    ) -> QConv2d:
+        """A QConv2d that takes over ``conv``'s Parameters (shared, so tied weights stay tied)."""
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            quant_groups=quant_groups,
+            init_bits=init_bits,
+            rounding=rounding,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new._init_quantizer(quant_groups, init_bits, rounding)
+        return new.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+QUANTIZED_TYPES = (QLinear, QConv2d)
+
+
+class QCausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention whose projections are quantized per attention head.
+
+    ``q_proj``, ``k_proj`` and ``v_proj`` map ``n_embd -> n_heads * head_dim`` with one
+    (bits, exponent) group per head (the head's ``head_dim`` output rows), so a head's bit depth is
+    learned as a unit and a head can be pruned whole. ``out_proj`` maps back to ``n_embd`` with one
+    group per *output* channel: a per-head group there would run along the weight's input columns,
+    which the row-grouped quantizer cannot express, and per-channel groups let ``out_proj`` prune its
+    own outputs independently of the heads.
+
+    A pruned ``v_proj`` group turns its head's values into the constant ``v_proj`` bias slice, so
+    the head adds the constant ``out_proj.weight[:, head] @ bias`` (nothing when ``bias=False``),
+    which ``out_proj``'s bias can absorb when the head is removed physically. A pruned ``q_proj``
+    or ``k_proj`` group only flattens that head's attention to a uniform average.
+    ``n_heads == 0`` describes a block whose heads were all removed: it outputs ``out_proj``'s bias.
+    ``n_heads * head_dim`` need not equal ``n_embd``, so pruned heads shrink the projections.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = True,
+        init_bits: float = 8,
+        rounding: str = "nearest",
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("n_embd", n_embd, 1), ("n_heads", n_heads, 0), ("head_dim", head_dim, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        self.n_embd, self.n_heads, self.head_dim = n_embd, n_heads, head_dim
+        inner = n_heads * head_dim
+        per_head = {"quant_groups": n_heads or None, "init_bits": init_bits, "rounding": rounding}
+        self.q_proj = QLinear(n_embd, inner, bias, **per_head)
+        self.k_proj = QLinear(n_embd, inner, bias, **per_head)
+        self.v_proj = QLinear(n_embd, inner, bias, **per_head)
+        self.out_proj = QLinear(inner, n_embd, bias, init_bits=init_bits, rounding=rounding)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, time, _ = x.shape
+        return x.view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, time, _ = x.shape
+        if self.n_heads == 0:
+            return self.out_proj(x.new_zeros(batch, time, 0))
+        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, time, self.n_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return f"n_embd={self.n_embd}, n_heads={self.n_heads}, head_dim={self.head_dim}"
+
+
+# ---- model-wide helpers --------------------------------------------------------------------
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QLinear | QConv2d]]:
+    """``(name, layer)`` for every QLinear/QConv2d in ``model``, in ``named_modules`` order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZED_TYPES):
+            yield name, module
+
+
+def _non_empty_layers(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
+    layers = [(name, layer) for name, layer in quantized_layers(model) if layer.weight.numel()]
+    if not layers:
+        raise ValueError("model has no quantized layers with weights; call sgsc.quantize_model first")
+    return layers
+
+
+def average_bits(model: nn.Module) -> torch.Tensor:
+    """Bits per quantized weight, ``sum(relu(b_g) * n_g) / sum(n_g)``, differentiable in every ``b``.
+
+    The size term of the training objective. ``n_g`` is the number of weights in group ``g``;
+    exponents cost nothing here. Raises ``ValueError`` when the model has no quantized weights.
+    """
+    layers = _non_empty_layers(model)
+    total_elements = sum(layer.weight.numel() for _, layer in layers)
+    weighted = [torch.relu(layer.bits.float()).sum() * layer.elements_per_group for _, layer in layers]
+    return torch.stack(weighted).sum() / total_elements
+
+
+def storage_bits(bits: torch.Tensor) -> torch.Tensor:
+    """The integer width that holds every code of a group: ``ceil(b)`` for ``b > 0``, else 0.
+
+    With a fractional ``b`` the clamp range ``[-2^(b-1), 2^(b-1) - 1]`` rounds to codes that fit in
+    ``ceil(b)`` two's-complement bits (and exactly ``b`` bits when ``b`` is whole).
+    """
+    return torch.ceil(torch.clamp(bits.detach().float(), min=0)).to(torch.int64)
+
+
+def _layer_report(name: str, layer: QLinear | QConv2d) -> dict:
+    bits = layer.bits.detach().float()
+    widths = storage_bits(bits)
+    per_group = layer.elements_per_group
+    return {
+        "name": name,
+        "type": type(layer).__name__,
+        "shape": list(layer.weight.shape),
+        "quant_groups": layer.quant_groups,
+        "weights": layer.weight.numel(),
+        "mean_bits": float((bits.clamp(min=0) * per_group).sum() / max(layer.weight.numel(), 1)),
+        "min_bits": float(bits.min()) if bits.numel() else 0.0,
+        "max_bits": float(bits.max()) if bits.numel() else 0.0,
+        "pruned_groups": int((bits <= 0).sum()),
+        "storage_bits": int((widths * per_group).sum()),
+    }
+
+
+def model_bits_report(model: nn.Module) -> dict:
+    """A JSON-serialisable summary: one row per quantized layer, and model totals.
+
+    Per layer: shape, groups, mean/min/max learned bits, pruned groups and ``storage_bits`` (the
+    weight payload at :func:`storage_bits` widths). Totals: ``average_bits`` (the continuous value
+    the trainer optimises), ``storage_bits``, ``float32_bits`` of the same weights and their ratio.
+    """
+    rows = [_layer_report(name, layer) for name, layer in _non_empty_layers(model)]
+    total_weights = sum(row["weights"] for row in rows)
+    payload = sum(row["storage_bits"] for row in rows)
+    return {
+        "layers": rows,
+        "total_weights": total_weights,
+        "average_bits": float(average_bits(model).detach()),
+        "pruned_groups": sum(row["pruned_groups"] for row in rows),
+        "storage_bits": payload,
+        "float32_bits": 32 * total_weights,
+        "compression_ratio": (32 * total_weights / payload) if payload else None,  # None: all pruned
+    }
+
+
+# ---- quantize_model ------------------------------------------------------------------------
+
+# Weight-bearing layers quantize_model leaves in float, with the reason it tells the user.
+_UNSUPPORTED = (
+    (nn.MultiheadAttention, "its forward reads the projection weights directly, bypassing submodules"),
+    (nn.modules.conv._ConvNd, "only nn.Conv2d is supported"),
+    (nn.Embedding, "embeddings are not quantized"),
+    (nn.EmbeddingBag, "embeddings are not quantized"),
+    (nn.Bilinear, "not supported"),
+    (nn.RNNBase, "recurrent layers are not supported"),
+    (nn.Linear, "subclasses of nn.Linear may change its forward; only exact nn.Linear is swapped"),
+)
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    if isinstance(module, QUANTIZED_TYPES) or type(module) in (nn.Linear, nn.Conv2d):
+        return None
+    for kind, reason in _UNSUPPORTED:
+        if isinstance(module, kind):
+            return reason
+    return None
+
+
+def _groups_for(name: str, groups: int | Mapping[str, int] | None) -> int | None:
+    if groups is None or isinstance(groups, int):
+        return groups
+    return groups.get(name)
+
+
+def _check_skip(model: nn.Module, skip: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(skip, str):
+        raise TypeError("skip must be a collection of module names, not a single string")
+    names = tuple(skip)
+    known = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"skip names modules that do not exist in the model: {unknown}")
+    return names
+
+
+def _under(name: str, prefix: str) -> bool:
+    """Whether module ``name`` lies strictly inside module ``prefix`` ("" is the model itself)."""
+    return name != prefix and (prefix == "" or name.startswith(prefix + "."))
+
+
+def _swap(module: nn.Module, name: str, init_bits: float, quant_groups: int | None, rounding: str) -> nn.Module:
+    if module.weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"layer {name or '<model>'} has {module.weight.dtype} weights; sgsc quantizes {WEIGHT_DTYPES}")
+    try:
+        cls = QLinear if isinstance(module, nn.Linear) else QConv2d
+        return cls.from_float(module, quant_groups=quant_groups, init_bits=init_bits, rounding=rounding)
+    except ValueError as exc:
+        raise ValueError(f"layer {name or '<model>'}: {exc}") from exc
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def quantize_model(
+    model: nn.Module,
+    init_bits: float = 8,
+    skip: Iterable[str] = (),
+    groups: int | Mapping[str, int] | None = None,
+    rounding: str = "nearest",
+) -> nn.Module:
+    """Swap every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` in place for QLinear / QConv2d.
+
+    The new layers take over the old layers' Parameters (so tied weights stay tied and an existing
+    reference to ``layer.weight`` stays valid) and start at ``init_bits`` with exponents fitted to
+    the weights. ``skip`` names modules (as in ``named_modules``) to leave alone, with everything
+    under them. ``groups`` is the number of quantization groups: ``None`` for one per output
+    channel, an int for every layer, or a mapping from layer name to int (others per channel).
+    Weight-bearing layers it cannot quantize (nn.MultiheadAttention, other conv types, embeddings,
+    nn.Linear subclasses, ...) are left in float with one ``UserWarning`` naming them; layers that
+    are already quantized are left as they are. Returns ``model``, or the new layer when ``model``
+    itself is an ``nn.Linear``/``nn.Conv2d``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    init_bits = _check_init_bits(init_bits)
+    _check_rounding(rounding)
+    if groups is not None and not isinstance(groups, (int, Mapping)):
+        raise TypeError(f"groups must be None, an int or a mapping of layer names to ints, got {type(groups).__name__}")
+    skip = _check_skip(model, skip)
+
+    swapped: dict[int, nn.Module] = {}
+    left_alone: list[str] = []
+    inside_unsupported: list[str] = []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if any(name == s or _under(name, s) for s in skip) or any(_under(name, p) for p in inside_unsupported):
+            continue
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            inside_unsupported.append(name)
+            left_alone.append(f"{name or '<model>'} ({type(module).__name__}: {reason})")
+            continue
+        if type(module) not in (nn.Linear, nn.Conv2d):
+            continue
+        if id(module) not in swapped:  # a module reused at several names becomes one QLayer
+            swapped[id(module)] = _swap(module, name, init_bits, _groups_for(name, groups), rounding)
+        if name == "":
+            return swapped[id(module)]
+        _set_submodule(model, name, swapped[id(module)])
+
+    if left_alone:
+        warnings.warn("sgsc.quantize_model left these layers in float: " + "; ".join(left_alone), stacklevel=2)
+    return model

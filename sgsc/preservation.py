@@ -1,0 +1,490 @@
+"""The preservation set: the training examples a compressed model must keep getting right.
+
+Three criteria each rank every training example, and the set is their de-duplicated union, with
+each criterion filling its share of the places:
+
+* **Grad-CAM importance** (``gradcam``). For a 4-D attribution layer (conv feature maps ``A``,
+  ``(B, C, H, W)``) it is Grad-CAM: channel weights ``alpha_c = mean_hw d y_target / d A_c`` and the
+  map ``relu(sum_c alpha_c A_c)``; an example's score is the map's *mass* (its sum over positions),
+  the total positive class evidence the last conv layer holds for the true label. For any other
+  rank (token embeddings ``(B, T, D)`` of a decoder) it is gradient x activation: per position
+  ``relu(<d y / d A_t, A_t>)``, summed over positions. ``y_target`` is the logit of the true label
+  (summed over the scored positions of a sequence), so the score measures how much the features an
+  example relies on matter for getting it right.
+* **Uncertainty** (``uncertainty``): ``1 - (p_top1 - p_top2)`` of the softmax (``"margin"``) or its
+  entropy (``"entropy"``), averaged over scored positions; examples near the decision boundary are
+  the first to flip when weights are compressed.
+* **Diversity** (``diversity``): k-means (scikit-learn, seeded) on the penultimate embeddings
+  (``model.embed``, averaged over a sequence's scored positions), with as many clusters as the
+  criterion has places; it takes the example nearest each centroid, then the second nearest, etc.
+
+Criteria fill their quotas in the order above, each skipping examples already taken, so the set
+has exactly ``round(fraction * N)`` unique examples and every criterion contributes exactly its
+share. Diversity goes last on purpose: a cluster already represented by an earlier pick yields its
+place to the next cluster's nearest example. Everything is deterministic given ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+CRITERIA = ("gradcam", "uncertainty", "diversity")
+UNCERTAINTY_MEASURES = ("margin", "entropy")
+IGNORE_INDEX = -1  # sequence targets below 0 are padding (sgsc.data.IGNORE_INDEX)
+FORMAT = "sgsc.preservation"
+VERSION = 1
+
+_KMEANS_DIMS = 32  # PCA width before k-means: distances in 3k-dim CNN features are slow and noisy
+_MINIBATCH_WORK = 20_000_000  # examples x clusters above which MiniBatchKMeans replaces KMeans
+
+
+@dataclass
+class Scores:
+    """Per-example criterion values (higher = more worth preserving); ``None`` when not computed."""
+
+    gradcam: torch.Tensor | None = None
+    uncertainty: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+
+
+@dataclass
+class Selection:
+    """A preservation set: sorted ``indices`` and which criterion chose each (disjoint parts)."""
+
+    indices: torch.Tensor
+    by_criterion: dict[str, torch.Tensor] = field(default_factory=dict)
+    dataset_size: int = 0
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+
+def check_fraction(fraction: float) -> float:
+    """``fraction`` as a float in ``(0, 1]``; ``ValueError`` otherwise."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    return float(fraction)
+
+
+def set_size(fraction: float, dataset_size: int) -> int:
+    """``round(fraction * dataset_size)``, refusing an empty set."""
+    size = int(round(check_fraction(fraction) * dataset_size))
+    if size < 1:
+        raise ValueError(f"fraction {fraction} of {dataset_size} examples selects nothing; raise fraction")
+    return size
+
+
+def normalize_weights(weights: Sequence[float] | Mapping[str, float]) -> dict[str, float]:
+    """Criterion shares as a dict summing to 1, from a 3-sequence in CRITERIA order or a mapping."""
+    if isinstance(weights, Mapping):
+        unknown = sorted(set(weights) - set(CRITERIA))
+        if unknown:
+            raise ValueError(f"weights has unknown criteria {unknown}; known: {CRITERIA}")
+        values = [weights.get(name, 0.0) for name in CRITERIA]
+    else:
+        values = list(weights)
+        if len(values) != len(CRITERIA):
+            raise ValueError(f"weights must give {len(CRITERIA)} shares {CRITERIA}, got {len(values)}")
+    for name, value in zip(CRITERIA, values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"weights: the {name} share must be a finite number >= 0, got {value!r}")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError("weights must have at least one positive share")
+    return {name: value / total for name, value in zip(CRITERIA, values)}
+
+
+def quotas(size: int, weights: Sequence[float] | Mapping[str, float]) -> dict[str, int]:
+    """Places per criterion summing to ``size`` (largest remainders; ties go to the earlier criterion)."""
+    shares = normalize_weights(weights)
+    exact = {name: shares[name] * size for name in CRITERIA}
+    counts = {name: math.floor(exact[name]) for name in CRITERIA}
+    by_remainder = sorted(CRITERIA, key=lambda name: (-(exact[name] - counts[name]), CRITERIA.index(name)))
+    for name in by_remainder[: size - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+
+def _as_dataset(dataset: Dataset | Sequence[torch.Tensor]) -> Dataset:
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
+        return TensorDataset(*dataset)
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            "dataset must be a torch Dataset of (input, target) pairs or an (inputs, targets) pair, "
+            f"got {type(dataset).__name__}"
+        )
+    return dataset
+
+
+def _default_attribution_layer(model: nn.Module) -> nn.Module:
+    layer = getattr(model, "attribution_layer", None)
+    if isinstance(layer, nn.Module):
+        return layer
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise TypeError("model has no attribution_layer and no nn.Conv2d; pass target_layer for Grad-CAM")
+    return convs[-1]
+
+
+class _Capture:
+    """Forward hook that swaps the layer's output for a fresh leaf, so its gradient is all we pay for."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.leaf: torch.Tensor | None = None
+        self.handle = layer.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        self.leaf = output.detach().requires_grad_()
+        return self.leaf.clone()  # a non-leaf, so an in-place op after the layer stays legal
+
+
+def _target_mask(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(
+            f"model output {tuple(logits.shape)} does not match targets {tuple(target.shape)} "
+            "(expected the targets' shape plus a class dimension)"
+        )
+    valid = target > IGNORE_INDEX
+    return target.clamp(min=0), valid
+
+
+def _attribution(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    if acts.dim() == 4:  # Grad-CAM on (B, C, H, W) feature maps
+        alpha = grads.mean(dim=(2, 3), keepdim=True)
+        return torch.relu((alpha * acts).sum(dim=1)).flatten(1).sum(dim=1)
+    per_position = torch.relu((grads * acts).sum(dim=-1))  # gradient x activation
+    return per_position.reshape(acts.shape[0], -1).sum(dim=1)
+
+
+def _uncertainty(logits: torch.Tensor, valid: torch.Tensor, measure: str) -> torch.Tensor:
+    probs = torch.softmax(logits.float(), dim=-1)
+    if measure == "margin":
+        top = probs.topk(2, dim=-1).values
+        value = 1 - (top[..., 0] - top[..., 1])
+    else:
+        value = -(probs * torch.log(probs.clamp(min=1e-12))).sum(dim=-1)
+    return _mean_over_positions(value, valid)
+
+
+def _mean_over_positions(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    if value.dim() == 1:
+        return value
+    mask = valid.reshape(value.shape).to(value.dtype)
+    return (value * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, want_embeddings: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and, when wanted, penultimate features: one pass where the model offers both."""
+    if not want_embeddings:
+        return model(x), None
+    if callable(getattr(model, "forward_with_embedding", None)):
+        return model.forward_with_embedding(x)
+    with torch.no_grad():
+        features = model.embed(x)
+    return model(x), features  # model(x) last, so the Grad-CAM capture holds its activations
+
+
+def _pool_embeddings(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    features = features.detach().float()
+    if features.dim() == 2:
+        return features
+    # a sequence: average its scored positions' features into one vector
+    mask = valid.unsqueeze(-1).to(features.dtype)
+    return (features * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _score_batch(model, x, target, capture, want, measure) -> dict[str, torch.Tensor]:
+    with torch.enable_grad():
+        logits, features = _forward(model, x, "diversity" in want)
+        target, valid = _target_mask(logits, target)
+        out = {}
+        if "gradcam" in want:
+            chosen = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            (grads,) = torch.autograd.grad((chosen * valid).sum(), capture.leaf)
+            out["gradcam"] = _attribution(capture.leaf.detach(), grads)
+    logits = logits.detach()
+    if "uncertainty" in want:
+        out["uncertainty"] = _uncertainty(logits, valid, measure)
+    if "diversity" in want:
+        out["embeddings"] = _pool_embeddings(features, valid)
+    return out
+
+
+def compute_scores(
+    model: nn.Module,
+    dataset: Dataset | Sequence[torch.Tensor],
+    *,
+    criteria: Sequence[str] = CRITERIA,
+    batch_size: int = 256,
+    uncertainty: str = "margin",
+    target_layer: nn.Module | None = None,
+) -> Scores:
+    """Score every example of ``dataset`` (``(input, target)`` pairs) under ``criteria``.
+
+    ``target_layer`` is the layer Grad-CAM inspects (default ``model.attribution_layer``, else the
+    last ``nn.Conv2d``). The model runs in eval mode (so BatchNorm treats examples independently)
+    and is put back in its previous mode afterwards; its parameters receive no gradients.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(criteria, str):
+        raise TypeError("criteria must be a collection of criterion names, not a single string")
+    unknown = sorted(set(criteria) - set(CRITERIA))
+    if unknown:
+        raise ValueError(f"criteria has unknown names {unknown}; known: {CRITERIA}")
+    if uncertainty not in UNCERTAINTY_MEASURES:
+        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_MEASURES}, got {uncertainty!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if "diversity" in criteria and not callable(getattr(model, "embed", None)):
+        raise TypeError("the diversity criterion needs model.embed(x) returning penultimate features")
+    dataset = _as_dataset(dataset)
+    device = next(model.parameters()).device
+    capture = _Capture(target_layer or _default_attribution_layer(model)) if "gradcam" in criteria else None
+    was_training = model.training
+    parts: dict[str, list[torch.Tensor]] = {}
+    try:
+        model.eval()
+        for x, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            batch = _score_batch(model, x.to(device), target.to(device), capture, set(criteria), uncertainty)
+            for key, value in batch.items():
+                dtype = torch.float32 if key == "embeddings" else torch.float64  # embeddings are big
+                parts.setdefault(key, []).append(value.detach().to("cpu", dtype))
+    finally:
+        model.train(was_training)
+        if capture is not None:
+            capture.handle.remove()
+    return Scores(**{key: torch.cat(values) for key, values in parts.items()})
+
+
+# ---- selection ------------------------------------------------------------------------------
+
+
+def _ranking(scores: torch.Tensor) -> np.ndarray:
+    """Indices by descending score; ties keep the lower index first, so the order is reproducible."""
+    return np.argsort(-scores.numpy(), kind="stable")
+
+
+def _reduce_dims(features: np.ndarray, seed: int) -> np.ndarray:
+    if features.shape[1] <= _KMEANS_DIMS or features.shape[0] <= _KMEANS_DIMS:
+        return features
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=_KMEANS_DIMS, random_state=seed).fit_transform(features)
+
+
+def diversity_ranking(embeddings: torch.Tensor, n_clusters: int, seed: int) -> np.ndarray:
+    """Examples in round-robin order over k-means clusters: every cluster's nearest, then 2nd, ...
+
+    Within a round, clusters whose representative lies closer to its centroid come first.
+    """
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    features = _reduce_dims(embeddings.numpy(), seed).astype(np.float64)
+    n = features.shape[0]
+    n_clusters = max(1, min(n_clusters, n))
+    if n * n_clusters > _MINIBATCH_WORK:
+        kmeans = MiniBatchKMeans(n_clusters=n_clusters, n_init=1, batch_size=4096, random_state=seed)
+    else:
+        kmeans = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed)
+    labels = kmeans.fit_predict(features)
+    distance = np.linalg.norm(features - kmeans.cluster_centers_[labels], axis=1)
+    index = np.arange(n)
+    by_cluster = np.lexsort((index, distance, labels))  # per cluster, nearest first
+    round_of = np.empty(n, dtype=np.int64)
+    starts = np.searchsorted(labels[by_cluster], labels[by_cluster], side="left")
+    round_of[by_cluster] = np.arange(n) - starts
+    return np.lexsort((index, distance, round_of))
+
+
+def _fill(ranking: np.ndarray, quota: int, taken: np.ndarray) -> np.ndarray:
+    fresh = ranking[~taken[ranking]][:quota]
+    taken[fresh] = True
+    return fresh
+
+
+def select(
+    scores: Scores,
+    fraction: float,
+    weights: Sequence[float] | Mapping[str, float] = (1, 1, 1),
+    *,
+    seed: int = 0,
+) -> Selection:
+    """Combine computed :class:`Scores` into a preservation set of ``round(fraction * N)`` examples."""
+    present = [t for t in (scores.gradcam, scores.uncertainty, scores.embeddings) if t is not None]
+    if not present:
+        raise ValueError("scores holds no criterion values")
+    n = present[0].shape[0]
+    if any(t.shape[0] != n for t in present):
+        raise ValueError("scores cover different numbers of examples")
+    places = quotas(set_size(fraction, n), weights)
+    sources = {"gradcam": scores.gradcam, "uncertainty": scores.uncertainty, "diversity": scores.embeddings}
+    taken = np.zeros(n, dtype=bool)
+    chosen: dict[str, torch.Tensor] = {}
+    for name in CRITERIA:
+        if places[name] == 0:
+            continue
+        if sources[name] is None:
+            raise ValueError(f"weights give {name} {places[name]} places but its scores were not computed")
+        if name == "diversity":
+            ranking = diversity_ranking(sources[name], places[name], seed)
+        else:
+            ranking = _ranking(sources[name])
+        chosen[name] = torch.from_numpy(np.sort(_fill(ranking, places[name], taken)))
+    indices = torch.from_numpy(np.flatnonzero(taken))
+    return Selection(indices=indices, by_criterion=chosen, dataset_size=n)
+
+
+def build_selection(
+    model: nn.Module,
+    dataset: Dataset | Sequence[torch.Tensor],
+    fraction: float = 0.1,
+    weights: Sequence[float] | Mapping[str, float] = (1, 1, 1),
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    uncertainty: str = "margin",
+    target_layer: nn.Module | None = None,
+) -> Selection:
+    """:func:`build`, also telling which criterion chose each example."""
+    check_fraction(fraction)
+    shares = normalize_weights(weights)
+    needed = [name for name in CRITERIA if shares[name] > 0]
+    scores = compute_scores(
+        model, dataset, criteria=needed, batch_size=batch_size, uncertainty=uncertainty, target_layer=target_layer
+    )
+    return select(scores, fraction, weights, seed=seed)
+
+
+def build(
+    model: nn.Module,
+    dataset: Dataset | Sequence[torch.Tensor],
+    fraction: float = 0.1,
+    weights: Sequence[float] | Mapping[str, float] = (1, 1, 1),
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    uncertainty: str = "margin",
+    target_layer: nn.Module | None = None,
+) -> torch.Tensor:
+    """Sorted int64 indices of the ``round(fraction * len(dataset))`` examples to preserve.
+
+    ``weights`` are the shares of (gradcam, uncertainty, diversity), as a 3-sequence or a mapping;
+    they need not sum to 1 and a zero share skips that criterion's computation entirely. See the
+    module docstring for each criterion. ``ValueError`` for ``fraction`` outside ``(0, 1]`` or a
+    fraction so small that it selects nothing.
+    """
+    return build_selection(
+        model,
+        dataset,
+        fraction,
+        weights,
+        seed=seed,
+        batch_size=batch_size,
+        uncertainty=uncertainty,
+        target_layer=target_layer,
+    ).indices
+
+
+def random_subset(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """The ablation baseline: ``size`` distinct indices of ``range(n)``, uniformly at random, sorted."""
+    for name, value in (("n", n), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 1 <= size <= n:
+        raise ValueError(f"size must be in [1, n={n}], got {size}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:size].sort().values
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+
+def _check_indices(indices: torch.Tensor | Sequence[int], dataset_size: int, source: str) -> torch.Tensor:
+    values = torch.as_tensor(indices)
+    if values.numel() == 0:
+        raise ValueError(f"{source}: the preservation set is empty")
+    if values.dim() != 1 or values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ValueError(
+            f"{source}: indices must be a 1-D integer sequence, got {values.dtype} of shape {tuple(values.shape)}"
+        )
+    values = values.to(torch.int64)
+    if int(values.min()) < 0 or int(values.max()) >= dataset_size:
+        low, high = int(values.min()), int(values.max())
+        raise ValueError(f"{source}: indices must lie in [0, {dataset_size}), got [{low}, {high}]")
+    if values.unique().numel() != values.numel():
+        raise ValueError(f"{source}: indices contain duplicates")
+    return values
+
+
+def save(
+    indices: torch.Tensor | Sequence[int], path: str | os.PathLike, *, dataset_size: int, meta: dict | None = None
+) -> None:
+    """Write the set atomically as JSON, recording ``dataset_size`` (and optional JSON-able ``meta``)."""
+    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+        raise ValueError(f"dataset_size must be a positive int, got {dataset_size!r}")
+    values = _check_indices(indices, dataset_size, "save")
+    path = Path(path)
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dataset_size": dataset_size,
+        "size": values.numel(),
+        "indices": values.tolist(),
+        "meta": meta or {},
+    }
+    text = json.dumps(record)
+    # write beside the target and rename over it, so a crash never leaves a half-written set
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | os.PathLike, *, dataset_size: int | None = None) -> torch.Tensor:
+    """Read a set written by :func:`save`; ``ValueError`` if it was built for another data set size."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preservation set not found: {path}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a preservation-set JSON file ({exc})") from exc
+    found = record.get("format") if isinstance(record, dict) else None
+    if found != FORMAT:
+        raise ValueError(f"{path}: not an sgsc preservation set (format {found!r}, expected {FORMAT!r})")
+    if record.get("version") != VERSION:
+        version = record.get("version")
+        raise ValueError(f"{path}: preservation-set version {version!r} is not supported (expected {VERSION})")
+    recorded = record.get("dataset_size")
+    if dataset_size is not None and recorded != dataset_size:
+        raise ValueError(f"{path}: built for a data set of {recorded} examples, but this one has {dataset_size}")
+    if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1:
+        raise ValueError(f"{path}: invalid dataset_size {recorded!r}")
+    indices = record.get("indices")
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"{path}: indices must be a list of ints")
+    values = _check_indices(indices, recorded, str(path))
+    if values.numel() != record.get("size"):
+        raise ValueError(f"{path}: holds {values.numel()} indices but records size {record.get('size')!r}")
+    return values

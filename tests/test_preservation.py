@@ -1,0 +1,239 @@
+"""Preservation set: criteria checked against hand computations, shares, determinism, files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from sgsc import preservation
+from sgsc.data import load_vision
+from sgsc.models import CharDecoder, CharDecoderConfig, PaperCNN, PaperCNNConfig
+from sgsc.preservation import Scores, build, compute_scores, quotas, random_subset, select
+
+
+@pytest.fixture(scope="module")
+def digits() -> TensorDataset:
+    x, y = load_vision(name="digits").train.tensors
+    return TensorDataset(x[:200], y[:200])
+
+
+@pytest.fixture(scope="module")
+def cnn() -> PaperCNN:
+    torch.manual_seed(0)
+    return PaperCNN(PaperCNNConfig(image_size=8, channels=[4, 8])).eval()
+
+
+@pytest.fixture(scope="module")
+def cnn_scores(cnn, digits) -> Scores:
+    return compute_scores(cnn, digits, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def decoder_and_blocks():
+    torch.manual_seed(0)
+    model = CharDecoder(CharDecoderConfig(vocab_size=7, block_size=6, n_embd=8, n_layer=1, head_dim=4)).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 7, (40, 6), generator=gen)
+    y = torch.randint(0, 7, (40, 6), generator=gen)
+    y[::3, 4:] = -1  # padded targets, as make_blocks writes them
+    return model, TensorDataset(x, y)
+
+
+def _top(values: torch.Tensor, k: int) -> list[int]:
+    return sorted(np.argsort(-values.numpy(), kind="stable")[:k].tolist())
+
+
+def test_gradcam_score_matches_a_hand_computation(cnn, digits, cnn_scores):
+    for i in (0, 17, 199):
+        x, y = digits[i]
+        captured = {}
+        handle = cnn.attribution_layer.register_forward_hook(lambda m, inp, out: captured.setdefault("a", out))
+        logits = cnn(x.unsqueeze(0))
+        handle.remove()
+        acts = captured["a"]
+        (grads,) = torch.autograd.grad(logits[0, y], acts)
+        alpha = grads.mean(dim=(2, 3), keepdim=True)
+        expected = torch.relu((alpha * acts).sum(dim=1)).sum()
+        assert cnn_scores.gradcam[i].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+
+
+def test_gradient_x_activation_for_the_decoder(decoder_and_blocks):
+    model, blocks = decoder_and_blocks
+    scores = compute_scores(model, blocks, batch_size=16)
+    for i in (0, 3, 38):
+        x, y = blocks[i]
+        captured = {}
+        handle = model.token_embedding.register_forward_hook(lambda m, inp, out: captured.setdefault("a", out))
+        logits = model(x.unsqueeze(0))[0]
+        handle.remove()
+        valid = y >= 0
+        target = logits[valid].gather(1, y[valid].unsqueeze(1)).sum()
+        (grads,) = torch.autograd.grad(target, captured["a"])
+        expected = torch.relu((grads * captured["a"]).sum(-1)).sum()
+        assert scores.gradcam[i].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+        probs = torch.softmax(logits[valid], -1).topk(2).values
+        assert scores.uncertainty[i].item() == pytest.approx((1 - (probs[:, 0] - probs[:, 1])).mean().item(), rel=1e-5)
+    assert scores.embeddings.shape == (40, 8)
+
+
+def test_uncertainty_margin_and_entropy(cnn, digits, cnn_scores):
+    with torch.no_grad():
+        probs = torch.softmax(cnn(digits.tensors[0]), -1)
+    top = probs.topk(2).values
+    torch.testing.assert_close(cnn_scores.uncertainty, (1 - (top[:, 0] - top[:, 1])).double())
+    entropy = compute_scores(cnn, digits, criteria=["uncertainty"], uncertainty="entropy").uncertainty
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_build_is_deterministic_unique_and_sized(cnn, digits):
+    first = build(cnn, digits, fraction=0.13, seed=5)
+    assert torch.equal(first, build(cnn, digits, fraction=0.13, seed=5))
+    assert first.dtype == torch.int64 and first.numel() == round(0.13 * 200)
+    assert first.unique().numel() == first.numel() and torch.equal(first, first.sort().values)
+    assert build(cnn, digits, fraction=1.0, weights=(1, 1, 0)).tolist() == list(range(200))
+
+
+def test_criterion_shares_are_respected(cnn_scores):
+    chosen = select(cnn_scores, fraction=0.2, weights=(2, 1, 1), seed=0)
+    parts = chosen.by_criterion
+    assert {name: len(part) for name, part in parts.items()} == {"gradcam": 20, "uncertainty": 10, "diversity": 10}
+    assert parts["gradcam"].tolist() == _top(cnn_scores.gradcam, 20)
+    # uncertainty takes its best examples that gradcam has not already taken
+    ranked = np.argsort(-cnn_scores.uncertainty.numpy(), kind="stable")
+    fresh = [i for i in ranked.tolist() if i not in set(parts["gradcam"].tolist())][:10]
+    assert parts["uncertainty"].tolist() == sorted(fresh)
+    union = torch.cat(list(parts.values()))
+    assert union.unique().numel() == 40 and torch.equal(union.sort().values, chosen.indices)
+
+
+@pytest.mark.parametrize("weights,criterion", [((1, 0, 0), "gradcam"), ((0, 1, 0), "uncertainty")])
+def test_single_criterion_builds_take_its_top_examples(cnn, digits, cnn_scores, weights, criterion):
+    indices = build(cnn, digits, fraction=0.1, weights=weights)
+    assert indices.tolist() == _top(getattr(cnn_scores, criterion), 20)
+
+
+def test_diversity_takes_the_example_nearest_each_cluster():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + torch.randn(10, 2, generator=gen) for c in centres]).double()
+    chosen = select(Scores(embeddings=points), fraction=0.1, weights=(0, 0, 1), seed=0).indices
+    blobs = points.view(3, 10, 2)
+    expected = [10 * b + int((blobs[b] - blobs[b].mean(0)).norm(dim=1).argmin()) for b in range(3)]
+    assert chosen.tolist() == expected
+    # with more places than clusters' nearest points, the next round takes the second nearest
+    assert select(Scores(embeddings=points), fraction=0.2, weights=(0, 0, 1), seed=0).indices.numel() == 6
+
+
+class _UserConvNet(torch.nn.Module):
+    """No zoo interface beyond ``embed``: Grad-CAM must find the last conv by itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(inplace=True), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(3 * 6 * 6, 10)
+
+    def embed(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.fc(self.embed(x))
+
+
+def test_a_user_model_with_only_embed(digits):
+    torch.manual_seed(0)
+    model = _UserConvNet()
+    default = compute_scores(model, digits, batch_size=64)
+    explicit = compute_scores(model, digits, batch_size=64, target_layer=model.features[0])
+    torch.testing.assert_close(default.gradcam, explicit.gradcam)
+    with torch.no_grad():
+        torch.testing.assert_close(default.embeddings, model.embed(digits.tensors[0]))
+    assert (default.gradcam > 0).any()
+    assert build(model, digits, fraction=0.1).numel() == 20
+
+
+def test_quotas():
+    assert quotas(10, (1, 1, 1)) == {"gradcam": 4, "uncertainty": 3, "diversity": 3}
+    assert quotas(7, {"uncertainty": 1}) == {"gradcam": 0, "uncertainty": 7, "diversity": 0}
+    assert quotas(5, (0.5, 0.3, 0.2)) == {"gradcam": 3, "uncertainty": 1, "diversity": 1}
+
+
+def test_scoring_leaves_the_model_as_it_was(digits):
+    torch.manual_seed(0)
+    model = PaperCNN(PaperCNNConfig(image_size=8, channels=[2])).train()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    compute_scores(model, digits.tensors, batch_size=100)  # an (inputs, targets) pair works too
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())  # BN stats untouched
+    assert not model.attribution_layer._forward_hooks
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan"), True])
+def test_bad_fraction(cnn, digits, fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        build(cnn, digits, fraction=fraction)
+
+
+def test_bad_arguments(cnn, digits, cnn_scores):
+    with pytest.raises(ValueError, match="selects nothing"):
+        select(cnn_scores, fraction=0.001)
+    with pytest.raises(ValueError, match="positive share"):
+        build(cnn, digits, weights=(0, 0, 0))
+    with pytest.raises(ValueError, match="uncertainty share"):
+        build(cnn, digits, weights=(1, -1, 0))
+    with pytest.raises(ValueError, match="3 shares"):
+        build(cnn, digits, weights=(1, 1))
+    with pytest.raises(ValueError, match="not computed"):
+        select(Scores(gradcam=cnn_scores.gradcam), fraction=0.1, weights=(1, 1, 0))
+    with pytest.raises(ValueError, match="does not match targets"):
+        compute_scores(cnn, TensorDataset(digits.tensors[0][:4], torch.zeros(4, 2, dtype=torch.long)))
+
+
+def test_random_subset():
+    subset = random_subset(50, 10, seed=3)
+    assert torch.equal(subset, random_subset(50, 10, seed=3))
+    assert not torch.equal(subset, random_subset(50, 10, seed=4))
+    assert subset.unique().numel() == 10 and 0 <= subset.min() and subset.max() < 50
+    with pytest.raises(ValueError, match="size"):
+        random_subset(5, 6)
+    with pytest.raises(ValueError, match="size"):
+        random_subset(5, 0)
+
+
+def test_save_load_round_trip(tmp_path):
+    path = tmp_path / "keep.json"
+    preservation.save(torch.tensor([7, 1, 3]), path, dataset_size=10, meta={"fraction": 0.3})
+    assert preservation.load(path).tolist() == [7, 1, 3]
+    assert preservation.load(path, dataset_size=10).tolist() == [7, 1, 3]
+    assert os.listdir(tmp_path) == ["keep.json"]  # the temporary file was renamed, not left behind
+    assert json.loads(path.read_text())["meta"] == {"fraction": 0.3}
+    with pytest.raises(ValueError, match="10 examples, but this one has 12"):
+        preservation.load(path, dataset_size=12)
+
+
+def test_save_and_load_reject_bad_sets(tmp_path):
+    path = tmp_path / "keep.json"
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        preservation.save([3, 10], path, dataset_size=10)
+    with pytest.raises(ValueError, match="duplicates"):
+        preservation.save([3, 3], path, dataset_size=10)
+    with pytest.raises(ValueError, match="empty"):
+        preservation.save([], path, dataset_size=10)
+    assert not path.exists()
+    preservation.save([1, 2], path, dataset_size=10)
+    record = json.loads(path.read_text())
+    corruptions = [("indices", [1, 99], "lie in"), ("size", 5, "records size"), ("format", "x", "not an sgsc")]
+    for key, value, message in corruptions:
+        path.write_text(json.dumps({**record, key: value}))
+        with pytest.raises(ValueError, match=message):
+            preservation.load(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a preservation-set JSON"):
+        preservation.load(path)
+    with pytest.raises(FileNotFoundError, match="gone.json"):
+        preservation.load(tmp_path / "gone.json")
