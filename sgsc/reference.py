@@ -43,3 +43,90 @@ def fake_quantize(w: torch.Tensor, b: torch.Tensor, e: torch.Tensor, rounding: s
     q = straight_through * inv_scale
     q = torch.where(bits > 0, q, torch.zeros_like(q))
     return q.reshape(w.shape).to(w.dtype)
+
+
+# ---- bit packing (issue 3): the layout of sgsc.ops.pack, written bit by bit with NumPy ----------
+#
+# Group g's codes are written as a stream of bits: code i fills bits [i*w, (i+1)*w) with the low w
+# bits of its two's complement, least significant bit first, and bit k of the stream is bit k % 8
+# of the group's byte k // 8. Each group's stream starts on a byte boundary, right after the last
+# byte of the previous group; the unused high bits of a group's last byte are zero. Width 0 stores
+# nothing (the group is pruned) and unpacks to zeros. See sgsc.ops.pack for a worked example.
+
+
+def code_range(width: int) -> tuple[int, int]:
+    """The codes a group of ``width`` bits can hold: ``[-2^(w-1), 2^(w-1) - 1]``, and ``[0, 0]`` for 0."""
+    if width == 0:
+        return 0, 0
+    return -(1 << (width - 1)), (1 << (width - 1)) - 1
+
+
+def out_of_range_message(group: int, width: int, index: int, code: int) -> str:
+    """The ``ValueError`` text every pack implementation raises for a code its group cannot hold."""
+    lo, hi = code_range(width)
+    return (
+        f"sgsc.pack: group {group} (width {width}) holds code {code} at position {index}, "
+        f"outside the range [{lo}, {hi}] of its width"
+    )
+
+
+def _group_widths(widths: torch.Tensor) -> list[int]:
+    values = [int(v) for v in widths.reshape(-1).tolist()]
+    for g, v in enumerate(values):
+        if not 0 <= v <= 32:
+            raise ValueError(f"widths must be in [0, 32], got {v} at group {g}")
+    return values
+
+
+def pack(ints: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Pack int32 codes, grouped along dim 0 into ``widths.numel()`` groups, into a uint8 stream.
+
+    Group ``g`` is the contiguous run of ``L = ints.numel() / G`` codes that holds its rows. Returns
+    a 1-D uint8 tensor of ``sum_g ceil(widths[g] * L / 8)`` bytes on the CPU. A code outside its
+    group's range is a ``ValueError`` naming the group.
+    """
+    import numpy as np
+
+    width_list = _group_widths(widths)
+    codes = ints.detach().to("cpu", torch.int64).reshape(len(width_list), -1).numpy()
+    streams = []
+    for g, w in enumerate(width_list):
+        row = codes[g]
+        lo, hi = code_range(w)
+        bad = np.flatnonzero((row < lo) | (row > hi))
+        if bad.size:
+            raise ValueError(out_of_range_message(g, w, int(bad[0]), int(row[bad[0]])))
+        if w == 0:
+            continue
+        low_bits = row & ((1 << w) - 1)  # the two's complement of each code, cut to w bits
+        bits = np.empty((row.size, w), dtype=np.uint8)
+        for k in range(w):
+            bits[:, k] = (low_bits >> k) & 1  # bits[i, k] is bit i*w + k of the group's stream
+        streams.append(np.packbits(bits.reshape(-1), bitorder="little"))  # pads the last byte with 0
+    if not streams:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.from_numpy(np.concatenate(streams))
+
+
+def unpack(packed: torch.Tensor, widths: torch.Tensor, rows_per_group: int, row_len: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: int32 codes of shape ``(G * rows_per_group, row_len)`` on the CPU."""
+    import numpy as np
+
+    width_list = _group_widths(widths)
+    group_len = rows_per_group * row_len
+    stream = packed.detach().to("cpu").numpy()
+    expected = sum((w * group_len + 7) // 8 for w in width_list)
+    if stream.size != expected:
+        raise ValueError(f"packed must hold {expected} bytes for these widths and shape, got {stream.size}")
+    out = np.zeros((len(width_list), group_len), dtype=np.int64)
+    start = 0
+    for g, w in enumerate(width_list):
+        if w == 0:
+            continue
+        size = (w * group_len + 7) // 8
+        bits = np.unpackbits(stream[start : start + size], bitorder="little")[: w * group_len]
+        bits = bits.reshape(group_len, w).astype(np.int64)
+        value = (bits << np.arange(w, dtype=np.int64)).sum(axis=1)  # the w-bit field, unsigned
+        out[g] = np.where(value >= 1 << (w - 1), value - (1 << w), value)  # back to two's complement
+        start += size
+    return torch.from_numpy(out.astype(np.int32)).reshape(len(width_list) * rows_per_group, row_len)
