@@ -1,0 +1,259 @@
+"""The training loop: compression works, restore reacts, resume is exact, the CLI writes its files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from sgsc.cli import main
+from sgsc.layers import quantized_layers
+from sgsc.models import build_model
+from sgsc.trainer import (
+    TrainConfig,
+    apply_decision,
+    bits_snapshot,
+    decide,
+    evaluate,
+    load_checkpoint,
+    load_data,
+    make_optimizer,
+    model_from_checkpoint,
+    train,
+    unsafe,
+)
+
+SMALL_CNN = {"channels": [8, 16]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the machine is shared: two OpenMP threads contending with other jobs run ~20x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _quick(**overrides) -> TrainConfig:
+    settings = dict(steps=40, warmup_steps=10, k=10, eval_every=20, model_config=SMALL_CNN, progress=False,
+                    gamma=0.1, quant_lr=0.1, lr=3e-3)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _total_bits(model):
+    return sum(float(layer.bits.detach().clamp(min=0).sum()) for _, layer in quantized_layers(model))
+
+
+def _evals(history):
+    return {r["step"]: r for r in history if r["kind"] == "eval"}
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    """One real run on digits: 100 plain steps, then 200 steps of safety-guided compression."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = TrainConfig(steps=300, warmup_steps=100, k=25, eval_every=100, model_config={"channels": [16, 32]},
+                         gamma=0.05, quant_lr=0.1, lr=3e-3, progress=False)
+    started = time.perf_counter()
+    result = train(config)
+    result["wall"] = time.perf_counter() - started
+    torch.set_num_threads(threads)
+    return config, result
+
+
+def test_bits_fall_while_accuracy_holds(compressed):
+    config, result = compressed
+    before, after = _evals(result["history"])[100], _evals(result["history"])[300]
+    print(f"\nbits {before['bits']:.2f} -> {after['bits']:.2f}, test accuracy {before['test_accuracy']:.4f} -> "
+          f"{after['test_accuracy']:.4f}, bytes {before['bytes']} -> {after['bytes']}, {result['wall']:.1f}s")
+    assert before["bits"] > 8.0  # the uncompressed model, at the end of the plain phase
+    assert after["bits"] < 4.0 and result["average_bits"] == after["bits"]
+    assert after["bytes"] < 0.6 * before["bytes"]
+    assert before["test_accuracy"] > 0.95
+    assert after["test_accuracy"] >= before["test_accuracy"] - 0.05  # the stated bound: 5 points
+    assert evaluate(result["model"], load_data(config).test)["accuracy"] == result["test_accuracy"]
+    assert len(result["preservation"]) == round(0.05 * len(load_data(config).train))
+
+
+def _broken_copy(result, value):
+    """The trained model with every group of the first conv cut to ``value`` bits."""
+    model = build_model("paper_cnn", dataclasses.asdict(result["model"].config))
+    model.load_state_dict(result["model"].state_dict())
+    snapshot = bits_snapshot(model)
+    with torch.no_grad():
+        model.blocks[0][0].bits.clamp_(max=value)
+    return model, snapshot
+
+
+@pytest.mark.parametrize("value", [1.0, 0.0])
+def test_restore_raises_bits_when_preservation_accuracy_drops(compressed, value):
+    config, result = compressed
+    data = load_data(config)
+    preserved = TensorDataset(*(t[result["preservation"]] for t in data.train.tensors))
+    model, snapshot = _broken_copy(result, value)
+    optimizer = make_optimizer(model, config)
+    first_conv = model.blocks[0][0]
+    optimizer.state[first_conv.bits]["exp_avg"] = torch.full_like(first_conv.bits, -0.5)  # momentum pushing down
+    healthy = evaluate(result["model"], preserved)["accuracy"]
+    state = {"step": 7, "best": healthy, "snapshot": snapshot}
+
+    decision = decide(model, config, state, preserved, language=False)
+    assert decision["metric"] < healthy - config.threshold
+    assert decision["restore"] == {"blocks.0.0": list(range(first_conv.quant_groups))}
+    event = apply_decision(model, optimizer, state, decision, language=False)
+    assert event["restored"] == first_conv.quant_groups
+    assert torch.equal(first_conv.bits.detach(), snapshot["blocks.0.0"])
+    assert torch.equal(optimizer.state[first_conv.bits]["exp_avg"], torch.zeros_like(first_conv.bits))
+    assert evaluate(model, preserved)["accuracy"] == healthy
+    assert state["snapshot"] is snapshot and state["best"] == healthy  # a failed check moves no reference
+
+
+def test_unsafe_baseline_does_not_restore(compressed):
+    config, result = compressed
+    data = load_data(config)
+    preserved = TensorDataset(*(t[result["preservation"]] for t in data.train.tensors))
+    model, snapshot = _broken_copy(result, 1.0)
+    baseline = unsafe(config)
+    assert baseline.lambda_ == 0 and baseline.restore is False and baseline.gamma == config.gamma
+    decision = decide(model, baseline, {"best": 1.0, "snapshot": snapshot}, preserved, language=False)
+    assert decision["restore"] is None
+
+
+def test_aggressive_compression_triggers_restores_in_the_loop():
+    result = train(_quick(steps=60, gamma=1.0, quant_lr=0.3, fraction=0.1, threshold=0.0))
+    checks = [r for r in result["history"] if r["kind"] == "check"]
+    restores = [r for r in checks if r.get("restored")]
+    assert restores, checks
+    assert all(r["metric"] < r["best"] for r in restores)  # only a drop below the best triggers one
+
+
+def test_zero_bit_groups_are_removed_and_the_model_keeps_training():
+    torch.manual_seed(0)
+    config = _quick(steps=30)
+    model = build_model("paper_cnn", {"image_size": 8, **SMALL_CNN})
+    with torch.no_grad():
+        model.blocks[0][0].bits[[1, 5]] = 0
+        model.blocks[1][0].bits[[0, 2, 3]] = 0
+    result = train(config, model=model)
+    pruned = [r["pruned"] for r in result["history"] if r["kind"] == "check" and r.get("pruned")]
+    assert pruned and pruned[0] == {"blocks.0": [1, 5], "blocks.1": [0, 2, 3]}
+    assert result["model"] is model and model.config.channels[0] <= 6 and model.config.channels[1] <= 13
+    assert model.blocks[0][0].weight.shape[0] == model.config.channels[0]
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        model = build_model("paper_cnn", {"image_size": 8, **SMALL_CNN})
+        with torch.no_grad():  # a group that gets pruned before the checkpoint: resume rebuilds shapes
+            model.blocks[1][0].bits[3] = 0
+        config = _quick(steps=steps, out_dir=str(out), checkpoint_every=30, resume=resume, plots=False)
+        return train(config, model=None if resume else model)
+
+    straight = run(tmp_path / "straight", 60)
+    run(tmp_path / "split", 30)
+    resumed = run(tmp_path / "split", 60, resume=True)
+    assert resumed["model"].config.channels == straight["model"].config.channels != SMALL_CNN["channels"]
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == straight["history"]
+    opt_a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["optimizer_state"]["state"]
+    opt_b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["optimizer_state"]["state"]
+    assert all(torch.equal(opt_a[i][key], opt_b[i][key]) for i in opt_a for key in opt_a[i])
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == straight["history"]
+
+
+def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path):
+    train(_quick(steps=10, warmup_steps=0, out_dir=str(tmp_path), plots=False))
+    with pytest.raises(ValueError, match=r"gamma=0\.1 in the checkpoint, 0\.5 now"):
+        train(_quick(steps=20, warmup_steps=0, out_dir=str(tmp_path), gamma=0.5, resume=True))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train(_quick(out_dir=str(tmp_path / "elsewhere"), resume=True))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("gamma", -0.1, ValueError),
+        ("alpha", -1, ValueError),
+        ("lambda_", -0.5, ValueError),
+        ("fraction", 0.0, ValueError),
+        ("fraction", 1.5, ValueError),
+        ("k", 0, ValueError),
+        ("steps", -1, ValueError),
+        ("lr", 0.0, ValueError),
+        ("threshold", float("nan"), ValueError),
+        ("data", "cifar", ValueError),
+        ("rounding", "up", ValueError),
+        ("data_dir", "/nonexistent/idx", FileNotFoundError),
+        ("init_from", "/nonexistent/ckpt.pt", FileNotFoundError),
+        ("resume", True, ValueError),  # without out_dir
+    ],
+)
+def test_bad_settings_name_the_argument(field, value, error):
+    with pytest.raises(error, match=field if field != "resume" else "resume needs out_dir"):
+        TrainConfig(**{field: value})
+
+
+def test_missing_idx_files_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        train(_quick(data="fashion-mnist", data_dir=str(tmp_path)))
+
+
+def test_language_model_uses_preservation_loss():
+    config = _quick(data="names", model_config={"n_embd": 16, "n_layer": 1, "head_dim": 8, "block_size": 8},
+                    fraction=0.005, steps=20, batch_size=32, eval_every=20)
+    result = train(config)
+    checks = [r for r in result["history"] if r["kind"] == "check"]
+    assert checks and all(r["metric"] > 0.5 for r in checks)  # a loss in nats, not an accuracy
+    assert 0 < result["test_accuracy"] < 1 and result["test_loss"] < 3.3  # below uniform over 27 chars
+
+
+def test_cli_trains_compresses_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--steps", "30", "--warmup-steps", "10", "-k", "10", "--eval-every", "10", "--no-progress",
+            "--model-config", json.dumps(SMALL_CNN), "--gamma", "0.1", "--quant-lr", "0.1"]
+    assert main(["train", *args, "--out", str(out), "--checkpoint-every", "20"]) == 0
+    assert "bits/weight" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20, 30]
+    assert {r["kind"] for r in records} == {"train", "eval", "check"}
+    for name in ("training.png", "weights.png", "bits.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = load_checkpoint(out / "checkpoint.pt")
+    assert record["state"]["step"] == 30 and record["config"]["steps"] == 30
+    assert (out / "preservation.json").is_file()
+
+    assert main(["train", *args[2:], "--steps", "40", "--out", str(out), "--resume"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["state"]["step"] == 40
+
+    squeezed = tmp_path / "compressed"
+    assert main(["compress", "--init-from", str(out / "checkpoint.pt"), "--steps", "10", "-k", "5", "--no-progress",
+                 "--unsafe", "--no-plots", "--out", str(squeezed), "--gamma", "0.5"]) == 0
+    record = load_checkpoint(squeezed / "checkpoint.pt")
+    assert record["config"]["lambda_"] == 0 and record["config"]["restore"] is False
+    start = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
+    end = model_from_checkpoint(record)
+    assert _total_bits(end) < _total_bits(start)
+
+
+def test_compress_refuses_a_checkpoint_for_other_data(tmp_path):
+    train(_quick(steps=2, warmup_steps=0, out_dir=str(tmp_path), plots=False))
+    digits = load_data(_quick())
+    bigger = dataclasses.replace(digits, model_config={**digits.model_config, "image_size": 28})  # as Fashion-MNIST
+    with pytest.raises(ValueError, match="image_size=8 in the checkpoint, 28 in the data"):
+        train(_quick(init_from=str(tmp_path / "checkpoint.pt")), data=bigger)
+
+
+def test_cli_rejects_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="gamma"):
+        main(["train", "--gamma", "-1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["compress", "--out", str(tmp_path)])
