@@ -93,14 +93,19 @@ torch.library.register_autograd("sgsc::fake_quantize", _backward, setup_context=
 
 
 @functools.cache
-def _triton_kernels():
+def _triton_module(name: str):
+    """``sgsc.kernels.<name>``, imported on first CUDA use so CPU-only installs never need Triton."""
     try:
-        return importlib.import_module("sgsc.kernels.fake_quantize")
+        return importlib.import_module(f"sgsc.kernels.{name}")
     except ImportError as exc:
         raise RuntimeError(
             "sgsc's CUDA kernels need Triton, which could not be imported "
             f"({type(exc).__name__}: {exc}); install it with `pip install triton`"
         ) from exc
+
+
+def _triton_kernels():
+    return _triton_module("fake_quantize")
 
 
 @torch.library.register_kernel("sgsc::fake_quantize", "cuda")
@@ -276,15 +281,8 @@ def _unpack_out_fake(packed, widths, rows_per_group, row_len, out):
     )
 
 
-@functools.cache
 def _bitpack_kernels():
-    try:
-        return importlib.import_module("sgsc.kernels.bitpack")
-    except ImportError as exc:
-        raise RuntimeError(
-            "sgsc's CUDA kernels need Triton, which could not be imported "
-            f"({type(exc).__name__}: {exc}); install it with `pip install triton`"
-        ) from exc
+    return _triton_module("bitpack")
 
 
 @torch.library.register_kernel("sgsc::pack", "cuda")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from sgsc._io import atomic_write
 
 CRITERIA = ("gradcam", "uncertainty", "diversity")
 UNCERTAINTY_MEASURES = ("margin", "entropy")
@@ -448,17 +449,7 @@ def save(
         "meta": meta or {},
     }
     text = json.dumps(record)
-    # write beside the target and rename over it, so a crash never leaves a half-written set
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"))
 
 
 def load(path: str | os.PathLike, *, dataset_size: int | None = None) -> torch.Tensor:

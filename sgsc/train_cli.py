@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is gone by now
         print(
             f"test accuracy {result['test_accuracy']:.4f}  test loss {result['test_loss']:.4f}  "
-            f"bits/weight {result['average_bits']:.3f}  bytes {result['bytes']}  "
+            f"bits/weight {result['average_bits']:.3f}  model.sgsc {result['file_bytes']} bytes  "
             f"steps {result['steps']} in {result['seconds']:.1f}s  -> {result['out_dir']}"
         )
     return 0

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +42,23 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from sgsc import preservation
+from sgsc import export, preservation
+from sgsc._io import atomic_write
 from sgsc.data import IGNORE_INDEX, VISION_NAMES, load_names, load_vision
-from sgsc.layers import MAX_BITS, average_bits, model_bits_report, quantized_layers, storage_bits
+from sgsc.layers import (
+    MAX_BITS,
+    average_bits,
+    model_bits_report,
+    quantized_layers,
+    storage_bits,
+)
 from sgsc.models import available_models, build_model, model_name
 from sgsc.pruning import common_units, dead_units, freeze_empty_layers, prune
 from sgsc.reference import ROUNDING_MODES
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+PACKED = "model.sgsc"
 CHECKPOINT_FORMAT = "sgsc.train"
 DATA_NAMES = (*VISION_NAMES, "names")
 
@@ -415,19 +422,6 @@ def _set_rng_state(saved: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state: dict, config: TrainConfig) -> None:
     """Write everything a bit-exact resume needs, atomically (temp file, then ``os.replace``)."""
     record = {
@@ -441,7 +435,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state:
         "rng": _rng_state(),
         "world_size": _rank_world()[1],  # the data order depends on it: resume on as many processes
     }
-    _atomic_write(Path(path), lambda handle: torch.save(record, handle))
+    atomic_write(path, lambda handle: torch.save(record, handle))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -548,7 +542,7 @@ class _Log:
     def __init__(self, history: list, out: Path | None) -> None:
         self.history, self.path = history, (out / METRICS if out else None)
         if self.path is not None:  # on resume, drop whatever the interrupted run logged after its checkpoint
-            _atomic_write(self.path, lambda h: h.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+            atomic_write(self.path, lambda h: h.write("".join(json.dumps(r) + "\n" for r in history).encode()))
 
     def __call__(self, record: dict) -> None:
         self.history.append(record)
@@ -588,10 +582,12 @@ def train(config: TrainConfig, model: nn.Module | None = None, data: Data | None
     ``model`` (optional) is trained in place instead of a fresh or ``init_from`` model (ignored when
     resuming, which rebuilds the checkpoint's model); ``data`` (optional) replaces :func:`load_data`.
     The result has ``test_accuracy``, ``test_loss``, ``val_accuracy``, ``val_loss``,
-    ``average_bits``, ``bytes``, ``weight_bytes``, ``model``, ``history`` (train/eval/check
-    records), ``preservation`` (indices into ``data.train``), ``steps``, ``seconds``, ``out_dir``.
+    ``average_bits``, ``bytes`` (the estimate of :func:`model_bytes`), ``weight_bytes``, ``model``,
+    ``history`` (train/eval/check records), ``preservation`` (indices into ``data.train``),
+    ``steps``, ``seconds``, ``out_dir`` and ``file_bytes`` (the size of ``model.sgsc``, or None).
     With ``out_dir`` set it writes ``metrics.jsonl``, ``checkpoint.pt`` (also every
-    ``checkpoint_every`` steps), ``preservation.json`` and PNG plots there, on rank 0.
+    ``checkpoint_every`` steps), the packed model ``model.sgsc``, ``preservation.json`` and PNG
+    plots there, on rank 0.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -674,7 +670,10 @@ def _finish(config, model, optimizer, data: Data, state: dict, log: _Log, out: P
         # logged after the checkpoint: a run resumed from it must not see a record its
         # uninterrupted twin never wrote
         log(final)
+    file_bytes = None
     if out is not None and rank == 0:
+        packed = export.export_packed(model, out / PACKED, data={"name": config.data, "dir": config.data_dir, "seed": config.seed})
+        file_bytes = packed.file_bytes
         if state["preservation"]:
             preservation.save(state["preservation"], out / "preservation.json", dataset_size=len(data.train))
         if config.plots:
@@ -690,4 +689,5 @@ def _finish(config, model, optimizer, data: Data, state: dict, log: _Log, out: P
         "steps": state["step"],
         "seconds": seconds,
         "out_dir": str(out) if out is not None else None,
+        "file_bytes": file_bytes,
     }

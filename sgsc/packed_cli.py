@@ -1,0 +1,78 @@
+"""`sgsc export`, `sgsc inspect` and `sgsc eval`: from a training checkpoint to a packed file and back."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from sgsc import export
+from sgsc.trainer import (
+    DATA_NAMES,
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    load_data,
+    model_from_checkpoint,
+)
+
+
+def _export(args) -> int:
+    record = load_checkpoint(args.checkpoint)
+    trained_on = record["config"]
+    data = {"name": trained_on["data"], "dir": trained_on["data_dir"], "seed": trained_on["seed"]}
+    summary = export.export_packed(model_from_checkpoint(record), args.output, data=data)
+    print(export.format_summary(summary))
+    return 0
+
+
+def _inspect(args) -> int:
+    print(export.format_summary(export.summarize(args.file)))
+    return 0
+
+
+def _data_for(args, header: dict):
+    """The data set to score on: the flags where given, else what the file says the model saw."""
+    recorded = header.get("data") or {}
+    name = args.data or recorded.get("name")
+    if name is None:
+        raise SystemExit(f"sgsc eval: {args.file} does not record its data set; pass --data")
+    data_dir = args.data_dir if args.data_dir is not None else recorded.get("dir")
+    seed = args.seed if args.seed is not None else recorded.get("seed", 0)
+    return load_data(TrainConfig(data=name, data_dir=data_dir, seed=seed, progress=False))
+
+
+def _eval(args) -> int:
+    header = export.read_header(args.file)
+    data = _data_for(args, header)
+    started = time.perf_counter()
+    model = export.load_packed(args.file, device=args.device)
+    loaded_in = time.perf_counter() - started
+    result = {split: evaluate(model, getattr(data, split)) for split in ("val", "test")}
+    file_bytes = export.summarize(args.file).file_bytes
+    if args.json:
+        print(json.dumps({"file": args.file, "file_bytes": file_bytes, "data": data.source, **result}))
+        return 0
+    print(f"{args.file}: {file_bytes} bytes, loaded in {loaded_in * 1000:.1f} ms, data {data.source}")
+    for split, scores in result.items():
+        print(f"  {split:<5} loss {scores['loss']:.4f}  accuracy {scores['accuracy']:.4f}  ({len(getattr(data, split))} examples)")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="write a training checkpoint as a packed model file")
+    parser.add_argument("checkpoint", help="checkpoint.pt written by `sgsc train` / `sgsc compress`")
+    parser.add_argument("-o", "--output", required=True, help="the packed file to write (written atomically)")
+    parser.set_defaults(func=_export)
+
+    parser = subparsers.add_parser("inspect", help="per-layer widths, bytes and totals of a packed model file")
+    parser.add_argument("file", help="a .sgsc file written by `sgsc export`")
+    parser.set_defaults(func=_inspect)
+
+    parser = subparsers.add_parser("eval", help="load a packed model file and score it on a data set")
+    parser.add_argument("file", help="a .sgsc file written by `sgsc export`")
+    parser.add_argument("--data", choices=DATA_NAMES, help="data set (default: the one recorded in the file)")
+    parser.add_argument("--data-dir", help="directory of the IDX files, or the names file (default: as recorded)")
+    parser.add_argument("--seed", type=int, help="split seed (default: as recorded)")
+    parser.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    parser.set_defaults(func=_eval)
