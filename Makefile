@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_fake_quantize.py
+	$(BIN)/python bench/bench_bitpack.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info sgsc/_C*.so

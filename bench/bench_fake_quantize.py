@@ -5,13 +5,14 @@ fake-quant ops and a plain copy of the same bytes (the bandwidth limit).
 
 Prints one table per pass (forward into a preallocated output; forward+backward with gradients to
 w, b and e) with the median time, its interquartile range, effective GB/s and the share of the
-measured copy bandwidth, and writes the rows to DIR/<device>-<commit>.json.
+measured copy bandwidth, and writes the rows to DIR/fake_quantize-<device>-<commit>[-<tag>].json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -164,6 +165,8 @@ def main(argv=None):
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per provider")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON results")
     parser.add_argument("--note", default="", help="free text recorded with the results (e.g. allocator settings)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name, so runs of one commit under "
+                        "different settings do not overwrite each other")
     args = parser.parse_args(argv)
     shapes = args.shapes.split(",") if args.shapes else DEFAULT_SHAPES[args.device]
     meta = {
@@ -172,13 +175,15 @@ def main(argv=None):
         "sgsc": sgsc.__version__,
         "commit": commit_id(),
         "note": args.note,
+        # huge pages change the cost of every fresh output (page faults dominate on small VMs)
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
     }
     print(meta)
     rows = run(args.device, shapes, args.min_run_time)
     print_speedups(rows)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"fake_quantize-{args.device}-{meta['commit']}.json"
+    path = out_dir / f"fake_quantize-{args.device}-{meta['commit']}{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\nwrote {path}")
 
