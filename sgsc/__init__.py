@@ -1,6 +1,7 @@
 """sgsc: Safety-Guided Self Compression for PyTorch."""
 
-from sgsc import data, models, ops, preservation
+from sgsc import data, export, models, ops, preservation, trainer
+from sgsc.export import export_packed, load_packed
 from sgsc.layers import (
     QCausalSelfAttention,
     QConv2d,
@@ -21,11 +22,15 @@ __all__ = [
     "__version__",
     "average_bits",
     "data",
+    "export",
+    "export_packed",
     "fake_quantize",
+    "load_packed",
     "model_bits_report",
     "models",
     "ops",
     "preservation",
     "quantize_model",
     "quantized_layers",
+    "trainer",
 ]
