@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 MAX_WIDTH = 32
 _QUANT_PREFIX = "quantized."
 _PLAIN_PREFIX = "tensor."
+HEADER_CRC_TENSOR = "header.crc32"
 
 
 class PackedFileError(ValueError):
@@ -160,7 +161,10 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | Non
     """
     tensors, header = build_packed_state(model, data)
     header_json = json.dumps(header, sort_keys=True)
-    payload = safetensors_save(tensors, metadata={"sgsc": header_json, "sgsc_crc32": str(zlib.crc32(header_json.encode()))})
+    # The CRC rides in a tensor, not a second metadata key: safetensors writes metadata keys in hash
+    # order, and with a single key the same model always gives the same bytes.
+    tensors[HEADER_CRC_TENSOR] = torch.tensor([zlib.crc32(header_json.encode())], dtype=torch.int64)
+    payload = safetensors_save(tensors, metadata={"sgsc": header_json})
     atomic_write(path, payload)
     return summarize(Path(path))
 
@@ -174,17 +178,16 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     data = path.read_bytes()
     try:
         tensors = safetensors_load(data)
-        from safetensors import (
-            safe_open,  # metadata only; the tensors came from the bytes above
-        )
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, ValueError, OSError) as exc:
         raise PackedFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
     if "sgsc" not in metadata:
         raise PackedFileError(f"{path} is a safetensors file but not an sgsc packed model (no 'sgsc' header)")
-    if metadata.get("sgsc_crc32") != str(zlib.crc32(metadata["sgsc"].encode())):
+    stored_crc = tensors.pop(HEADER_CRC_TENSOR, None)
+    if stored_crc is None or stored_crc.dtype != torch.int64 or stored_crc.shape != (1,):
+        raise PackedFileError(f"{path}: the header checksum tensor {HEADER_CRC_TENSOR!r} is missing or malformed")
+    if int(stored_crc) != zlib.crc32(metadata["sgsc"].encode()):
         raise PackedFileError(f"{path}: the sgsc header fails its CRC-32 check (corrupt header)")
     try:
         header = json.loads(metadata["sgsc"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -193,9 +194,8 @@ def _rewrite(path, mutate_header=None, mutate_tensors=None):
     if mutate_tensors:
         mutate_tensors(tensors)
     text = json.dumps(header, sort_keys=True)
-    import zlib
-
-    save_file(tensors, str(path), metadata={"sgsc": text, "sgsc_crc32": str(zlib.crc32(text.encode()))})
+    tensors[export.HEADER_CRC_TENSOR] = torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64)
+    save_file(tensors, str(path), metadata={"sgsc": text})
 
 
 def test_wrong_format_version_is_rejected(packed_file):
@@ -294,3 +294,12 @@ def test_eval_needs_a_data_set_when_the_file_records_none(tmp_path):
     export.export_packed(_trained_cnn(), path)
     with pytest.raises(SystemExit, match="--data"):
         main(["eval", str(path)])
+
+
+def test_exporting_the_same_model_gives_the_same_bytes(tmp_path):
+    model = _trained_cnn()
+    contents = set()
+    for i in range(4):
+        export.export_packed(model, tmp_path / f"{i}.sgsc", data={"name": "digits", "dir": None, "seed": 0})
+        contents.add((tmp_path / f"{i}.sgsc").read_bytes())
+    assert len(contents) == 1
