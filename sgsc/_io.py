@@ -25,7 +25,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None] | by
                 write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask would briefly change it for every thread of the process.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules that provide `register(subparsers)`; each sets `func(args) -> int | None` on its parser.
-COMMAND_MODULES = ["sgsc.doctor", "sgsc.demo", "sgsc.packed_cli", "sgsc.train_cli"]
+COMMAND_MODULES = ["sgsc.doctor", "sgsc.demo", "sgsc.packed_cli", "sgsc.train_cli", "sgsc.experiment_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 from sgsc import export
-from sgsc.trainer import PACKED, TrainConfig, evaluate, load_data, train
+from sgsc.layers import quantized_layers
+from sgsc.trainer import PACKED, TrainConfig, evaluate, load_data, new_model, train
+
+
+def _float32_bytes(model) -> int:
+    """Bytes of ``model``'s state in float32, without the quantizers' own bits and exponents."""
+    quantizers = {id(p) for _, layer in quantized_layers(model) for p in (layer.bits, layer.exponent)}
+    return 4 * sum(t.numel() for t in model.state_dict(keep_vars=True).values() if id(t) not in quantizers)
 
 
 def run(args) -> int:
@@ -29,10 +36,12 @@ def run(args) -> int:
     loaded_in = time.perf_counter() - started
     scores = evaluate(loaded, data.test)
     same = scores["accuracy"] == result["test_accuracy"]
+    float_bytes = _float32_bytes(new_model(config, data))
     print(
         f"trained model: test accuracy {result['test_accuracy']:.4f} at {result['average_bits']:.2f} bits per weight "
         f"after {result['seconds']:.0f}s of training\n"
-        f"{packed}: {summary.file_bytes} bytes ({100 * summary.file_bytes / summary.float32_bytes:.1f}% of float32), "
+        f"{packed}: {summary.file_bytes} bytes ({100 * summary.file_bytes / float_bytes:.1f}% of the original model's "
+        f"{float_bytes} float32 bytes), "
         f"loaded in {loaded_in * 1000:.0f} ms, test accuracy {scores['accuracy']:.4f} "
         f"({'identical to' if same else 'DIFFERS from'} the trained model)"
     )

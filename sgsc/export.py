@@ -392,6 +392,7 @@ def format_summary(summary: PackedSummary) -> str:
         f"other tensors stored as they are (biases, norms, embeddings): {summary.plain_bytes} bytes",
         f"file header and framing: {summary.overhead_bytes} bytes",
         f"on disk: {summary.file_bytes} bytes = {100 * summary.file_bytes / summary.float32_bytes:.2f}% of the "
-        f"float32 model ({summary.float32_bytes} bytes)",
+        f"tensors of this architecture in float32 ({summary.float32_bytes} bytes; after physical pruning that is "
+        "the pruned architecture, smaller than the original float model)",
     ]
     return "\n".join(rows)

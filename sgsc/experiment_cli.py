@@ -1,0 +1,155 @@
+"""`sgsc experiment vision|language|report`: the paper's tables, measured, and RESULTS.md rendered from them.
+
+`vision` is Table I (:mod:`sgsc.experiments.vision`), `language` Table II (registered by
+:mod:`sgsc.experiments.language`), `report` renders RESULTS.md from the JSON files they write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import torch
+
+from sgsc.data import VISION_NAMES
+from sgsc.reference import ROUNDING_MODES
+
+LANGUAGE_MODULE = "sgsc.experiments.language"
+
+
+
+def language_module():
+    """``(module, None)`` for :mod:`sgsc.experiments.language`, or ``(None, reason)`` where it is missing."""
+    try:
+        return importlib.import_module(LANGUAGE_MODULE), None
+    except ModuleNotFoundError as exc:
+        # only the module itself (or a package holding it) may be missing; anything else is a real error
+        if exc.name is None or not (LANGUAGE_MODULE + ".").startswith(exc.name + "."):
+            raise
+        return None, f"{LANGUAGE_MODULE} is not part of this installation"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _grid_point(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3) or (len(values) == 3 and (values[2] < 2 or values[2] != int(values[2]))):
+        raise argparse.ArgumentTypeError(f"expected GAMMA,QUANT_LR[,STEPS] such as 0.05,0.1 or 0.05,0.1,800, got {text!r}")
+    return values
+
+
+def _add_vision(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "vision", help="Table I: the paper's CNN, SGSC vs unsafe self-compression, PTQ, QAT, magnitude pruning",
+        description="Train the float baseline and every compression method per seed, export and measure each, "
+        "run the ablations, the gamma sweep and the robustness checks; write <out>/vision.json and "
+        "<out>/vision_pareto.png. Flags left out take the full-run defaults, or the --quick preset's.",
+    )
+    parser.add_argument("--data", choices=VISION_NAMES, help="data set (default: auto, or digits with --quick)")
+    parser.add_argument("--data-dir", help="directory of the four IDX files (Fashion-MNIST or MNIST)")
+    parser.add_argument("--quick", action="store_true", help="digits, a small CNN and tens of steps: a smoke test")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the main table (default 0 1 2; quick 0 1)")
+    parser.add_argument("--steps", type=_positive_int, help="compression / fine-tuning steps of every method")
+    parser.add_argument("--float-steps", type=_positive_int, help="float training steps before the snapshot")
+    parser.add_argument("--gamma", type=float, help="SGSC/unsafe size-term weight")
+    parser.add_argument("--lr", type=float, help="Adam learning rate of the weights")
+    parser.add_argument("--quant-lr", type=float, help="Adam learning rate of bits and exponents")
+    parser.add_argument("--sweep-gammas", type=float, nargs="*", help="extra gammas of the sweep (first seed)")
+    parser.add_argument("--rounding", choices=ROUNDING_MODES, help="rounding of SGSC/unsafe (the ablation runs the other)")
+    parser.add_argument("--no-ablations", dest="ablations", action="store_false", help="skip the rounding and "
+                        "preservation ablations")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (latency is always CPU)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch CPU threads per process (default: %(default)s)")
+    parser.add_argument("--workers", type=_positive_int, default=1,
+                        help="processes training seeds at once; latency is timed afterwards in one (default: %(default)s)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--tune", type=_grid_point, nargs="+", metavar="GAMMA,QUANT_LR[,STEPS]",
+                        help="instead of the table: SGSC at each setting on the first seed (steps default to "
+                        "--steps), scored on the validation split, written to <out>/vision_tuning.json")
+    parser.add_argument("--out", default="results", help="output directory (default: %(default)s)")
+    parser.set_defaults(func=_run_vision)
+
+
+def vision_settings(args: argparse.Namespace):
+    """The VisionSettings the parsed flags describe: the preset, with every given flag on top."""
+    from sgsc.experiments import vision
+
+    overrides = {key: getattr(args, key) for key in ("data", "data_dir", "seeds", "steps", "float_steps", "gamma",
+                                                     "lr", "quant_lr", "sweep_gammas", "rounding", "device")
+                 if getattr(args, key) is not None}
+    if args.data_dir is not None and args.data is None:
+        overrides["data"] = "auto"  # the IDX files of --data-dir, also under --quick
+    overrides.update(ablations=args.ablations, progress=args.progress)
+    return vision.quick_settings(**overrides) if args.quick else vision.VisionSettings(**overrides)
+
+
+def _run_vision(args: argparse.Namespace) -> int:
+    from sgsc.experiments import vision
+
+    torch.set_num_threads(args.threads)
+    if args.tune:
+        tuning = vision.tune(vision_settings(args), args.tune, args.out, workers=args.workers)
+        choice = tuning["choice"]
+        print(f"wrote {Path(args.out) / vision.TUNING_FILE}; chosen on validation: gamma {choice['gamma']:g}, "
+              f"quant_lr {choice['quant_lr']:g} ({100 * choice['val_accuracy']:.2f}% val at "
+              f"{choice['pct_of_float']:.1f}% of the float bytes)")
+        return 0
+    result = vision.run(vision_settings(args), args.out, workers=args.workers)
+    targets = result["targets"]
+    print(f"wrote {Path(args.out) / vision.RESULT_FILE} and {Path(args.out) / vision.PLOT_FILE}")
+    print(f"SGSC - float: {targets['accuracy_gap_points']:+.2f} points at {targets['pct_of_float']:.1f}% of the "
+          f"float32 bytes (targets: >= -0.3 points {'met' if targets['accuracy_met'] else 'MISSED'}, <= 10% "
+          f"{'met' if targets['size_met'] else 'MISSED'})")
+    return 0
+
+
+def _add_report(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="render RESULTS.md from the experiments' JSON files",
+                                   description="Render RESULTS.md from <results>/vision.json and "
+                                   "<results>/language.json (whichever exist); nothing is typed by hand.")
+    parser.add_argument("--results", default="results", help="directory of the JSON files (default: %(default)s)")
+    parser.add_argument("-o", "--output", default="RESULTS.md", help="markdown file to write (default: %(default)s)")
+    parser.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from sgsc.experiments import report
+
+    path = report.write(args.results, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_language(subparsers) -> None:
+    """Let the language experiment add its own subcommand; without its module, say so when called."""
+    module, reason = language_module()
+    if module is None:
+
+        def unavailable(args: argparse.Namespace) -> int:
+            raise SystemExit(f"sgsc experiment language: {reason}")
+
+        stub = subparsers.add_parser("language", help=f"Table II (unavailable: {reason})")
+        stub.set_defaults(func=unavailable)
+        return
+    module.register(subparsers)
+
+
+def register(subparsers) -> None:
+    """Add `sgsc experiment` with its `vision`, `language` and `report` subcommands."""
+    parser = subparsers.add_parser("experiment", help="reproduce the paper's tables and render RESULTS.md",
+                                   description="Reproduce the paper's tables side by side with the usual "
+                                   "alternatives, and render RESULTS.md from the results.")
+    experiments = parser.add_subparsers(dest="experiment", required=True)
+    _add_vision(experiments)
+    _add_language(experiments)
+    _add_report(experiments)

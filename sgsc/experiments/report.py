@@ -1,0 +1,276 @@
+"""RESULTS.md, rendered only from the experiments' JSON files (`sgsc experiment report`).
+
+Every number comes from ``<results>/vision.json`` or ``<results>/language.json``, together with the
+machine and device it was measured on, the seeds, steps and hyper-parameters, and the command that
+reproduces it. The language section is rendered by :func:`sgsc.experiments.language.markdown`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sgsc._io import atomic_write
+
+VISION_FILE = "vision.json"
+TUNING_FILE = "vision_tuning.json"
+LANGUAGE_FILE = "language.json"
+
+
+
+def _pm(stats: dict, scale: float = 1.0, digits: int = 2) -> str:
+    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+# ---- vision ---------------------------------------------------------------------------------
+
+
+def _setup(result: dict) -> list[str]:
+    meta, s = result["meta"], result["settings"]
+    first = result["seeds"][0]["data"]
+    hyper = (f"batch {s['batch_size']}, Adam lr {s['lr']:g} (weights) / {s['quant_lr']:g} (bits, exponents), "
+             f"gamma {s['gamma']:g}, lambda {s['lambda_']:g}, init bits {s['init_bits']:g}, rounding "
+             f"{s['rounding']}, safety check every {s['k']} steps, threshold {s['threshold']:g}, preservation set "
+             f"{s['fraction']:g} of the training split, model overrides {s['model_config'] or 'none (paper CNN)'}")
+    return [
+        f"Data: {first['source']} ({first['train']} train / {first['val']} val / {first['test']} test; the "
+        "validation split is carved from the training data, hyper-parameters were chosen on it, the test split is "
+        "only reported).",
+        "",
+        f"Seeds {', '.join(str(x) for x in s['seeds'])}; the float baseline trains {s['float_steps'] + s['steps']} "
+        f"steps; every method that trains starts from its snapshot at step {s['float_steps']} and trains "
+        f"{s['steps']} more (the same total); post-training quantization starts from the final float model.",
+        "",
+        f"Hyper-parameters: {hyper}.",
+        "",
+        f"Measured on {meta['machine']}; training device {meta['device']}; latency on {meta['latency_device']} "
+        f"with {meta['torch_threads']} torch thread(s); torch {meta['torch']}, sgsc {meta['sgsc']}, commit "
+        f"`{meta['commit']}`; finished {meta['finished_utc']} after {meta['wall_seconds'] / 60:.1f} min.",
+        "",
+        f"Reproduce every row below: `{result['command']}`",
+        "",
+    ]
+
+
+def _main_table(result: dict) -> list[str]:
+    lines = [
+        "| method | test accuracy (%) | val accuracy (%) | bytes on disk | % of float32 | zlib -9 bytes "
+        "| bits/weight | latency b=1 (ms) | latency b=256 (ms) | training (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, label in result["methods"].items():
+        row = result["table"][name]
+        lines.append(
+            f"| {label} | {_pm(row['test_accuracy'], 100)} | {_pm(row['val_accuracy'], 100)} "
+            f"| {_pm(row['file_bytes'], digits=0)} | {_pm(row['pct_of_float'], digits=1)} "
+            f"| {_pm(row['zlib_bytes'], digits=0)} | {_pm(row['average_bits'])} "
+            f"| {_pm(row['latency_batch1_ms'], digits=3)} | {_pm(row['latency_batch256_ms'], digits=1)} "
+            f"| {_pm(row['train_seconds'], digits=1)} |"
+        )
+    return lines + [
+        "",
+        "Accuracy, bytes and latency are measured on the model loaded back from its file (the float baseline from "
+        "a float32 safetensors file, every other method from its sgsc packed file). Bits/weight: packed payload "
+        "per quantized weight of the exported model (after any physical pruning of channels). zlib -9 bytes: the "
+        "same file after zlib, i.e. what an entropy coder would still remove (the packed format stores zeros of "
+        "unstructured pruning at full width). Latency: median of repeated forwards of the loaded model, timed "
+        "after all training finished, one model at a time. Training time: the method's own steps (float: all of "
+        "them); runs of different seeds may have shared the CPU, so times are indicative.",
+        "",
+    ]
+
+
+def _targets(result: dict) -> list[str]:
+    t = result["targets"]
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    unsafe = "; ".join(
+        f"gamma {r['gamma']:g}: {100 * r['test_accuracy']:.2f}% at {r['file_bytes']} bytes "
+        f"({100 * (r['size_ratio'] - 1):+.1f}% size)" for r in t["unsafe_equal_size"]
+    )
+    closeness = "within 5% of SGSC's size" if t["unsafe_within_5pct"] else "none within 5%; the nearest"
+    return [
+        "Targets of the issue (means over seeds):",
+        "",
+        f"- SGSC accuracy >= float - 0.3 points: {verdict(t['accuracy_met'])} ({t['accuracy_gap_points']:+.2f} points).",
+        f"- at <= 10% of the float32 bytes: {verdict(t['size_met'])} ({t['pct_of_float']:.1f}%).",
+        f"- higher than unsafe self-compression at equal size (first seed, unsafe runs {closeness}: {unsafe}): "
+        f"{verdict(t['beats_unsafe'] and t['unsafe_within_5pct'])}"
+        + ("" if t["unsafe_within_5pct"] else " (no unsafe run of equal size to compare)") + ".",
+        "",
+    ]
+
+
+def _method_notes(result: dict) -> list[str]:
+    s = result["settings"]
+    return [
+        "How each method is obtained:",
+        "",
+        "- float baseline: the paper CNN with bits and exponents frozen (rounding step 2^-23 of each channel's "
+        "largest initial weight, clamp bound 256 times it), no size term; stored and timed as plain float32 "
+        "layers.",
+        f"- unsafe / SGSC: bits learnable from {s['init_bits']:g}, size term gamma {s['gamma']:g}; unsafe has "
+        "lambda 0 and no restore (it still removes zero-bit channels); SGSC adds the preservation loss, restore "
+        "and pruning after safe checks.",
+        "- post-training int8/int4: per-channel symmetric scale max|w| / (2^(b-1) - 1) of the final float model, "
+        "round to nearest, no data.",
+        "- fixed-bit QAT 8/4/2: the same calibration, then fine-tuning of weights and exponents with bits frozen.",
+        "- magnitude pruning 50% / 80%: global L1 unstructured pruning (torch.nn.utils.prune) raised along the "
+        "cubic schedule of Zhu & Gupta over the first 75% of the fine-tuning steps (8 updates), the mask fixed "
+        "for the last 25%, then per-channel int8 calibration.",
+        "",
+    ]
+
+
+def _extra_table(result: dict, group: str, reference: tuple[str, dict] | None) -> list[str]:
+    first = result["seeds"][0]
+    rows = [(r["name"], r) for r in first.get("extra", []) if r["group"] == group]
+    if reference is not None:
+        rows.insert(0, reference)
+    lines = ["| variant | test accuracy (%) | val accuracy (%) | bytes on disk | % of float32 | bits/weight "
+             "| conv channels kept |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {100 * r['test_accuracy']:.2f} | {100 * r['val_accuracy']:.2f} | {r['file_bytes']} "
+                     f"| {r['pct_of_float']:.1f} | {r['average_bits']:.2f} | {r['channels']} |")
+    return lines + [""]
+
+
+def _rounding_verdict(result: dict) -> list[str]:
+    first = result["seeds"][0]
+    main_mode = result["settings"]["rounding"]
+    runs = {main_mode: first["methods"]["sgsc"]}
+    runs.update({r["name"]: r for r in first.get("extra", []) if r["group"] == "rounding"})
+    if len(runs) < 2:
+        return []
+    best = max(runs, key=lambda mode: (runs[mode]["val_accuracy"], -runs[mode]["file_bytes"]))
+    described = ", ".join(f"{mode}: {100 * r['val_accuracy']:.2f}% val at {r['file_bytes']} bytes"
+                          for mode, r in runs.items())
+    return [f"Rounding evidence (SGSC, seed {first['seed']}, judged on the validation split): {described}; "
+            f"higher validation accuracy: **{best}**.", ""]
+
+
+def _robustness(result: dict) -> list[str]:
+    rob = result["seeds"][0].get("robustness")
+    if not rob:
+        return []
+    keys = list(next(iter(rob["models"].values())))
+    lines = [
+        f"### Robustness (seed {rob['seed']}, first {rob['examples']} test examples)",
+        "",
+        f"Accuracy (%) of each loaded model under Gaussian input noise (sigma in pixel units of [0, 1] images), "
+        f"FGSM and PGD ({rob['pgd_steps']} steps of 2.5 eps / steps, no random start) at L-infinity radius eps "
+        "(pixel units), attacking each model with its own gradients.",
+        "",
+        "| method | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for name, values in rob["models"].items():
+        lines.append(f"| {result['methods'][name]} | " + " | ".join(f"{100 * values[k]:.1f}" for k in keys) + " |")
+    return lines + [""]
+
+
+def vision_markdown(result: dict, results_dir: Path, output: Path) -> str:
+    """The Table I section of RESULTS.md from ``vision.json``; the plot is linked relative to ``output``."""
+    if not isinstance(result, dict) or result.get("experiment") != "vision":
+        raise ValueError("result must be the content of vision.json (experiment 'vision')")
+    first = result["seeds"][0]
+    plot = Path(os.path.relpath(results_dir / result["plot"], output.resolve().parent)).as_posix()
+    sgsc_reference = ("all three criteria (the SGSC row)", first["methods"]["sgsc"])
+    rounding_reference = (f"{result['settings']['rounding']} (the SGSC row)", first["methods"]["sgsc"])
+    lines = ["## Table I: paper CNN (vision)", "", *_setup(result), *_main_table(result), *_targets(result),
+             *_method_notes(result)]
+    extra_groups = {r["group"] for r in first.get("extra", [])}
+    if "rounding" in extra_groups:
+        lines += [f"### Ablation: rounding (SGSC, seed {first['seed']})", "",
+                  *_extra_table(result, "rounding", rounding_reference), *_rounding_verdict(result)]
+    if "preservation" in extra_groups:
+        lines += [f"### Ablation: preservation criterion (SGSC, seed {first['seed']}, same set size)", "",
+                  *_extra_table(result, "preservation", sgsc_reference)]
+    lines += [f"### Accuracy vs on-disk bytes (gamma sweep of SGSC and unsafe on seed {first['seed']})", ""]
+    if "sweep" in extra_groups:
+        lines += _extra_table(result, "sweep", None)
+    lines += [f"![accuracy vs bytes]({plot})", "", *_robustness(result)]
+    return "\n".join(lines)
+
+
+def tuning_markdown(result: dict) -> str:
+    """How SGSC's gamma and quant_lr were chosen, from ``vision_tuning.json`` (validation split only)."""
+    if not isinstance(result, dict) or result.get("experiment") != "vision-tuning":
+        raise ValueError("result must be the content of vision_tuning.json (experiment 'vision-tuning')")
+    s, base, choice = result["settings"], result["float"], result["choice"]
+    lines = [
+        f"### Tuning SGSC on the validation split (seed {result['seed']})",
+        "",
+        f"Float model after {s['float_steps'] + s['steps']} steps: {100 * base['val_accuracy']:.2f}% validation "
+        f"accuracy, {base['file_bytes']} bytes. SGSC trains the given steps from its step-{s['float_steps']} "
+        "snapshot; rule: the smallest "
+        "file within 0.3 points of the float validation accuracy, else the most accurate. Measured on "
+        f"{result['meta']['machine']}, commit `{result['meta']['commit']}`. Reproduce: `{result['command']}`",
+        "",
+        "| gamma | quant_lr | steps | val accuracy (%) | bytes on disk | % of float32 | bits/weight | conv channels kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        lines.append(f"| {r['gamma']:g} | {r['quant_lr']:g} | {r['steps']} | {100 * r['val_accuracy']:.2f} "
+                     f"| {r['file_bytes']} | {100 * r['file_bytes'] / base['file_bytes']:.1f} "
+                     f"| {r['average_bits']:.2f} | {r['channels']} |")
+    lines += ["", f"Chosen: gamma {choice['gamma']:g}, quant_lr {choice['quant_lr']:g}"
+              + ("" if choice["within_tolerance"] else " (no run within 0.3 points; the most accurate)") + ".", ""]
+    return "\n".join(lines)
+
+
+# ---- the whole file -------------------------------------------------------------------------
+
+
+def _language_markdown(result: dict) -> str:
+    from sgsc.experiment_cli import language_module
+
+    module, reason = language_module()
+    if module is None:
+        return f"## Table II (language)\n\n{LANGUAGE_FILE} exists but cannot be rendered: {reason}.\n"
+    return module.markdown(result)
+
+
+def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike = "RESULTS.md") -> str:
+    """RESULTS.md's text from the JSON files in ``results_dir`` (``output`` only places the plot links)."""
+    results_dir, output = Path(results_dir), Path(output)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results directory not found: {results_dir}")
+    vision_path, language_path = results_dir / VISION_FILE, results_dir / LANGUAGE_FILE
+    tuning_path = results_dir / TUNING_FILE
+    if not any(path.is_file() for path in (vision_path, language_path, tuning_path)):
+        raise FileNotFoundError(f"{results_dir} holds none of {VISION_FILE}, {LANGUAGE_FILE}, {TUNING_FILE}; run "
+                                "`sgsc experiment vision` or `sgsc experiment language` first")
+    sections = [
+        "# Results",
+        "",
+        f"Generated by `sgsc experiment report --results {results_dir.as_posix()}` from the JSON files the "
+        "experiments wrote; do not edit by hand. Each section states the machine, device, seeds, steps, "
+        "hyper-parameters and the command that reproduces it.",
+        "",
+    ]
+    if vision_path.is_file():
+        sections.append(vision_markdown(_read(vision_path), results_dir.resolve(), output))
+    if tuning_path.is_file():
+        sections.append(tuning_markdown(_read(tuning_path)))
+    if language_path.is_file():
+        sections.append(_language_markdown(_read(language_path)))
+    return "\n".join(sections).rstrip("\n") + "\n"
+
+
+def write(results_dir: str | os.PathLike = "results", output: str | os.PathLike = "RESULTS.md") -> Path:
+    """Render RESULTS.md (see :func:`render`) and write it atomically; returns its path."""
+    text = render(results_dir, output)
+    output = Path(output)
+    atomic_write(output, text.encode("utf-8"))
+    return output

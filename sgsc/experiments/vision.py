@@ -1,0 +1,631 @@
+"""Table I: the paper's CNN compressed by SGSC, unsafe self-compression and the usual alternatives.
+
+One invocation trains, per seed, a float baseline for ``float_steps + steps`` steps and snapshots
+it after ``float_steps``; every method that trains (SGSC, unsafe, fixed-bit QAT, magnitude pruning)
+starts from that snapshot and trains ``steps`` more, so each ends after as many steps as the float
+baseline. Post-training quantization starts from the final float model. Every model is exported
+(packed file through :func:`sgsc.export.export_packed`; the float baseline as a float32 safetensors
+file), loaded back, and measured from the loaded file: test and validation accuracy, on-disk bytes,
+average stored bits per weight, CPU latency at batch 1 and 256.
+
+On the first seed it also runs the ablations (rounding mode; each preservation criterion alone and a
+random set of the same size), a gamma sweep of SGSC and unsafe, and the robustness checks, and draws
+accuracy against on-disk bytes for every method (``vision_pareto.png``).
+
+Hyper-parameters are chosen on the validation split (carved from the training data); the test
+split is only reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import multiprocessing
+import shlex
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm import tqdm
+
+from sgsc import export, preservation
+from sgsc.data import load_vision
+from sgsc.experiments import baselines
+from sgsc.experiments.common import (
+    float_mode,
+    latency_ms,
+    load_float,
+    mean_std,
+    metadata,
+    save_float,
+    set_rounding,
+    thaw_bits,
+    write_json,
+    zlib_bytes,
+)
+from sgsc.experiments.robustness import EPSILONS, NOISE_LEVELS, Perturber, robustness
+from sgsc.reference import ROUNDING_MODES
+from sgsc.trainer import Data, TrainConfig, evaluate, new_model, train, unsafe
+
+RESULT_FILE = "vision.json"
+PLOT_FILE = "vision_pareto.png"
+
+METHODS = {
+    "float": "float baseline (float32 file)",
+    "unsafe": "unsafe self-compression (lambda 0, no restore)",
+    "sgsc": "SGSC (preservation set, restore, pruning)",
+    "ptq_int8": "post-training per-channel int8",
+    "ptq_int4": "post-training per-channel int4",
+    "qat_8": "fixed-bit QAT, 8 bits",
+    "qat_4": "fixed-bit QAT, 4 bits",
+    "qat_2": "fixed-bit QAT, 2 bits",
+    "prune50_int8": "magnitude pruning 50%, then int8",
+    "prune80_int8": "magnitude pruning 80%, then int8",
+}
+PTQ_BITS = {"ptq_int8": 8, "ptq_int4": 4}
+QAT_BITS = {"qat_8": 8, "qat_4": 4, "qat_2": 2}
+PRUNE_SPARSITY = {"prune50_int8": 0.5, "prune80_int8": 0.8}
+# preservation ablation: each criterion alone, and a random subset of the same size
+CRITERIA_ALONE = {"gradcam": (1.0, 0.0, 0.0), "uncertainty": (0.0, 1.0, 0.0), "diversity": (0.0, 0.0, 1.0)}
+TABLE_KEYS = ("test_accuracy", "val_accuracy", "file_bytes", "pct_of_float", "zlib_bytes", "average_bits",
+              "latency_batch1_ms", "latency_batch256_ms", "train_seconds")
+
+
+@dataclass
+class VisionSettings:
+    """Everything a vision run depends on. The defaults are the full Fashion-MNIST run."""
+
+    data: str = "auto"  # auto: the IDX files of data_dir (or Fashion-MNIST in shared/data), else digits
+    data_dir: str | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # step counts fit ~30 min of a shared 2-core CPU; gamma and quant_lr were chosen on the validation
+    # split (`--tune`)
+    float_steps: int = 500  # plain training before the compression snapshot
+    steps: int = 300  # compression / fine-tuning steps of every method that trains
+    batch_size: int = 64
+    lr: float = 1e-3
+    quant_lr: float = 0.2
+    gamma: float = 0.4
+    sweep_gammas: tuple[float, ...] = (0.2,)  # extra gammas of SGSC and unsafe, first seed
+    lambda_: float = 1.0
+    k: int = 50
+    threshold: float = 0.02
+    fraction: float = 0.05
+    init_bits: float = 8.0
+    rounding: str = "nearest"  # of SGSC and unsafe; the ablation runs the other mode
+    model_config: dict = field(default_factory=dict)
+    ablations: bool = True
+    robustness_examples: int = 300
+    pgd_steps: int = 5
+    latency_repeats: tuple[int, int] = (50, 5)  # timed calls at batch 1 and batch 256
+    device: str = "auto"
+    progress: bool = True
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        self.seeds = tuple(self.seeds)
+        self.sweep_gammas = tuple(self.sweep_gammas)
+        self.latency_repeats = tuple(self.latency_repeats)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds!r}")
+        for name in ("float_steps", "steps", "robustness_examples", "pgd_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "steps" else 1):
+                raise ValueError(f"{name} must be an int >= {2 if name == 'steps' else 1}, got {value!r}")
+        if any(isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0 for g in self.sweep_gammas):
+            raise ValueError(f"sweep_gammas must be numbers >= 0, got {self.sweep_gammas!r}")
+        if len(self.latency_repeats) != 2 or min(self.latency_repeats) < 1:
+            raise ValueError(f"latency_repeats must be two ints >= 1, got {self.latency_repeats!r}")
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
+        self.train_config(self.seeds[0])  # the trainer validates every hyper-parameter it receives
+
+    def train_config(self, seed: int) -> TrainConfig:
+        """The trainer config of SGSC for ``seed``; the other methods derive theirs from it."""
+        return TrainConfig(
+            data=self.data, data_dir=self.data_dir, model_config=dict(self.model_config),
+            init_bits=self.init_bits, rounding=self.rounding, steps=self.steps, batch_size=self.batch_size,
+            lr=self.lr, quant_lr=self.quant_lr, gamma=self.gamma, lambda_=self.lambda_, k=self.k,
+            threshold=self.threshold, fraction=self.fraction, seed=seed,
+            eval_every=self.steps + self.float_steps + 1,  # evaluation happens on the exported file instead
+            progress=self.progress, plots=False, device=self.device,
+        )
+
+
+QUICK = dict(
+    data="digits", data_dir=None, seeds=(0, 1), float_steps=120, steps=40, batch_size=32, lr=3e-3, quant_lr=0.1,
+    gamma=0.1, sweep_gammas=(0.3,), k=10, threshold=0.05, fraction=0.1, model_config={"channels": [8, 16]},
+    robustness_examples=120, pgd_steps=2, latency_repeats=(5, 2),
+)
+
+
+def quick_settings(**overrides) -> VisionSettings:
+    """The ``--quick`` preset: digits, a small CNN, tens of steps, two seeds (a few seconds per method)."""
+    return VisionSettings(**{**QUICK, "quick": True, **overrides})
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+
+def float_config(settings: VisionSettings, seed: int) -> TrainConfig:
+    """The float baseline: plain training for ``float_steps + steps`` (no size term, no safety)."""
+    return dataclasses.replace(
+        settings.train_config(seed), steps=settings.float_steps + settings.steps, rounding="nearest",
+        gamma=0.0, lambda_=0.0, restore=False, prune=False,
+    )
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionRunData:
+    data: Data  # full splits: every reported number is measured on these
+    trainer_view: Data  # the same training split; one-example val/test so the trainer skips its own evaluation
+    mean: float
+    std: float
+
+
+def load_run_data(settings: VisionSettings, seed: int) -> VisionRunData:
+    """The seed's splits (the validation split is carved from training data with this seed)."""
+    vision = load_vision(settings.data_dir, settings.data, seed=seed)
+    model_config = {"in_channels": vision.in_channels, "image_size": vision.image_size,
+                    "num_classes": vision.num_classes}
+    data = Data(vision.train, vision.val, vision.test, False, "paper_cnn", model_config, vision.source)
+    tiny = TensorDataset(*(t[:1] for t in vision.val.tensors))
+    return VisionRunData(data, dataclasses.replace(data, val=tiny, test=tiny), vision.mean, vision.std)
+
+
+# ---- measuring one model --------------------------------------------------------------------
+
+
+def measure(name: str, model: nn.Module, run: VisionRunData, out: Path) -> tuple[dict, nn.Module]:
+    """Export ``model`` (float32 file for ``float``, else packed), load it back and score the loaded model.
+
+    Latency is timed later, by :func:`add_latency`, once no training runs beside it.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    if name == "float":
+        path = out / f"{name}.safetensors"
+        save_float(model, path)
+        loaded = load_float(path)
+        bits = 32.0
+    else:
+        path = out / f"{name}.sgsc"
+        bits = export.export_packed(model, path).average_bits
+        loaded = export.load_packed(path)
+    row = {
+        "file": path.name,
+        "file_bytes": path.stat().st_size,
+        "zlib_bytes": zlib_bytes(path),
+        "average_bits": bits,
+        "test_accuracy": evaluate(loaded, run.data.test, batch_size=256)["accuracy"],
+        "val_accuracy": evaluate(loaded, run.data.val, batch_size=256)["accuracy"],
+        "channels": list(model.config.channels),  # conv channels left after physical pruning
+    }
+    return row, loaded
+
+
+# ---- methods --------------------------------------------------------------------------------
+
+
+def train_float(settings: VisionSettings, seed: int, run: VisionRunData) -> tuple[nn.Module, nn.Module, float]:
+    """The float baseline after ``float_steps + steps`` steps, its snapshot after ``float_steps``, seconds."""
+    config = float_config(settings, seed)
+    torch.manual_seed(seed)  # the trainer seeds too, but only after the model is built
+    model = float_mode(new_model(config, run.data))
+    snapshot = {}
+
+    def take(module: nn.Module, step: int) -> None:
+        if step == settings.float_steps:
+            snapshot["state"] = copy.deepcopy(module.state_dict())
+
+    handle = baselines.on_training_step(model, take)
+    try:
+        result = train(config, model=model, data=run.trainer_view)
+    finally:
+        handle.remove()
+    start = copy.deepcopy(result["model"])
+    start.load_state_dict(snapshot["state"])
+    return result["model"], start, result["seconds"]
+
+
+@contextmanager
+def random_preservation():
+    """Within the block the trainer draws its preservation set uniformly at random (same size).
+
+    The trainer builds the set through ``sgsc.preservation.build``; the ablation swaps that one
+    function, since the trainer has no option for a given set.
+    """
+    original = preservation.build
+
+    def build(model, dataset, fraction=0.1, weights=(1, 1, 1), *, seed=0, **_):
+        size = preservation.set_size(fraction, len(dataset))
+        return preservation.random_subset(len(dataset), size, seed=seed)
+
+    preservation.build = build
+    try:
+        yield
+    finally:
+        preservation.build = original
+
+
+def self_compress(start: nn.Module, config: TrainConfig, run: VisionRunData) -> dict:
+    """SGSC (or unsafe, by ``config``) from the float snapshot: bits learnable again from ``init_bits``."""
+    model = set_rounding(thaw_bits(copy.deepcopy(start), config.init_bits), config.rounding)
+    return train(config, model=model, data=run.trainer_view)
+
+
+def _timed(function, *args) -> tuple[nn.Module, float]:
+    started = time.perf_counter()
+    model = function(*args)
+    return model, time.perf_counter() - started
+
+
+def method_jobs(settings: VisionSettings, seed: int, run: VisionRunData, final: nn.Module, start: nn.Module):
+    """``(name, thunk)`` per compressed method of Table I; each thunk returns ``(model, seconds, extra)``."""
+    config = settings.train_config(seed)
+    # baselines quantize with round-to-nearest, as a practitioner would
+    plain = dataclasses.replace(config, rounding="nearest")
+
+    def from_train(result: dict, **extra) -> tuple[nn.Module, float, dict]:
+        return result["model"], result["seconds"], extra
+
+    jobs = [
+        ("unsafe", lambda: from_train(self_compress(start, unsafe(config), run))),
+        ("sgsc", lambda: from_train(self_compress(start, config, run))),
+    ]
+    for name, bits in PTQ_BITS.items():
+        jobs.append((name, lambda bits=bits: (*_timed(baselines.post_training_quantize, final, bits), {})))
+    for name, bits in QAT_BITS.items():
+        jobs.append((name, lambda bits=bits: from_train(
+            baselines.fixed_bit_qat(start, bits, plain, run.trainer_view))))
+    for name, sparsity in PRUNE_SPARSITY.items():
+        def prune_job(sparsity=sparsity):
+            result = baselines.magnitude_prune(start, sparsity, plain, run.trainer_view)
+            return from_train(result, sparsity=result["sparsity"])
+
+        jobs.append((name, prune_job))
+    return jobs
+
+
+def ablation_jobs(settings: VisionSettings, seed: int, run: VisionRunData, start: nn.Module):
+    """``(group, name, thunk)`` of the first seed's extra runs: rounding, preservation criteria, gamma sweep."""
+    config = settings.train_config(seed)
+    jobs = []
+    if settings.ablations:
+        for mode in ROUNDING_MODES:
+            if mode != settings.rounding:
+                other = dataclasses.replace(config, rounding=mode)
+                jobs.append(("rounding", mode, lambda other=other: self_compress(start, other, run)))
+        for name, weights in CRITERIA_ALONE.items():
+            alone = dataclasses.replace(config, preservation_weights=weights)
+            jobs.append(("preservation", name, lambda alone=alone: self_compress(start, alone, run)))
+
+        def random_job():
+            with random_preservation():
+                return self_compress(start, config, run)
+
+        jobs.append(("preservation", "random", random_job))
+    for gamma in settings.sweep_gammas:
+        if gamma == settings.gamma:
+            continue
+        swept = dataclasses.replace(config, gamma=gamma)
+        jobs.append(("sweep", f"sgsc gamma={gamma:g}", lambda swept=swept: self_compress(start, swept, run)))
+        jobs.append(("sweep", f"unsafe gamma={gamma:g}", lambda swept=swept: self_compress(start, unsafe(swept), run)))
+    return jobs
+
+
+# ---- one seed, all seeds --------------------------------------------------------------------
+
+
+def _record(name: str, model: nn.Module, seconds: float, steps: int, extra: dict, run, out: Path, bar):
+    bar.set_description(f"{out.name} {name}: measuring")
+    row, loaded = measure(name, model, run, out)
+    return {**row, "train_seconds": seconds, "steps": steps, **extra}, loaded
+
+
+def run_seed(settings: VisionSettings, seed: int, out: Path, bar, first: bool) -> dict:
+    """Every method (and on the first seed the ablations, sweep and robustness) for one seed."""
+    run = load_run_data(settings, seed)
+    seed_dir = out / f"vision-seed{seed}"
+    bar.set_description(f"seed {seed} float")
+    final, start, seconds = train_float(settings, seed, run)
+    rows, loaded = {}, {}
+    rows["float"], loaded["float"] = _record("float", final, seconds, settings.float_steps + settings.steps, {},
+                                             run, seed_dir, bar)
+    bar.update(1)
+    for name, job in method_jobs(settings, seed, run, final, start):
+        bar.set_description(f"seed {seed} {name}")
+        model, seconds, extra = job()
+        steps = 0 if name in PTQ_BITS else settings.steps
+        rows[name], loaded[name] = _record(name, model, seconds, steps, extra, run, seed_dir, bar)
+        bar.update(1)
+    float_bytes = rows["float"]["file_bytes"]
+    for row in rows.values():
+        row["pct_of_float"] = 100.0 * row["file_bytes"] / float_bytes
+    result = {"seed": seed, "data": {"source": run.data.source, "train": len(run.data.train),
+                                     "val": len(run.data.val), "test": len(run.data.test)}, "methods": rows}
+    if first:
+        result["extra"] = _run_extras(settings, seed, run, start, seed_dir, bar, float_bytes)
+        result["robustness"] = _run_robustness(settings, run, loaded, seed, bar)
+    return result
+
+
+def _run_extras(settings, seed, run, start, seed_dir: Path, bar, float_bytes: int) -> list[dict]:
+    rows = []
+    for group, name, job in ablation_jobs(settings, seed, run, start):
+        bar.set_description(f"seed {seed} {group} {name}")
+        result = job()
+        file_name = f"{group}-{name}".replace(" ", "_").replace("=", "")
+        row, _ = _record(file_name, result["model"], result["seconds"], settings.steps, {}, run, seed_dir, bar)
+        row.update(group=group, name=name, pct_of_float=100.0 * row["file_bytes"] / float_bytes)
+        rows.append(row)
+        bar.update(1)
+    return rows
+
+
+def _run_robustness(settings, run: VisionRunData, loaded: dict, seed: int, bar) -> dict:
+    x, y = (t[: settings.robustness_examples] for t in run.data.test.tensors)
+    perturber = Perturber(run.mean, run.std, pgd_steps=settings.pgd_steps, seed=seed)
+    models = {}
+    for name, model in loaded.items():
+        bar.set_description(f"seed {seed} robustness {name}")
+        models[name] = robustness(model, x, y, perturber)
+    return {"examples": len(x), "noise_levels": list(NOISE_LEVELS), "epsilons": list(EPSILONS),
+            "pgd_steps": settings.pgd_steps, "seed": seed, "models": models}
+
+
+def _extra_count(settings: VisionSettings) -> int:
+    """Runs beyond Table I on the first seed: ablations and the gamma sweep."""
+    extras = len(ROUNDING_MODES) - 1 + len(CRITERIA_ALONE) + 1 if settings.ablations else 0
+    return extras + 2 * sum(1 for g in settings.sweep_gammas if g != settings.gamma)
+
+
+def summarize(seeds: list[dict]) -> dict:
+    """Per method, mean and standard deviation over seeds of every :data:`TABLE_KEYS` value."""
+    return {
+        name: {key: mean_std([s["methods"][name][key] for s in seeds]) for key in TABLE_KEYS}
+        for name in METHODS
+    }
+
+
+def targets(table: dict, seed_result: dict, gamma: float) -> dict:
+    """The issue's targets checked on the means: SGSC vs float accuracy and size, SGSC vs unsafe at equal size.
+
+    "Equal size" compares with every unsafe run of the first seed (main gamma and sweep) whose file is
+    within 5% of SGSC's file on that seed; with none that close, the nearest unsafe run is named.
+    """
+    gap = 100.0 * (table["sgsc"]["test_accuracy"]["mean"] - table["float"]["test_accuracy"]["mean"])
+    pct = table["sgsc"]["pct_of_float"]["mean"]
+    sgsc = seed_result["methods"]["sgsc"]
+    unsafe_runs = [{"gamma": gamma, **seed_result["methods"]["unsafe"]}]
+    for row in seed_result.get("extra", []):
+        if row["group"] == "sweep" and row["name"].startswith("unsafe"):
+            unsafe_runs.append({"gamma": float(row["name"].split("=")[1]), **row})
+    def ratio(row):
+        return row["file_bytes"] / sgsc["file_bytes"]
+
+    close = [r for r in unsafe_runs if abs(ratio(r) - 1) <= 0.05]
+    nearest = min(unsafe_runs, key=lambda r: abs(ratio(r) - 1))
+    compared = close or [nearest]
+    return {
+        "accuracy_gap_points": gap,
+        "accuracy_met": gap >= -0.3,
+        "pct_of_float": pct,
+        "size_met": pct <= 10.0,
+        "unsafe_equal_size": [
+            {"gamma": r["gamma"], "file_bytes": r["file_bytes"], "test_accuracy": r["test_accuracy"],
+             "size_ratio": ratio(r)} for r in compared
+        ],
+        "unsafe_within_5pct": bool(close),
+        "beats_unsafe": all(sgsc["test_accuracy"] > r["test_accuracy"] for r in compared),
+    }
+
+
+def command_line(settings: VisionSettings, out: Path, workers: int = 1) -> str:
+    """The `sgsc experiment vision` invocation that reproduces ``settings``."""
+    parts = ["sgsc", "experiment", "vision"]
+    if settings.quick:
+        parts.append("--quick")
+    defaults = quick_settings() if settings.quick else VisionSettings()
+    for key, flag in (("data", "--data"), ("data_dir", "--data-dir"), ("float_steps", "--float-steps"),
+                      ("steps", "--steps"), ("gamma", "--gamma"), ("lr", "--lr"), ("quant_lr", "--quant-lr"),
+                      ("rounding", "--rounding"), ("device", "--device")):
+        value = getattr(settings, key)
+        if value != getattr(defaults, key) and value is not None:
+            parts += [flag, str(value)]
+    for key, flag in (("seeds", "--seeds"), ("sweep_gammas", "--sweep-gammas")):
+        value = getattr(settings, key)
+        if value != getattr(defaults, key):
+            parts += [flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
+    if not settings.ablations:
+        parts.append("--no-ablations")
+    if workers > 1:
+        parts += ["--workers", str(workers)]
+    parts += ["--threads", str(torch.get_num_threads()), "--out", str(out)]
+    return shlex.join(parts)
+
+
+def _seed_worker(settings: VisionSettings, seed: int, out: Path, first: bool, threads: int, position: int) -> dict:
+    torch.set_num_threads(threads)
+    total = len(METHODS) + (_extra_count(settings) if first else 0)
+    with tqdm(total=total, disable=not settings.progress, dynamic_ncols=True, position=position) as bar:
+        return run_seed(settings, seed, out, bar, first)
+
+
+def _run_seeds(settings: VisionSettings, out: Path, workers: int) -> list[dict]:
+    """Every seed's results, in order; with ``workers > 1`` seeds run in that many processes at once."""
+    threads = torch.get_num_threads()
+    jobs = [(settings, seed, out, index == 0, threads) for index, seed in enumerate(settings.seeds)]
+    if workers == 1:
+        return [_seed_worker(*job, position=0) for job in jobs]
+    # spawn, not fork: a forked child would inherit this process's OpenMP and autograd threads' state
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_seed_worker, *job, position=i % workers) for i, job in enumerate(jobs)]
+        return [future.result() for future in futures]
+
+
+def add_latency(seed_result: dict, out: Path, settings: VisionSettings, example: torch.Tensor) -> None:
+    """Time every model file of one seed (loaded back, on the CPU) at batch 1 and 256, in place."""
+    seed_dir = out / f"vision-seed{seed_result['seed']}"
+    rows = [*seed_result["methods"].values(), *seed_result.get("extra", [])]
+    for row in rows:
+        path = seed_dir / row["file"]
+        model = load_float(path) if path.suffix == ".safetensors" else export.load_packed(path)
+        row["latency_batch1_ms"] = latency_ms(model, example, 1, settings.latency_repeats[0])
+        row["latency_batch256_ms"] = latency_ms(model, example, 256, settings.latency_repeats[1])
+
+
+def run(settings: VisionSettings, out: str | Path = "results", workers: int = 1) -> dict:
+    """Run Table I with its ablations and write ``<out>/vision.json`` and ``<out>/vision_pareto.png``.
+
+    ``workers`` processes train seeds at once (each with this process's torch thread count); latency
+    is then timed in this process alone, one model at a time.
+    """
+    if not isinstance(settings, VisionSettings):
+        raise TypeError(f"settings must be a VisionSettings, got {type(settings).__name__}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    seeds = _run_seeds(settings, out, min(workers, len(settings.seeds)))
+    example = load_run_data(settings, settings.seeds[0]).data.test.tensors[0][0]
+    for seed_result in tqdm(seeds, desc="latency", disable=not settings.progress):
+        add_latency(seed_result, out, settings, example)
+    table = summarize(seeds)
+    device = torch.device("cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu")
+    result = {
+        "experiment": "vision",
+        "command": command_line(settings, out, workers),
+        "meta": {**metadata(device), "latency_device": metadata(torch.device("cpu"))["device"],
+                 "workers": workers, "wall_seconds": time.perf_counter() - started},
+        "settings": dataclasses.asdict(settings),
+        "methods": METHODS,
+        "seeds": seeds,
+        "table": table,
+        "targets": targets(table, seeds[0], settings.gamma),
+        "plot": PLOT_FILE,
+    }
+    pareto_plot(result, out / PLOT_FILE)
+    write_json(out / RESULT_FILE, result)
+    return result
+
+
+# ---- tuning on the validation split ----------------------------------------------------------
+
+TUNING_FILE = "vision_tuning.json"
+
+
+def _tune_job(start: nn.Module, config: TrainConfig, settings: VisionSettings, out: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    run = load_run_data(settings, config.seed)
+    result = self_compress(start, config, run)
+    name = f"sgsc-gamma{config.gamma:g}-qlr{config.quant_lr:g}-steps{config.steps}"
+    row, _ = measure(name, result["model"], run, out)
+    del row["test_accuracy"]  # tuning looks at validation only; the test split is for the final table
+    return {"gamma": config.gamma, "quant_lr": config.quant_lr, "steps": config.steps,
+            "train_seconds": result["seconds"], **row}
+
+
+def choose(rows: list[dict], float_val: float, float_bytes: int, tolerance: float = 0.003) -> dict:
+    """The smallest file whose validation accuracy is within ``tolerance`` of the float model's.
+
+    With none that accurate, the most accurate (the target is then out of reach at these step counts).
+    """
+    good = [r for r in rows if r["val_accuracy"] >= float_val - tolerance]
+    best = min(good, key=lambda r: r["file_bytes"]) if good else max(rows, key=lambda r: r["val_accuracy"])
+    return {**best, "pct_of_float": 100.0 * best["file_bytes"] / float_bytes, "within_tolerance": bool(good)}
+
+
+def tune(settings: VisionSettings, grid: list[tuple], out: str | Path = "results", workers: int = 1) -> dict:
+    """SGSC at each ``(gamma, quant_lr)`` or ``(gamma, quant_lr, steps)`` of ``grid`` on the first seed.
+
+    Every run starts from the float snapshot after ``settings.float_steps`` and is scored on the
+    validation split; ``steps`` defaults to ``settings.steps``. Writes ``<out>/vision_tuning.json``
+    with every run, the float model's validation accuracy and bytes (after ``float_steps + steps``),
+    the choice of :func:`choose` and the command that reproduces it.
+    """
+    if not grid or any(len(point) not in (2, 3) for point in grid):
+        raise ValueError(f"grid must be a non-empty list of (gamma, quant_lr[, steps]) tuples, got {grid!r}")
+    out = Path(out)
+    seed = settings.seeds[0]
+    run = load_run_data(settings, seed)
+    started = time.perf_counter()
+    final, start, _ = train_float(settings, seed, run)
+    tuning_dir = out / "vision-tuning"
+    float_row, _ = measure("float", final, run, tuning_dir)
+    threads = torch.get_num_threads()
+    configs = [dataclasses.replace(settings.train_config(seed), gamma=point[0], quant_lr=point[1],
+                                   steps=int(point[2]) if len(point) == 3 else settings.steps, progress=False)
+               for point in grid]
+    if workers == 1:
+        rows = [_tune_job(start, c, settings, tuning_dir, threads) for c in tqdm(configs, disable=not settings.progress)]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [pool.submit(_tune_job, start, c, settings, tuning_dir, threads) for c in configs]
+            rows = [f.result() for f in tqdm(futures, disable=not settings.progress)]
+    result = {
+        "experiment": "vision-tuning",
+        "command": command_line(settings, out, workers) + " --tune " + " ".join(",".join(f"{v:g}" for v in p) for p in grid),
+        "meta": {**metadata(torch.device("cpu")), "workers": workers, "wall_seconds": time.perf_counter() - started},
+        "settings": dataclasses.asdict(settings),
+        "seed": seed,
+        "float": {"val_accuracy": float_row["val_accuracy"], "file_bytes": float_row["file_bytes"]},
+        "runs": rows,
+        "choice": choose(rows, float_row["val_accuracy"], float_row["file_bytes"]),
+    }
+    write_json(out / TUNING_FILE, result)
+    return result
+
+
+# ---- the Pareto picture ---------------------------------------------------------------------
+
+
+def _sweep_points(result: dict, method: str) -> list[tuple[int, float]]:
+    """(bytes, accuracy) of ``method`` at every gamma on the first seed, sorted by bytes."""
+    first = result["seeds"][0]
+    points = [(first["methods"][method]["file_bytes"], first["methods"][method]["test_accuracy"])]
+    points += [(row["file_bytes"], row["test_accuracy"]) for row in first.get("extra", [])
+               if row["group"] == "sweep" and row["name"].startswith(method + " ")]
+    return sorted(points)
+
+
+def pareto_plot(result: dict, path: str | Path) -> Path:
+    """Test accuracy against on-disk bytes: every method's mean +- std over seeds, and the gamma sweeps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5))
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    colors = {name: f"C{i}" for i, name in enumerate(result["methods"])}
+    for method in ("sgsc", "unsafe"):
+        points = _sweep_points(result, method)
+        if len(points) > 1:
+            axis.plot(*zip(*points), linestyle=":", color=colors[method], alpha=0.6,
+                      label=f"{method}, gamma sweep (seed {result['seeds'][0]['seed']})")
+    for name, label in result["methods"].items():
+        row = result["table"][name]
+        axis.errorbar(row["file_bytes"]["mean"], row["test_accuracy"]["mean"], xerr=row["file_bytes"]["std"],
+                      yerr=row["test_accuracy"]["std"], marker="*" if name == "sgsc" else "o", capsize=3,
+                      markersize=11 if name == "sgsc" else 6, color=colors[name], linestyle="none", label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel("on-disk bytes of the exported file (log scale)")
+    axis.set_ylabel("test accuracy")
+    axis.set_title(f"{result['seeds'][0]['data']['source']}: accuracy vs size ({len(result['seeds'])} seeds)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    return path

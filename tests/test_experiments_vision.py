@@ -1,0 +1,270 @@
+"""Table I end to end in --quick mode (digits, small CNN, two seeds), its parts, its CLI and its report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from sgsc import export
+from sgsc.cli import build_parser, main
+from sgsc.experiment_cli import vision_settings
+from sgsc.experiments import baselines, report, vision
+from sgsc.experiments.common import load_float, save_float, zlib_bytes
+from sgsc.experiments.robustness import Perturber, robustness
+from sgsc.layers import quantized_layers
+from sgsc.models import build_model
+from sgsc.trainer import evaluate
+
+SMALL = {"in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [4, 8]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the machine is shared: two OpenMP threads contending with other jobs run ~20x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `--quick` run: every method on two seeds, the ablations, the sweep and robustness on seed 0."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("results")
+    started = time.perf_counter()
+    result = vision.run(vision.quick_settings(progress=False), out)
+    print(f"\nquick vision run: {time.perf_counter() - started:.1f}s")
+    torch.set_num_threads(threads)
+    return result, out
+
+
+def _load(out, seed: int, row: dict) -> nn.Module:
+    path = out / f"vision-seed{seed}" / row["file"]
+    return load_float(path) if path.suffix == ".safetensors" else export.load_packed(path)
+
+
+# ---- the quick run --------------------------------------------------------------------------
+
+
+def test_every_method_runs_on_every_seed_with_every_measurement(quick):
+    result, out = quick
+    assert [s["seed"] for s in result["seeds"]] == [0, 1]
+    for seed in result["seeds"]:
+        assert list(seed["methods"]) == list(vision.METHODS)
+        for row in seed["methods"].values():
+            assert set(vision.TABLE_KEYS) <= set(row)
+            assert row["latency_batch1_ms"] > 0 and row["latency_batch256_ms"] > row["latency_batch1_ms"]
+    for name, stats in result["table"].items():
+        values = [s["methods"][name]["test_accuracy"] for s in result["seeds"]]
+        assert stats["test_accuracy"]["mean"] == pytest.approx(sum(values) / 2)
+        assert stats["test_accuracy"]["n"] == 2
+    groups = [(r["group"], r["name"]) for r in result["seeds"][0]["extra"]]
+    assert groups == [("rounding", "floor"), ("preservation", "gradcam"), ("preservation", "uncertainty"),
+                      ("preservation", "diversity"), ("preservation", "random"), ("sweep", "sgsc gamma=0.3"),
+                      ("sweep", "unsafe gamma=0.3")]
+    assert "extra" not in result["seeds"][1]
+    assert (out / vision.RESULT_FILE).is_file() and (out / vision.PLOT_FILE).stat().st_size > 10_000
+
+
+def test_exported_files_load_and_give_the_reported_accuracy_and_bytes(quick):
+    result, out = quick
+    for seed in result["seeds"]:
+        data = vision.load_run_data(vision.quick_settings(), seed["seed"]).data
+        float_bytes = seed["methods"]["float"]["file_bytes"]
+        for row in seed["methods"].values():
+            path = out / f"vision-seed{seed['seed']}" / row["file"]
+            assert path.stat().st_size == row["file_bytes"]
+            assert zlib_bytes(path) == row["zlib_bytes"]
+            assert row["pct_of_float"] == pytest.approx(100 * row["file_bytes"] / float_bytes)
+            assert evaluate(_load(out, seed["seed"], row), data.test)["accuracy"] == row["test_accuracy"]
+
+
+def test_the_methods_behave_as_their_names_say(quick):
+    result, _ = quick
+    for seed in result["seeds"]:
+        rows = seed["methods"]
+        # int8 of a trained model loses almost nothing; the sizes follow the bit depths
+        assert abs(rows["ptq_int8"]["test_accuracy"] - rows["float"]["test_accuracy"]) <= 0.015
+        assert rows["ptq_int8"]["average_bits"] == 8.0 and 3.5 < rows["ptq_int4"]["average_bits"] <= 4.1
+        assert rows["qat_2"]["file_bytes"] < rows["qat_4"]["file_bytes"] < rows["qat_8"]["file_bytes"]
+        assert rows["float"]["average_bits"] == 32.0 and rows["float"]["pct_of_float"] == 100.0
+        # magnitude pruning really zeroes the weights; the packed format still stores them at 8 bits,
+        # which is why only the zlib column shrinks
+        # (the schedule prunes floor(s * N) weights, so allow one weight short of the fraction)
+        assert rows["prune50_int8"]["sparsity"] >= 0.5 - 1e-3 and rows["prune80_int8"]["sparsity"] >= 0.8 - 1e-3
+        assert rows["prune80_int8"]["zlib_bytes"] < rows["prune50_int8"]["zlib_bytes"] < rows["ptq_int8"]["zlib_bytes"]
+        # self-compression learns fewer bits than the 8 it starts from
+        for name in ("sgsc", "unsafe"):
+            assert rows[name]["average_bits"] < 8.0 and rows[name]["file_bytes"] < rows["ptq_int8"]["file_bytes"]
+        assert rows["ptq_int4"]["steps"] == 0 and rows["sgsc"]["steps"] == result["settings"]["steps"]
+
+
+def test_report_renders_every_method_ablation_and_the_command(quick, tmp_path):
+    result, out = quick
+    path = report.write(out, tmp_path / "RESULTS.md")
+    text = path.read_text()
+    for label in vision.METHODS.values():
+        assert f"| {label} |" in text
+    for needle in ("### Ablation: rounding", "| floor |", "| gradcam |", "| uncertainty |", "| diversity |",
+                   "| random |", "| sgsc gamma=0.3 |", "### Robustness", result["command"], "Seeds 0, 1",
+                   result["meta"]["machine"], "SGSC accuracy >= float - 0.3 points"):
+        assert needle in text, needle
+    sgsc_stats = result["table"]["sgsc"]["test_accuracy"]
+    assert f"{100 * sgsc_stats['mean']:.2f} ± {100 * sgsc_stats['std']:.2f}" in text
+    plot_link = text.split("![accuracy vs bytes](")[1].split(")")[0]
+    assert (path.parent / plot_link).resolve() == (out / vision.PLOT_FILE).resolve()
+    assert main(["experiment", "report", "--results", str(out), "-o", str(tmp_path / "cli.md")]) == 0
+    assert (tmp_path / "cli.md").read_text() == text
+
+
+def test_robustness_results_are_accuracies_that_fall_with_attack_strength(quick):
+    result, _ = quick
+    rob = result["seeds"][0]["robustness"]
+    assert set(rob["models"]) == set(vision.METHODS)
+    for values in rob["models"].values():
+        assert all(0.0 <= v <= 1.0 for v in values.values())
+        assert values["pgd 0.1"] <= values["fgsm 0.1"] + 0.05 and values["pgd 0.1"] < values["clean"]
+
+
+# ---- the parts ------------------------------------------------------------------------------
+
+
+def test_perturbations_stay_in_the_ball_and_the_pixel_range():
+    torch.manual_seed(0)
+    model = build_model("paper_cnn", SMALL).eval()
+    perturber = Perturber(mean=0.3, std=0.5, pgd_steps=3)
+    x = ((torch.rand(16, 1, 8, 8) - 0.3) / 0.5).clamp(perturber.low, perturber.high)
+    y = torch.randint(0, 10, (16,))
+    for attack in (perturber.fgsm, perturber.pgd):
+        adversarial = attack(model, x, y, 0.05)
+        assert (adversarial - x).abs().max() <= 0.05 / 0.5 + 1e-6
+        assert adversarial.min() >= perturber.low and adversarial.max() <= perturber.high
+    clean = robustness(model, x, y, perturber, noise_levels=(0.0,), epsilons=(0.0,))
+    assert clean["clean"] == clean["noise 0"] == clean["fgsm 0"] == clean["pgd 0"]
+
+
+def test_magnitude_schedule_is_cubic_and_ends_at_the_target():
+    assert baselines.cubic_sparsity(0, 30, 0.8) == 0.0
+    assert baselines.cubic_sparsity(30, 30, 0.8) == pytest.approx(0.8)
+    assert baselines.cubic_sparsity(60, 30, 0.8) == pytest.approx(0.8)
+    model = build_model("paper_cnn", SMALL).train()
+    schedule = baselines.MagnitudeSchedule(model, 0.8, steps=40)
+    handle = baselines.on_training_step(model, schedule)
+    seen = []
+    for _ in range(40):
+        model(torch.randn(2, 1, 8, 8))
+        weights = [layer.weight for _, layer in quantized_layers(model)]
+        seen.append(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
+    handle.remove()
+    schedule.finish()
+    assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == pytest.approx(0.8, abs=1e-3)
+    assert schedule.end == 30 and seen[30] == seen[-1]  # the last quarter keeps the mask fixed
+    assert all(isinstance(layer.weight, nn.Parameter) for _, layer in quantized_layers(model))
+
+
+def test_calibration_uses_the_whole_code_range():
+    model = build_model("paper_cnn", SMALL)
+    int4 = baselines.post_training_quantize(model, 4)
+    for (_, layer), (_, original) in zip(quantized_layers(int4), quantized_layers(model)):
+        codes, _ = export.integer_codes(layer)
+        assert codes.abs().amax(dim=1).eq(7).all()  # every channel's largest weight lands on the top code
+        assert not layer.bits.requires_grad and original.bits.requires_grad
+
+
+def test_float_file_round_trips(tmp_path):
+    model = build_model("paper_cnn", SMALL).eval()
+    size = save_float(model, tmp_path / "f.safetensors")
+    loaded = load_float(tmp_path / "f.safetensors")
+    assert size == (tmp_path / "f.safetensors").stat().st_size
+    assert not any(hasattr(m, "bits") for m in loaded.modules())
+    x = torch.randn(3, 1, 8, 8)
+    weights = {k: v for k, v in model.state_dict().items() if not k.endswith(("bits", "exponent"))}
+    assert all(torch.equal(weights[k], v) for k, v in loaded.state_dict().items())
+    assert loaded(x).shape == (3, 10)
+
+
+# ---- command line and bad input -------------------------------------------------------------
+
+
+def test_cli_flags_become_settings():
+    args = build_parser().parse_args(["experiment", "vision", "--quick", "--seeds", "3", "4", "--steps", "12",
+                                      "--gamma", "0.2", "--no-ablations", "--out", "somewhere"])
+    settings = vision_settings(args)
+    assert settings.quick and settings.data == "digits" and settings.seeds == (3, 4)
+    assert settings.steps == 12 and settings.gamma == 0.2 and not settings.ablations
+    assert settings.float_steps == vision.QUICK["float_steps"]
+    full = vision_settings(build_parser().parse_args(["experiment", "vision", "--data-dir", "."]))
+    assert full.data == "auto" and full.data_dir == "." and full.seeds == (0, 1, 2)
+    assert "sgsc experiment vision --quick" in vision.command_line(settings, "somewhere")
+
+
+def test_missing_language_module_is_reported_when_called(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sgsc.experiments.language", None)
+    with pytest.raises(SystemExit, match="sgsc.experiments.language is not part of this installation"):
+        main(["experiment", "language"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"seeds": ()}, "seeds"), ({"seeds": (1, 1)}, "seeds"), ({"steps": 1}, "steps"), ({"float_steps": 0}, "float_steps"),
+     ({"rounding": "up"}, "rounding"), ({"gamma": -1.0}, "gamma"), ({"sweep_gammas": (-0.1,)}, "sweep_gammas"),
+     ({"latency_repeats": (0, 1)}, "latency_repeats")],
+)
+def test_bad_settings_name_the_argument(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        vision.quick_settings(**overrides)
+
+
+def test_bad_input_to_the_parts_names_the_argument(tmp_path):
+    model = build_model("paper_cnn", SMALL)
+    with pytest.raises(ValueError, match="bits"):
+        baselines.post_training_quantize(model, 1)
+    with pytest.raises(ValueError, match="sparsity"):
+        baselines.MagnitudeSchedule(model, 1.0, steps=10)
+    with pytest.raises(ValueError, match="steps"):
+        baselines.MagnitudeSchedule(model, 0.5, steps=1)
+    with pytest.raises(ValueError, match="std"):
+        Perturber(0.0, 0.0)
+    with pytest.raises(ValueError, match="epsilons"):
+        robustness(model, torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long), Perturber(0.0, 1.0), epsilons=(-1,))
+    with pytest.raises(TypeError, match="settings"):
+        vision.run({"seeds": (0,)}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="none of vision.json, language.json"):
+        report.render(tmp_path)
+
+
+def test_report_includes_the_language_section_when_its_json_exists(quick, tmp_path, monkeypatch):
+    _, out = quick
+    results = tmp_path / "results"
+    shutil.copytree(out, results)
+    (results / "language.json").write_text(json.dumps({"experiment": "language", "marker": 42}))
+    fake = types.ModuleType("sgsc.experiments.language")
+    fake.markdown = lambda result: f"## Table II (language)\n\nrendered marker {result['marker']}\n"
+    monkeypatch.setitem(sys.modules, "sgsc.experiments.language", fake)
+    text = report.render(results, tmp_path / "RESULTS.md")
+    assert text.index("## Table I") < text.index("rendered marker 42")
+    monkeypatch.setitem(sys.modules, "sgsc.experiments.language", None)
+    assert "cannot be rendered: sgsc.experiments.language is not part of this installation" in report.render(results)
+
+
+def test_tuning_scores_on_validation_only_and_follows_its_rule(tmp_path):
+    settings = vision.quick_settings(seeds=(0,), float_steps=30, steps=10, progress=False)
+    tuning = vision.tune(settings, [(0.1, 0.1), (0.5, 0.2, 12)], tmp_path)
+    rows = tuning["runs"]
+    assert [(r["gamma"], r["quant_lr"], r["steps"]) for r in rows] == [(0.1, 0.1, 10), (0.5, 0.2, 12)]
+    assert all("test_accuracy" not in r and 0 < r["val_accuracy"] <= 1 for r in rows)
+    good = [r for r in rows if r["val_accuracy"] >= tuning["float"]["val_accuracy"] - 0.003]
+    expected = min(good, key=lambda r: r["file_bytes"]) if good else max(rows, key=lambda r: r["val_accuracy"])
+    assert tuning["choice"]["file"] == expected["file"]
+    assert tuning["command"].endswith("--tune 0.1,0.1 0.5,0.2,12")
+    text = report.render(tmp_path)
+    assert "### Tuning SGSC on the validation split (seed 0)" in text and "| 0.5 | 0.2 | 12 |" in text
