@@ -1,11 +1,22 @@
-"""Test-wide set-up: Triton kernels run in the CPU interpreter when no GPU is present.
+"""Test-wide set-up: Triton kernels run in the CPU interpreter when no GPU is present; training
+tests run on one torch thread.
 
 The variable must be set before anything imports triton, which is why it lives here.
 """
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a shared machine, two contending OpenMP threads run ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

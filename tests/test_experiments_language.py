@@ -19,13 +19,7 @@ from sgsc.trainer import evaluate, load_data, new_model
 SEEDS = (0, 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: two OpenMP threads contending with other jobs run ~20x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ from sgsc.trainer import evaluate
 SMALL = {"in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [4, 8]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: two OpenMP threads contending with other jobs run ~20x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from sgsc.layers import average_bits, quantized_layers
 from sgsc.models import CharDecoderConfig, PaperCNNConfig, build_model, model_name
 from sgsc.pruning import common_units, dead_units, prune, silence_channels
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: two OpenMP threads contending with other jobs run ~20x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cnn(channels=(6, 5)) -> torch.nn.Module:

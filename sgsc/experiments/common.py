@@ -120,25 +120,26 @@ def float_mode(model: nn.Module) -> nn.Module:
     return model
 
 
+def _learnable_quantizers(model: nn.Module, bits: float, train_bits: bool) -> nn.Module:
+    """Every quantized layer restarted at ``bits`` (exponents re-fitted), exponents trainable."""
+    for _, layer in quantized_layers(model):
+        layer.reset_quantizer(bits)
+        layer.bits.requires_grad_(train_bits)
+        layer.exponent.requires_grad_(True)
+    return model
+
+
 def freeze_bits(model: nn.Module, bits: float) -> nn.Module:
     """Set every quantized layer to ``bits`` (exponents re-fitted) and stop ``bits`` from training.
 
     Exponents train, so a channel's step size can follow its weights: fixed-bit QAT.
     """
-    for _, layer in quantized_layers(model):
-        layer.reset_quantizer(bits)
-        layer.bits.requires_grad_(False)
-        layer.exponent.requires_grad_(True)
-    return model
+    return _learnable_quantizers(model, bits, train_bits=False)
 
 
 def thaw_bits(model: nn.Module, init_bits: float) -> nn.Module:
     """Every quantized layer back to learnable bits and exponents, starting at ``init_bits``: ready to self-compress."""
-    for _, layer in quantized_layers(model):
-        layer.reset_quantizer(init_bits)
-        layer.bits.requires_grad_(True)
-        layer.exponent.requires_grad_(True)
-    return model
+    return _learnable_quantizers(model, init_bits, train_bits=True)
 
 
 def set_rounding(model: nn.Module, rounding: str) -> nn.Module:

@@ -4,11 +4,9 @@ For every seed the three methods train the same :class:`~sgsc.models.CharDecoder
 quantized per head) for the same number of steps on the same seeded split:
 
 * ``float``: the float32 baseline. The zoo has no unquantized decoder, so every quantizer is set to
-  32 bits with an exponent 2^8 above the one fitted to the initial weights, and frozen: the grid
-  step is ~2^-23 of the initial largest weight (float32's own resolution there) and the clamp range
-  256x that weight, so the forward is float training in all but name, and the run checks that no
-  weight reached the clamp. (``common.freeze_bits`` keeps exponents trainable at 24 bits; on this
-  decoder Adam walks them by whole steps and the largest weights clip, so it is not used here.)
+  32 bits and frozen by ``common.float_mode``: the grid step is ~2^-23 of the initial largest
+  weight (float32's own resolution there) and the clamp range 256x that weight, so the forward is
+  float training in all but name, and the run checks that no weight reached the clamp.
   The model is stored and reloaded as a plain float32 model by ``common.save_float``/``load_float``.
 * ``unsafe``: the trainer's self-compression with ``lambda_ = 0`` and no restore.
 * ``sgsc``: preservation loss, restore and pruning.
@@ -46,8 +44,7 @@ LABELS = {
 }
 RESULT_FILE = "language.json"
 FLOAT_FILE = "float32.safetensors"
-FLOAT_BITS = 32
-FLOAT_HEADROOM = 8  # exponent steps above the fitted one: a 256x clamp range for weights to grow into
+FLOAT_BITS = common.FLOAT_BITS
 SAMPLES = 10
 MAX_NAME_LENGTH = 30  # a sampled name stops here if the model never emits the end token
 TARGET_LOSS_MARGIN = 0.02  # nats/char above float (issue 5)
@@ -106,13 +103,7 @@ def float_model(config: TrainConfig, data: Data) -> nn.Module:
     from the same weights as the compressed methods of the same seed.
     """
     torch.manual_seed(config.seed)
-    model = new_model(dataclasses.replace(config, init_bits=FLOAT_BITS), data)
-    with torch.no_grad():
-        for _, layer in quantized_layers(model):
-            layer.exponent += FLOAT_HEADROOM
-            layer.bits.requires_grad_(False)
-            layer.exponent.requires_grad_(False)
-    return model
+    return common.float_mode(new_model(config, data))
 
 
 def check_unclamped(model: nn.Module) -> None:
@@ -121,7 +112,7 @@ def check_unclamped(model: nn.Module) -> None:
         limit = (2.0 ** (FLOAT_BITS - 1) - 1) * torch.exp2(layer.exponent.detach())
         peak = layer.weight.detach().abs().reshape(layer.quant_groups, -1).amax(dim=1)
         if bool((peak > limit).any()):
-            raise RuntimeError(f"float baseline: {name} outgrew its clamp range; raise FLOAT_HEADROOM")
+            raise RuntimeError(f"float baseline: {name} outgrew its clamp range (see common.float_mode)")
 
 
 # ---- sampling -------------------------------------------------------------------------------
