@@ -63,6 +63,8 @@ def _add_vision(subparsers) -> None:
     parser.add_argument("--gamma", type=float, help="SGSC/unsafe size-term weight")
     parser.add_argument("--lr", type=float, help="Adam learning rate of the weights")
     parser.add_argument("--quant-lr", type=float, help="Adam learning rate of bits and exponents")
+    parser.add_argument("--exponent-lr", type=float, help="Adam learning rate of exponents apart from bits "
+                        "(default: --quant-lr)")
     parser.add_argument("--sweep-gammas", type=float, nargs="*", help="extra gammas of the sweep (first seed)")
     parser.add_argument("--rounding", choices=ROUNDING_MODES, help="rounding of SGSC/unsafe (the ablation runs the other)")
     parser.add_argument("--no-ablations", dest="ablations", action="store_false", help="skip the rounding and "
@@ -84,9 +86,9 @@ def vision_settings(args: argparse.Namespace):
     """The VisionSettings the parsed flags describe: the preset, with every given flag on top."""
     from sgsc.experiments import vision
 
-    overrides = {key: getattr(args, key) for key in ("data", "data_dir", "seeds", "steps", "float_steps", "gamma",
-                                                     "lr", "quant_lr", "sweep_gammas", "rounding", "device")
-                 if getattr(args, key) is not None}
+    keys = ("data", "data_dir", "seeds", "steps", "float_steps", "gamma", "lr", "quant_lr", "exponent_lr",
+            "sweep_gammas", "rounding", "device")
+    overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.data_dir is not None and args.data is None:
         overrides["data"] = "auto"  # the IDX files of --data-dir, also under --quick
     overrides.update(ablations=args.ablations, progress=args.progress)

@@ -22,6 +22,9 @@ Criteria fill their quotas in the order above, each skipping examples already ta
 has exactly ``round(fraction * N)`` unique examples and every criterion contributes exactly its
 share. Diversity goes last on purpose: a cluster already represented by an earlier pick yields its
 place to the next cluster's nearest example. Everything is deterministic given ``seed``.
+
+The ablation baseline, ``method="random"`` of :func:`build`, draws a uniform random subset of the
+same size instead (:func:`random_subset`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from sgsc._io import atomic_write
 
 CRITERIA = ("gradcam", "uncertainty", "diversity")
+METHODS = ("criteria", "random")  # how build chooses: the three criteria, or the random ablation
 UNCERTAINTY_MEASURES = ("margin", "entropy")
 IGNORE_INDEX = -1  # sequence targets below 0 are padding (sgsc.data.IGNORE_INDEX)
 FORMAT = "sgsc.preservation"
@@ -377,6 +381,7 @@ def build(
     fraction: float = 0.1,
     weights: Sequence[float] | Mapping[str, float] = (1, 1, 1),
     *,
+    method: str = "criteria",
     seed: int = 0,
     batch_size: int = 256,
     uncertainty: str = "margin",
@@ -384,11 +389,18 @@ def build(
 ) -> torch.Tensor:
     """Sorted int64 indices of the ``round(fraction * len(dataset))`` examples to preserve.
 
-    ``weights`` are the shares of (gradcam, uncertainty, diversity), as a 3-sequence or a mapping;
-    they need not sum to 1 and a zero share skips that criterion's computation entirely. See the
-    module docstring for each criterion. ``ValueError`` for ``fraction`` outside ``(0, 1]`` or a
-    fraction so small that it selects nothing.
+    ``method="criteria"`` scores the examples: ``weights`` are the shares of (gradcam, uncertainty,
+    diversity), as a 3-sequence or a mapping; they need not sum to 1 and a zero share skips that
+    criterion's computation entirely. See the module docstring for each criterion.
+    ``method="random"`` is the ablation baseline: :func:`random_subset` of the same size, drawn with
+    ``seed``; ``model`` and ``weights`` play no part. ``ValueError`` for an unknown ``method``,
+    ``fraction`` outside ``(0, 1]`` or a fraction so small that it selects nothing.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "random":
+        n = len(_as_dataset(dataset))
+        return random_subset(n, set_size(fraction, n), seed=seed)
     return build_selection(
         model,
         dataset,

@@ -12,6 +12,7 @@ import json
 import os
 import time
 
+from sgsc.preservation import METHODS as PRESERVATION_METHODS
 from sgsc.reference import ROUNDING_MODES
 from sgsc.trainer import DATA_NAMES, TrainConfig, train
 
@@ -27,6 +28,7 @@ HELP = {
     "batch_size": "training examples per step and process",
     "lr": "Adam learning rate of weights, biases and norms",
     "quant_lr": "Adam learning rate of bits and exponents",
+    "exponent_lr": "Adam learning rate of exponents apart from bits (unset: they train at --quant-lr)",
     "warmup_steps": "plain training steps before compression starts",
     "alpha": "weight of the L1 term (mean |w|)",
     "gamma": "weight of the size term (bits per weight)",
@@ -34,6 +36,7 @@ HELP = {
     "restore": "raise the bits of recently lowered groups when preservation accuracy drops",
     "prune": "physically remove channels/heads/units whose bits stay at zero",
     "fraction": "preservation set size as a fraction of the training set, in (0, 1]",
+    "preservation_method": "criteria (scored by --preservation-weights) or random (same-size ablation)",
     "preservation_weights": "shares of the gradcam, uncertainty and diversity criteria",
     "preservation_batch": "preservation examples per step",
     "k": "steps between safety checks",
@@ -48,8 +51,10 @@ HELP = {
     "threads": "torch CPU threads",
     "device": "auto, cpu or cuda",
 }
-CHOICES = {"data": DATA_NAMES, "rounding": ROUNDING_MODES, "device": ("auto", "cpu", "cuda")}
+CHOICES = {"data": DATA_NAMES, "rounding": ROUNDING_MODES, "preservation_method": PRESERVATION_METHODS,
+           "device": ("auto", "cpu", "cuda")}
 FLAGS = {"lambda_": ["--lambda"], "out_dir": ["--out"], "k": ["-k", "--k"]}
+OPTIONAL_NUMBERS = {"threads": int, "exponent_lr": float}  # default None, so the type can't be read off it
 
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, defaults: TrainConfig) -> None:
@@ -66,8 +71,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, defaults: 
         kwargs.update(type=float, nargs=3, metavar=("GRADCAM", "UNCERTAINTY", "DIVERSITY"))
     elif isinstance(default, (int, float)) and not isinstance(default, bool):
         kwargs["type"] = type(default)
-    elif f.name == "threads":
-        kwargs["type"] = int
+    elif f.name in OPTIONAL_NUMBERS:
+        kwargs["type"] = OPTIONAL_NUMBERS[f.name]
     parser.add_argument(*flags, **kwargs)
 
 

@@ -84,6 +84,7 @@ class TrainConfig:
     batch_size: int = 64  # per process
     lr: float = 1e-3  # Adam, weights, biases and norms
     quant_lr: float = 0.05  # Adam, bits and exponents: they need much larger steps than weights
+    exponent_lr: float | None = None  # Adam, exponents apart from bits; None: quant_lr
     warmup_steps: int = 0  # steps of plain training (no size, preservation or safety) first
     # objective
     alpha: float = 0.0  # L1 weight
@@ -93,6 +94,7 @@ class TrainConfig:
     restore: bool = True
     prune: bool = True  # remove units whose bits stayed at zero over a safe check
     fraction: float = 0.05  # preservation set size, as a fraction of the training set
+    preservation_method: str = "criteria"  # criteria (scored with preservation_weights) | random (ablation)
     preservation_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # gradcam, uncertainty, diversity
     preservation_batch: int = 32
     k: int = 50  # steps between safety checks
@@ -134,12 +136,16 @@ def _validate(c: TrainConfig) -> None:
     _check_number("init_bits", c.init_bits, low=1, high=MAX_BITS)
     if c.threads is not None:
         _check_number("threads", c.threads, low=1, integer=True)
+    if c.exponent_lr is not None:
+        _check_number("exponent_lr", c.exponent_lr, low=0, strict=True)
     if c.data not in DATA_NAMES:
         raise ValueError(f"data must be one of {DATA_NAMES}, got {c.data!r}")
     if c.model is not None and c.model not in available_models():
         raise ValueError(f"model must be one of {available_models()}, got {c.model!r}")
     if c.rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {c.rounding!r}")
+    if c.preservation_method not in preservation.METHODS:
+        raise ValueError(f"preservation_method must be one of {preservation.METHODS}, got {c.preservation_method!r}")
     if c.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {c.device!r}")
     if not isinstance(c.model_config, dict):
@@ -459,6 +465,8 @@ def model_from_checkpoint(record: dict, device: torch.device | str = "cpu") -> n
 
 def _check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
     current = dataclasses.asdict(config)
+    # a field a checkpoint predates ran at its default: new fields default to the old behaviour
+    saved = {**dataclasses.asdict(TrainConfig()), **saved}
     differ = [k for k in current if k not in RESUMABLE_CHANGES and json.dumps(current[k]) != json.dumps(saved.get(k))]
     if differ:
         detail = ", ".join(f"{k}={saved.get(k)!r} in the checkpoint, {current[k]!r} now" for k in differ)
@@ -469,15 +477,24 @@ def _check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with two groups: weights/biases/norms at ``lr``, bits and exponents at ``quant_lr``."""
-    quant = {id(p) for _, layer in quantized_layers(model) for p in (layer.bits, layer.exponent)}
+    """Adam: weights/biases/norms at ``lr`` (group "weights"), bits and exponents at ``quant_lr``.
+
+    Bits and exponents share one group ("quantizers") unless ``exponent_lr`` is set; then they are
+    "bits" at ``quant_lr`` and "exponents" at ``exponent_lr``. The single group stays the default
+    so that the optimiser state of earlier checkpoints still loads.
+    """
+    layers = [layer for _, layer in quantized_layers(model)]
+    bits, exponents = {id(layer.bits) for layer in layers}, {id(layer.exponent) for layer in layers}
     params = list(model.parameters())
-    return torch.optim.Adam(
-        [
-            {"params": [p for p in params if id(p) not in quant], "lr": config.lr, "name": "weights"},
-            {"params": [p for p in params if id(p) in quant], "lr": config.quant_lr, "name": "quantizers"},
-        ]
-    )
+
+    def group(name: str, ids: set[int], lr: float) -> dict:
+        return {"params": [p for p in params if id(p) in ids], "lr": lr, "name": name}
+
+    weights = group("weights", {id(p) for p in params} - bits - exponents, config.lr)
+    if config.exponent_lr is None:
+        return torch.optim.Adam([weights, group("quantizers", bits | exponents, config.quant_lr)])
+    return torch.optim.Adam([weights, group("bits", bits, config.quant_lr),
+                             group("exponents", exponents, config.exponent_lr)])
 
 
 def _initial_state() -> dict:
@@ -487,10 +504,10 @@ def _initial_state() -> dict:
 def _start_compression(model, config: TrainConfig, data: Data, state: dict) -> None:
     """Choose the preservation set with the current model and take the first safety reference."""
     if config.lambda_ > 0 or config.restore:
-        weights = config.preservation_weights
-        selected = _from_rank0(
-            lambda: preservation.build(model, data.train, config.fraction, weights, seed=config.seed).tolist()
-        )
+        selected = _from_rank0(lambda: preservation.build(
+            model, data.train, config.fraction, config.preservation_weights, method=config.preservation_method,
+            seed=config.seed,
+        ).tolist())
         state["preservation"] = selected
         state["best"] = _from_rank0(lambda: preservation_metric(model, _subset(data.train, selected), data.language))
     else:
@@ -565,22 +582,34 @@ def _load_model(config: TrainConfig, data: Data, model: nn.Module | None, resume
     if resumed is not None:
         return model_from_checkpoint(resumed, device)
     if model is not None:
-        return model.to(device)
+        return _use_rounding(model, config.rounding).to(device)
     if config.init_from is not None:
         model = model_from_checkpoint(load_checkpoint(config.init_from), device)
         _check_fits(model, data, config.init_from)
-        model.config.rounding = config.rounding  # the one setting of the architecture a run may change
-        for _, layer in quantized_layers(model):
-            layer.rounding = config.rounding
-        return model
+        return _use_rounding(model, config.rounding)
     return new_model(config, data).to(device)
+
+
+def _use_rounding(model: nn.Module, rounding: str) -> nn.Module:
+    """Switch every quantized layer of ``model`` to ``rounding``, in place.
+
+    Rounding is the one setting of an architecture a run may change. The model's config (what an
+    export records) follows where the model has one: a user's ``quantize_model`` network has none.
+    """
+    for _, layer in quantized_layers(model):
+        layer.rounding = rounding
+    if hasattr(getattr(model, "config", None), "rounding"):
+        model.config.rounding = rounding
+    return model
 
 
 def train(config: TrainConfig, model: nn.Module | None = None, data: Data | None = None) -> dict:
     """Train (and compress) under ``config``; returns final metrics, the model and the history.
 
     ``model`` (optional) is trained in place instead of a fresh or ``init_from`` model (ignored when
-    resuming, which rebuilds the checkpoint's model); ``data`` (optional) replaces :func:`load_data`.
+    resuming, which rebuilds the checkpoint's model); like an ``init_from`` model, its quantized layers
+    (and its config) are switched to ``config.rounding`` first. ``data`` (optional) replaces
+    :func:`load_data`.
     The result has ``test_accuracy``, ``test_loss``, ``val_accuracy``, ``val_loss``,
     ``average_bits``, ``bytes`` (the estimate of :func:`model_bytes`), ``weight_bytes``, ``model``,
     ``history`` (train/eval/check records), ``preservation`` (indices into ``data.train``),

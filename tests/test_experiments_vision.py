@@ -201,6 +201,22 @@ def test_cli_flags_become_settings():
     assert "sgsc experiment vision --quick" in vision.command_line(settings, "somewhere")
 
 
+def test_exponent_lr_flag_reaches_the_trainer_and_the_command_line():
+    args = build_parser().parse_args(["experiment", "vision", "--quick", "--exponent-lr", "0.02"])
+    settings = vision_settings(args)
+    assert settings.exponent_lr == 0.02 and settings.train_config(0).exponent_lr == 0.02
+    assert "--exponent-lr 0.02" in vision.command_line(settings, "somewhere")
+    assert vision.quick_settings().train_config(0).exponent_lr is None
+    assert "--exponent-lr" not in vision.command_line(vision.quick_settings(), "somewhere")
+
+
+def test_random_preservation_ablation_asks_the_trainer_for_a_random_set(monkeypatch):
+    monkeypatch.setattr(vision, "self_compress", lambda start, config, run: config)
+    jobs = vision.ablation_jobs(vision.quick_settings(), 0, None, None)
+    methods = {name: job().preservation_method for group, name, job in jobs if group == "preservation"}
+    assert methods == {"gradcam": "criteria", "uncertainty": "criteria", "diversity": "criteria", "random": "random"}
+
+
 def test_missing_language_module_is_reported_when_called(monkeypatch):
     monkeypatch.setitem(sys.modules, "sgsc.experiments.language", None)
     with pytest.raises(SystemExit, match="sgsc.experiments.language is not part of this installation"):

@@ -205,6 +205,14 @@ def test_random_subset():
         random_subset(5, 0)
 
 
+def test_random_method_draws_the_seeded_subset_without_scoring(digits):
+    # nn.Identity has no layer for Grad-CAM: scoring would raise, the random baseline never scores
+    drawn = build(torch.nn.Identity(), digits, fraction=0.1, method="random", seed=5)
+    assert torch.equal(drawn, random_subset(200, 20, seed=5))
+    with pytest.raises(ValueError, match="method"):
+        build(torch.nn.Identity(), digits, method="uniform")
+
+
 def test_save_load_round_trip(tmp_path):
     path = tmp_path / "keep.json"
     preservation.save(torch.tensor([7, 1, 3]), path, dataset_size=10, meta={"fraction": 0.3})

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from sgsc.cli import main
+from sgsc.cli import build_parser, main
 from sgsc.layers import quantized_layers
 from sgsc.models import build_model
+from sgsc.preservation import random_subset
+from sgsc.train_cli import config_from_args
 from sgsc.trainer import (
     TrainConfig,
     apply_decision,
@@ -164,6 +166,16 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert [json.loads(line) for line in lines] == straight["history"]
 
 
+def test_resume_accepts_a_checkpoint_written_before_newer_fields(tmp_path):
+    train(_quick(steps=2, warmup_steps=0, out_dir=str(tmp_path), plots=False))
+    path = tmp_path / "checkpoint.pt"
+    record = load_checkpoint(path)
+    for name in ("preservation_method", "exponent_lr"):  # fields added after the first checkpoints
+        del record["config"][name]
+    torch.save(record, path)
+    assert train(_quick(steps=4, warmup_steps=0, out_dir=str(tmp_path), plots=False, resume=True))["steps"] == 4
+
+
 def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path):
     train(_quick(steps=10, warmup_steps=0, out_dir=str(tmp_path), plots=False))
     with pytest.raises(ValueError, match=r"gamma=0\.1 in the checkpoint, 0\.5 now"):
@@ -186,6 +198,12 @@ def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path):
         ("threshold", float("nan"), ValueError),
         ("data", "cifar", ValueError),
         ("rounding", "up", ValueError),
+        ("preservation_method", "gradcam", ValueError),
+        ("preservation_method", None, ValueError),
+        ("exponent_lr", 0.0, ValueError),
+        ("exponent_lr", -0.01, ValueError),
+        ("exponent_lr", float("inf"), ValueError),
+        ("exponent_lr", "0.1", ValueError),
         ("data_dir", "/nonexistent/idx", FileNotFoundError),
         ("init_from", "/nonexistent/ckpt.pt", FileNotFoundError),
         ("resume", True, ValueError),  # without out_dir
@@ -194,6 +212,73 @@ def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path):
 def test_bad_settings_name_the_argument(field, value, error):
     with pytest.raises(error, match=field if field != "resume" else "resume needs out_dir"):
         TrainConfig(**{field: value})
+
+
+def test_random_preservation_is_the_seeded_random_subset_of_the_same_size():
+    config = _quick(steps=1, warmup_steps=0, seed=3, fraction=0.05)
+    n = len(load_data(config).train)
+    # the documented rule: round(fraction * N) distinct indices, random_subset drawn with the run's seed
+    expected = random_subset(n, round(0.05 * n), seed=3).tolist()
+    drawn = train(dataclasses.replace(config, preservation_method="random"))["preservation"]
+    assert drawn == expected
+    assert train(config)["preservation"] != expected  # the criteria choose otherwise
+
+
+def test_a_given_model_trains_with_the_configs_rounding():
+    torch.manual_seed(0)
+    model = build_model("paper_cnn", {"image_size": 8, **SMALL_CNN, "rounding": "floor"})
+    result = train(_quick(steps=2, warmup_steps=0, rounding="nearest"), model=model)
+    assert result["model"] is model and model.config.rounding == "nearest"
+    assert {layer.rounding for _, layer in quantized_layers(model)} == {"nearest"}
+
+    def rebuilt(rounding):
+        copy = build_model("paper_cnn", {**dataclasses.asdict(model.config), "rounding": rounding})
+        copy.load_state_dict(model.state_dict())
+        return copy.eval()
+
+    x = load_data(_quick()).test.tensors[0][:32]
+    with torch.no_grad():
+        out = model.eval()(x)
+        assert torch.equal(out, rebuilt("nearest")(x))
+        assert not torch.allclose(out, rebuilt("floor")(x))  # the check above can tell the modes apart
+
+
+def test_exponent_lr_gives_exponents_their_own_adam_group():
+    torch.manual_seed(0)
+    model = build_model("paper_cnn", {"image_size": 8, **SMALL_CNN})
+    layers = [layer for _, layer in quantized_layers(model)]
+    default = make_optimizer(model, _quick(quant_lr=0.1))
+    assert [(g["name"], g["lr"]) for g in default.param_groups] == [("weights", 3e-3), ("quantizers", 0.1)]
+
+    optimizer = make_optimizer(model, _quick(quant_lr=0.1, exponent_lr=0.01))
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert [(name, g["lr"]) for name, g in groups.items()] == [("weights", 3e-3), ("bits", 0.1), ("exponents", 0.01)]
+    assert [id(p) for p in groups["bits"]["params"]] == [id(layer.bits) for layer in layers]
+    assert [id(p) for p in groups["exponents"]["params"]] == [id(layer.exponent) for layer in layers]
+
+    generator = torch.Generator().manual_seed(1)
+    signs = {}
+    for layer in layers:
+        for p in (layer.bits, layer.exponent):
+            signs[p] = torch.randint(0, 2, p.shape, generator=generator) * 2.0 - 1
+            p.grad = signs[p] * (0.5 + torch.rand(p.shape, generator=generator))  # |g| well above Adam's eps
+    before = {p: p.detach().clone() for p in model.parameters()}
+    optimizer.step()
+    # Adam's first step is lr * g / (|g| + eps): the group's lr against the gradient's sign
+    for layer in layers:
+        for p, lr in ((layer.bits, 0.1), (layer.exponent, 0.01)):
+            torch.testing.assert_close(p.detach() - before[p], -lr * signs[p], rtol=0, atol=1e-6)
+    assert all(torch.equal(p, before[p]) for p in groups["weights"]["params"])  # no gradient, no step
+
+
+def test_cli_exposes_the_preservation_method_and_exponent_lr():
+    args = build_parser().parse_args(["train", "--preservation-method", "random", "--exponent-lr", "0.01"])
+    config = config_from_args(args)
+    assert config.preservation_method == "random" and config.exponent_lr == 0.01
+    defaults = config_from_args(build_parser().parse_args(["compress"]))
+    assert defaults.preservation_method == "criteria" and defaults.exponent_lr is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--preservation-method", "gradcam"])
 
 
 def test_missing_idx_files_are_reported(tmp_path):

@@ -142,14 +142,6 @@ def thaw_bits(model: nn.Module, init_bits: float) -> nn.Module:
     return _learnable_quantizers(model, init_bits, train_bits=True)
 
 
-def set_rounding(model: nn.Module, rounding: str) -> nn.Module:
-    """Switch every quantized layer (and the config an export records) to ``rounding``."""
-    model.config.rounding = rounding
-    for _, layer in quantized_layers(model):
-        layer.rounding = rounding
-    return model
-
-
 def _plain_layer(layer: nn.Module) -> nn.Module:
     if isinstance(layer, QConv2d):
         plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,

@@ -33,10 +33,17 @@ def _read(path: Path) -> dict:
 # ---- vision ---------------------------------------------------------------------------------
 
 
+def _quant_lrs(settings: dict) -> str:
+    # exponent_lr is absent from results written before it existed, which trained exponents at quant_lr
+    if settings.get("exponent_lr") is None:
+        return f"{settings['quant_lr']:g} (bits, exponents)"
+    return f"{settings['quant_lr']:g} (bits) / {settings['exponent_lr']:g} (exponents)"
+
+
 def _setup(result: dict) -> list[str]:
     meta, s = result["meta"], result["settings"]
     first = result["seeds"][0]["data"]
-    hyper = (f"batch {s['batch_size']}, Adam lr {s['lr']:g} (weights) / {s['quant_lr']:g} (bits, exponents), "
+    hyper = (f"batch {s['batch_size']}, Adam lr {s['lr']:g} (weights) / {_quant_lrs(s)}, "
              f"gamma {s['gamma']:g}, lambda {s['lambda_']:g}, init bits {s['init_bits']:g}, rounding "
              f"{s['rounding']}, safety check every {s['k']} steps, threshold {s['threshold']:g}, preservation set "
              f"{s['fraction']:g} of the training split, model overrides {s['model_config'] or 'none (paper CNN)'}")

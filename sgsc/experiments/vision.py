@@ -24,7 +24,6 @@ import multiprocessing
 import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from sgsc import export, preservation
+from sgsc import export
 from sgsc.data import load_vision
 from sgsc.experiments import baselines
 from sgsc.experiments.common import (
@@ -43,7 +42,6 @@ from sgsc.experiments.common import (
     mean_std,
     metadata,
     save_float,
-    set_rounding,
     thaw_bits,
     write_json,
     zlib_bytes,
@@ -90,6 +88,7 @@ class VisionSettings:
     batch_size: int = 64
     lr: float = 1e-3
     quant_lr: float = 0.2
+    exponent_lr: float | None = None  # None: exponents train at quant_lr, with the bits
     gamma: float = 0.4
     sweep_gammas: tuple[float, ...] = (0.2,)  # extra gammas of SGSC and unsafe, first seed
     lambda_: float = 1.0
@@ -130,8 +129,8 @@ class VisionSettings:
         return TrainConfig(
             data=self.data, data_dir=self.data_dir, model_config=dict(self.model_config),
             init_bits=self.init_bits, rounding=self.rounding, steps=self.steps, batch_size=self.batch_size,
-            lr=self.lr, quant_lr=self.quant_lr, gamma=self.gamma, lambda_=self.lambda_, k=self.k,
-            threshold=self.threshold, fraction=self.fraction, seed=seed,
+            lr=self.lr, quant_lr=self.quant_lr, exponent_lr=self.exponent_lr, gamma=self.gamma, lambda_=self.lambda_,
+            k=self.k, threshold=self.threshold, fraction=self.fraction, seed=seed,
             eval_every=self.steps + self.float_steps + 1,  # evaluation happens on the exported file instead
             progress=self.progress, plots=False, device=self.device,
         )
@@ -236,29 +235,12 @@ def train_float(settings: VisionSettings, seed: int, run: VisionRunData) -> tupl
     return result["model"], start, result["seconds"]
 
 
-@contextmanager
-def random_preservation():
-    """Within the block the trainer draws its preservation set uniformly at random (same size).
-
-    The trainer builds the set through ``sgsc.preservation.build``; the ablation swaps that one
-    function, since the trainer has no option for a given set.
-    """
-    original = preservation.build
-
-    def build(model, dataset, fraction=0.1, weights=(1, 1, 1), *, seed=0, **_):
-        size = preservation.set_size(fraction, len(dataset))
-        return preservation.random_subset(len(dataset), size, seed=seed)
-
-    preservation.build = build
-    try:
-        yield
-    finally:
-        preservation.build = original
-
-
 def self_compress(start: nn.Module, config: TrainConfig, run: VisionRunData) -> dict:
-    """SGSC (or unsafe, by ``config``) from the float snapshot: bits learnable again from ``init_bits``."""
-    model = set_rounding(thaw_bits(copy.deepcopy(start), config.init_bits), config.rounding)
+    """SGSC (or unsafe, by ``config``) from the float snapshot: bits learnable again from ``init_bits``.
+
+    The trainer switches the model to ``config.rounding``.
+    """
+    model = thaw_bits(copy.deepcopy(start), config.init_bits)
     return train(config, model=model, data=run.trainer_view)
 
 
@@ -307,12 +289,8 @@ def ablation_jobs(settings: VisionSettings, seed: int, run: VisionRunData, start
         for name, weights in CRITERIA_ALONE.items():
             alone = dataclasses.replace(config, preservation_weights=weights)
             jobs.append(("preservation", name, lambda alone=alone: self_compress(start, alone, run)))
-
-        def random_job():
-            with random_preservation():
-                return self_compress(start, config, run)
-
-        jobs.append(("preservation", "random", random_job))
+        drawn = dataclasses.replace(config, preservation_method="random")
+        jobs.append(("preservation", "random", lambda: self_compress(start, drawn, run)))
     for gamma in settings.sweep_gammas:
         if gamma == settings.gamma:
             continue
@@ -437,7 +415,7 @@ def command_line(settings: VisionSettings, out: Path, workers: int = 1) -> str:
     defaults = quick_settings() if settings.quick else VisionSettings()
     for key, flag in (("data", "--data"), ("data_dir", "--data-dir"), ("float_steps", "--float-steps"),
                       ("steps", "--steps"), ("gamma", "--gamma"), ("lr", "--lr"), ("quant_lr", "--quant-lr"),
-                      ("rounding", "--rounding"), ("device", "--device")):
+                      ("exponent_lr", "--exponent-lr"), ("rounding", "--rounding"), ("device", "--device")):
         value = getattr(settings, key)
         if value != getattr(defaults, key) and value is not None:
             parts += [flag, str(value)]
