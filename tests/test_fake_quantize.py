@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sgsc
-from sgsc import reference
+from sgsc import _native, reference
 
 ROUNDINGS = ["nearest", "floor"]
 
@@ -102,6 +102,37 @@ def test_backward_matches_float64_reference(impl, rounding, shape, groups):
     assert torch.equal(grad_w.double().cpu(), ref_w.cpu())
     assert_group_sums_close(grad_b, ref_b, magnitude_b, "grad_b")
     assert_group_sums_close(grad_e, ref_e, magnitude_e, "grad_e")
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+def test_autograd_gives_exactly_the_requested_gradients(needs):
+    w, b, e = make_case((12, 7), 3, seed=5)
+    grad_q = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    leaves = [t.clone().requires_grad_(need) for t, need in zip((w, b, e), needs)]
+    sgsc.fake_quantize(*leaves).backward(grad_q)
+    ref_w, ref_b, ref_e, magnitude_b, magnitude_e = reference_grads_float64(grad_q, w, b, e, "nearest")
+    if needs[0]:
+        assert torch.equal(leaves[0].grad.double(), ref_w)
+    if needs[1]:
+        assert_group_sums_close(leaves[1].grad, ref_b, magnitude_b, "grad_b")
+    if needs[2]:
+        assert_group_sums_close(leaves[2].grad, ref_e, magnitude_e, "grad_e")
+    assert [leaf.grad is not None for leaf in leaves] == list(needs)
+
+
+@pytest.mark.skipif(not _native.available(), reason="the C++ extension is not built")
+def test_autograd_node_is_the_cpp_one():
+    w, b, e = make_case((4, 3), 2, seed=1)
+    q = sgsc.fake_quantize(w.requires_grad_(), b, e)
+    assert "FakeQuantize" in q.grad_fn.name() and "CppNode" in q.grad_fn.name()
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    w, b, e = make_case((6, 5), 3, seed=4)
+    w.requires_grad_()
+    (grad_w,) = torch.autograd.grad(sgsc.fake_quantize(w, b, e).square().sum(), w, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad_w.sum().backward()
 
 
 @pytest.mark.parametrize("impl", impls.available())

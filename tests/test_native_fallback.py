@@ -35,6 +35,12 @@ _WITHOUT_EXTENSION = textwrap.dedent(
     q.sum().backward()
     assert w.grad is not None and b.grad is not None and e.grad is not None
     try:
+        torch.autograd.grad(sgsc.fake_quantize(w, b, e).square().sum(), w, create_graph=True)
+    except NotImplementedError as exc:
+        assert "double backward" in str(exc)
+    else:
+        raise AssertionError("double backward allowed without an autograd of the backward op")
+    try:
         sgsc.fake_quantize(w, torch.tensor([1.0, float("nan"), 1.0]), e.detach())
     except ValueError as exc:
         assert "b must be finite" in str(exc)
