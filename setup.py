@@ -6,11 +6,16 @@ on CPU, and ``sgsc doctor`` says why the extension is missing.
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
 ext_modules = []
 cmdclass = {}
+# at::parallel_for is a header template: without OpenMP at compile time its `omp parallel` is
+# ignored and every kernel runs on one thread. The library linked is the libgomp.so.1 torch
+# already loaded, so there is one OpenMP runtime in the process.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 if os.environ.get("SGSC_SKIP_CPP", "0") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -22,7 +27,8 @@ if os.environ.get("SGSC_SKIP_CPP", "0") != "1":
             # -O3 turns on the loop vectoriser that fills each ISA clone (no -march=native: the
             # binary runs on any x86-64 and picks its clone at load time). -fno-trapping-math lets
             # the compare-and-select loops of the backward vectorise; the kernels raise no FP traps.
-            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"],
+            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", *OPENMP],
+            extra_link_args=OPENMP,
         )
     )
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)

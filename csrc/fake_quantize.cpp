@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -351,6 +352,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
 
 }  // namespace
 
+// The threads at::parallel_for actually runs this extension's kernels on: 1 whatever torch's
+// setting when the build lacked OpenMP (the header template then compiles to a serial loop).
+int64_t parallel_threads() {
+  const int64_t wanted = std::min<int64_t>(at::get_num_threads(), 64);
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, wanted, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << at::get_thread_num()); });
+  return __builtin_popcountll(seen.load());
+}
+
 TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
   m.impl("fake_quantize", &fake_quantize_cpu);
   m.impl("fake_quantize_out", &fake_quantize_out_cpu);
@@ -361,4 +371,5 @@ TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &sgsc::selected_isa, "The instruction set the CPU kernels run with on this machine.");
+  m.def("parallel_threads", &sgsc::parallel_threads, "Threads the CPU kernels' parallel loops run on now.");
 }

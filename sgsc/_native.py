@@ -26,3 +26,11 @@ def cpu_isa() -> str:
     if _extension is None:
         return f"none (C++ extension not loaded: {load_error})"
     return _extension.cpu_isa()
+
+
+def parallel_threads() -> int:
+    """Threads the C++ kernels' parallel loops use now (0 without the extension).
+
+    Equals ``torch.get_num_threads()`` in a correct build; 1 means it was compiled without OpenMP.
+    """
+    return 0 if _extension is None else _extension.parallel_threads()

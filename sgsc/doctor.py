@@ -38,6 +38,7 @@ def report() -> dict[str, str]:
         "torch CPU threads": str(torch.get_num_threads()),
         "C++ extension": "loaded" if _native.available() else f"NOT loaded: {_native.load_error}",
         "CPU kernels ISA": _native.cpu_isa(),
+        "CPU kernels threads": str(_native.parallel_threads()),
         "triton": _triton_status(),
         "CUDA": torch.cuda.get_device_name() if cuda else "not available (GPU ops need a CUDA device)",
         "numpy": _version("numpy"),

@@ -2,6 +2,9 @@
 
 import re
 
+import pytest
+import torch
+
 from sgsc import _native
 from sgsc.cli import main
 
@@ -13,6 +16,18 @@ def test_doctor_reports_extension_and_isa(capsys):
     expected = "loaded" if _native.available() else "NOT loaded"
     assert re.search(rf"^C\+\+ extension\s+{expected}", out, re.M)
     assert re.search(r"^CPU kernels ISA\s+\S+", out, re.M)
+    assert re.search(r"^CPU kernels threads\s+\d+", out, re.M)
+
+
+@pytest.mark.skipif(not _native.available(), reason="the C++ extension is not built")
+def test_cpp_kernels_run_on_every_torch_thread():
+    # A build without OpenMP compiles at::parallel_for to a serial loop, silently halving throughput here.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _native.parallel_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_demo_compresses_exports_and_reloads_the_same_model(tmp_path, capsys):
