@@ -42,8 +42,12 @@ def _grid_point(text: str) -> tuple[float, ...]:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         values = ()
-    if len(values) not in (2, 3) or (len(values) == 3 and (values[2] < 2 or values[2] != int(values[2]))):
-        raise argparse.ArgumentTypeError(f"expected GAMMA,QUANT_LR[,STEPS] such as 0.05,0.1 or 0.05,0.1,800, got {text!r}")
+    bad_steps = len(values) >= 3 and (values[2] < 2 or values[2] != int(values[2]))
+    bad_exponent_lr = len(values) == 4 and not values[3] > 0
+    if len(values) not in (2, 3, 4) or bad_steps or bad_exponent_lr:
+        raise argparse.ArgumentTypeError(
+            f"expected GAMMA,QUANT_LR[,STEPS[,EXPONENT_LR]] such as 0.05,0.1 or 0.05,0.1,800,0.01, got {text!r}"
+        )
     return values
 
 
@@ -75,9 +79,9 @@ def _add_vision(subparsers) -> None:
     parser.add_argument("--workers", type=_positive_int, default=1,
                         help="processes training seeds at once; latency is timed afterwards in one (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--tune", type=_grid_point, nargs="+", metavar="GAMMA,QUANT_LR[,STEPS]",
-                        help="instead of the table: SGSC at each setting on the first seed (steps default to "
-                        "--steps), scored on the validation split, written to <out>/vision_tuning.json")
+    parser.add_argument("--tune", type=_grid_point, nargs="+", metavar="GAMMA,QUANT_LR[,STEPS[,EXPONENT_LR]]",
+                        help="instead of the table: SGSC at each setting on the first seed (steps and exponent "
+                        "rate default to --steps and --exponent-lr), scored on the validation split, written to <out>/vision_tuning.json")
     parser.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     parser.set_defaults(func=_run_vision)
 

@@ -210,6 +210,15 @@ def test_exponent_lr_flag_reaches_the_trainer_and_the_command_line():
     assert "--exponent-lr" not in vision.command_line(vision.quick_settings(), "somewhere")
 
 
+def test_tuning_points_parse_with_optional_steps_and_exponent_lr(capsys):
+    args = build_parser().parse_args(["experiment", "vision", "--tune", "0.2,0.1", "0.2,0.1,900", "0.2,0.1,900,0.01"])
+    assert args.tune == [(0.2, 0.1), (0.2, 0.1, 900.0), (0.2, 0.1, 900.0, 0.01)]
+    for bad in ("0.2", "0.2,0.1,1", "0.2,0.1,900,0", "0.2,0.1,900,0.01,5", "a,b"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["experiment", "vision", "--tune", bad])
+        assert "GAMMA,QUANT_LR[,STEPS[,EXPONENT_LR]]" in capsys.readouterr().err
+
+
 def test_random_preservation_ablation_asks_the_trainer_for_a_random_set(monkeypatch):
     monkeypatch.setattr(vision, "self_compress", lambda start, config, run: config)
     jobs = vision.ablation_jobs(vision.quick_settings(), 0, None, None)
@@ -268,13 +277,14 @@ def test_report_includes_the_language_section_when_its_json_exists(quick, tmp_pa
 
 def test_tuning_scores_on_validation_only_and_follows_its_rule(tmp_path):
     settings = vision.quick_settings(seeds=(0,), float_steps=30, steps=10, progress=False)
-    tuning = vision.tune(settings, [(0.1, 0.1), (0.5, 0.2, 12)], tmp_path)
+    tuning = vision.tune(settings, [(0.1, 0.1), (0.5, 0.2, 12, 0.02)], tmp_path)
     rows = tuning["runs"]
-    assert [(r["gamma"], r["quant_lr"], r["steps"]) for r in rows] == [(0.1, 0.1, 10), (0.5, 0.2, 12)]
+    assert [(r["gamma"], r["quant_lr"], r["steps"], r["exponent_lr"]) for r in rows] == [
+        (0.1, 0.1, 10, None), (0.5, 0.2, 12, 0.02)]
     assert all("test_accuracy" not in r and 0 < r["val_accuracy"] <= 1 for r in rows)
     good = [r for r in rows if r["val_accuracy"] >= tuning["float"]["val_accuracy"] - 0.003]
     expected = min(good, key=lambda r: r["file_bytes"]) if good else max(rows, key=lambda r: r["val_accuracy"])
     assert tuning["choice"]["file"] == expected["file"]
-    assert tuning["command"].endswith("--tune 0.1,0.1 0.5,0.2,12")
+    assert tuning["command"].endswith("--tune 0.1,0.1 0.5,0.2,12,0.02")
     text = report.render(tmp_path)
-    assert "### Tuning SGSC on the validation split (seed 0)" in text and "| 0.5 | 0.2 | 12 |" in text
+    assert "### Tuning SGSC on the validation split (seed 0)" in text and "| 0.5 | 0.2 | 0.02 | 12 |" in text

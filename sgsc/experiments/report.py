@@ -224,14 +224,18 @@ def tuning_markdown(result: dict) -> str:
         "file within 0.3 points of the float validation accuracy, else the most accurate. Measured on "
         f"{result['meta']['machine']}, commit `{result['meta']['commit']}`. Reproduce: `{result['command']}`",
         "",
-        "| gamma | quant_lr | steps | val accuracy (%) | bytes on disk | % of float32 | bits/weight | conv channels kept |",
-        "|---|---|---|---|---|---|---|---|",
+        "| gamma | quant_lr | exponent lr | steps | val accuracy (%) | bytes on disk | % of float32 | bits/weight "
+        "| conv channels kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
-        lines.append(f"| {r['gamma']:g} | {r['quant_lr']:g} | {r['steps']} | {100 * r['val_accuracy']:.2f} "
+        # runs from before exponent_lr existed trained exponents at quant_lr
+        exponent_lr = r.get("exponent_lr") or r["quant_lr"]
+        lines.append(f"| {r['gamma']:g} | {r['quant_lr']:g} | {exponent_lr:g} | {r['steps']} | {100 * r['val_accuracy']:.2f} "
                      f"| {r['file_bytes']} | {100 * r['file_bytes'] / base['file_bytes']:.1f} "
                      f"| {r['average_bits']:.2f} | {r['channels']} |")
-    lines += ["", f"Chosen: gamma {choice['gamma']:g}, quant_lr {choice['quant_lr']:g}"
+    chosen_exponent_lr = choice.get("exponent_lr") or choice["quant_lr"]
+    lines += ["", f"Chosen: gamma {choice['gamma']:g}, quant_lr {choice['quant_lr']:g}, exponent lr {chosen_exponent_lr:g}"
               + ("" if choice["within_tolerance"] else " (no run within 0.3 points; the most accurate)") + ".", ""]
     return "\n".join(lines)
 

@@ -507,10 +507,11 @@ def _tune_job(start: nn.Module, config: TrainConfig, settings: VisionSettings, o
     torch.set_num_threads(threads)
     run = load_run_data(settings, config.seed)
     result = self_compress(start, config, run)
-    name = f"sgsc-gamma{config.gamma:g}-qlr{config.quant_lr:g}-steps{config.steps}"
+    exponent_part = "" if config.exponent_lr is None else f"-elr{config.exponent_lr:g}"
+    name = f"sgsc-gamma{config.gamma:g}-qlr{config.quant_lr:g}{exponent_part}-steps{config.steps}"
     row, _ = measure(name, result["model"], run, out)
     del row["test_accuracy"]  # tuning looks at validation only; the test split is for the final table
-    return {"gamma": config.gamma, "quant_lr": config.quant_lr, "steps": config.steps,
+    return {"gamma": config.gamma, "quant_lr": config.quant_lr, "exponent_lr": config.exponent_lr, "steps": config.steps,
             "train_seconds": result["seconds"], **row}
 
 
@@ -525,15 +526,15 @@ def choose(rows: list[dict], float_val: float, float_bytes: int, tolerance: floa
 
 
 def tune(settings: VisionSettings, grid: list[tuple], out: str | Path = "results", workers: int = 1) -> dict:
-    """SGSC at each ``(gamma, quant_lr)`` or ``(gamma, quant_lr, steps)`` of ``grid`` on the first seed.
+    """SGSC at each ``(gamma, quant_lr[, steps[, exponent_lr]])`` of ``grid`` on the first seed.
 
     Every run starts from the float snapshot after ``settings.float_steps`` and is scored on the
-    validation split; ``steps`` defaults to ``settings.steps``. Writes ``<out>/vision_tuning.json``
+    validation split; ``steps`` and ``exponent_lr`` default to ``settings``'. Writes ``<out>/vision_tuning.json``
     with every run, the float model's validation accuracy and bytes (after ``float_steps + steps``),
     the choice of :func:`choose` and the command that reproduces it.
     """
-    if not grid or any(len(point) not in (2, 3) for point in grid):
-        raise ValueError(f"grid must be a non-empty list of (gamma, quant_lr[, steps]) tuples, got {grid!r}")
+    if not grid or any(len(point) not in (2, 3, 4) for point in grid):
+        raise ValueError(f"grid must be a non-empty list of (gamma, quant_lr[, steps[, exponent_lr]]) tuples, got {grid!r}")
     out = Path(out)
     seed = settings.seeds[0]
     run = load_run_data(settings, seed)
@@ -543,7 +544,8 @@ def tune(settings: VisionSettings, grid: list[tuple], out: str | Path = "results
     float_row, _ = measure("float", final, run, tuning_dir)
     threads = torch.get_num_threads()
     configs = [dataclasses.replace(settings.train_config(seed), gamma=point[0], quant_lr=point[1],
-                                   steps=int(point[2]) if len(point) == 3 else settings.steps, progress=False)
+                                   steps=int(point[2]) if len(point) >= 3 else settings.steps,
+                                   exponent_lr=point[3] if len(point) == 4 else settings.exponent_lr, progress=False)
                for point in grid]
     if workers == 1:
         rows = [_tune_job(start, c, settings, tuning_dir, threads) for c in tqdm(configs, disable=not settings.progress)]
