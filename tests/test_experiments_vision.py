@@ -210,6 +210,23 @@ def test_exponent_lr_flag_reaches_the_trainer_and_the_command_line():
     assert "--exponent-lr" not in vision.command_line(vision.quick_settings(), "somewhere")
 
 
+def test_choice_prefers_accuracy_within_tolerance_then_the_size_target():
+    def run(name, val, size):
+        return {"file": name, "val_accuracy": val, "file_bytes": size}
+
+    # float: 0.90 validation accuracy, 1000 bytes; within 0.3 points: the smallest such file wins
+    rows = [run("big", 0.899, 200), run("small", 0.898, 150), run("tiny", 0.85, 50)]
+    assert vision.choose(rows, 0.90, 1000)["file"] == "small"
+    # none within 0.3 points: the most accurate file of at most 10% of the float bytes
+    rows = [run("big", 0.89, 200), run("at-target", 0.86, 100), run("tiny", 0.80, 50)]
+    choice = vision.choose(rows, 0.90, 1000)
+    assert choice["file"] == "at-target" and not choice["within_tolerance"] and choice["within_size"]
+    # none that small either: the most accurate
+    rows = [run("big", 0.89, 300), run("bigger", 0.88, 400)]
+    choice = vision.choose(rows, 0.90, 1000)
+    assert choice["file"] == "big" and not choice["within_size"]
+
+
 def test_tuning_points_parse_with_optional_steps_and_exponent_lr(capsys):
     args = build_parser().parse_args(["experiment", "vision", "--tune", "0.2,0.1", "0.2,0.1,900", "0.2,0.1,900,0.01"])
     assert args.tune == [(0.2, 0.1), (0.2, 0.1, 900.0), (0.2, 0.1, 900.0, 0.01)]
@@ -282,9 +299,8 @@ def test_tuning_scores_on_validation_only_and_follows_its_rule(tmp_path):
     assert [(r["gamma"], r["quant_lr"], r["steps"], r["exponent_lr"]) for r in rows] == [
         (0.1, 0.1, 10, None), (0.5, 0.2, 12, 0.02)]
     assert all("test_accuracy" not in r and 0 < r["val_accuracy"] <= 1 for r in rows)
-    good = [r for r in rows if r["val_accuracy"] >= tuning["float"]["val_accuracy"] - 0.003]
-    expected = min(good, key=lambda r: r["file_bytes"]) if good else max(rows, key=lambda r: r["val_accuracy"])
-    assert tuning["choice"]["file"] == expected["file"]
+    assert tuning["choice"]["file"] == vision.choose(rows, tuning["float"]["val_accuracy"],
+                                                     tuning["float"]["file_bytes"])["file"]
     assert tuning["command"].endswith("--tune 0.1,0.1 0.5,0.2,12,0.02")
     text = report.render(tmp_path)
     assert "### Tuning SGSC on the validation split (seed 0)" in text and "| 0.5 | 0.2 | 0.02 | 12 |" in text

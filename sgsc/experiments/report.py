@@ -210,6 +210,15 @@ def vision_markdown(result: dict, results_dir: Path, output: Path) -> str:
     return "\n".join(lines)
 
 
+def _choice_reason(choice: dict) -> str:
+    if choice["within_tolerance"]:
+        return ""
+    # results written before the size rule existed have no within_size: they took the most accurate run
+    if choice.get("within_size"):
+        return " (no run within 0.3 points; the most accurate at <= 10% of the float bytes)"
+    return " (no run within 0.3 points; the most accurate)"
+
+
 def tuning_markdown(result: dict) -> str:
     """How SGSC's gamma and quant_lr were chosen, from ``vision_tuning.json`` (validation split only)."""
     if not isinstance(result, dict) or result.get("experiment") != "vision-tuning":
@@ -221,7 +230,8 @@ def tuning_markdown(result: dict) -> str:
         f"Float model after {s['float_steps'] + s['steps']} steps: {100 * base['val_accuracy']:.2f}% validation "
         f"accuracy, {base['file_bytes']} bytes. SGSC trains the given steps from its step-{s['float_steps']} "
         "snapshot; rule: the smallest "
-        "file within 0.3 points of the float validation accuracy, else the most accurate. Measured on "
+        "file within 0.3 points of the float validation accuracy, else the most accurate file of at most 10% "
+        "of the float bytes, else the most accurate. Measured on "
         f"{result['meta']['machine']}, commit `{result['meta']['commit']}`. Reproduce: `{result['command']}`",
         "",
         "| gamma | quant_lr | exponent lr | steps | val accuracy (%) | bytes on disk | % of float32 | bits/weight "
@@ -236,7 +246,7 @@ def tuning_markdown(result: dict) -> str:
                      f"| {r['average_bits']:.2f} | {r['channels']} |")
     chosen_exponent_lr = choice.get("exponent_lr") or choice["quant_lr"]
     lines += ["", f"Chosen: gamma {choice['gamma']:g}, quant_lr {choice['quant_lr']:g}, exponent lr {chosen_exponent_lr:g}"
-              + ("" if choice["within_tolerance"] else " (no run within 0.3 points; the most accurate)") + ".", ""]
+              + _choice_reason(choice) + ".", ""]
     return "\n".join(lines)
 
 

@@ -515,14 +515,22 @@ def _tune_job(start: nn.Module, config: TrainConfig, settings: VisionSettings, o
             "train_seconds": result["seconds"], **row}
 
 
-def choose(rows: list[dict], float_val: float, float_bytes: int, tolerance: float = 0.003) -> dict:
-    """The smallest file whose validation accuracy is within ``tolerance`` of the float model's.
+def choose(rows: list[dict], float_val: float, float_bytes: int, tolerance: float = 0.003,
+           max_pct: float = 10.0) -> dict:
+    """The run the issue's target asks for, judged on validation.
 
-    With none that accurate, the most accurate (the target is then out of reach at these step counts).
+    The smallest file whose validation accuracy is within ``tolerance`` of the float model's; with
+    none that accurate, the most accurate file of at most ``max_pct`` % of the float bytes (the size
+    target); with none that small either, the most accurate.
     """
     good = [r for r in rows if r["val_accuracy"] >= float_val - tolerance]
-    best = min(good, key=lambda r: r["file_bytes"]) if good else max(rows, key=lambda r: r["val_accuracy"])
-    return {**best, "pct_of_float": 100.0 * best["file_bytes"] / float_bytes, "within_tolerance": bool(good)}
+    small = [r for r in rows if 100.0 * r["file_bytes"] / float_bytes <= max_pct]
+    if good:
+        best = min(good, key=lambda r: r["file_bytes"])
+    else:
+        best = max(small or rows, key=lambda r: r["val_accuracy"])
+    return {**best, "pct_of_float": 100.0 * best["file_bytes"] / float_bytes, "within_tolerance": bool(good),
+            "within_size": 100.0 * best["file_bytes"] / float_bytes <= max_pct}
 
 
 def tune(settings: VisionSettings, grid: list[tuple], out: str | Path = "results", workers: int = 1) -> dict:
