@@ -84,13 +84,13 @@ class VisionSettings:
     # step counts fit ~30 min of a shared 2-core CPU; gamma and quant_lr were chosen on the validation
     # split (`--tune`)
     float_steps: int = 500  # plain training before the compression snapshot
-    steps: int = 300  # compression / fine-tuning steps of every method that trains
+    steps: int = 900  # compression / fine-tuning steps of every method that trains
     batch_size: int = 64
     lr: float = 1e-3
     quant_lr: float = 0.2
     exponent_lr: float | None = None  # None: exponents train at quant_lr, with the bits
-    gamma: float = 0.4
-    sweep_gammas: tuple[float, ...] = (0.2,)  # extra gammas of SGSC and unsafe, first seed
+    gamma: float = 0.13
+    sweep_gammas: tuple[float, ...] = (0.06, 0.2)  # extra gammas of SGSC and unsafe, first seed
     lambda_: float = 1.0
     k: int = 50
     threshold: float = 0.02
