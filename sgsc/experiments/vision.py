@@ -90,7 +90,7 @@ class VisionSettings:
     quant_lr: float = 0.2
     exponent_lr: float | None = None  # None: exponents train at quant_lr, with the bits
     gamma: float = 0.13
-    sweep_gammas: tuple[float, ...] = (0.06, 0.2)  # extra gammas of SGSC and unsafe, first seed
+    sweep_gammas: tuple[float, ...] = (0.01, 0.02, 0.06, 0.2)  # extra gammas of SGSC and unsafe, first seed
     lambda_: float = 1.0
     k: int = 50
     threshold: float = 0.02
