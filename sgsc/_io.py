@@ -32,7 +32,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None] | by
         raise
 
 
-
 def _umask() -> int:
     # Read, not set-and-restore: os.umask would briefly change it for every thread of the process.
     try:

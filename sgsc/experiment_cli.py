@@ -18,7 +18,6 @@ from sgsc.reference import ROUNDING_MODES
 LANGUAGE_MODULE = "sgsc.experiments.language"
 
 
-
 def language_module():
     """``(module, None)`` for :mod:`sgsc.experiments.language`, or ``(None, reason)`` where it is missing."""
     try:

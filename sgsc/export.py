@@ -27,7 +27,7 @@ from torch import nn
 
 from sgsc import ops
 from sgsc._io import atomic_write
-from sgsc.layers import QConv2d, QLinear, quantized_layers
+from sgsc.layers import QConv2d, QLinear, quantized_layers, replace_submodule
 from sgsc.models import build_model, model_name
 from sgsc.reference import group_params
 
@@ -245,8 +245,8 @@ def _dequantized_weight(path: Path, tensors: dict, name: str, entry: dict, devic
     return weight.reshape(shape).to(getattr(torch, entry["dtype"]))
 
 
-def _frozen_float_layer(layer: QLinear | QConv2d, weight: torch.Tensor) -> nn.Module:
-    """A plain nn layer with ``layer``'s hyper-parameters and bias, holding the dequantized weight."""
+def float_layer(layer: QLinear | QConv2d, weight: torch.Tensor) -> nn.Module:
+    """A plain nn layer with ``layer``'s hyper-parameters and bias, holding ``weight`` (frozen)."""
     if isinstance(layer, QConv2d):
         plain = nn.Conv2d(
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
@@ -258,11 +258,6 @@ def _frozen_float_layer(layer: QLinear | QConv2d, weight: torch.Tensor) -> nn.Mo
     if layer.bias is not None:
         plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     return plain
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -305,7 +300,7 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         if list(layer.weight.shape) != entry["shape"] or layer.quant_groups != entry["groups"]:
             raise PackedFileError(f"{path}: layer {name!r} shape/groups in the header do not match the rebuilt model")
         weight = _dequantized_weight(path, tensors, name, entry, device)
-        _set_submodule(model, name, _frozen_float_layer(layer.to(device), weight))
+        replace_submodule(model, name, float_layer(layer.to(device), weight))
     return model.to(device).eval()
 
 

@@ -424,7 +424,8 @@ def _swap(module: nn.Module, name: str, init_bits: float, quant_groups: int | No
         raise ValueError(f"layer {name or '<model>'}: {exc}") from exc
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``model``'s submodule ``name`` (a dotted path, as ``named_modules`` gives) is."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
 
@@ -473,7 +474,7 @@ def quantize_model(
             swapped[id(module)] = _swap(module, name, init_bits, _groups_for(name, groups), rounding)
         if name == "":
             return swapped[id(module)]
-        _set_submodule(model, name, swapped[id(module)])
+        replace_submodule(model, name, swapped[id(module)])
 
     if left_alone:
         warnings.warn("sgsc.quantize_model left these layers in float: " + "; ".join(left_alone), stacklevel=2)

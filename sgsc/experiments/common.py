@@ -29,7 +29,8 @@ from torch import nn
 
 import sgsc
 from sgsc._io import atomic_write
-from sgsc.layers import QConv2d, quantized_layers
+from sgsc.export import float_layer
+from sgsc.layers import quantized_layers, replace_submodule
 from sgsc.models import build_model, model_name
 
 FLOAT_BITS = 32.0  # clamp bound 2^31 steps: 2^23 steps for the largest weight, 2^8 of headroom
@@ -142,22 +143,11 @@ def thaw_bits(model: nn.Module, init_bits: float) -> nn.Module:
     return _learnable_quantizers(model, init_bits, train_bits=True)
 
 
-def _plain_layer(layer: nn.Module) -> nn.Module:
-    if isinstance(layer, QConv2d):
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode)
-    else:
-        plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
-    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k in ("weight", "bias")})
-    return plain
-
-
 def plain_float(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose quantized layers are plain ``nn`` layers holding the raw float weights."""
     plain = copy.deepcopy(model)
     for name, layer in list(quantized_layers(plain)):
-        parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent) if parent else plain, child, _plain_layer(layer))
+        replace_submodule(plain, name, float_layer(layer, layer.weight.detach().clone()))
     return plain.eval()
 
 
