@@ -14,6 +14,7 @@ import torch
 
 from sgsc.data import VISION_NAMES
 from sgsc.reference import ROUNDING_MODES
+from sgsc.trainer import LR_SCHEDULES
 
 LANGUAGE_MODULE = "sgsc.experiments.language"
 
@@ -68,6 +69,7 @@ def _add_vision(subparsers) -> None:
     parser.add_argument("--quant-lr", type=float, help="Adam learning rate of bits and exponents")
     parser.add_argument("--exponent-lr", type=float, help="Adam learning rate of exponents apart from bits "
                         "(default: --quant-lr)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="learning-rate schedule of every run")
     parser.add_argument("--sweep-gammas", type=float, nargs="*", help="extra gammas of the sweep (first seed)")
     parser.add_argument("--rounding", choices=ROUNDING_MODES, help="rounding of SGSC/unsafe (the ablation runs the other)")
     parser.add_argument("--no-ablations", dest="ablations", action="store_false", help="skip the rounding and "
@@ -89,7 +91,7 @@ def vision_settings(args: argparse.Namespace):
     """The VisionSettings the parsed flags describe: the preset, with every given flag on top."""
     from sgsc.experiments import vision
 
-    keys = ("data", "data_dir", "seeds", "steps", "float_steps", "gamma", "lr", "quant_lr", "exponent_lr",
+    keys = ("data", "data_dir", "seeds", "steps", "float_steps", "gamma", "lr", "quant_lr", "exponent_lr", "lr_schedule",
             "sweep_gammas", "rounding", "device")
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.data_dir is not None and args.data is None:

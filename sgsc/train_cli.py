@@ -14,7 +14,7 @@ import time
 
 from sgsc.preservation import METHODS as PRESERVATION_METHODS
 from sgsc.reference import ROUNDING_MODES
-from sgsc.trainer import DATA_NAMES, TrainConfig, train
+from sgsc.trainer import DATA_NAMES, LR_SCHEDULES, TrainConfig, train
 
 HELP = {
     "data": "digits (bundled), fashion-mnist, mnist, auto (IDX files if found, else digits) or names",
@@ -29,6 +29,7 @@ HELP = {
     "lr": "Adam learning rate of weights, biases and norms",
     "quant_lr": "Adam learning rate of bits and exponents",
     "exponent_lr": "Adam learning rate of exponents apart from bits (unset: they train at --quant-lr)",
+    "lr_schedule": "learning-rate schedule of every group: constant, or cosine (decays to 0 at the last step)",
     "warmup_steps": "plain training steps before compression starts",
     "alpha": "weight of the L1 term (mean |w|)",
     "gamma": "weight of the size term (bits per weight)",
@@ -51,7 +52,7 @@ HELP = {
     "threads": "torch CPU threads",
     "device": "auto, cpu or cuda",
 }
-CHOICES = {"data": DATA_NAMES, "rounding": ROUNDING_MODES, "preservation_method": PRESERVATION_METHODS,
+CHOICES = {"data": DATA_NAMES, "rounding": ROUNDING_MODES, "lr_schedule": LR_SCHEDULES, "preservation_method": PRESERVATION_METHODS,
            "device": ("auto", "cpu", "cuda")}
 FLAGS = {"lambda_": ["--lambda"], "out_dir": ["--out"], "k": ["-k", "--k"]}
 OPTIONAL_NUMBERS = {"threads": int, "exponent_lr": float}  # default None, so the type can't be read off it

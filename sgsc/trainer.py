@@ -61,6 +61,7 @@ METRICS = "metrics.jsonl"
 PACKED = "model.sgsc"
 CHECKPOINT_FORMAT = "sgsc.train"
 DATA_NAMES = (*VISION_NAMES, "names")
+LR_SCHEDULES = ("constant", "cosine")
 
 # Fields that may differ between a checkpoint and the config resuming it: where to stop, and
 # bookkeeping that does not change the trajectory.
@@ -85,6 +86,7 @@ class TrainConfig:
     lr: float = 1e-3  # Adam, weights, biases and norms
     quant_lr: float = 0.05  # Adam, bits and exponents: they need much larger steps than weights
     exponent_lr: float | None = None  # Adam, exponents apart from bits; None: quant_lr
+    lr_schedule: str = "constant"  # constant | cosine (every group decays to 0 at the last step)
     warmup_steps: int = 0  # steps of plain training (no size, preservation or safety) first
     # objective
     alpha: float = 0.0  # L1 weight
@@ -144,6 +146,8 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"model must be one of {available_models()}, got {c.model!r}")
     if c.rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {c.rounding!r}")
+    if c.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {c.lr_schedule!r}")
     if c.preservation_method not in preservation.METHODS:
         raise ValueError(f"preservation_method must be one of {preservation.METHODS}, got {c.preservation_method!r}")
     if c.device not in ("auto", "cpu", "cuda"):
@@ -467,7 +471,9 @@ def _check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
     current = dataclasses.asdict(config)
     # a field a checkpoint predates ran at its default: new fields default to the old behaviour
     saved = {**dataclasses.asdict(TrainConfig()), **saved}
-    differ = [k for k in current if k not in RESUMABLE_CHANGES and json.dumps(current[k]) != json.dumps(saved.get(k))]
+    free = RESUMABLE_CHANGES if config.lr_schedule == "constant" else tuple(k for k in RESUMABLE_CHANGES if k != "steps")
+    # a decaying schedule is a function of the run's length, so a longer resume would change its past
+    differ = [k for k in current if k not in free and json.dumps(current[k]) != json.dumps(saved.get(k))]
     if differ:
         detail = ", ".join(f"{k}={saved.get(k)!r} in the checkpoint, {current[k]!r} now" for k in differ)
         raise ValueError(f"resume: {path} was written by a different config ({detail})")
@@ -495,6 +501,21 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         return torch.optim.Adam([weights, group("quantizers", bits | exponents, config.quant_lr)])
     return torch.optim.Adam([weights, group("bits", bits, config.quant_lr),
                              group("exponents", exponents, config.exponent_lr)])
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The multiplier of every group's learning rate at ``step`` (0-based) of ``config.steps``."""
+    if config.lr_schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+
+
+def _set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
+    base = {"weights": config.lr, "quantizers": config.quant_lr, "bits": config.quant_lr,
+            "exponents": config.quant_lr if config.exponent_lr is None else config.exponent_lr}
+    factor = lr_factor(config, step)
+    for group in optimizer.param_groups:
+        group["lr"] = base[group["name"]] * factor
 
 
 def _initial_state() -> dict:
@@ -668,6 +689,7 @@ def _run(config: TrainConfig, model, data, device) -> dict:
         if state["step"] == config.warmup_steps and state["snapshot"] is None:
             _start_compression(model, config, data, state)
             preserved = _subset(data.train, state["preservation"])
+        _set_learning_rates(optimizer, config, state["step"])
         record = _train_step(model, wrapped, optimizer, config, data, preserved, state, device)
         state["step"] += 1
         step = state["step"]

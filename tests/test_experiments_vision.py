@@ -20,7 +20,7 @@ from sgsc.experiments.common import load_float, save_float, zlib_bytes
 from sgsc.experiments.robustness import Perturber, robustness
 from sgsc.layers import quantized_layers
 from sgsc.models import build_model
-from sgsc.trainer import evaluate
+from sgsc.trainer import LR_SCHEDULES, evaluate
 
 SMALL = {"in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [4, 8]}
 
@@ -208,6 +208,15 @@ def test_exponent_lr_flag_reaches_the_trainer_and_the_command_line():
     assert "--exponent-lr 0.02" in vision.command_line(settings, "somewhere")
     assert vision.quick_settings().train_config(0).exponent_lr is None
     assert "--exponent-lr" not in vision.command_line(vision.quick_settings(), "somewhere")
+
+
+def test_lr_schedule_flag_reaches_the_trainer_and_the_command_line():
+    other = next(mode for mode in LR_SCHEDULES if mode != vision.VisionSettings().lr_schedule)
+    settings = vision_settings(build_parser().parse_args(["experiment", "vision", "--lr-schedule", other]))
+    assert settings.lr_schedule == other and settings.train_config(0).lr_schedule == other
+    assert vision.float_config(settings, 0).lr_schedule == other
+    assert f"--lr-schedule {other}" in vision.command_line(settings, "somewhere")
+    assert "--lr-schedule" not in vision.command_line(vision.VisionSettings(), "somewhere")
 
 
 def test_choice_prefers_accuracy_within_tolerance_then_the_size_target():

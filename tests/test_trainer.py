@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
 from sgsc.cli import build_parser, main
@@ -204,6 +206,7 @@ def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path):
         ("exponent_lr", -0.01, ValueError),
         ("exponent_lr", float("inf"), ValueError),
         ("exponent_lr", "0.1", ValueError),
+        ("lr_schedule", "linear", ValueError),
         ("data_dir", "/nonexistent/idx", FileNotFoundError),
         ("init_from", "/nonexistent/ckpt.pt", FileNotFoundError),
         ("resume", True, ValueError),  # without out_dir
@@ -271,12 +274,49 @@ def test_exponent_lr_gives_exponents_their_own_adam_group():
     assert all(torch.equal(p, before[p]) for p in groups["weights"]["params"])  # no gradient, no step
 
 
+def test_cosine_schedule_decays_every_group_from_its_own_rate():
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        seen.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        train(_quick(steps=8, warmup_steps=2, k=3, lr=3e-3, quant_lr=0.1, exponent_lr=0.02, lr_schedule="cosine"))
+    finally:
+        handle.remove()
+    assert len(seen) == 8
+    for step, rates in enumerate(seen):
+        factor = (1 + math.cos(math.pi * step / 8)) / 2  # cosine from 1 at step 0 towards 0 at step 8
+        expected = {"weights": 3e-3 * factor, "bits": 0.1 * factor, "exponents": 0.02 * factor}
+        assert rates == pytest.approx(expected, rel=1e-12)
+
+
+def test_constant_schedule_keeps_the_configured_rates():
+    seen = []
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append([g["lr"] for g in optimizer.param_groups]))
+    try:
+        train(_quick(steps=5, warmup_steps=1, lr=3e-3, quant_lr=0.1))
+    finally:
+        handle.remove()
+    assert seen == [[3e-3, 0.1]] * 5
+
+
+def test_resume_under_a_decaying_schedule_keeps_the_steps(tmp_path):
+    train(_quick(steps=4, warmup_steps=0, out_dir=str(tmp_path), plots=False, lr_schedule="cosine"))
+    with pytest.raises(ValueError, match="steps=4 in the checkpoint, 8 now"):
+        train(_quick(steps=8, warmup_steps=0, out_dir=str(tmp_path), plots=False, lr_schedule="cosine", resume=True))
+
+
 def test_cli_exposes_the_preservation_method_and_exponent_lr():
-    args = build_parser().parse_args(["train", "--preservation-method", "random", "--exponent-lr", "0.01"])
+    args = build_parser().parse_args(["train", "--preservation-method", "random", "--exponent-lr", "0.01",
+                                      "--lr-schedule", "cosine"])
     config = config_from_args(args)
-    assert config.preservation_method == "random" and config.exponent_lr == 0.01
+    assert config.preservation_method == "random" and config.exponent_lr == 0.01 and config.lr_schedule == "cosine"
     defaults = config_from_args(build_parser().parse_args(["compress"]))
     assert defaults.preservation_method == "criteria" and defaults.exponent_lr is None
+    assert defaults.lr_schedule == "constant"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--preservation-method", "gradcam"])
 

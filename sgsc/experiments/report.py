@@ -43,7 +43,9 @@ def _quant_lrs(settings: dict) -> str:
 def _setup(result: dict) -> list[str]:
     meta, s = result["meta"], result["settings"]
     first = result["seeds"][0]["data"]
+    # results written before lr_schedule existed trained at constant rates
     hyper = (f"batch {s['batch_size']}, Adam lr {s['lr']:g} (weights) / {_quant_lrs(s)}, "
+             f"{s.get('lr_schedule', 'constant')} learning-rate schedule over each run's steps, "
              f"gamma {s['gamma']:g}, lambda {s['lambda_']:g}, init bits {s['init_bits']:g}, rounding "
              f"{s['rounding']}, safety check every {s['k']} steps, threshold {s['threshold']:g}, preservation set "
              f"{s['fraction']:g} of the training split, model overrides {s['model_config'] or 'none (paper CNN)'}")
@@ -228,7 +230,8 @@ def tuning_markdown(result: dict) -> str:
         f"### Tuning SGSC on the validation split (seed {result['seed']})",
         "",
         f"Float model after {s['float_steps'] + s['steps']} steps: {100 * base['val_accuracy']:.2f}% validation "
-        f"accuracy, {base['file_bytes']} bytes. SGSC trains the given steps from its step-{s['float_steps']} "
+        f"accuracy, {base['file_bytes']} bytes. Every run uses a {s.get('lr_schedule', 'constant')} learning-rate "
+        "schedule over its own steps. SGSC trains the given steps from its step-{s['float_steps']} "
         "snapshot; rule: the smallest "
         "file within 0.3 points of the float validation accuracy, else the most accurate file of at most 10% "
         "of the float bytes, else the most accurate. Measured on "
