@@ -107,9 +107,10 @@ def _run_vision(args: argparse.Namespace) -> int:
     if args.tune:
         tuning = vision.tune(vision_settings(args), args.tune, args.out, workers=args.workers)
         choice = tuning["choice"]
+        exponent_lr = "shared" if choice["exponent_lr"] is None else f"{choice['exponent_lr']:g}"
         print(f"wrote {Path(args.out) / vision.TUNING_FILE}; chosen on validation: gamma {choice['gamma']:g}, "
-              f"quant_lr {choice['quant_lr']:g} ({100 * choice['val_accuracy']:.2f}% val at "
-              f"{choice['pct_of_float']:.1f}% of the float bytes)")
+              f"quant_lr {choice['quant_lr']:g}, exponent lr {exponent_lr}, {choice['steps']} steps "
+              f"({100 * choice['val_accuracy']:.2f}% val at {choice['pct_of_float']:.1f}% of the float bytes)")
         return 0
     result = vision.run(vision_settings(args), args.out, workers=args.workers)
     targets = result["targets"]

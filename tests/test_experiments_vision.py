@@ -245,6 +245,14 @@ def test_tuning_points_parse_with_optional_steps_and_exponent_lr(capsys):
         assert "GAMMA,QUANT_LR[,STEPS[,EXPONENT_LR]]" in capsys.readouterr().err
 
 
+def test_tuning_from_the_command_line_names_the_whole_choice(tmp_path, capsys):
+    assert main(["experiment", "vision", "--quick", "--seeds", "0", "--float-steps", "30", "--no-progress",
+                 "--out", str(tmp_path), "--tune", "0.5,0.2,12,0.02"]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen on validation: gamma 0.5, quant_lr 0.2, exponent lr 0.02, 12 steps (" in printed
+    assert json.loads((tmp_path / vision.TUNING_FILE).read_text())["choice"]["exponent_lr"] == 0.02
+
+
 def test_random_preservation_ablation_asks_the_trainer_for_a_random_set(monkeypatch):
     monkeypatch.setattr(vision, "self_compress", lambda start, config, run: config)
     jobs = vision.ablation_jobs(vision.quick_settings(), 0, None, None)
