@@ -65,6 +65,8 @@ def _add_vision(subparsers) -> None:
     parser.add_argument("--steps", type=_positive_int, help="compression / fine-tuning steps of every method")
     parser.add_argument("--float-steps", type=_positive_int, help="float training steps before the snapshot")
     parser.add_argument("--gamma", type=float, help="SGSC/unsafe size-term weight")
+    parser.add_argument("--sized-unsafe-gamma", type=float, help="gamma of the second unsafe run, whose files "
+                        "should be about SGSC's size (the equal-size comparison)")
     parser.add_argument("--lr", type=float, help="Adam learning rate of the weights")
     parser.add_argument("--quant-lr", type=float, help="Adam learning rate of bits and exponents")
     parser.add_argument("--exponent-lr", type=float, help="Adam learning rate of exponents apart from bits "
@@ -91,7 +93,7 @@ def vision_settings(args: argparse.Namespace):
     """The VisionSettings the parsed flags describe: the preset, with every given flag on top."""
     from sgsc.experiments import vision
 
-    keys = ("data", "data_dir", "seeds", "steps", "float_steps", "gamma", "lr", "quant_lr", "exponent_lr", "lr_schedule",
+    keys = ("data", "data_dir", "seeds", "steps", "float_steps", "gamma", "sized_unsafe_gamma", "lr", "quant_lr", "exponent_lr", "lr_schedule",
             "sweep_gammas", "rounding", "device")
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.data_dir is not None and args.data is None:

@@ -97,9 +97,10 @@ def test_the_methods_behave_as_their_names_say(quick):
         assert rows["prune50_int8"]["sparsity"] >= 0.5 - 1e-3 and rows["prune80_int8"]["sparsity"] >= 0.8 - 1e-3
         assert rows["prune80_int8"]["zlib_bytes"] < rows["prune50_int8"]["zlib_bytes"] < rows["ptq_int8"]["zlib_bytes"]
         # self-compression learns fewer bits than the 8 it starts from
-        for name in ("sgsc", "unsafe"):
+        for name in ("sgsc", "unsafe", "unsafe_sized"):
             assert rows[name]["average_bits"] < 8.0 and rows[name]["file_bytes"] < rows["ptq_int8"]["file_bytes"]
         assert rows["ptq_int4"]["steps"] == 0 and rows["sgsc"]["steps"] == result["settings"]["steps"]
+        assert rows["unsafe_sized"]["gamma"] == result["settings"]["sized_unsafe_gamma"]
 
 
 def test_report_renders_every_method_ablation_and_the_command(quick, tmp_path):
@@ -219,6 +220,55 @@ def test_lr_schedule_flag_reaches_the_trainer_and_the_command_line():
     assert "--lr-schedule" not in vision.command_line(vision.VisionSettings(), "somewhere")
 
 
+def _table(sgsc: tuple, sized: tuple) -> dict:
+    """A summarized table from (accuracy, bytes) of SGSC and of the sized unsafe run; float at 0.9, 1000 bytes."""
+    def row(accuracy, size):
+        return {"test_accuracy": {"mean": accuracy, "std": 0.01}, "file_bytes": {"mean": size, "std": 0.0},
+                "pct_of_float": {"mean": size / 10, "std": 0.0}}
+
+    return {"float": row(0.9, 1000), "sgsc": row(*sgsc), "unsafe_sized": row(*sized)}
+
+
+def _first_seed(sgsc: tuple, *unsafe_runs: tuple) -> dict:
+    """The first seed's SGSC and unsafe (main gamma 0.1) and sweep runs, from (accuracy, bytes[, gamma])."""
+    def row(accuracy, size):
+        return {"test_accuracy": accuracy, "file_bytes": size}
+
+    main_run, *sweep = unsafe_runs
+    extra = [{"group": "sweep", "name": f"unsafe gamma={gamma:g}", **row(a, b)} for a, b, gamma in sweep]
+    return {"methods": {"sgsc": row(*sgsc), "unsafe": row(*main_run)}, "extra": extra}
+
+
+def test_equal_size_is_judged_on_every_seed_when_the_sized_run_matches():
+    seed = _first_seed((0.89, 100), (0.80, 60))
+    t = vision.targets(_table((0.897, 96), (0.890, 100)), seed, 0.1, 0.05)
+    assert t["unsafe_sized"]["within_5pct"] and t["equal_size_compared"] and t["beats_unsafe"]
+    assert t["unsafe_sized"]["sgsc_minus_unsafe_points"] == pytest.approx(0.7)
+    assert t["accuracy_gap_points"] == pytest.approx(-0.3) and t["accuracy_met"] and t["size_met"]
+    # the sized unsafe run is as accurate: not beaten, whatever the first seed's runs say
+    assert not vision.targets(_table((0.89, 100), (0.89, 98)), seed, 0.1, 0.05)["beats_unsafe"]
+
+
+def test_equal_size_falls_back_to_the_first_seeds_runs_within_5pct():
+    sized_too_small = _table((0.89, 100), (0.85, 80))
+    close = _first_seed((0.89, 100), (0.80, 60), (0.88, 103, 0.02), (0.87, 140, 0.01))
+    t = vision.targets(sized_too_small, close, 0.1, 0.05)
+    assert not t["unsafe_sized"]["within_5pct"] and t["unsafe_within_5pct"] and t["beats_unsafe"]
+    assert [r["gamma"] for r in t["unsafe_equal_size"]] == [0.02]
+    # no unsafe run within 5% anywhere: the nearest is named, and nothing is claimed
+    far = _first_seed((0.89, 100), (0.80, 60), (0.87, 140, 0.01))
+    t = vision.targets(sized_too_small, far, 0.1, 0.05)
+    assert not t["equal_size_compared"] and not t["beats_unsafe"]
+    assert [r["gamma"] for r in t["unsafe_equal_size"]] == [0.01]
+
+
+def test_sized_unsafe_gamma_flag_reaches_the_settings_and_the_command_line():
+    settings = vision_settings(build_parser().parse_args(["experiment", "vision", "--sized-unsafe-gamma", "0.07"]))
+    assert settings.sized_unsafe_gamma == 0.07
+    assert "--sized-unsafe-gamma 0.07" in vision.command_line(settings, "somewhere")
+    assert "--sized-unsafe-gamma" not in vision.command_line(vision.VisionSettings(), "somewhere")
+
+
 def test_choice_prefers_accuracy_within_tolerance_then_the_size_target():
     def run(name, val, size):
         return {"file": name, "val_accuracy": val, "file_bytes": size}
@@ -270,6 +320,7 @@ def test_missing_language_module_is_reported_when_called(monkeypatch):
     ("overrides", "message"),
     [({"seeds": ()}, "seeds"), ({"seeds": (1, 1)}, "seeds"), ({"steps": 1}, "steps"), ({"float_steps": 0}, "float_steps"),
      ({"rounding": "up"}, "rounding"), ({"gamma": -1.0}, "gamma"), ({"sweep_gammas": (-0.1,)}, "sweep_gammas"),
+     ({"sized_unsafe_gamma": float("nan")}, "sized_unsafe_gamma"), ({"sized_unsafe_gamma": True}, "sized_unsafe_gamma"),
      ({"latency_repeats": (0, 1)}, "latency_repeats")],
 )
 def test_bad_settings_name_the_argument(overrides, message):
