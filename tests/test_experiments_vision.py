@@ -372,3 +372,4 @@ def test_tuning_scores_on_validation_only_and_follows_its_rule(tmp_path):
     assert tuning["command"].endswith("--tune 0.1,0.1 0.5,0.2,12,0.02")
     text = report.render(tmp_path)
     assert "### Tuning SGSC on the validation split (seed 0)" in text and "| 0.5 | 0.2 | 0.02 | 12 |" in text
+    assert "from its step-30 snapshot" in text

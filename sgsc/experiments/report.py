@@ -242,7 +242,7 @@ def tuning_markdown(result: dict) -> str:
         "",
         f"Float model after {s['float_steps'] + s['steps']} steps: {100 * base['val_accuracy']:.2f}% validation "
         f"accuracy, {base['file_bytes']} bytes. Every run uses a {s.get('lr_schedule', 'constant')} learning-rate "
-        "schedule over its own steps. SGSC trains the given steps from its step-{s['float_steps']} "
+        f"schedule over its own steps. SGSC trains the given steps from its step-{s['float_steps']} "
         "snapshot; rule: the smallest "
         "file within 0.3 points of the float validation accuracy, else the most accurate file of at most 10% "
         "of the float bytes, else the most accurate. Measured on "

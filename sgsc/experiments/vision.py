@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import multiprocessing
 import shlex
 import time
@@ -628,10 +629,13 @@ def pareto_plot(result: dict, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 5))
+    figure = Figure(figsize=(11, 5))
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
-    colors = {name: f"C{i}" for i, name in enumerate(result["methods"])}
+    # eleven methods outrun the ten-colour cycle: a marker of its own keeps each one apart
+    colors = {name: f"C{i % 10}" for i, name in enumerate(result["methods"])}
+    markers = dict(zip(result["methods"], itertools.cycle("osDv^<>phXP8d")))
+    markers["sgsc"] = "*"
     for method in ("sgsc", "unsafe"):
         points = _sweep_points(result, method)
         if len(points) > 1:
@@ -640,14 +644,14 @@ def pareto_plot(result: dict, path: str | Path) -> Path:
     for name, label in result["methods"].items():
         row = result["table"][name]
         axis.errorbar(row["file_bytes"]["mean"], row["test_accuracy"]["mean"], xerr=row["file_bytes"]["std"],
-                      yerr=row["test_accuracy"]["std"], marker="*" if name == "sgsc" else "o", capsize=3,
+                      yerr=row["test_accuracy"]["std"], marker=markers[name], capsize=3,
                       markersize=11 if name == "sgsc" else 6, color=colors[name], linestyle="none", label=label)
     axis.set_xscale("log")
     axis.set_xlabel("on-disk bytes of the exported file (log scale)")
     axis.set_ylabel("test accuracy")
     axis.set_title(f"{result['seeds'][0]['data']['source']}: accuracy vs size ({len(result['seeds'])} seeds)")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=7, loc="lower right")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never over them
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)
