@@ -262,6 +262,15 @@ def test_equal_size_falls_back_to_the_first_seeds_runs_within_5pct():
     assert [r["gamma"] for r in t["unsafe_equal_size"]] == [0.01]
 
 
+def test_report_calls_an_equal_size_difference_inside_the_seed_spread_a_tie():
+    seed = _first_seed((0.89, 100), (0.80, 60))
+    for sgsc_accuracy, tie in ((0.8905, True), (0.905, False)):
+        table = _table((sgsc_accuracy, 100), (0.890, 98))  # SGSC's std over seeds: 1 point
+        text = "\n".join(report._targets({"table": table, "targets": vision.targets(table, seed, 0.1, 0.05)}))
+        assert ("within SGSC's spread over seeds (1.00): a tie" in text) == tie
+        assert "higher than unsafe self-compression at equal size" in text and "**met**" in text.split("equal size")[1]
+
+
 def test_sized_unsafe_gamma_flag_reaches_the_settings_and_the_command_line():
     settings = vision_settings(build_parser().parse_args(["experiment", "vision", "--sized-unsafe-gamma", "0.07"]))
     assert settings.sized_unsafe_gamma == 0.07

@@ -97,11 +97,15 @@ def _main_table(result: dict) -> list[str]:
     ]
 
 
-def _equal_size(t: dict) -> str:
+def _equal_size(t: dict, sgsc_std_points: float) -> str:
     sized = t["unsafe_sized"]
+    difference = sized["sgsc_minus_unsafe_points"]
+    # a difference smaller than the seeds' spread is a tie, whatever its sign: say so beside the verdict
+    spread = (f", within SGSC's spread over seeds ({sgsc_std_points:.2f}): a tie"
+              if abs(difference) < sgsc_std_points else "")
     every_seed = (f"unsafe at gamma {sized['gamma']:g} on every seed: {100 * sized['test_accuracy']:.2f} ± "
                   f"{100 * sized['test_accuracy_std']:.2f}% at {sized['file_bytes']:.0f} bytes "
-                  f"({100 * (sized['size_ratio'] - 1):+.1f}% size), SGSC {sized['sgsc_minus_unsafe_points']:+.2f} points")
+                  f"({100 * (sized['size_ratio'] - 1):+.1f}% size), SGSC {difference:+.2f} points{spread}")
     first_seed = "; ".join(
         f"gamma {r['gamma']:g}: {100 * r['test_accuracy']:.2f}% at {r['file_bytes']} bytes "
         f"({100 * (r['size_ratio'] - 1):+.1f}% size)" for r in t["unsafe_equal_size"]
@@ -117,12 +121,13 @@ def _targets(result: dict) -> list[str]:
         return "**met**" if ok else "**missed**"
 
     compared = t["equal_size_compared"]
+    sgsc_std = 100 * result["table"]["sgsc"]["test_accuracy"]["std"]
     return [
         "Targets of the issue (means over seeds):",
         "",
         f"- SGSC accuracy >= float - 0.3 points: {verdict(t['accuracy_met'])} ({t['accuracy_gap_points']:+.2f} points).",
         f"- at <= 10% of the float32 bytes: {verdict(t['size_met'])} ({t['pct_of_float']:.1f}%).",
-        f"- higher than unsafe self-compression at equal size ({_equal_size(t)}): "
+        f"- higher than unsafe self-compression at equal size ({_equal_size(t, sgsc_std)}): "
         f"{verdict(t['beats_unsafe'] and compared)}"
         + ("" if compared else " (no unsafe run of equal size to compare)") + ".",
         "",
