@@ -319,6 +319,15 @@ def test_random_preservation_ablation_asks_the_trainer_for_a_random_set(monkeypa
     assert methods == {"gradcam": "criteria", "uncertainty": "criteria", "diversity": "criteria", "random": "random"}
 
 
+def test_sized_unsafe_job_trains_unsafe_at_the_sized_gamma(monkeypatch):
+    monkeypatch.setattr(vision, "self_compress", lambda start, config, run: {"model": config, "seconds": 0.0})
+    settings = vision.quick_settings(sized_unsafe_gamma=0.07)
+    jobs = dict(vision.method_jobs(settings, 0, None, None, None))
+    config, _, _ = jobs["unsafe_sized"]()
+    assert config.gamma == 0.07 and config.lambda_ == 0.0 and not config.restore
+    assert jobs["unsafe"]()[0].gamma == jobs["sgsc"]()[0].gamma == settings.gamma
+
+
 def test_missing_language_module_is_reported_when_called(monkeypatch):
     monkeypatch.setitem(sys.modules, "sgsc.experiments.language", None)
     with pytest.raises(SystemExit, match="sgsc.experiments.language is not part of this installation"):

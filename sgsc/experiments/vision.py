@@ -72,8 +72,14 @@ QAT_BITS = {"qat_8": 8, "qat_4": 4, "qat_2": 2}
 PRUNE_SPARSITY = {"prune50_int8": 0.5, "prune80_int8": 0.8}
 # preservation ablation: each criterion alone, and a random subset of the same size
 CRITERIA_ALONE = {"gradcam": (1.0, 0.0, 0.0), "uncertainty": (0.0, 1.0, 0.0), "diversity": (0.0, 0.0, 1.0)}
+EQUAL_SIZE = 0.05  # files within 5% of each other's bytes count as equal size (the bound)
 TABLE_KEYS = ("test_accuracy", "val_accuracy", "file_bytes", "pct_of_float", "zlib_bytes", "average_bits",
               "latency_batch1_ms", "latency_batch256_ms", "train_seconds")
+
+
+def _is_gamma(value) -> bool:
+    # NaN fails `value >= 0`, so it is rejected too
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
 
 
 @dataclass
@@ -124,10 +130,9 @@ class VisionSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "steps" else 1):
                 raise ValueError(f"{name} must be an int >= {2 if name == 'steps' else 1}, got {value!r}")
-        if isinstance(self.sized_unsafe_gamma, bool) or not isinstance(self.sized_unsafe_gamma, (int, float)) \
-                or not self.sized_unsafe_gamma >= 0:
+        if not _is_gamma(self.sized_unsafe_gamma):
             raise ValueError(f"sized_unsafe_gamma must be a number >= 0, got {self.sized_unsafe_gamma!r}")
-        if any(isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0 for g in self.sweep_gammas):
+        if not all(_is_gamma(g) for g in self.sweep_gammas):
             raise ValueError(f"sweep_gammas must be numbers >= 0, got {self.sweep_gammas!r}")
         if len(self.latency_repeats) != 2 or min(self.latency_repeats) < 1:
             raise ValueError(f"latency_repeats must be two ints >= 1, got {self.latency_repeats!r}")
@@ -393,7 +398,7 @@ def _sized_unsafe(table: dict, gamma: float) -> dict:
     ratio = sized["file_bytes"]["mean"] / sgsc["file_bytes"]["mean"]
     return {"gamma": gamma, "file_bytes": sized["file_bytes"]["mean"],
             "test_accuracy": sized["test_accuracy"]["mean"], "test_accuracy_std": sized["test_accuracy"]["std"],
-            "size_ratio": ratio, "within_5pct": abs(ratio - 1) <= 0.05,
+            "size_ratio": ratio, "within_5pct": abs(ratio - 1) <= EQUAL_SIZE,
             "sgsc_minus_unsafe_points": 100.0 * (sgsc["test_accuracy"]["mean"] - sized["test_accuracy"]["mean"])}
 
 
@@ -405,7 +410,7 @@ def _first_seed_unsafe(seed_result: dict, gamma: float) -> tuple[list[dict], boo
              if row["group"] == "sweep" and row["name"].startswith("unsafe")]
     for row in runs:
         row["size_ratio"] = row["file_bytes"] / sgsc["file_bytes"]
-    close = [r for r in runs if abs(r["size_ratio"] - 1) <= 0.05]
+    close = [r for r in runs if abs(r["size_ratio"] - 1) <= EQUAL_SIZE]
     compared = close or [min(runs, key=lambda r: abs(r["size_ratio"] - 1))]
     keep = ("gamma", "file_bytes", "test_accuracy", "size_ratio")
     return [{key: r[key] for key in keep} for r in compared], bool(close)
