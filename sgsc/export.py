@@ -1,11 +1,12 @@
 """The packed model file: export a trained sgsc model, inspect it, load it back as a runnable model.
 
-The file is a safetensors file (no pickle: loading can never run code). For every quantized layer
-it holds the integer codes of each group packed at the group's *smallest* width (``sgsc.ops.pack``),
-the widths and the per-group scales ``2^e``; every other tensor of the state dict (biases, norms,
-embeddings, batch-norm statistics) is stored as it is. A JSON header in the safetensors metadata
-names the format and version, the model's registry name and config, and each layer's shape, group
-count and CRC-32s. docs/FORMAT.md specifies all of it.
+The file is a safetensors file (no pickle: loading can never run code). It holds the integer codes
+of every quantized layer's groups packed at each group's *smallest* width (``sgsc.ops.pack``), the
+widths and the per-group scales ``2^e``, each concatenated over the layers into one stream; every
+other tensor of the state dict (biases, norms, embeddings, batch-norm statistics) is stored as it
+is, concatenated into one stream per dtype. A JSON header in the safetensors metadata names the
+format and version, the model's registry name and config (which fix every shape, so the streams
+need no index of their own) and each stream's CRC-32. docs/FORMAT.md specifies all of it.
 
 The layout is device-independent: loading unpacks on whatever device the model goes to.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -32,10 +34,10 @@ from sgsc.models import build_model, model_name
 from sgsc.reference import group_params
 
 FORMAT_NAME = "sgsc-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_WIDTH = 32
-_QUANT_PREFIX = "quantized."
-_PLAIN_PREFIX = "tensor."
+CODES, WIDTHS, SCALES = "codes", "widths", "scales"
+_STATE_PREFIX = "state."
 HEADER_CRC_TENSOR = "header.crc32"
 
 
@@ -80,6 +82,88 @@ def minimal_widths(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(nonzero, bit_length + 1, torch.zeros_like(bit_length))
 
 
+# ---- layout -----------------------------------------------------------------------------------
+#
+# Version 2 stores few, large streams rather than three tensors per layer and one per plain tensor:
+# every shape, group count and tensor name follows from the rebuilt architecture, and in version 1
+# the safetensors index and per-tensor CRCs spelling them out were ~3.3 KB of an ~18 KB file.
+
+
+@dataclass(frozen=True)
+class _LayerSlot:
+    """Where one quantized layer sits in the shared streams."""
+
+    name: str
+    shape: tuple[int, ...]
+    groups: int
+    first_group: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def group_len(self) -> int:
+        return self.numel // self.groups if self.groups else 0
+
+    def group_span(self) -> slice:
+        return slice(self.first_group, self.first_group + self.groups)
+
+
+def _layer_slots(model: nn.Module) -> list[_LayerSlot]:
+    slots, first_group = [], 0
+    for name, layer in quantized_layers(model):
+        slots.append(_LayerSlot(name, tuple(layer.weight.shape), layer.quant_groups, first_group))
+        first_group += layer.quant_groups
+    return slots
+
+
+def _quantized_state_keys(model: nn.Module) -> set[str]:
+    keys = set()
+    for name, _ in quantized_layers(model):
+        prefix = f"{name}." if name else ""
+        keys.update(f"{prefix}{p}" for p in ("weight", "bits", "exponent"))
+    return keys
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state-dict entries stored as they are, in state-dict order."""
+    skip = _quantized_state_keys(model)
+    return {key: value for key, value in model.state_dict().items() if key not in skip}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _state_stream(dtype: torch.dtype) -> str:
+    return f"{_STATE_PREFIX}{_dtype_name(dtype)}"
+
+
+def _architecture(name: str, config: dict, device: str | torch.device = "meta") -> nn.Module:
+    """The model ``name`` rebuilt from ``config`` (on the meta device: shapes and dtypes only)."""
+    with torch.device(device):
+        return build_model(name, config)
+
+
+def _check_matches_architecture(model: nn.Module, rebuilt: nn.Module) -> None:
+    """The file describes ``model`` only through its config, so the config must rebuild it exactly."""
+    ours = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    theirs = {key: tuple(value.shape) for key, value in rebuilt.state_dict().items()}
+    if ours != theirs or _layer_slots(model) != _layer_slots(rebuilt):
+        differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+        raise ValueError(
+            "model does not match the architecture its config rebuilds (changed layers, shapes or quantization "
+            f"groups); differing state-dict entries: {differing or 'none, but the quantized layers or groups differ'}"
+        )
+
+
+def _dtype_exceptions(model: nn.Module, rebuilt: nn.Module) -> dict[str, str]:
+    """State-dict entries whose dtype is not the one the rebuilt architecture has (usually none)."""
+    theirs = rebuilt.state_dict()
+    return {key: _dtype_name(value.dtype) for key, value in model.state_dict().items() if value.dtype != theirs[key].dtype}
+
+
 # ---- export -----------------------------------------------------------------------------------
 
 
@@ -87,7 +171,7 @@ def _crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def _pack_layer(name: str, layer: QLinear | QConv2d) -> tuple[dict[str, torch.Tensor], dict]:
+def _pack_layer(name: str, layer: QLinear | QConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     codes, scales = integer_codes(layer)
     widths = minimal_widths(codes)
     too_wide = (widths > MAX_WIDTH).nonzero().flatten()
@@ -100,25 +184,11 @@ def _pack_layer(name: str, layer: QLinear | QConv2d) -> tuple[dict[str, torch.Te
     widths = widths.to(torch.uint8).cpu()
     # a layer whose groups were all removed (a block with no heads left) has nothing to pack
     packed = ops.pack(codes.to(torch.int32).cpu(), widths) if layer.quant_groups else torch.empty(0, dtype=torch.uint8)
-    scales = scales.cpu().contiguous()
-    tensors = {f"{_QUANT_PREFIX}{name}.packed": packed, f"{_QUANT_PREFIX}{name}.widths": widths, f"{_QUANT_PREFIX}{name}.scales": scales}
-    entry = {
-        "kind": type(layer).__name__,
-        "shape": list(layer.weight.shape),
-        "dtype": str(layer.weight.dtype).removeprefix("torch."),
-        "groups": layer.quant_groups,
-        "packed_bytes": packed.numel(),
-        "crc32": {"packed": _crc32(packed), "widths": _crc32(widths), "scales": _crc32(scales)},
-    }
-    return tensors, entry
+    return packed, widths, scales.cpu()
 
 
-def _quantized_state_keys(model: nn.Module) -> set[str]:
-    keys = set()
-    for name, _ in quantized_layers(model):
-        prefix = f"{name}." if name else ""
-        keys.update(f"{prefix}{p}" for p in ("weight", "bits", "exponent"))
-    return keys
+def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([part.reshape(-1) for part in parts]) if parts else torch.empty(0, dtype=dtype)
 
 
 def build_packed_state(model: nn.Module, data: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -127,27 +197,28 @@ def build_packed_state(model: nn.Module, data: dict | None = None) -> tuple[dict
     ``data`` (optional, JSON-able) records what the model was trained on, e.g.
     ``{"name": "digits", "dir": None, "seed": 0}``, so `sgsc eval` can score it on the same split.
     """
-    layers = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in quantized_layers(model):
-        layer_tensors, layers[name] = _pack_layer(name, layer)
-        tensors.update(layer_tensors)
-    skip = _quantized_state_keys(model)
-    plain_crc = {}
-    for key, value in model.state_dict().items():
-        if key in skip:
-            continue
-        stored = value.detach().cpu().contiguous()
-        tensors[f"{_PLAIN_PREFIX}{key}"] = stored
-        plain_crc[key] = _crc32(stored)
+    name, config = model_name(model), dataclasses.asdict(model.config)
+    rebuilt = _architecture(name, config)
+    _check_matches_architecture(model, rebuilt)
+    packed, widths, scales = [], [], []
+    for layer_name, layer in quantized_layers(model):
+        for parts, part in zip((packed, widths, scales), _pack_layer(layer_name, layer)):
+            parts.append(part)
+    tensors = {CODES: _concat(packed, torch.uint8), WIDTHS: _concat(widths, torch.uint8), SCALES: _concat(scales, torch.float32)}
+    state: dict[str, list[torch.Tensor]] = {}
+    for value in _plain_state(model).values():
+        state.setdefault(_state_stream(value.dtype), []).append(value.detach().cpu())
+    tensors.update({stream: _concat(parts, parts[0].dtype) for stream, parts in state.items()})
     header = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "model": model_name(model),
-        "config": dataclasses.asdict(model.config),
-        "layers": layers,
-        "tensors_crc32": plain_crc,
+        "model": name,
+        "config": config,
+        "crc32": {stream: _crc32(tensor) for stream, tensor in tensors.items()},
     }
+    dtypes = _dtype_exceptions(model, rebuilt)
+    if dtypes:
+        header["dtypes"] = dtypes
     if data is not None:
         header["data"] = data
     return tensors, header
@@ -160,7 +231,7 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | Non
     size accounting of what was written.
     """
     tensors, header = build_packed_state(model, data)
-    header_json = json.dumps(header, sort_keys=True)
+    header_json = json.dumps(header, sort_keys=True, separators=(",", ":"))
     # The CRC rides in a tensor, not a second metadata key: safetensors writes metadata keys in hash
     # order, and with a single key the same model always gives the same bytes.
     tensors[HEADER_CRC_TENSOR] = torch.tensor([zlib.crc32(header_json.encode())], dtype=torch.int64)
@@ -172,7 +243,18 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | Non
 # ---- reading and validating -----------------------------------------------------------------
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+@dataclass
+class _PackedFile:
+    """A packed file read and checked against its header and the architecture it names."""
+
+    header: dict
+    tensors: dict[str, torch.Tensor]
+    slots: list[_LayerSlot]
+    state_dtypes: dict[str, torch.dtype]  # plain state-dict entry -> its stored dtype, in stream order
+    state_shapes: dict[str, tuple[int, ...]]
+
+
+def _read(path: Path) -> _PackedFile:
     if not path.is_file():
         raise FileNotFoundError(f"no packed model file at {path}")
     data = path.read_bytes()
@@ -194,7 +276,22 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except json.JSONDecodeError as exc:
         raise PackedFileError(f"{path}: the sgsc header is not valid JSON (corrupt header): {exc}") from exc
     _check_header(path, header)
-    return tensors, header
+    _check_crcs(path, header["crc32"], tensors)
+    try:
+        rebuilt = _architecture(header["model"], header["config"])
+    except (ValueError, TypeError) as exc:
+        raise PackedFileError(f"{path}: cannot rebuild model {header['model']!r} from the header's config: {exc}") from exc
+    dtypes = header.get("dtypes", {})
+    plain = _plain_state(rebuilt)
+    if not set(dtypes) <= set(rebuilt.state_dict()):
+        raise PackedFileError(f"{path}: the header gives dtypes for {sorted(set(dtypes) - set(rebuilt.state_dict()))}, which the model lacks")
+    try:
+        state_dtypes = {key: getattr(torch, dtypes[key]) if key in dtypes else value.dtype for key, value in plain.items()}
+    except AttributeError as exc:
+        raise PackedFileError(f"{path}: the header names an unknown dtype: {exc}") from exc
+    packed_file = _PackedFile(header, tensors, _layer_slots(rebuilt), state_dtypes, {key: tuple(v.shape) for key, v in plain.items()})
+    _check_streams(path, packed_file)
+    return packed_file
 
 
 def _check_header(path: Path, header: dict) -> None:
@@ -204,45 +301,90 @@ def _check_header(path: Path, header: dict) -> None:
         raise PackedFileError(
             f"{path}: format version {header.get('version')!r} is not supported by this sgsc (reads version {FORMAT_VERSION})"
         )
-    for key in ("model", "config", "layers", "tensors_crc32"):
+    for key in ("model", "config", "crc32"):
         if key not in header:
             raise PackedFileError(f"{path}: header lacks {key!r}")
 
 
-def _layer_tensors(path: Path, tensors: dict, name: str, entry: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    try:
-        packed, widths, scales = (tensors[f"{_QUANT_PREFIX}{name}.{part}"] for part in ("packed", "widths", "scales"))
-    except KeyError as exc:
-        raise PackedFileError(f"{path}: layer {name!r} is missing tensor {exc.args[0]!r}") from exc
-    groups = entry["groups"]
-    if widths.dtype != torch.uint8 or widths.shape != (groups,):
-        raise PackedFileError(f"{path}: layer {name!r} widths must be uint8 of shape ({groups},), got {widths.dtype} {tuple(widths.shape)}")
-    if scales.dtype != torch.float32 or scales.shape != (groups,):
-        raise PackedFileError(f"{path}: layer {name!r} scales must be float32 of shape ({groups},), got {scales.dtype} {tuple(scales.shape)}")
-    for part, tensor in (("packed", packed), ("widths", widths), ("scales", scales)):
-        if _crc32(tensor) != entry["crc32"][part]:
-            raise PackedFileError(f"{path}: layer {name!r} {part} fails its CRC-32 check (corrupt data)")
+def _check_crcs(path: Path, crcs: dict, tensors: dict[str, torch.Tensor]) -> None:
+    if set(crcs) != set(tensors):
+        raise PackedFileError(
+            f"{path}: the file's tensors do not match its header: missing {sorted(set(crcs) - set(tensors))}, "
+            f"unlisted {sorted(set(tensors) - set(crcs))}"
+        )
+    for stream, tensor in tensors.items():
+        if _crc32(tensor) != crcs[stream]:
+            raise PackedFileError(f"{path}: tensor {stream!r} fails its CRC-32 check (corrupt data)")
+
+
+def _check_stream(path: Path, tensors: dict, stream: str, dtype: torch.dtype, length: int) -> None:
+    tensor = tensors.get(stream)
+    if tensor is None:
+        raise PackedFileError(f"{path}: tensor {stream!r} is missing")
+    if tensor.dtype != dtype or tensor.shape != (length,):
+        raise PackedFileError(
+            f"{path}: tensor {stream!r} must be {_dtype_name(dtype)} of shape ({length},) for this architecture, "
+            f"got {_dtype_name(tensor.dtype)} {tuple(tensor.shape)}"
+        )
+
+
+def _check_streams(path: Path, packed_file: _PackedFile) -> None:
+    tensors, slots = packed_file.tensors, packed_file.slots
+    groups = sum(slot.groups for slot in slots)
+    _check_stream(path, tensors, WIDTHS, torch.uint8, groups)
+    _check_stream(path, tensors, SCALES, torch.float32, groups)
+    widths = tensors[WIDTHS]
     if widths.numel() and int(widths.max()) > MAX_WIDTH:
-        raise PackedFileError(f"{path}: layer {name!r} has a width above {MAX_WIDTH}")
-    return packed, widths, scales
+        raise PackedFileError(f"{path}: a width in {WIDTHS!r} is above {MAX_WIDTH}")
+    _check_stream(path, tensors, CODES, torch.uint8, sum(_packed_bytes(widths[slot.group_span()], slot) for slot in slots))
+    state_lengths: dict[str, int] = {}
+    for key, dtype in packed_file.state_dtypes.items():
+        stream = _state_stream(dtype)
+        state_lengths[stream] = state_lengths.get(stream, 0) + math.prod(packed_file.state_shapes[key])
+    for stream, length in state_lengths.items():
+        _check_stream(path, tensors, stream, getattr(torch, stream.removeprefix(_STATE_PREFIX)), length)
+    unexpected = set(tensors) - {CODES, WIDTHS, SCALES} - set(state_lengths)
+    if unexpected:
+        raise PackedFileError(f"{path}: tensors {sorted(unexpected)} have no place in this architecture")
 
 
-def _dequantized_weight(path: Path, tensors: dict, name: str, entry: dict, device: torch.device) -> torch.Tensor:
-    packed, widths, scales = _layer_tensors(path, tensors, name, entry)
-    shape = entry["shape"]
-    groups = entry["groups"]
-    numel = 1
-    for size in shape:
-        numel *= size
-    if groups == 0 or numel == 0:
-        return torch.zeros(shape, dtype=getattr(torch, entry["dtype"]), device=device)
-    rows_per_group, row_len = shape[0] // groups, numel // shape[0]
+def _packed_bytes(layer_widths: torch.Tensor, slot: _LayerSlot) -> int:
+    if slot.groups == 0:
+        return 0
+    return int(ops.packed_group_offsets(layer_widths, slot.group_len)[-1])
+
+
+def _packed_layers(packed_file: _PackedFile):
+    """``(slot, packed stream, widths, scales)`` of each quantized layer, in layer order."""
+    tensors, offset = packed_file.tensors, 0
+    for slot in packed_file.slots:
+        widths, scales = tensors[WIDTHS][slot.group_span()], tensors[SCALES][slot.group_span()]
+        length = _packed_bytes(widths, slot)
+        yield slot, tensors[CODES][offset:offset + length], widths, scales
+        offset += length
+
+
+def _dequantized_weight(path: Path, slot: _LayerSlot, packed, widths, scales, dtype: torch.dtype, device) -> torch.Tensor:
+    if slot.groups == 0 or slot.numel == 0:
+        return torch.zeros(slot.shape, dtype=dtype, device=device)
+    rows_per_group, row_len = slot.shape[0] // slot.groups, slot.numel // slot.shape[0]
     try:
         codes = ops.unpack(packed.to(device), widths.to(device), rows_per_group, row_len)
     except ValueError as exc:
-        raise PackedFileError(f"{path}: layer {name!r}: {exc}") from exc
-    weight = codes.reshape(groups, -1).to(torch.float32) * scales.to(device).unsqueeze(1)
-    return weight.reshape(shape).to(getattr(torch, entry["dtype"]))
+        raise PackedFileError(f"{path}: layer {slot.name!r}: {exc}") from exc
+    weight = codes.reshape(slot.groups, -1).to(torch.float32) * scales.to(device).unsqueeze(1)
+    return weight.reshape(slot.shape).to(dtype)
+
+
+def _stored_plain_state(packed_file: _PackedFile) -> dict[str, torch.Tensor]:
+    offsets: dict[str, int] = {}
+    state = {}
+    for key, dtype in packed_file.state_dtypes.items():
+        stream, shape = _state_stream(dtype), packed_file.state_shapes[key]
+        start = offsets.get(stream, 0)
+        offsets[stream] = start + math.prod(shape)
+        state[key] = packed_file.tensors[stream][start:offsets[stream]].reshape(shape).clone()
+    return state
 
 
 def float_layer(layer: QLinear | QConv2d, weight: torch.Tensor) -> nn.Module:
@@ -269,38 +411,19 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     """
     path = Path(path)
     device = torch.device(device)
-    tensors, header = _read(path)
-    try:
-        model = build_model(header["model"], header["config"])
-    except (ValueError, TypeError) as exc:
-        raise PackedFileError(f"{path}: cannot rebuild model {header['model']!r} from the header's config: {exc}") from exc
-    plain_state = {}
-    for key, crc in header["tensors_crc32"].items():
-        stored = tensors.get(f"{_PLAIN_PREFIX}{key}")
-        if stored is None:
-            raise PackedFileError(f"{path}: tensor {key!r} is missing")
-        if _crc32(stored) != crc:
-            raise PackedFileError(f"{path}: tensor {key!r} fails its CRC-32 check (corrupt data)")
-        plain_state[key] = stored
-    expected_plain = set(model.state_dict()) - _quantized_state_keys(model)
-    if set(plain_state) != expected_plain:
-        raise PackedFileError(
-            f"{path}: stored tensors do not match the model's: missing {sorted(expected_plain - set(plain_state))}, "
-            f"unexpected {sorted(set(plain_state) - expected_plain)}"
-        )
-    try:
-        model.load_state_dict(plain_state, strict=False)
-    except RuntimeError as exc:
-        raise PackedFileError(f"{path}: stored tensors do not fit the rebuilt model: {exc}") from exc
+    packed_file = _read(path)
+    header = packed_file.header
+    model = _architecture(header["model"], header["config"], device="cpu")
+    # assign, not copy: a tensor keeps the dtype it was stored with
+    model.load_state_dict(_stored_plain_state(packed_file), strict=False, assign=True)
+    dtypes = header.get("dtypes", {})
     layers = dict(quantized_layers(model))
-    if set(layers) != set(header["layers"]):
-        raise PackedFileError(f"{path}: quantized layers in the header {sorted(header['layers'])} do not match the model's {sorted(layers)}")
-    for name, layer in layers.items():
-        entry = header["layers"][name]
-        if list(layer.weight.shape) != entry["shape"] or layer.quant_groups != entry["groups"]:
-            raise PackedFileError(f"{path}: layer {name!r} shape/groups in the header do not match the rebuilt model")
-        weight = _dequantized_weight(path, tensors, name, entry, device)
-        replace_submodule(model, name, float_layer(layer.to(device), weight))
+    for slot, packed, widths, scales in _packed_layers(packed_file):
+        layer = layers[slot.name]
+        prefix = f"{slot.name}." if slot.name else ""
+        dtype = getattr(torch, dtypes.get(f"{prefix}weight", _dtype_name(layer.weight.dtype)))
+        weight = _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
+        replace_submodule(model, slot.name, float_layer(layer.to(device), weight))
     return model.to(device).eval()
 
 
@@ -339,24 +462,20 @@ class PackedSummary:
 
 def read_header(path: str | os.PathLike) -> dict:
     """The validated sgsc header of a packed file (the tensors are checked too)."""
-    return _read(Path(path))[1]
+    return _read(Path(path)).header
 
 
 def summarize(path: str | os.PathLike) -> PackedSummary:
     """Read a packed file and account for every byte of it."""
     path = Path(path)
-    tensors, header = _read(path)
+    packed_file = _read(path)
     layers = []
-    for name, entry in header["layers"].items():
-        _, widths, _ = _layer_tensors(path, tensors, name, entry)
+    for slot, packed, widths, _ in _packed_layers(packed_file):
         histogram: dict[int, int] = {}
         for width in widths.tolist():
             histogram[width] = histogram.get(width, 0) + 1
-        numel = 1
-        for size in entry["shape"]:
-            numel *= size
-        layers.append(LayerSummary(name, entry["shape"], entry["groups"], dict(sorted(histogram.items())), entry["packed_bytes"], 4 * numel))
-    plain = sum(t.numel() * t.element_size() for key, t in tensors.items() if key.startswith(_PLAIN_PREFIX))
+        layers.append(LayerSummary(slot.name, list(slot.shape), slot.groups, dict(sorted(histogram.items())), packed.numel(), 4 * slot.numel))
+    plain = sum(t.numel() * t.element_size() for key, t in packed_file.tensors.items() if key.startswith(_STATE_PREFIX))
     groups = sum(layer.groups for layer in layers)
     return PackedSummary(
         path=str(path),
