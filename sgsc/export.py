@@ -285,13 +285,17 @@ def _read(path: Path) -> _PackedFile:
     plain = _plain_state(rebuilt)
     if not set(dtypes) <= set(rebuilt.state_dict()):
         raise PackedFileError(f"{path}: the header gives dtypes for {sorted(set(dtypes) - set(rebuilt.state_dict()))}, which the model lacks")
-    try:
-        state_dtypes = {key: getattr(torch, dtypes[key]) if key in dtypes else value.dtype for key, value in plain.items()}
-    except AttributeError as exc:
-        raise PackedFileError(f"{path}: the header names an unknown dtype: {exc}") from exc
+    state_dtypes = {key: _parse_dtype(path, dtypes[key]) if key in dtypes else value.dtype for key, value in plain.items()}
     packed_file = _PackedFile(header, tensors, _layer_slots(rebuilt), state_dtypes, {key: tuple(v.shape) for key, v in plain.items()})
     _check_streams(path, packed_file)
     return packed_file
+
+
+def _parse_dtype(path: Path, name) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise PackedFileError(f"{path}: the header names {name!r}, which is not a torch dtype")
+    return dtype
 
 
 def _check_header(path: Path, header: dict) -> None:
@@ -304,6 +308,9 @@ def _check_header(path: Path, header: dict) -> None:
     for key in ("model", "config", "crc32"):
         if key not in header:
             raise PackedFileError(f"{path}: header lacks {key!r}")
+    for key in ("config", "crc32", "dtypes"):
+        if not isinstance(header.get(key, {}), dict):
+            raise PackedFileError(f"{path}: header {key!r} must be a JSON object, got {type(header[key]).__name__}")
 
 
 def _check_crcs(path: Path, crcs: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -342,7 +349,7 @@ def _check_streams(path: Path, packed_file: _PackedFile) -> None:
         stream = _state_stream(dtype)
         state_lengths[stream] = state_lengths.get(stream, 0) + math.prod(packed_file.state_shapes[key])
     for stream, length in state_lengths.items():
-        _check_stream(path, tensors, stream, getattr(torch, stream.removeprefix(_STATE_PREFIX)), length)
+        _check_stream(path, tensors, stream, _parse_dtype(path, stream.removeprefix(_STATE_PREFIX)), length)
     unexpected = set(tensors) - {CODES, WIDTHS, SCALES} - set(state_lengths)
     if unexpected:
         raise PackedFileError(f"{path}: tensors {sorted(unexpected)} have no place in this architecture")
@@ -421,7 +428,7 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     for slot, packed, widths, scales in _packed_layers(packed_file):
         layer = layers[slot.name]
         prefix = f"{slot.name}." if slot.name else ""
-        dtype = getattr(torch, dtypes.get(f"{prefix}weight", _dtype_name(layer.weight.dtype)))
+        dtype = _parse_dtype(path, dtypes.get(f"{prefix}weight", _dtype_name(layer.weight.dtype)))
         weight = _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
         replace_submodule(model, slot.name, float_layer(layer.to(device), weight))
     return model.to(device).eval()

@@ -272,6 +272,12 @@ def test_a_config_of_another_architecture_is_rejected(packed_file):
         export.load_packed(packed_file)
 
 
+def test_an_unknown_dtype_in_the_header_is_rejected(packed_file):
+    _rewrite(packed_file, mutate_header=lambda h: h.update(dtypes={"head.bias": "nn"}))
+    with pytest.raises(export.PackedFileError, match="'nn', which is not a torch dtype"):
+        export.load_packed(packed_file)
+
+
 def test_a_model_that_its_config_does_not_describe_cannot_be_exported(tmp_path):
     model = _trained_cnn()
     model.register_buffer("calibration", torch.zeros(3))
