@@ -100,11 +100,12 @@ class VisionSettings:
     # cosine over each run's own steps: at constant rates the last steps' noise spread the float
     # baseline over 2.5 points of test accuracy across seeds
     lr_schedule: str = "cosine"
-    gamma: float = 0.12
+    gamma: float = 0.08  # chosen on the validation split: results/vision_tuning.json
     # unsafe is run twice per seed: at SGSC's gamma, and at this gamma, picked (from file sizes, not
-    # accuracy) so that its files are about as large as SGSC's: the equal-size comparison over every seed
-    sized_unsafe_gamma: float = 0.055
-    sweep_gammas: tuple[float, ...] = (0.01, 0.02, 0.06, 0.2)  # extra gammas of SGSC and unsafe, first seed
+    # accuracy) so that its files are about as large as SGSC's: the equal-size comparison over every
+    # seed. On seed 0, unsafe at 0.025/0.03/0.035/0.04 wrote 22107/19483/19113/18998 bytes, SGSC 19997.
+    sized_unsafe_gamma: float = 0.03
+    sweep_gammas: tuple[float, ...] = (0.01, 0.02, 0.04, 0.2)  # extra gammas of SGSC and unsafe, first seed
     lambda_: float = 1.0
     k: int = 50
     threshold: float = 0.02
