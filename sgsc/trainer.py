@@ -87,7 +87,8 @@ class TrainConfig:
     quant_lr: float = 0.05  # Adam, bits and exponents: they need much larger steps than weights
     exponent_lr: float | None = None  # Adam, exponents apart from bits; None: quant_lr
     lr_schedule: str = "constant"  # constant | cosine (every group decays to 0 at the last step)
-    warmup_steps: int = 0  # steps of plain training (no size, preservation or safety) first
+    # steps with no size, L1, preservation or safety first; bits and exponents still learn from the task loss
+    warmup_steps: int = 0
     # objective
     alpha: float = 0.0  # L1 weight
     gamma: float = 0.02  # size (bits per weight) weight

@@ -56,7 +56,9 @@ class Hyper:
     """The settings every method of one experiment shares (``float`` ignores the compression ones)."""
 
     steps: int
-    warmup_steps: int  # plain training at 8 bits before compression (and the preservation set) starts
+    # steps before compression (and the preservation set) starts: no size, L1 or preservation term, but
+    # bits (from 8) and exponents already follow the task loss's gradient, so they can drift either way
+    warmup_steps: int
     batch_size: int
     lr: float
     quant_lr: float

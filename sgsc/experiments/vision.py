@@ -655,7 +655,8 @@ def pareto_plot(result: dict, path: str | Path) -> Path:
     axis.set_xscale("log")
     axis.set_xlabel("on-disk bytes of the exported file (log scale)")
     axis.set_ylabel("test accuracy")
-    axis.set_title(f"{result['seeds'][0]['data']['source']}: accuracy vs size ({len(result['seeds'])} seeds)")
+    data_name = Path(result["seeds"][0]["data"]["source"]).name  # the data set's folder, not the whole path
+    axis.set_title(f"{data_name}: accuracy vs size ({len(result['seeds'])} seeds)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never over them
     figure.tight_layout()
