@@ -262,6 +262,15 @@ def test_equal_size_falls_back_to_the_first_seeds_runs_within_5pct():
     assert [r["gamma"] for r in t["unsafe_equal_size"]] == [0.01]
 
 
+def test_a_smaller_and_more_accurate_sized_unsafe_run_is_never_beaten():
+    close = _first_seed((0.89, 100), (0.80, 60), (0.88, 103, 0.02))
+    smaller_and_better = vision.targets(_table((0.89, 100), (0.892, 90)), close, 0.1, 0.05)
+    assert smaller_and_better["unsafe_sized"]["dominates_sgsc"] and not smaller_and_better["beats_unsafe"]
+    # smaller but less accurate: the first seed's equal-size runs decide, as before
+    smaller_and_worse = vision.targets(_table((0.89, 100), (0.88, 90)), close, 0.1, 0.05)
+    assert not smaller_and_worse["unsafe_sized"]["dominates_sgsc"] and smaller_and_worse["beats_unsafe"]
+
+
 def test_report_calls_an_equal_size_difference_inside_the_seed_spread_a_tie():
     seed = _first_seed((0.89, 100), (0.80, 60))
     for sgsc_accuracy, tie in ((0.8905, True), (0.905, False)):

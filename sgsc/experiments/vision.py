@@ -422,7 +422,8 @@ def targets(table: dict, seed_result: dict, gamma: float, sized_gamma: float) ->
 
     "Equal size" is judged on every seed with unsafe at ``sized_gamma`` when its mean file is within 5%
     of SGSC's; otherwise on the first seed's unsafe runs (main gamma and sweep) within 5% of its SGSC
-    file (with none that close, the nearest is named and the comparison is not made).
+    file (with none that close, the nearest is named and the comparison is not made). Either way, SGSC
+    does not beat unsafe when the sized unsafe run is smaller (or within 5%) and more accurate.
     """
     gap = 100.0 * (table["sgsc"]["test_accuracy"]["mean"] - table["float"]["test_accuracy"]["mean"])
     pct = table["sgsc"]["pct_of_float"]["mean"]
@@ -433,6 +434,10 @@ def targets(table: dict, seed_result: dict, gamma: float, sized_gamma: float) ->
         beats = sized["sgsc_minus_unsafe_points"] > 0
     else:
         beats = close and all(sgsc_first > r["test_accuracy"] for r in first_seed)
+    # unsafe files no larger than SGSC's (beyond the 5% bound) that are also more accurate beat SGSC at
+    # its size, whichever runs the 5% rule compared: more bytes would not make unsafe less accurate
+    sized["dominates_sgsc"] = sized["size_ratio"] <= 1 + EQUAL_SIZE and sized["sgsc_minus_unsafe_points"] < 0
+    beats = beats and not sized["dominates_sgsc"]
     return {
         "accuracy_gap_points": gap,
         "accuracy_met": round(gap, 9) >= -0.3,  # a gap of exactly 0.3 points meets it, float noise aside
