@@ -111,8 +111,8 @@ def _equal_size(t: dict, sgsc_std_points: float) -> str:
         f"({100 * (r['size_ratio'] - 1):+.1f}% size)" for r in t["unsafe_equal_size"]
     )
     closeness = "within 5% of SGSC's size" if t["unsafe_within_5pct"] else "none within 5%; the nearest"
-    dominated = ("; unsafe at that gamma is no larger and more accurate, so it beats SGSC at SGSC's size"
-                 if sized.get("dominates_sgsc") else "")
+    dominated = (f"; over every seed, unsafe at gamma {sized['gamma']:g} is no larger than SGSC and more accurate, "
+                 "so it beats SGSC at SGSC's size" if sized.get("dominates_sgsc") else "")
     return f"{every_seed}; first seed's unsafe runs {closeness}: {first_seed}{dominated}"
 
 
