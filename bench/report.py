@@ -27,7 +27,7 @@ def render(path: Path) -> str:
     ]
     for r in rows:
         mine = ours.get((r["shape"], r["pass"]))
-        speedup = "" if mine is None or r is mine or r["provider"].startswith("copy") else f"{r['median_us'] / mine['median_us']:.2f}x"
+        speedup = "" if mine is None or r is mine or r["provider"].startswith(("copy", "floor")) else f"{r['median_us'] / mine['median_us']:.2f}x"
         pct = "" if r["pct_of_copy_bandwidth"] is None else f"{r['pct_of_copy_bandwidth']:.0f}%"
         lines.append(
             f"| {r['shape']} | {r['pass']} | {r['provider']} | {r['median_us']:.1f} | {r['iqr_us']:.1f} "
