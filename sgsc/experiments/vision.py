@@ -434,8 +434,8 @@ def targets(table: dict, seed_result: dict, gamma: float, sized_gamma: float) ->
         beats = sized["sgsc_minus_unsafe_points"] > 0
     else:
         beats = close and all(sgsc_first > r["test_accuracy"] for r in first_seed)
-    # unsafe files no larger than SGSC's (beyond the 5% bound) that are also more accurate beat SGSC at
-    # its size, whichever runs the 5% rule compared: more bytes would not make unsafe less accurate
+    # sized unsafe files at most 5% larger than SGSC's (or smaller) that are also more accurate beat SGSC
+    # at its size, whichever runs the 5% rule compared: more bytes would not make unsafe less accurate
     sized["dominates_sgsc"] = sized["size_ratio"] <= 1 + EQUAL_SIZE and sized["sgsc_minus_unsafe_points"] < 0
     beats = beats and not sized["dominates_sgsc"]
     return {
