@@ -281,14 +281,20 @@ def _read(path: Path) -> _PackedFile:
         rebuilt = _architecture(header["model"], header["config"])
     except (ValueError, TypeError) as exc:
         raise PackedFileError(f"{path}: cannot rebuild model {header['model']!r} from the header's config: {exc}") from exc
-    dtypes = header.get("dtypes", {})
+    unknown = set(header.get("dtypes", {})) - set(rebuilt.state_dict())
+    if unknown:
+        raise PackedFileError(f"{path}: the header gives dtypes for {sorted(unknown)}, which the model lacks")
     plain = _plain_state(rebuilt)
-    if not set(dtypes) <= set(rebuilt.state_dict()):
-        raise PackedFileError(f"{path}: the header gives dtypes for {sorted(set(dtypes) - set(rebuilt.state_dict()))}, which the model lacks")
-    state_dtypes = {key: _parse_dtype(path, dtypes[key]) if key in dtypes else value.dtype for key, value in plain.items()}
+    state_dtypes = {key: _stored_dtype(path, header, key, value.dtype) for key, value in plain.items()}
     packed_file = _PackedFile(header, tensors, _layer_slots(rebuilt), state_dtypes, {key: tuple(v.shape) for key, v in plain.items()})
     _check_streams(path, packed_file)
     return packed_file
+
+
+def _stored_dtype(path: Path, header: dict, key: str, built: torch.dtype) -> torch.dtype:
+    """The dtype state-dict entry ``key`` was exported with: the header's exception, else the built one."""
+    name = header.get("dtypes", {}).get(key)
+    return built if name is None else _parse_dtype(path, name)
 
 
 def _parse_dtype(path: Path, name) -> torch.dtype:
@@ -423,12 +429,11 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     model = _architecture(header["model"], header["config"], device="cpu")
     # assign, not copy: a tensor keeps the dtype it was stored with
     model.load_state_dict(_stored_plain_state(packed_file), strict=False, assign=True)
-    dtypes = header.get("dtypes", {})
     layers = dict(quantized_layers(model))
     for slot, packed, widths, scales in _packed_layers(packed_file):
         layer = layers[slot.name]
         prefix = f"{slot.name}." if slot.name else ""
-        dtype = _parse_dtype(path, dtypes.get(f"{prefix}weight", _dtype_name(layer.weight.dtype)))
+        dtype = _stored_dtype(path, header, f"{prefix}weight", layer.weight.dtype)
         weight = _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
         replace_submodule(model, slot.name, float_layer(layer.to(device), weight))
     return model.to(device).eval()

@@ -296,6 +296,17 @@ def method_jobs(settings: VisionSettings, seed: int, run: VisionRunData, final: 
     return jobs
 
 
+def _sweep_prefix(method: str) -> str:
+    return f"{method} gamma="
+
+
+def _sweep_rows(seed_result: dict, method: str) -> list[tuple[float, dict]]:
+    """``(gamma, row)`` of each gamma-sweep run of ``method`` in a first seed's extra runs."""
+    prefix = _sweep_prefix(method)
+    return [(float(row["name"].removeprefix(prefix)), row) for row in seed_result.get("extra", [])
+            if row["group"] == "sweep" and row["name"].startswith(prefix)]
+
+
 def ablation_jobs(settings: VisionSettings, seed: int, run: VisionRunData, start: nn.Module):
     """``(group, name, thunk)`` of the first seed's extra runs: rounding, preservation criteria, gamma sweep."""
     config = settings.train_config(seed)
@@ -314,8 +325,9 @@ def ablation_jobs(settings: VisionSettings, seed: int, run: VisionRunData, start
         if gamma == settings.gamma:
             continue
         swept = dataclasses.replace(config, gamma=gamma)
-        jobs.append(("sweep", f"sgsc gamma={gamma:g}", lambda swept=swept: self_compress(start, swept, run)))
-        jobs.append(("sweep", f"unsafe gamma={gamma:g}", lambda swept=swept: self_compress(start, unsafe(swept), run)))
+        jobs.append(("sweep", f"{_sweep_prefix('sgsc')}{gamma:g}", lambda swept=swept: self_compress(start, swept, run)))
+        jobs.append(("sweep", f"{_sweep_prefix('unsafe')}{gamma:g}",
+                     lambda swept=swept: self_compress(start, unsafe(swept), run)))
     return jobs
 
 
@@ -407,8 +419,7 @@ def _first_seed_unsafe(seed_result: dict, gamma: float) -> tuple[list[dict], boo
     """The first seed's unsafe runs (main gamma and sweep) within 5% of its SGSC file, else the nearest."""
     sgsc = seed_result["methods"]["sgsc"]
     runs = [{"gamma": gamma, **seed_result["methods"]["unsafe"]}]
-    runs += [{"gamma": float(row["name"].split("=")[1]), **row} for row in seed_result.get("extra", [])
-             if row["group"] == "sweep" and row["name"].startswith("unsafe")]
+    runs += [{"gamma": gamma, **row} for gamma, row in _sweep_rows(seed_result, "unsafe")]
     for row in runs:
         row["size_ratio"] = row["file_bytes"] / sgsc["file_bytes"]
     close = [r for r in runs if abs(r["size_ratio"] - 1) <= EQUAL_SIZE]
@@ -630,8 +641,7 @@ def _sweep_points(result: dict, method: str) -> list[tuple[int, float]]:
     # the sized unsafe run is one more gamma of the unsafe loop; SGSC has no sized twin
     rows = [first["methods"][name] for name in (method, f"{method}_sized") if name in first["methods"]]
     points = [(row["file_bytes"], row["test_accuracy"]) for row in rows]
-    points += [(row["file_bytes"], row["test_accuracy"]) for row in first.get("extra", [])
-               if row["group"] == "sweep" and row["name"].startswith(method + " ")]
+    points += [(row["file_bytes"], row["test_accuracy"]) for _, row in _sweep_rows(first, method)]
     return sorted(points)
 
 
