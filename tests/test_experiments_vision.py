@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -63,8 +64,8 @@ def test_every_method_runs_on_every_seed_with_every_measurement(quick):
         assert stats["test_accuracy"]["n"] == 2
     groups = [(r["group"], r["name"]) for r in result["seeds"][0]["extra"]]
     assert groups == [("rounding", "floor"), ("preservation", "gradcam"), ("preservation", "uncertainty"),
-                      ("preservation", "diversity"), ("preservation", "random"), ("sweep", "sgsc gamma=0.3"),
-                      ("sweep", "unsafe gamma=0.3")]
+                      ("preservation", "diversity"), ("preservation", "random"), ("safety", "restore only"),
+                      ("safety", "preservation loss only"), ("sweep", "sgsc gamma=0.3"), ("sweep", "unsafe gamma=0.3")]
     assert "extra" not in result["seeds"][1]
     assert (out / vision.RESULT_FILE).is_file() and (out / vision.PLOT_FILE).stat().st_size > 10_000
 
@@ -110,7 +111,8 @@ def test_report_renders_every_method_ablation_and_the_command(quick, tmp_path):
     for label in vision.METHODS.values():
         assert f"| {label} |" in text
     for needle in ("### Ablation: rounding", "| floor |", "| gradcam |", "| uncertainty |", "| diversity |",
-                   "| random |", "| sgsc gamma=0.3 |", "### Robustness", result["command"], "Seeds 0, 1",
+                   "| random |", "### Ablation: the two halves", "| neither (the unsafe row) |", "| restore only |",
+                   "| preservation loss only |", "| sgsc gamma=0.3 |", "### Robustness", result["command"], "Seeds 0, 1",
                    result["meta"]["machine"], "SGSC accuracy >= float - 0.3 points"):
         assert needle in text, needle
     sgsc_stats = result["table"]["sgsc"]["test_accuracy"]
@@ -326,6 +328,16 @@ def test_random_preservation_ablation_asks_the_trainer_for_a_random_set(monkeypa
     jobs = vision.ablation_jobs(vision.quick_settings(), 0, None, None)
     methods = {name: job().preservation_method for group, name, job in jobs if group == "preservation"}
     assert methods == {"gradcam": "criteria", "uncertainty": "criteria", "diversity": "criteria", "random": "random"}
+
+
+def test_safety_ablation_keeps_one_half_of_sgscs_safety_at_a_time(monkeypatch):
+    monkeypatch.setattr(vision, "self_compress", lambda start, config, run: config)
+    settings = vision.quick_settings()
+    jobs = {name: job() for group, name, job in vision.ablation_jobs(settings, 0, None, None) if group == "safety"}
+    sgsc = settings.train_config(0)
+    assert sgsc.lambda_ > 0 and sgsc.restore
+    assert jobs["restore only"] == dataclasses.replace(sgsc, lambda_=0.0)
+    assert jobs["preservation loss only"] == dataclasses.replace(sgsc, restore=False)
 
 
 def test_sized_unsafe_job_trains_unsafe_at_the_sized_gamma(monkeypatch):

@@ -159,11 +159,10 @@ def _method_notes(result: dict) -> list[str]:
     ]
 
 
-def _extra_table(result: dict, group: str, reference: tuple[str, dict] | None) -> list[str]:
+def _extra_table(result: dict, group: str, references: tuple[tuple[str, dict], ...] = ()) -> list[str]:
+    """The first seed's ``group`` runs, after the ``(label, row)`` references they are read against."""
     first = result["seeds"][0]
-    rows = [(r["name"], r) for r in first.get("extra", []) if r["group"] == group]
-    if reference is not None:
-        rows.insert(0, reference)
+    rows = [*references, *((r["name"], r) for r in first.get("extra", []) if r["group"] == group)]
     lines = ["| variant | test accuracy (%) | val accuracy (%) | bytes on disk | % of float32 | bits/weight "
              "| conv channels kept |", "|---|---|---|---|---|---|---|"]
     for name, r in rows:
@@ -212,20 +211,31 @@ def vision_markdown(result: dict, results_dir: Path, output: Path) -> str:
         raise ValueError("result must be the content of vision.json (experiment 'vision')")
     first = result["seeds"][0]
     plot = Path(os.path.relpath(results_dir / result["plot"], output.resolve().parent)).as_posix()
-    sgsc_reference = ("all three criteria (the SGSC row)", first["methods"]["sgsc"])
-    rounding_reference = (f"{result['settings']['rounding']} (the SGSC row)", first["methods"]["sgsc"])
+    methods = first["methods"]
+    sgsc_reference = ("all three criteria (the SGSC row)", methods["sgsc"])
+    rounding_reference = (f"{result['settings']['rounding']} (the SGSC row)", methods["sgsc"])
+    safety_references = (
+        ("neither (the unsafe row)", methods["unsafe"]),
+        ("both (the SGSC row)", methods["sgsc"]),
+        (f"neither, gamma {result['settings']['sized_unsafe_gamma']:g} (the sized unsafe row)", methods["unsafe_sized"]),
+    )
     lines = ["## Table I: paper CNN (vision)", "", *_setup(result), *_main_table(result), *_targets(result),
              *_method_notes(result)]
     extra_groups = {r["group"] for r in first.get("extra", [])}
     if "rounding" in extra_groups:
         lines += [f"### Ablation: rounding (SGSC, seed {first['seed']})", "",
-                  *_extra_table(result, "rounding", rounding_reference), *_rounding_verdict(result)]
+                  *_extra_table(result, "rounding", (rounding_reference,)), *_rounding_verdict(result)]
     if "preservation" in extra_groups:
         lines += [f"### Ablation: preservation criterion (SGSC, seed {first['seed']}, same set size)", "",
-                  *_extra_table(result, "preservation", sgsc_reference)]
+                  *_extra_table(result, "preservation", (sgsc_reference,))]
+    if "safety" in extra_groups:
+        lines += [f"### Ablation: the two halves of SGSC's safety (seed {first['seed']}, gamma "
+                  f"{result['settings']['gamma']:g} unless named)", "",
+                  "Restore alone is SGSC with lambda 0; the preservation loss alone is SGSC without restore.", "",
+                  *_extra_table(result, "safety", safety_references)]
     lines += [f"### Accuracy vs on-disk bytes (gamma sweep of SGSC and unsafe on seed {first['seed']})", ""]
     if "sweep" in extra_groups:
-        lines += _extra_table(result, "sweep", None)
+        lines += _extra_table(result, "sweep")
     lines += [f"![accuracy vs bytes]({plot})", "", *_robustness(result)]
     return "\n".join(lines)
 

@@ -9,8 +9,9 @@ file), loaded back, and measured from the loaded file: test and validation accur
 average stored bits per weight, CPU latency at batch 1 and 256.
 
 On the first seed it also runs the ablations (rounding mode; each preservation criterion alone and a
-random set of the same size), a gamma sweep of SGSC and unsafe, and the robustness checks, and draws
-accuracy against on-disk bytes for every method (``vision_pareto.png``).
+random set of the same size; restore alone and the preservation loss alone), a gamma sweep of SGSC
+and unsafe, and the robustness checks, and draws accuracy against on-disk bytes for every method
+(``vision_pareto.png``).
 
 Hyper-parameters are chosen on the validation split (carved from the training data); the test
 split is only reported.
@@ -72,6 +73,8 @@ QAT_BITS = {"qat_8": 8, "qat_4": 4, "qat_2": 2}
 PRUNE_SPARSITY = {"prune50_int8": 0.5, "prune80_int8": 0.8}
 # preservation ablation: each criterion alone, and a random subset of the same size
 CRITERIA_ALONE = {"gradcam": (1.0, 0.0, 0.0), "uncertainty": (0.0, 1.0, 0.0), "diversity": (0.0, 0.0, 1.0)}
+# safety ablation: each half of SGSC's safety alone (unsafe has neither, SGSC both)
+SAFETY_ALONE = {"restore only": {"lambda_": 0.0}, "preservation loss only": {"restore": False}}
 EQUAL_SIZE = 0.05  # files within 5% of each other's bytes count as equal size (the issue's bound)
 TABLE_KEYS = ("test_accuracy", "val_accuracy", "file_bytes", "pct_of_float", "zlib_bytes", "average_bits",
               "latency_batch1_ms", "latency_batch256_ms", "train_seconds")
@@ -308,7 +311,8 @@ def _sweep_rows(seed_result: dict, method: str) -> list[tuple[float, dict]]:
 
 
 def ablation_jobs(settings: VisionSettings, seed: int, run: VisionRunData, start: nn.Module):
-    """``(group, name, thunk)`` of the first seed's extra runs: rounding, preservation criteria, gamma sweep."""
+    """``(group, name, thunk)`` of the first seed's extra runs: rounding, preservation criteria, each half of
+    the safety machinery alone, gamma sweep."""
     config = settings.train_config(seed)
     jobs = []
     if settings.ablations:
@@ -321,6 +325,9 @@ def ablation_jobs(settings: VisionSettings, seed: int, run: VisionRunData, start
             jobs.append(("preservation", name, lambda alone=alone: self_compress(start, alone, run)))
         drawn = dataclasses.replace(config, preservation_method="random")
         jobs.append(("preservation", "random", lambda: self_compress(start, drawn, run)))
+        for name, change in SAFETY_ALONE.items():
+            half = dataclasses.replace(config, **change)
+            jobs.append(("safety", name, lambda half=half: self_compress(start, half, run)))
     for gamma in settings.sweep_gammas:
         if gamma == settings.gamma:
             continue
@@ -393,7 +400,7 @@ def _run_robustness(settings, run: VisionRunData, loaded: dict, seed: int, bar) 
 
 def _extra_count(settings: VisionSettings) -> int:
     """Runs beyond Table I on the first seed: ablations and the gamma sweep."""
-    extras = len(ROUNDING_MODES) - 1 + len(CRITERIA_ALONE) + 1 if settings.ablations else 0
+    extras = len(ROUNDING_MODES) - 1 + len(CRITERIA_ALONE) + 1 + len(SAFETY_ALONE) if settings.ablations else 0
     return extras + 2 * sum(1 for g in settings.sweep_gammas if g != settings.gamma)
 
 
