@@ -1,8 +1,9 @@
 """The packed model file: export a trained sgsc model, inspect it, load it back as a runnable model.
 
 The file is a safetensors file (no pickle: loading can never run code). It holds the integer codes
-of every quantized layer's groups packed at each group's *smallest* width (``sgsc.ops.pack``), the
-widths and the per-group scales ``2^e``, each concatenated over the layers into one stream; every
+of every quantized layer's groups packed at each group's *smallest* width, each group dense or, when
+that is smaller, as a bitmask and its nonzero codes (:mod:`sgsc.codec`), the width bytes and the
+per-group scales ``2^e``, each concatenated over the layers into one stream; every
 other tensor of the state dict (biases, norms, embeddings, batch-norm statistics) is stored as it
 is, concatenated into one stream per dtype. A JSON header in the safetensors metadata names the
 format and version, the model's registry name and config (which fix every shape, so the streams
@@ -27,15 +28,17 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from sgsc import ops
+from sgsc import codec
 from sgsc._io import atomic_write
 from sgsc.layers import QConv2d, QLinear, quantized_layers, replace_submodule
 from sgsc.models import build_model, model_name
 from sgsc.reference import group_params
 
 FORMAT_NAME = "sgsc-packed"
-FORMAT_VERSION = 2
-MAX_WIDTH = 32
+FORMAT_VERSION = 3
+# version 3 added sparse groups; a version 2 file is a version 3 file without them
+READABLE_VERSIONS = (2, 3)
+MAX_WIDTH = codec.MAX_WIDTH
 CODES, WIDTHS, SCALES = "codes", "widths", "scales"
 _STATE_PREFIX = "state."
 HEADER_CRC_TENSOR = "header.crc32"
@@ -181,10 +184,8 @@ def _pack_layer(name: str, layer: QLinear | QConv2d) -> tuple[torch.Tensor, torc
             f"layer {name!r} group {g} needs {int(widths[g])} bits: at b >= 32 the float32 clamp bound "
             "2^31 - 1 rounds to 2^31; lower that group's bit depth before exporting"
         )
-    widths = widths.to(torch.uint8).cpu()
-    # a layer whose groups were all removed (a block with no heads left) has nothing to pack
-    packed = ops.pack(codes.to(torch.int32).cpu(), widths) if layer.quant_groups else torch.empty(0, dtype=torch.uint8)
-    return packed, widths, scales.cpu()
+    packed, width_bytes = codec.encode(codes, widths)
+    return packed, width_bytes, scales.cpu()
 
 
 def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -252,6 +253,7 @@ class _PackedFile:
     slots: list[_LayerSlot]
     state_dtypes: dict[str, torch.dtype]  # plain state-dict entry -> its stored dtype, in stream order
     state_shapes: dict[str, tuple[int, ...]]
+    code_spans: list[slice] = dataclasses.field(default_factory=list)  # each layer's bytes of ``codes``
 
 
 def _read(path: Path) -> _PackedFile:
@@ -307,9 +309,10 @@ def _parse_dtype(path: Path, name) -> torch.dtype:
 def _check_header(path: Path, header: dict) -> None:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise PackedFileError(f"{path}: header format is {header.get('format') if isinstance(header, dict) else header!r}, expected {FORMAT_NAME!r}")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in READABLE_VERSIONS or isinstance(header.get("version"), bool):
         raise PackedFileError(
-            f"{path}: format version {header.get('version')!r} is not supported by this sgsc (reads version {FORMAT_VERSION})"
+            f"{path}: format version {header.get('version')!r} is not supported by this sgsc (reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     for key in ("model", "config", "crc32"):
         if key not in header:
@@ -346,10 +349,12 @@ def _check_streams(path: Path, packed_file: _PackedFile) -> None:
     groups = sum(slot.groups for slot in slots)
     _check_stream(path, tensors, WIDTHS, torch.uint8, groups)
     _check_stream(path, tensors, SCALES, torch.float32, groups)
-    widths = tensors[WIDTHS]
-    if widths.numel() and int(widths.max()) > MAX_WIDTH:
-        raise PackedFileError(f"{path}: a width in {WIDTHS!r} is above {MAX_WIDTH}")
-    _check_stream(path, tensors, CODES, torch.uint8, sum(_packed_bytes(widths[slot.group_span()], slot) for slot in slots))
+    try:
+        codec.check_width_bytes(tensors[WIDTHS], sparse_allowed=packed_file.header["version"] >= 3)
+    except codec.CodecError as exc:
+        raise PackedFileError(f"{path}: {WIDTHS!r}: {exc}") from None
+    packed_file.code_spans = _code_spans(path, tensors, slots)
+    _check_stream(path, tensors, CODES, torch.uint8, packed_file.code_spans[-1].stop if slots else 0)
     state_lengths: dict[str, int] = {}
     for key, dtype in packed_file.state_dtypes.items():
         stream = _state_stream(dtype)
@@ -361,20 +366,32 @@ def _check_streams(path: Path, packed_file: _PackedFile) -> None:
         raise PackedFileError(f"{path}: tensors {sorted(unexpected)} have no place in this architecture")
 
 
-def _packed_bytes(layer_widths: torch.Tensor, slot: _LayerSlot) -> int:
-    if slot.groups == 0:
-        return 0
-    return int(ops.packed_group_offsets(layer_widths, slot.group_len)[-1])
+def _code_spans(path: Path, tensors: dict, slots: list[_LayerSlot]) -> list[slice]:
+    """Where each layer's stream lies in ``codes``: its dense groups' widths and sparse groups' masks say."""
+    codes = tensors.get(CODES)
+    if codes is None:
+        raise PackedFileError(f"{path}: tensor {CODES!r} is missing")
+    if codes.dtype != torch.uint8 or codes.dim() != 1:
+        raise PackedFileError(f"{path}: tensor {CODES!r} must be a 1-D uint8 stream, got "
+                              f"{_dtype_name(codes.dtype)} {tuple(codes.shape)}")
+    spans, offset = [], 0
+    for slot in slots:
+        length = 0
+        if slot.groups:
+            try:
+                length = codec.stream_length(codes, offset, tensors[WIDTHS][slot.group_span()], slot.group_len)
+            except codec.CodecError as exc:
+                raise PackedFileError(f"{path}: tensor {CODES!r}, layer {slot.name!r}: {exc}") from None
+        spans.append(slice(offset, offset + length))
+        offset += length
+    return spans
 
 
 def _packed_layers(packed_file: _PackedFile):
-    """``(slot, packed stream, widths, scales)`` of each quantized layer, in layer order."""
-    tensors, offset = packed_file.tensors, 0
-    for slot in packed_file.slots:
-        widths, scales = tensors[WIDTHS][slot.group_span()], tensors[SCALES][slot.group_span()]
-        length = _packed_bytes(widths, slot)
-        yield slot, tensors[CODES][offset:offset + length], widths, scales
-        offset += length
+    """``(slot, packed stream, width bytes, scales)`` of each quantized layer, in layer order."""
+    tensors = packed_file.tensors
+    for slot, span in zip(packed_file.slots, packed_file.code_spans):
+        yield slot, tensors[CODES][span], tensors[WIDTHS][slot.group_span()], tensors[SCALES][slot.group_span()]
 
 
 def _dequantized_weight(path: Path, slot: _LayerSlot, packed, widths, scales, dtype: torch.dtype, device) -> torch.Tensor:
@@ -382,7 +399,7 @@ def _dequantized_weight(path: Path, slot: _LayerSlot, packed, widths, scales, dt
         return torch.zeros(slot.shape, dtype=dtype, device=device)
     rows_per_group, row_len = slot.shape[0] // slot.groups, slot.numel // slot.shape[0]
     try:
-        codes = ops.unpack(packed.to(device), widths.to(device), rows_per_group, row_len)
+        codes = codec.decode(packed.to(device), widths, rows_per_group, row_len)
     except ValueError as exc:
         raise PackedFileError(f"{path}: layer {slot.name!r}: {exc}") from exc
     weight = codes.reshape(slot.groups, -1).to(torch.float32) * scales.to(device).unsqueeze(1)
@@ -448,6 +465,7 @@ class LayerSummary:
     shape: list[int]
     groups: int
     width_histogram: dict[int, int]
+    sparse_groups: int  # stored as a nonzero mask and the nonzero codes
     packed_bytes: int
     float32_bytes: int
 
@@ -456,7 +474,7 @@ class LayerSummary:
 class PackedSummary:
     path: str
     file_bytes: int
-    packed_bytes: int  # sum over groups of ceil(width * L / 8): the theoretical payload
+    packed_bytes: int  # the codes stream: each group dense, or mask plus nonzero codes
     group_metadata_bytes: int  # one width byte and one float32 scale per group
     plain_bytes: int  # tensors stored as they are
     float32_bytes: int  # the same model with every quantized weight in float32
@@ -482,11 +500,13 @@ def summarize(path: str | os.PathLike) -> PackedSummary:
     path = Path(path)
     packed_file = _read(path)
     layers = []
-    for slot, packed, widths, _ in _packed_layers(packed_file):
+    for slot, packed, width_bytes, _ in _packed_layers(packed_file):
         histogram: dict[int, int] = {}
-        for width in widths.tolist():
+        for width in (width_bytes.to(torch.int64) & codec.WIDTH_BITS).tolist():
             histogram[width] = histogram.get(width, 0) + 1
-        layers.append(LayerSummary(slot.name, list(slot.shape), slot.groups, dict(sorted(histogram.items())), packed.numel(), 4 * slot.numel))
+        sparse = int((width_bytes.to(torch.int64) & codec.SPARSE_FLAG != 0).sum())
+        layers.append(LayerSummary(slot.name, list(slot.shape), slot.groups, dict(sorted(histogram.items())), sparse,
+                                   packed.numel(), 4 * slot.numel))
     plain = sum(t.numel() * t.element_size() for key, t in packed_file.tensors.items() if key.startswith(_STATE_PREFIX))
     groups = sum(layer.groups for layer in layers)
     return PackedSummary(
@@ -502,17 +522,19 @@ def summarize(path: str | os.PathLike) -> PackedSummary:
 
 def format_summary(summary: PackedSummary) -> str:
     """The table `sgsc inspect` prints: one row per quantized layer, then the totals."""
-    rows = [f"{'layer':<28} {'shape':<18} {'groups':>6}  {'bits histogram (width:groups)':<34} {'bytes':>10} {'share':>6}"]
+    rows = [f"{'layer':<28} {'shape':<18} {'groups':>6}  {'bits histogram (width:groups)':<34} {'sparse':>6} "
+            f"{'bytes':>10} {'share':>6}"]
     total = summary.file_bytes
     for layer in summary.layers:
         histogram = " ".join(f"{w}:{n}" for w, n in layer.width_histogram.items())
         rows.append(
             f"{layer.name:<28} {'x'.join(map(str, layer.shape)):<18} {layer.groups:>6}  {histogram:<34} "
-            f"{layer.packed_bytes:>10} {100 * layer.packed_bytes / total:>5.1f}%"
+            f"{layer.sparse_groups:>6} {layer.packed_bytes:>10} {100 * layer.packed_bytes / total:>5.1f}%"
         )
     rows += [
         "",
-        f"packed weights (theoretical, sum of ceil(width x L / 8) per group): {summary.packed_bytes} bytes, "
+        f"packed weights (per group ceil(width x L / 8), or for sparse groups a mask of ceil(L / 8) and the "
+        f"nonzero codes): {summary.packed_bytes} bytes, "
         f"{summary.average_bits:.3f} bits per weight",
         f"per-group widths and scales: {summary.group_metadata_bytes} bytes",
         f"other tensors stored as they are (biases, norms, embeddings): {summary.plain_bytes} bytes",

@@ -56,6 +56,7 @@ def test_json_is_written_and_matches_the_result(quick):
     assert meta["seeds"] == list(SEEDS) and meta["steps"] == language.QUICK.steps
     assert meta["hyper_parameters"]["gamma"] == language.QUICK.gamma
     assert "--quick" in meta["command"] and "--seeds 0 1" in meta["command"]
+    assert f"--threads {meta['torch_threads']}" in meta["command"]
     for key in ("machine", "device", "torch", "commit", "torch_threads"):
         assert key in meta
 

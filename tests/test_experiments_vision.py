@@ -92,10 +92,11 @@ def test_the_methods_behave_as_their_names_say(quick):
         assert rows["ptq_int8"]["average_bits"] == 8.0 and 3.5 < rows["ptq_int4"]["average_bits"] <= 4.1
         assert rows["qat_2"]["file_bytes"] < rows["qat_4"]["file_bytes"] < rows["qat_8"]["file_bytes"]
         assert rows["float"]["average_bits"] == 32.0 and rows["float"]["pct_of_float"] == 100.0
-        # magnitude pruning really zeroes the weights; the packed format still stores them at 8 bits,
-        # which is why only the zlib column shrinks
+        # magnitude pruning really zeroes the weights, and the packed file stores mostly-zero groups
+        # sparse, so the files shrink with the sparsity
         # (the schedule prunes floor(s * N) weights, so allow one weight short of the fraction)
         assert rows["prune50_int8"]["sparsity"] >= 0.5 - 1e-3 and rows["prune80_int8"]["sparsity"] >= 0.8 - 1e-3
+        assert rows["prune80_int8"]["file_bytes"] < rows["prune50_int8"]["file_bytes"] < rows["ptq_int8"]["file_bytes"]
         assert rows["prune80_int8"]["zlib_bytes"] < rows["prune50_int8"]["zlib_bytes"] < rows["ptq_int8"]["zlib_bytes"]
         # self-compression learns fewer bits than the 8 it starts from
         for name in ("sgsc", "unsafe", "unsafe_sized"):

@@ -116,7 +116,10 @@ def test_size_accounting_bounds_the_file(tmp_path):
     for _, layer in quantized_layers(model):
         codes, _ = export.integer_codes(layer)
         widths = export.minimal_widths(codes)
-        expected_packed += sum((int(w) * codes.shape[1] + 7) // 8 for w in widths)
+        length = codes.shape[1]
+        for w, nonzero in zip(widths.tolist(), (codes != 0).sum(1).tolist()):
+            # each group dense, or as a nonzero mask and the nonzero codes when that is smaller
+            expected_packed += min((w * length + 7) // 8, (length + 7) // 8 + (w * nonzero + 7) // 8 if w else 0)
     assert summary.packed_bytes == expected_packed
     assert summary.file_bytes == (tmp_path / "m.sgsc").stat().st_size
     # the streams are indexed by the architecture, so the framing stays well under a KiB
@@ -209,6 +212,49 @@ def test_rewriting_unchanged_gives_a_loadable_file(packed_file):
         assert torch.equal(export.load_packed(packed_file)(x), model(x))
 
 
+def _magnitude_pruned_cnn(sparsity=0.8):
+    """Every group at 8 bits, then the smallest ``sparsity`` of each layer's weights zeroed."""
+    model = _trained_cnn()
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            layer.bits.fill_(8.0)
+            layer.exponent.fill_(-6.0)
+            magnitude = layer.weight.abs().flatten()
+            cut = magnitude.kthvalue(int(sparsity * magnitude.numel())).values
+            layer.weight.masked_fill_(layer.weight.abs() <= cut, 0.0)
+    return model
+
+
+def test_mostly_zero_groups_are_stored_sparse_and_load_bit_exactly(tmp_path):
+    model = _magnitude_pruned_cnn()
+    summary = export.export_packed(model, tmp_path / "sparse.sgsc")
+    assert all(layer.sparse_groups == layer.groups for layer in summary.layers)
+    dense_bytes = 0
+    for _, layer in quantized_layers(model):
+        codes, _ = export.integer_codes(layer)
+        dense_bytes += sum((int(w) * codes.shape[1] + 7) // 8 for w in export.minimal_widths(codes))
+    # a bitmask plus a fifth of the codes: well under half of storing every zero at full width
+    assert summary.packed_bytes < 0.5 * dense_bytes
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(export.load_packed(tmp_path / "sparse.sgsc")(x), model(x))
+    assert " sparse " in export.format_summary(summary).splitlines()[0]
+
+
+def test_a_version_2_file_loads_unless_it_has_sparse_groups(tmp_path):
+    dense, sparse = tmp_path / "dense.sgsc", tmp_path / "sparse.sgsc"
+    model = _trained_cnn()
+    assert sum(layer.sparse_groups for layer in export.export_packed(model, dense).layers) == 0
+    export.export_packed(_magnitude_pruned_cnn(), sparse)
+    for path in (dense, sparse):
+        _rewrite(path, mutate_header=lambda h: h.update(version=2))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(export.load_packed(dense)(x), model(x))
+    with pytest.raises(export.PackedFileError, match="'widths': width byte 1[3-9][0-9] of group 0 is not a width 0..32$"):
+        export.load_packed(sparse)
+
+
 def test_wrong_format_version_is_rejected(packed_file):
     _rewrite(packed_file, mutate_header=lambda h: h.update(version=1))
     with pytest.raises(export.PackedFileError, match="format version 1 is not supported"):
@@ -233,7 +279,7 @@ def test_codes_that_do_not_fit_the_widths_are_rejected(packed_file):
         tensors["widths"][0] += 1
 
     _rewrite(packed_file, mutate_tensors=widen_first_group)
-    with pytest.raises(export.PackedFileError, match="'codes' must be uint8 of shape"):
+    with pytest.raises(export.PackedFileError, match="tensor 'codes'.* past the end of the stream"):
         export.load_packed(packed_file)
 
 
@@ -243,7 +289,7 @@ def test_a_width_above_32_is_rejected(packed_file):
         tensors["widths"][0] = 40
 
     _rewrite(packed_file, mutate_tensors=too_wide)
-    with pytest.raises(export.PackedFileError, match="above 32"):
+    with pytest.raises(export.PackedFileError, match="width byte 40 of group 0 is not a width 0..32"):
         export.load_packed(packed_file)
 
 

@@ -296,6 +296,7 @@ def command_line(corpus: Path, quick: bool, seeds: tuple[int, ...], steps: int |
     parts += ["--quick"] if quick else []
     parts += ["--seeds", *map(str, seeds)]
     parts += ["--steps", str(steps)] if steps is not None else []
+    parts += ["--threads", str(torch.get_num_threads())]  # the step times and latencies depend on it
     parts += ["--out", str(out_dir)]
     return shlex.join(parts)
 
