@@ -156,6 +156,10 @@ def _method_notes(result: dict) -> list[str]:
         "cubic schedule of Zhu & Gupta over the first 75% of the fine-tuning steps (8 updates), the mask fixed "
         "for the last 25%, then per-channel int8 calibration.",
         "",
+        "Every compressed model is a packed file (docs/FORMAT.md): each group at its smallest width, and a group whose codes "
+        "are mostly zero (magnitude pruning, or many small weights at low bits) as a bitmask and its nonzero codes "
+        "when that is smaller.",
+        "",
     ]
 
 
