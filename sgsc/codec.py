@@ -57,8 +57,8 @@ def encode(codes: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def check_width_bytes(width_bytes: torch.Tensor, *, sparse_allowed: bool = True) -> None:
     """Raise :class:`CodecError` unless every byte is a width 0..32, or 1..32 with the sparse flag."""
-    values = width_bytes.to(torch.int64)
-    widths, sparse = values & WIDTH_BITS, (values & SPARSE_FLAG) != 0
+    values = width_bytes.cpu().to(torch.int64)
+    widths, sparse = split_width_bytes(width_bytes)
     bad = (values & ~(WIDTH_BITS | SPARSE_FLAG) != 0) | (widths > MAX_WIDTH) | (sparse & (widths == 0))
     if not sparse_allowed:
         bad |= sparse
@@ -68,7 +68,8 @@ def check_width_bytes(width_bytes: torch.Tensor, *, sparse_allowed: bool = True)
                          + (" or a sparse width 1..32 (bit 7 set)" if sparse_allowed else ""))
 
 
-def _split(width_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_width_bytes(width_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's width (int64, on the CPU) and whether it is stored sparse."""
     values = width_bytes.cpu().to(torch.int64)
     return values & WIDTH_BITS, (values & SPARSE_FLAG) != 0
 
@@ -95,7 +96,7 @@ def _sparse_group(stream: torch.Tensor, start: int, width: int, group_len: int) 
 
 def stream_length(stream: torch.Tensor, start: int, width_bytes: torch.Tensor, group_len: int) -> int:
     """Bytes of the layer stream that begins at ``stream[start]``: sparse groups' masks say how many."""
-    widths, sparse = _split(width_bytes)
+    widths, sparse = split_width_bytes(width_bytes)
     end = start + _dense_length(widths, sparse, group_len)
     if end > stream.numel():
         raise CodecError(f"the dense groups need {end - start} bytes, past the end of the stream")
@@ -110,7 +111,7 @@ def decode(stream: torch.Tensor, width_bytes: torch.Tensor, rows_per_group: int,
     ``stream`` must be exactly the layer's bytes (see :func:`stream_length`).
     """
     device, group_len = stream.device, rows_per_group * row_len
-    widths, sparse = _split(width_bytes)
+    widths, sparse = split_width_bytes(width_bytes)
     groups = widths.numel()
     if not sparse.any():
         return ops.unpack(stream, widths.to(torch.uint8).to(device), rows_per_group, row_len)

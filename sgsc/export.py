@@ -501,12 +501,12 @@ def summarize(path: str | os.PathLike) -> PackedSummary:
     packed_file = _read(path)
     layers = []
     for slot, packed, width_bytes, _ in _packed_layers(packed_file):
+        widths, sparse = codec.split_width_bytes(width_bytes)
         histogram: dict[int, int] = {}
-        for width in (width_bytes.to(torch.int64) & codec.WIDTH_BITS).tolist():
+        for width in widths.tolist():
             histogram[width] = histogram.get(width, 0) + 1
-        sparse = int((width_bytes.to(torch.int64) & codec.SPARSE_FLAG != 0).sum())
-        layers.append(LayerSummary(slot.name, list(slot.shape), slot.groups, dict(sorted(histogram.items())), sparse,
-                                   packed.numel(), 4 * slot.numel))
+        layers.append(LayerSummary(slot.name, list(slot.shape), slot.groups, dict(sorted(histogram.items())),
+                                   int(sparse.sum()), packed.numel(), 4 * slot.numel))
     plain = sum(t.numel() * t.element_size() for key, t in packed_file.tensors.items() if key.startswith(_STATE_PREFIX))
     groups = sum(layer.groups for layer in layers)
     return PackedSummary(
