@@ -191,3 +191,10 @@ def test_cli(tmp_path, corpus, capsys, monkeypatch):
     args = parser.parse_args(["language", "--quick", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--corpus"):
         args.func(args)
+
+
+def test_the_commit_recorded_is_the_one_checked_out_when_the_run_started(corpus, tmp_path, monkeypatch):
+    checked_out = iter(["started-here", "checked-out-later"])
+    monkeypatch.setattr(common, "git_commit", lambda: next(checked_out))
+    result = language.run(corpus, quick=True, seeds=(0,), steps=4, out_dir=tmp_path, progress=False)
+    assert result["metadata"]["commit"] == "started-here"

@@ -70,8 +70,10 @@ def device_name(device: torch.device) -> str:
     return f"CPU: {_cpu_name()}"
 
 
-def metadata(device: torch.device) -> dict:
-    """Where and with what the numbers were measured: machine, device, threads, versions, commit, time."""
+def metadata(device: torch.device, commit: str | None) -> dict:
+    """Where and with what the numbers were measured: machine, device, threads, versions, time, and
+    ``commit``, which the caller reads with :func:`git_commit` when its run starts: the code that ran,
+    not whatever is checked out when a long run ends."""
     return {
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} logical CPUs, {_cpu_name()}",
         "device": device_name(device),
@@ -79,7 +81,7 @@ def metadata(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "sgsc": sgsc.__version__,
-        "commit": git_commit(),
+        "commit": commit,
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "argv": sys.argv,
     }

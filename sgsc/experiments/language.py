@@ -251,11 +251,11 @@ def _check_run_args(corpus, quick, seeds, steps, out_dir) -> tuple[Path, tuple[i
     return corpus, seeds, Path(out_dir)
 
 
-def metadata(command: str, hyper: Hyper, seeds: tuple[int, ...], corpus: Path) -> dict:
+def metadata(command: str, hyper: Hyper, seeds: tuple[int, ...], corpus: Path, commit: str | None) -> dict:
     """Where and how the numbers were measured (:func:`common.metadata`), plus the command and settings."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what the trainer's "auto" picks
     return {
-        **common.metadata(device),
+        **common.metadata(device, commit),
         "command": command,
         "corpus": str(corpus),
         "seeds": list(seeds),
@@ -312,6 +312,7 @@ def run(corpus, *, quick: bool = False, seeds=None, steps: int | None = None, ou
     corpus, seeds, out_dir = _check_run_args(corpus, quick, seeds, steps, out_dir)
     hyper = QUICK if quick else FULL
     hyper = hyper.with_steps(steps) if steps is not None else hyper
+    commit = common.git_commit()
     vocab = load_names(corpus).vocab  # the vocabulary covers every split, so it is the same for all seeds
     runs = []
     bar = tqdm(total=len(seeds) * len(METHODS), desc="language", disable=not progress, dynamic_ncols=True)
@@ -325,7 +326,7 @@ def run(corpus, *, quick: bool = False, seeds=None, steps: int | None = None, ou
     bar.close()
     result = {
         "experiment": "language",
-        "metadata": metadata(command_line(corpus, quick, seeds, steps, out_dir), hyper, seeds, corpus),
+        "metadata": metadata(command_line(corpus, quick, seeds, steps, out_dir), hyper, seeds, corpus, commit),
         "runs": runs,
         "summary": summarize(runs),
     }

@@ -89,8 +89,7 @@ def _main_table(result: dict) -> list[str]:
         "Accuracy, bytes and latency are measured on the model loaded back from its file (the float baseline from "
         "a float32 safetensors file, every other method from its sgsc packed file). Bits/weight: packed payload "
         "per quantized weight of the exported model (after any physical pruning of channels). zlib -9 bytes: the "
-        "same file after zlib, i.e. what an entropy coder would still remove (the packed format stores zeros of "
-        "unstructured pruning at full width). Latency: median of repeated forwards of the loaded model, timed "
+        "same file after zlib, i.e. what an entropy coder would still remove. Latency: median of repeated forwards of the loaded model, timed "
         "after all training finished, one model at a time. Training time: the method's own steps (float: all of "
         "them); runs of different seeds may have shared the CPU, so times are indicative.",
         "",

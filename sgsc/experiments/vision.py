@@ -38,7 +38,9 @@ from sgsc import export
 from sgsc.data import load_vision
 from sgsc.experiments import baselines
 from sgsc.experiments.common import (
+    device_name,
     float_mode,
+    git_commit,
     latency_ms,
     load_float,
     mean_std,
@@ -537,7 +539,7 @@ def run(settings: VisionSettings, out: str | Path = "results", workers: int = 1)
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), git_commit()
     seeds = _run_seeds(settings, out, min(workers, len(settings.seeds)))
     example = load_run_data(settings, settings.seeds[0]).data.test.tensors[0][0]
     for seed_result in tqdm(seeds, desc="latency", disable=not settings.progress):
@@ -547,7 +549,7 @@ def run(settings: VisionSettings, out: str | Path = "results", workers: int = 1)
     result = {
         "experiment": "vision",
         "command": command_line(settings, out, workers),
-        "meta": {**metadata(device), "latency_device": metadata(torch.device("cpu"))["device"],
+        "meta": {**metadata(device, commit), "latency_device": device_name(torch.device("cpu")),
                  "workers": workers, "wall_seconds": time.perf_counter() - started},
         "settings": dataclasses.asdict(settings),
         "methods": METHODS,
@@ -609,7 +611,7 @@ def tune(settings: VisionSettings, grid: list[tuple], out: str | Path = "results
     out = Path(out)
     seed = settings.seeds[0]
     run = load_run_data(settings, seed)
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), git_commit()
     final, start, _ = train_float(settings, seed, run)
     tuning_dir = out / "vision-tuning"
     float_row, _ = measure("float", final, run, tuning_dir)
@@ -628,7 +630,7 @@ def tune(settings: VisionSettings, grid: list[tuple], out: str | Path = "results
     result = {
         "experiment": "vision-tuning",
         "command": command_line(settings, out, workers) + " --tune " + " ".join(",".join(f"{v:g}" for v in p) for p in grid),
-        "meta": {**metadata(torch.device("cpu")), "workers": workers, "wall_seconds": time.perf_counter() - started},
+        "meta": {**metadata(torch.device("cpu"), commit), "workers": workers, "wall_seconds": time.perf_counter() - started},
         "settings": dataclasses.asdict(settings),
         "seed": seed,
         "float": {"val_accuracy": float_row["val_accuracy"], "file_bytes": float_row["file_bytes"]},
@@ -660,8 +662,9 @@ def pareto_plot(result: dict, path: str | Path) -> Path:
     figure = Figure(figsize=(11, 5))
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
-    # eleven methods outrun the ten-colour cycle: a marker of its own keeps each one apart
-    colors = {name: f"C{i % 10}" for i, name in enumerate(result["methods"])}
+    # eleven methods outrun the ten-colour cycle; black extends it, and a marker of its own keeps each apart
+    palette = [f"C{i}" for i in range(10)] + ["black"]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(result["methods"])}
     markers = dict(zip(result["methods"], itertools.cycle("osDv^<>phXP8d")))
     markers["sgsc"] = "*"
     for method in ("sgsc", "unsafe"):
