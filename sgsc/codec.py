@@ -1,17 +1,20 @@
 """One quantized layer's integer codes as bytes: each group dense or sparse, whichever is smaller.
 
-A *dense* group stores all of its ``L`` codes at its width ``w`` (``sgsc.ops.pack``):
-``ceil(w * L / 8)`` bytes. A *sparse* group stores a bitmask of its nonzero codes (``ceil(L / 8)``
-bytes) followed by only those codes at width ``w``: ``ceil(w * nnz / 8)`` bytes. Magnitude pruning
-leaves most codes of a layer zero, and a low-bit layer rounds many small weights to zero; sparse
-groups store those zeros in one bit each instead of ``w``.
+A *dense* group stores all of its ``L`` codes at its width ``w``: ``ceil(w * L / 8)`` bytes. A
+*sparse* group stores a bitmask of its nonzero codes (``ceil(L / 8)`` bytes) and only those codes,
+at width ``w``. Magnitude pruning leaves most codes of a layer zero, and a low-bit layer rounds many
+small weights to zero; sparse groups store those zeros in one bit each instead of ``w``.
 
 Each group's width byte says which: the low six bits are the width (0..32), bit 7 marks a sparse
-group. A layer's stream holds its dense groups first (one ``ops.pack`` stream over them, in group
-order), then each sparse group's mask and codes, in group order. docs/FORMAT.md specifies the bytes.
+group. A layer's stream holds, in this order: its dense groups (one ``ops.pack`` run over them);
+the masks of its sparse groups; and for each width its sparse groups use, in ascending order, one
+run of their nonzero codes at that width. Every part is a whole ``ops.pack``/``numpy.packbits``
+call, so the cost does not grow with the number of groups. docs/FORMAT.md specifies the bytes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,32 +30,14 @@ class CodecError(ValueError):
     """Width bytes or a code stream that no encoder writes (the caller names the file and layer)."""
 
 
-def _ceil_bytes(bits: torch.Tensor | int):
+def _ceil_bytes(bits):
     return (bits + 7) // 8
 
 
-def encode(codes: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stream and width bytes of ``codes`` (``(G, L)`` integers) stored at ``widths`` (``(G,)``).
-
-    Every code must fit its group's width (two's complement). Returns a 1-D uint8 stream and uint8
-    width bytes, with the sparse flag set on each group that the sparse form stores in fewer bytes.
-    """
-    codes, widths = codes.cpu(), widths.cpu().to(torch.int64)
-    groups, group_len = codes.shape
-    nonzero = codes != 0
-    dense_bytes = _ceil_bytes(widths * group_len)
-    sparse_bytes = _ceil_bytes(group_len) + _ceil_bytes(widths * nonzero.sum(dim=1))
-    sparse = (widths > 0) & (sparse_bytes < dense_bytes)
-    parts = []
-    dense = (~sparse).nonzero().flatten()
-    if dense.numel():
-        parts.append(ops.pack(codes[dense].to(torch.int32), widths[dense].to(torch.uint8)))
-    for g in sparse.nonzero().flatten().tolist():
-        mask = np.packbits(nonzero[g].numpy(), bitorder="little")
-        values = codes[g][nonzero[g]].to(torch.int32).reshape(1, -1)
-        parts += [torch.from_numpy(mask), ops.pack(values, widths[g : g + 1].to(torch.uint8))]
-    stream = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-    return stream, (widths | sparse.to(torch.int64) * SPARSE_FLAG).to(torch.uint8)
+def split_width_bytes(width_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's width (int64, on the CPU) and whether it is stored sparse."""
+    values = width_bytes.cpu().to(torch.int64)
+    return values & WIDTH_BITS, (values & SPARSE_FLAG) != 0
 
 
 def check_width_bytes(width_bytes: torch.Tensor, *, sparse_allowed: bool = True) -> None:
@@ -68,41 +53,80 @@ def check_width_bytes(width_bytes: torch.Tensor, *, sparse_allowed: bool = True)
                          + (" or a sparse width 1..32 (bit 7 set)" if sparse_allowed else ""))
 
 
-def split_width_bytes(width_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's width (int64, on the CPU) and whether it is stored sparse."""
-    values = width_bytes.cpu().to(torch.int64)
-    return values & WIDTH_BITS, (values & SPARSE_FLAG) != 0
+def _pack_run(values: torch.Tensor, width: int) -> torch.Tensor:
+    return ops.pack(values.to(torch.int32).reshape(1, -1), torch.tensor([width], dtype=torch.uint8))
 
 
-def _dense_length(widths: torch.Tensor, sparse: torch.Tensor, group_len: int) -> int:
-    return int(_ceil_bytes(widths[~sparse] * group_len).sum())
+def encode(codes: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream and width bytes of ``codes`` (``(G, L)`` integers) stored at ``widths`` (``(G,)``).
+
+    Every code must fit its group's width (two's complement). Returns a 1-D uint8 stream and uint8
+    width bytes, with the sparse flag set on each group whose mask and nonzero codes take fewer bytes
+    than its dense run.
+    """
+    codes, widths = codes.cpu(), widths.cpu().to(torch.int64)
+    group_len = codes.shape[1]
+    nonzero = codes != 0
+    counts = nonzero.sum(dim=1)
+    dense_bytes = _ceil_bytes(widths * group_len)
+    sparse_bytes = _ceil_bytes(group_len) + _ceil_bytes(widths * counts)
+    # an all-zero group belongs at width 0; given a wider one it stays dense, so every mask has a bit set
+    sparse = (counts > 0) & (sparse_bytes < dense_bytes)
+    # indexing copies every code, so a layer with no sparse group packs its codes as they are
+    dense_codes, dense_widths = (codes[~sparse], widths[~sparse]) if sparse.any() else (codes, widths)
+    parts = [ops.pack(dense_codes.to(torch.int32), dense_widths.to(torch.uint8))] if len(dense_widths) else []
+    if sparse.any():
+        parts.append(torch.from_numpy(np.packbits(nonzero[sparse].numpy(), axis=1, bitorder="little").reshape(-1)))
+        for width in torch.unique(widths[sparse]).tolist():
+            rows = sparse & (widths == width)
+            parts.append(_pack_run(codes[rows][nonzero[rows]], width))  # group order, then code order
+    stream = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    return stream, (widths | sparse.to(torch.int64) * SPARSE_FLAG).to(torch.uint8)
 
 
-def _sparse_group(stream: torch.Tensor, start: int, width: int, group_len: int) -> tuple[np.ndarray, int]:
-    """The nonzero mask of the sparse group at ``start`` and where its codes end."""
-    mask_end = start + _ceil_bytes(group_len)
-    if mask_end > stream.numel():
-        raise CodecError(f"a sparse group's mask runs past the end of the stream ({stream.numel()} bytes)")
-    mask_bytes = stream[start:mask_end].numpy()
-    mask = np.unpackbits(mask_bytes, bitorder="little")
-    if mask[group_len:].any():
+@dataclass
+class _Layout:
+    """Where the parts of one layer's stream lie, relative to its start."""
+
+    widths: torch.Tensor
+    sparse: torch.Tensor
+    dense_end: int
+    masks: torch.Tensor  # (sparse groups, L) bool
+    runs: list[tuple[int, torch.Tensor, int, int]]  # (width, its sparse groups' rows in masks, start, end)
+    end: int
+
+
+def _layout(stream: torch.Tensor, start: int, width_bytes: torch.Tensor, group_len: int) -> _Layout:
+    widths, sparse = split_width_bytes(width_bytes)
+    available = stream.numel() - start
+    dense_end = int(_ceil_bytes(widths[~sparse] * group_len).sum())
+    if dense_end > available:
+        raise CodecError(f"the dense groups need {dense_end} bytes, past the end of the stream")
+    mask_bytes = _ceil_bytes(group_len) * int(sparse.sum())
+    if dense_end + mask_bytes > available:
+        raise CodecError(f"the sparse groups' masks run past the end of the stream ({stream.numel()} bytes)")
+    packed_masks = stream[start + dense_end : start + dense_end + mask_bytes].cpu().numpy()
+    bits = np.unpackbits(packed_masks.reshape(int(sparse.sum()), _ceil_bytes(group_len)), axis=1, bitorder="little")
+    if bits[:, group_len:].any():
         raise CodecError("a sparse group's mask has bits set past the group's last code")
-    mask = mask[:group_len].astype(bool)
-    end = mask_end + _ceil_bytes(width * int(mask.sum()))
-    if end > stream.numel():
-        raise CodecError(f"a sparse group's codes run past the end of the stream ({stream.numel()} bytes)")
-    return mask, end
+    masks = torch.from_numpy(bits[:, :group_len].astype(bool))
+    if not masks.any(dim=1).all():
+        raise CodecError("a sparse group's mask has no bit set (an all-zero group is stored at width 0)")
+    runs, offset = [], dense_end + mask_bytes
+    sparse_widths = widths[sparse]
+    for width in torch.unique(sparse_widths).tolist():
+        rows = (sparse_widths == width).nonzero().flatten()
+        length = _ceil_bytes(width * int(masks[rows].sum()))
+        runs.append((width, rows, offset, offset + length))
+        offset += length
+    if offset > available:
+        raise CodecError(f"the sparse groups' codes run past the end of the stream ({stream.numel()} bytes)")
+    return _Layout(widths, sparse, dense_end, masks, runs, offset)
 
 
 def stream_length(stream: torch.Tensor, start: int, width_bytes: torch.Tensor, group_len: int) -> int:
-    """Bytes of the layer stream that begins at ``stream[start]``: sparse groups' masks say how many."""
-    widths, sparse = split_width_bytes(width_bytes)
-    end = start + _dense_length(widths, sparse, group_len)
-    if end > stream.numel():
-        raise CodecError(f"the dense groups need {end - start} bytes, past the end of the stream")
-    for g in sparse.nonzero().flatten().tolist():
-        _, end = _sparse_group(stream, end, int(widths[g]), group_len)
-    return end - start
+    """Bytes of the layer stream that begins at ``stream[start]``: the sparse groups' masks say how many."""
+    return _layout(stream, start, width_bytes, group_len).end
 
 
 def decode(stream: torch.Tensor, width_bytes: torch.Tensor, rows_per_group: int, row_len: int) -> torch.Tensor:
@@ -110,26 +134,26 @@ def decode(stream: torch.Tensor, width_bytes: torch.Tensor, rows_per_group: int,
 
     ``stream`` must be exactly the layer's bytes (see :func:`stream_length`).
     """
-    device, group_len = stream.device, rows_per_group * row_len
-    widths, sparse = split_width_bytes(width_bytes)
-    groups = widths.numel()
-    if not sparse.any():
-        return ops.unpack(stream, widths.to(torch.uint8).to(device), rows_per_group, row_len)
-    codes = torch.zeros(groups, group_len, dtype=torch.int32, device=device)
-    dense = (~sparse).nonzero().flatten()
-    offset = _dense_length(widths, sparse, group_len)
-    if dense.numel():
-        dense_widths = widths[dense].to(torch.uint8).to(device)
-        codes[dense.to(device)] = ops.unpack(stream[:offset], dense_widths, 1, group_len)
+    group_len = rows_per_group * row_len
+    layout = _layout(stream, 0, width_bytes, group_len)
+    if layout.end != stream.numel():
+        raise CodecError(f"the layer's groups take {layout.end} bytes, the stream has {stream.numel()}")
+    dense_widths = layout.widths[~layout.sparse].to(torch.uint8).to(stream.device)
+    if not layout.sparse.any():
+        return ops.unpack(stream, dense_widths, rows_per_group, row_len)
+    codes = torch.zeros(layout.widths.numel(), group_len, dtype=torch.int32, device=stream.device)
+    if dense_widths.numel():
+        dense_rows = (~layout.sparse).nonzero().flatten().to(stream.device)
+        codes[dense_rows] = ops.unpack(stream[: layout.dense_end], dense_widths, 1, group_len)
+    sparse_codes = torch.zeros(layout.masks.shape, dtype=torch.int32)
     host = stream.cpu()
-    for g in sparse.nonzero().flatten().tolist():
-        mask, end = _sparse_group(host, offset, int(widths[g]), group_len)
-        mask_end = offset + _ceil_bytes(group_len)
-        values = ops.unpack(host[mask_end:end], widths[g : g + 1].to(torch.uint8), 1, int(mask.sum())).flatten()
+    for width, rows, start, end in layout.runs:
+        count = int(layout.masks[rows].sum())
+        values = ops.unpack(host[start:end], torch.tensor([width], dtype=torch.uint8), 1, count).flatten()
         if (values == 0).any():
-            raise CodecError(f"sparse group {g} stores a zero among its nonzero codes")
-        codes[g, torch.from_numpy(mask).to(device)] = values.to(device)
-        offset = end
-    if offset != stream.numel():
-        raise CodecError(f"the layer's groups take {offset} bytes, the stream has {stream.numel()}")
-    return codes.reshape(groups * rows_per_group, row_len)
+            raise CodecError(f"the width-{width} run of sparse codes holds a zero, where only nonzero codes belong")
+        block = sparse_codes[rows]
+        block[layout.masks[rows]] = values
+        sparse_codes[rows] = block
+    codes[layout.sparse.nonzero().flatten().to(stream.device)] = sparse_codes.to(stream.device)
+    return codes.reshape(-1, row_len)

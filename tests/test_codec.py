@@ -11,20 +11,25 @@ from sgsc import codec
 
 
 def _worked_example():
-    sparse = torch.zeros(16, dtype=torch.int64)
-    sparse[2], sparse[13] = 3, -4
-    codes = torch.stack([sparse, torch.zeros(16, dtype=torch.int64), torch.ones(16, dtype=torch.int64)])
-    return codes, torch.tensor([3, 0, 2])
+    codes = torch.zeros(3, 16, dtype=torch.int64)
+    codes[0, 2], codes[0, 13] = 3, -4
+    codes[1, 0] = -1
+    codes[2] = 1
+    return codes, torch.tensor([3, 2, 2])
 
 
 def test_worked_example_bytes():
-    """The example of docs/FORMAT.md: dense groups first, then each sparse group's mask and codes."""
+    """The example of docs/FORMAT.md: dense run, sparse masks, then one run of nonzero codes per width."""
     stream, width_bytes = codec.encode(*_worked_example())
-    # group 0 (w=3, 2 of 16 codes nonzero): dense 6 bytes, sparse 2 + 1, so sparse: flag 0x80 | 3
-    assert width_bytes.tolist() == [0x83, 0x00, 0x02]
-    # group 2 dense, sixteen 1s at 2 bits (01 each): 0x55 x 4; then group 0's mask (bits 2 and 13:
-    # 0x04 0x20) and its codes 3 -> 011, -4 -> 100, LSB first: 0b00_100_011 = 0x23
-    assert stream.tolist() == [0x55, 0x55, 0x55, 0x55, 0x04, 0x20, 0x23]
+    # group 0 (w=3, 2 of 16 nonzero): dense 6 bytes, sparse 2 + 1; group 1 (w=2, 1 nonzero): dense 4,
+    # sparse 2 + 1; group 2 (w=2, all nonzero): dense 4, sparse 2 + 4
+    assert width_bytes.tolist() == [0x83, 0x82, 0x02]
+    assert stream.tolist() == [
+        0x55, 0x55, 0x55, 0x55,  # group 2, dense: sixteen 1s at 2 bits (01 each)
+        0x04, 0x20, 0x01, 0x00,  # masks: group 0 (bits 2 and 13), group 1 (bit 0)
+        0x03,  # the width-2 run: group 1's -1 -> 11
+        0x23,  # the width-3 run: group 0's 3 -> 011, -4 -> 100, LSB first: 0b00_100_011
+    ]
     assert torch.equal(codec.decode(stream, width_bytes, 1, 16), _worked_example()[0].int())
 
 
@@ -53,10 +58,11 @@ def test_round_trip_is_exact_and_each_group_takes_the_smaller_form(layer, rows_p
     nonzero = (codes != 0).sum(1)
     dense = (widths * group_len + 7) // 8
     sparse = (group_len + 7) // 8 + (widths * nonzero + 7) // 8
-    expect_sparse = (widths > 0) & (sparse < dense)
+    expect_sparse = (nonzero > 0) & (sparse < dense)
     assert torch.equal(width_bytes.to(torch.int64) & codec.SPARSE_FLAG != 0, expect_sparse)
     assert torch.equal(width_bytes.to(torch.int64) & codec.WIDTH_BITS, widths)
-    assert stream.numel() == int(torch.where(expect_sparse, sparse, dense).sum())
+    # one run of nonzero codes per width packs tighter than a byte-aligned run per sparse group
+    assert stream.numel() <= int(torch.where(expect_sparse, sparse, dense).sum())
     padded = torch.cat([torch.full((3,), 0xAB, dtype=torch.uint8), stream, torch.full((2,), 0xCD, dtype=torch.uint8)])
     assert codec.stream_length(padded, 3, width_bytes, group_len) == stream.numel()
     decoded = codec.decode(stream, width_bytes, rows_per_group, group_len // rows_per_group)
@@ -96,7 +102,7 @@ def test_a_mask_bit_past_the_last_code_is_rejected():
 
 
 def test_a_mask_claiming_more_codes_than_stored_is_rejected():
-    stream, width_bytes = _damaged(4, 0xFF)  # eight nonzero codes where one byte holds two
+    stream, width_bytes = _damaged(4, 0xFF)  # nine width-3 codes where one byte holds two
     with pytest.raises(codec.CodecError, match="codes run past the end of the stream"):
         codec.stream_length(stream, 0, width_bytes, 16)
     with pytest.raises(codec.CodecError, match="codes run past the end of the stream"):
@@ -104,14 +110,20 @@ def test_a_mask_claiming_more_codes_than_stored_is_rejected():
 
 
 def test_a_zero_among_the_nonzero_codes_is_rejected():
-    stream, width_bytes = _damaged(6, 0x18)  # codes 0 and 3: a zero where only nonzero codes belong
-    with pytest.raises(codec.CodecError, match="stores a zero among its nonzero codes"):
+    stream, width_bytes = _damaged(9, 0x18)  # codes 0 and 3: a zero where only nonzero codes belong
+    with pytest.raises(codec.CodecError, match="width-3 run of sparse codes holds a zero"):
+        codec.decode(stream, width_bytes, 1, 16)
+
+
+def test_a_sparse_group_without_a_nonzero_code_is_rejected():
+    stream, width_bytes = _damaged(6, 0x00)  # group 1's mask emptied
+    with pytest.raises(codec.CodecError, match="mask has no bit set"):
         codec.decode(stream, width_bytes, 1, 16)
 
 
 def test_a_truncated_stream_is_rejected():
     stream, width_bytes = codec.encode(*_worked_example())
-    with pytest.raises(codec.CodecError, match="past the end of the stream"):
+    with pytest.raises(codec.CodecError, match="masks run past the end of the stream"):
         codec.stream_length(stream[:5], 0, width_bytes, 16)
     with pytest.raises(codec.CodecError, match="dense groups need 4 bytes"):
         codec.stream_length(stream[:3], 0, width_bytes, 16)
