@@ -87,7 +87,7 @@ def minimal_widths(codes: torch.Tensor) -> torch.Tensor:
 
 # ---- layout -----------------------------------------------------------------------------------
 #
-# Version 2 stores few, large streams rather than three tensors per layer and one per plain tensor:
+# Since version 2 the file stores few, large streams rather than three tensors per layer and one per plain tensor:
 # every shape, group count and tensor name follows from the rebuilt architecture, and in version 1
 # the safetensors index and per-tensor CRCs spelling them out were ~3.3 KB of an ~18 KB file.
 
@@ -253,7 +253,7 @@ class _PackedFile:
     slots: list[_LayerSlot]
     state_dtypes: dict[str, torch.dtype]  # plain state-dict entry -> its stored dtype, in stream order
     state_shapes: dict[str, tuple[int, ...]]
-    code_spans: list[slice] = dataclasses.field(default_factory=list)  # each layer's bytes of ``codes``
+    code_spans: list[slice] = dataclasses.field(default_factory=list)  # each layer's bytes of ``codes``, once checked
 
 
 def _read(path: Path) -> _PackedFile:
@@ -289,7 +289,7 @@ def _read(path: Path) -> _PackedFile:
     plain = _plain_state(rebuilt)
     state_dtypes = {key: _stored_dtype(path, header, key, value.dtype) for key, value in plain.items()}
     packed_file = _PackedFile(header, tensors, _layer_slots(rebuilt), state_dtypes, {key: tuple(v.shape) for key, v in plain.items()})
-    _check_streams(path, packed_file)
+    packed_file.code_spans = _check_streams(path, packed_file)
     return packed_file
 
 
@@ -344,7 +344,8 @@ def _check_stream(path: Path, tensors: dict, stream: str, dtype: torch.dtype, le
         )
 
 
-def _check_streams(path: Path, packed_file: _PackedFile) -> None:
+def _check_streams(path: Path, packed_file: _PackedFile) -> list[slice]:
+    """Check every stream against the architecture; returns where each layer's bytes lie in ``codes``."""
     tensors, slots = packed_file.tensors, packed_file.slots
     groups = sum(slot.groups for slot in slots)
     _check_stream(path, tensors, WIDTHS, torch.uint8, groups)
@@ -353,8 +354,8 @@ def _check_streams(path: Path, packed_file: _PackedFile) -> None:
         codec.check_width_bytes(tensors[WIDTHS], sparse_allowed=packed_file.header["version"] >= 3)
     except codec.CodecError as exc:
         raise PackedFileError(f"{path}: {WIDTHS!r}: {exc}") from None
-    packed_file.code_spans = _code_spans(path, tensors, slots)
-    _check_stream(path, tensors, CODES, torch.uint8, packed_file.code_spans[-1].stop if slots else 0)
+    code_spans = _code_spans(path, tensors, slots)
+    _check_stream(path, tensors, CODES, torch.uint8, code_spans[-1].stop if slots else 0)
     state_lengths: dict[str, int] = {}
     for key, dtype in packed_file.state_dtypes.items():
         stream = _state_stream(dtype)
@@ -364,6 +365,7 @@ def _check_streams(path: Path, packed_file: _PackedFile) -> None:
     unexpected = set(tensors) - {CODES, WIDTHS, SCALES} - set(state_lengths)
     if unexpected:
         raise PackedFileError(f"{path}: tensors {sorted(unexpected)} have no place in this architecture")
+    return code_spans
 
 
 def _code_spans(path: Path, tensors: dict, slots: list[_LayerSlot]) -> list[slice]:

@@ -89,8 +89,8 @@ def _main_table(result: dict) -> list[str]:
         "Accuracy, bytes and latency are measured on the model loaded back from its file (the float baseline from "
         "a float32 safetensors file, every other method from its sgsc packed file). Bits/weight: packed payload "
         "per quantized weight of the exported model (after any physical pruning of channels). zlib -9 bytes: the "
-        "same file after zlib, i.e. what an entropy coder would still remove. Latency: median of repeated forwards of the loaded model, timed "
-        "after all training finished, one model at a time. Training time: the method's own steps (float: all of "
+        "same file after zlib, i.e. what an entropy coder would still remove. Latency: median of repeated "
+        "forwards of the loaded model, timed after all training finished, one model at a time. Training time: the method's own steps (float: all of "
         "them); runs of different seeds may have shared the CPU, so times are indicative.",
         "",
     ]
@@ -155,9 +155,9 @@ def _method_notes(result: dict) -> list[str]:
         "cubic schedule of Zhu & Gupta over the first 75% of the fine-tuning steps (8 updates), the mask fixed "
         "for the last 25%, then per-channel int8 calibration.",
         "",
-        "Every compressed model is a packed file (docs/FORMAT.md): each group at its smallest width, and a group whose codes "
-        "are mostly zero (magnitude pruning, or many small weights at low bits) as a bitmask and its nonzero codes "
-        "when that is smaller.",
+        "Every compressed model is a packed file (docs/FORMAT.md): each group at its smallest width, and a group "
+        "whose codes are mostly zero (magnitude pruning, or many small weights at low bits) as a bitmask and its "
+        "nonzero codes when that is smaller.",
         "",
     ]
 
