@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_fake_quantize.py
 	$(BIN)/python bench/bench_bitpack.py
+	$(BIN)/python bench/bench_codec.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info sgsc/_C*.so
