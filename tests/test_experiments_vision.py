@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import statistics
 import sys
 import time
 import types
@@ -123,6 +124,20 @@ def test_report_renders_every_method_ablation_and_the_command(quick, tmp_path):
     assert main(["experiment", "report", "--results", str(out), "-o", str(tmp_path / "cli.md")]) == 0
     assert (tmp_path / "cli.md").read_text() == text
 
+
+
+def test_report_scales_the_single_seed_runs_by_sgscs_spread_over_seeds(quick):
+    result, _ = quick
+    sgsc = result["table"]["sgsc"]
+    accuracies = [seed["methods"]["sgsc"]["test_accuracy"] for seed in result["seeds"]]
+    assert sgsc["test_accuracy"]["std"] == pytest.approx(statistics.stdev(accuracies))
+    text = "\n".join(report._single_seed_scale(result))
+    assert f"spreads over the 2 seeds of Table I by {100 * sgsc['test_accuracy']['std']:.2f} points" in text
+    assert f"{sgsc['file_bytes']['std']:.0f} bytes" in text
+    # one seed has no spread to quote, and a run without extras has no single-seed rows to scale
+    assert report._single_seed_scale({**result, "seeds": result["seeds"][:1]}) == []
+    no_extras = [{key: value for key, value in seed.items() if key != "extra"} for seed in result["seeds"]]
+    assert report._single_seed_scale({**result, "seeds": no_extras}) == []
 
 def test_robustness_results_are_accuracies_that_fall_with_attack_strength(quick):
     result, _ = quick
