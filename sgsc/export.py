@@ -265,19 +265,8 @@ def _read(path: Path) -> _PackedFile:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, ValueError, OSError) as exc:
-        raise PackedFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
-    if "sgsc" not in metadata:
-        raise PackedFileError(f"{path} is a safetensors file but not an sgsc packed model (no 'sgsc' header)")
-    stored_crc = tensors.pop(HEADER_CRC_TENSOR, None)
-    if stored_crc is None or stored_crc.dtype != torch.int64 or stored_crc.shape != (1,):
-        raise PackedFileError(f"{path}: the header checksum tensor {HEADER_CRC_TENSOR!r} is missing or malformed")
-    if int(stored_crc) != zlib.crc32(metadata["sgsc"].encode()):
-        raise PackedFileError(f"{path}: the sgsc header fails its CRC-32 check (corrupt header)")
-    try:
-        header = json.loads(metadata["sgsc"])
-    except json.JSONDecodeError as exc:
-        raise PackedFileError(f"{path}: the sgsc header is not valid JSON (corrupt header): {exc}") from exc
-    _check_header(path, header)
+        raise _unreadable(path, exc) from exc
+    header = _checked_header(path, metadata, tensors.pop(HEADER_CRC_TENSOR, None))
     _check_crcs(path, header["crc32"], tensors)
     try:
         rebuilt = _architecture(header["model"], header["config"])
@@ -291,6 +280,26 @@ def _read(path: Path) -> _PackedFile:
     packed_file = _PackedFile(header, tensors, _layer_slots(rebuilt), state_dtypes, {key: tuple(v.shape) for key, v in plain.items()})
     packed_file.code_spans = _check_streams(path, packed_file)
     return packed_file
+
+
+def _unreadable(path: Path, exc: Exception) -> PackedFileError:
+    return PackedFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}")
+
+
+def _checked_header(path: Path, metadata: dict, stored_crc: torch.Tensor | None) -> dict:
+    """The sgsc header of a file's safetensors ``metadata``, checked against its CRC tensor and the format."""
+    if "sgsc" not in metadata:
+        raise PackedFileError(f"{path} is a safetensors file but not an sgsc packed model (no 'sgsc' header)")
+    if stored_crc is None or stored_crc.dtype != torch.int64 or stored_crc.shape != (1,):
+        raise PackedFileError(f"{path}: the header checksum tensor {HEADER_CRC_TENSOR!r} is missing or malformed")
+    if int(stored_crc) != zlib.crc32(metadata["sgsc"].encode()):
+        raise PackedFileError(f"{path}: the sgsc header fails its CRC-32 check (corrupt header)")
+    try:
+        header = json.loads(metadata["sgsc"])
+    except json.JSONDecodeError as exc:
+        raise PackedFileError(f"{path}: the sgsc header is not valid JSON (corrupt header): {exc}") from exc
+    _check_header(path, header)
+    return header
 
 
 def _stored_dtype(path: Path, header: dict, key: str, built: torch.dtype) -> torch.dtype:
@@ -493,8 +502,21 @@ class PackedSummary:
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """The validated sgsc header of a packed file (the tensors are checked too)."""
-    return _read(Path(path)).header
+    """The checked sgsc header of a packed file, read without its weights.
+
+    Only the header and its checksum are read and checked; :func:`load_packed` and :func:`summarize`
+    check every tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no packed model file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            stored_crc = handle.get_tensor(HEADER_CRC_TENSOR) if HEADER_CRC_TENSOR in handle.keys() else None
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise _unreadable(path, exc) from exc
+    return _checked_header(path, metadata, stored_crc)
 
 
 def summarize(path: str | os.PathLike) -> PackedSummary:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from sgsc import export
@@ -48,7 +49,7 @@ def _eval(args) -> int:
     model = export.load_packed(args.file, device=args.device)
     loaded_in = time.perf_counter() - started
     result = {split: evaluate(model, getattr(data, split)) for split in ("val", "test")}
-    file_bytes = export.summarize(args.file).file_bytes
+    file_bytes = os.path.getsize(args.file)
     if args.json:
         print(json.dumps({"file": args.file, "file_bytes": file_bytes, "data": data.source, **result}))
         return 0

@@ -194,6 +194,25 @@ def test_flipped_byte_in_the_header_is_detected(packed_file):
         export.load_packed(packed_file)
 
 
+
+def test_read_header_checks_the_header_without_reading_the_weights(packed_file):
+    header = export.read_header(packed_file)
+    assert header["format"] == export.FORMAT_NAME and header["model"] == "paper_cnn"
+    data = bytearray(packed_file.read_bytes())
+    start = 8 + _header_length(data)
+    begin, _ = json.loads(data[8:start])[export.CODES]["data_offsets"]
+    data[start + begin] ^= 0x10  # damaged weights: the header alone still reads, loading does not
+    packed_file.write_bytes(bytes(data))
+    assert export.read_header(packed_file) == header
+    with pytest.raises(export.PackedFileError, match="'codes' fails its CRC-32"):
+        export.load_packed(packed_file)
+    data[data.index(b"channels") + 2] ^= 0x01
+    packed_file.write_bytes(bytes(data))
+    with pytest.raises(export.PackedFileError, match="header fails its CRC-32"):
+        export.read_header(packed_file)
+    with pytest.raises(FileNotFoundError):
+        export.read_header(packed_file.with_name("absent.sgsc"))
+
 def _rewrite(path, mutate_header=None, mutate_tensors=None):
     """Rewrite a packed file with every checksum made consistent, so only the mutation is wrong."""
     from safetensors import safe_open
