@@ -15,6 +15,7 @@ The layout is device-independent: loading unpacks on whatever device the model g
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -250,6 +251,7 @@ class _PackedFile:
 
     header: dict
     tensors: dict[str, torch.Tensor]
+    architecture: nn.Module  # on the meta device: the loader fills it with the file's tensors
     slots: list[_LayerSlot]
     state_dtypes: dict[str, torch.dtype]  # plain state-dict entry -> its stored dtype, in stream order
     state_shapes: dict[str, tuple[int, ...]]
@@ -277,7 +279,7 @@ def _read(path: Path) -> _PackedFile:
         raise PackedFileError(f"{path}: the header gives dtypes for {sorted(unknown)}, which the model lacks")
     plain = _plain_state(rebuilt)
     state_dtypes = {key: _stored_dtype(path, header, key, value.dtype) for key, value in plain.items()}
-    packed_file = _PackedFile(header, tensors, _layer_slots(rebuilt), state_dtypes, {key: tuple(v.shape) for key, v in plain.items()})
+    packed_file = _PackedFile(header, tensors, rebuilt, _layer_slots(rebuilt), state_dtypes, {key: tuple(v.shape) for key, v in plain.items()})
     packed_file.code_spans = _check_streams(path, packed_file)
     return packed_file
 
@@ -454,8 +456,8 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     device = torch.device(device)
     packed_file = _read(path)
     header = packed_file.header
-    model = _architecture(header["model"], header["config"], device="cpu")
-    # assign, not copy: a tensor keeps the dtype it was stored with
+    # the architecture from _read holds no storage: assigning the file's tensors is the only write
+    model = packed_file.architecture
     model.load_state_dict(_stored_plain_state(packed_file), strict=False, assign=True)
     layers = dict(quantized_layers(model))
     for slot, packed, widths, scales in _packed_layers(packed_file):
@@ -463,7 +465,10 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         prefix = f"{slot.name}." if slot.name else ""
         dtype = _stored_dtype(path, header, f"{prefix}weight", layer.weight.dtype)
         weight = _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
-        replace_submodule(model, slot.name, float_layer(layer.to(device), weight))
+        replace_submodule(model, slot.name, float_layer(layer, weight))
+    left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left_on_meta:  # an architecture with state the file does not hold; never silently garbage
+        raise PackedFileError(f"{path}: model {header['model']!r} has tensors the file does not hold: {left_on_meta}")
     return model.to(device).eval()
 
 

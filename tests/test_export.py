@@ -352,6 +352,20 @@ def test_an_unknown_dtype_in_the_header_is_rejected(packed_file):
         export.load_packed(packed_file)
 
 
+
+def test_state_the_file_does_not_hold_is_an_error_not_garbage(packed_file, monkeypatch):
+    """Loading fills a storage-less architecture; a tensor no file entry fills must not stay unset."""
+    build = export.build_model
+
+    def with_scratch_buffer(name, config):
+        model = build(name, config)
+        model.register_buffer("scratch", torch.zeros(3), persistent=False)  # in no state dict, so in no file
+        return model
+
+    monkeypatch.setattr(export, "build_model", with_scratch_buffer)
+    with pytest.raises(export.PackedFileError, match="tensors the file does not hold: \\['scratch'\\]"):
+        export.load_packed(packed_file)
+
 def test_a_model_that_its_config_does_not_describe_cannot_be_exported(tmp_path):
     model = _trained_cnn()
     model.register_buffer("calibration", torch.zeros(3))
