@@ -24,13 +24,11 @@
 #include <utility>
 #include <vector>
 
+#include "buffers.h"
 #include "isa.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-#endif
-#if defined(__linux__)
-#include <sys/mman.h>
 #endif
 
 namespace sgsc {
@@ -38,17 +36,6 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 14;  // codes per parallel task (a multiple of 8, see above)
 static_assert(kChunk % 8 == 0, "tasks must start on a byte boundary");
-
-// ---- little-endian loads, whatever the host's byte order -----------------------------------
-
-SGSC_ALWAYS_INLINE uint64_t load_le64(const uint8_t* p) {
-  uint64_t x;
-  std::memcpy(&x, p, sizeof(x));
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-  x = __builtin_bswap64(x);
-#endif
-  return x;
-}
 
 // The w-bit field in the low bits of x, read as two's complement.
 template <int W>
@@ -267,24 +254,6 @@ std::pair<int32_t, int32_t> code_range(int width) {
 }
 
 // ---- ops -----------------------------------------------------------------------------------
-
-// A fresh output tensor whose large pages are backed by transparent huge pages where the kernel
-// allows it on request (the usual `madvise` setting). First touches of a fresh 4 KiB-page buffer can
-// cost more than the unpacking itself (3x its time on the 2-core VM of bench/bench_bitpack.py); NumPy
-// advises its large arrays the same way. Only the 2 MiB-aligned interior is advised.
-at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  auto out = at::empty(shape, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const auto data = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t begin = (data + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (data + out.nbytes()) & ~(kHugePage - 1);
-  if (out.nbytes() >= 4 * kHugePage && end > begin) {
-    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only: failure is harmless
-  }
-#endif
-  return out;
-}
 
 void check_ints(const at::Tensor& ints, int64_t groups) {
   TORCH_CHECK_TYPE(ints.scalar_type() == at::kInt, "sgsc.pack: ints must be int32, got ", ints.scalar_type());

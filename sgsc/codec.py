@@ -8,8 +8,10 @@ small weights to zero; sparse groups store those zeros in one bit each instead o
 Each group's width byte says which: the low six bits are the width (0..32), bit 7 marks a sparse
 group. A layer's stream holds, in this order: its dense groups (one ``ops.pack`` run over them);
 the masks of its sparse groups; and for each width its sparse groups use, in ascending order, one
-run of their nonzero codes at that width. Every part is a whole ``ops.pack``/``numpy.packbits``
-call, so the cost does not grow with the number of groups. docs/FORMAT.md specifies the bytes.
+run of their nonzero codes at that width. Every part is one whole-array call (``ops.pack``,
+``numpy.packbits``, and the ``sgsc::nonzero_select``/``nonzero_expand`` kernels that gather and place
+the nonzero codes), so the cost does not grow with the number of groups. docs/FORMAT.md specifies
+the bytes.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def encode(codes: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, tor
     width bytes, with the sparse flag set on each group whose mask and nonzero codes take fewer bytes
     than its dense run.
     """
-    # the bool work runs in NumPy: torch's bool sums and masked selects are 5-10x slower on CPU
+    # the bool work runs in NumPy: torch's bool sums are 5-10x slower on CPU
     codes, widths = codes.cpu().to(torch.int32), widths.cpu().to(torch.int64)
     group_len = codes.shape[1]
     values = codes.numpy()
@@ -80,11 +82,13 @@ def encode(codes: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, tor
     if sparse.any():
         parts.append(torch.from_numpy(np.packbits(nonzero[sparse.numpy()], axis=1, bitorder="little").reshape(-1)))
         for width in torch.unique(widths[sparse]).tolist():
-            rows = (sparse & (widths == width)).numpy()
-            # a boolean mask over the whole array selects in group order, then code order
-            parts.append(_pack_run(torch.from_numpy(values[nonzero & rows[:, None]]), width))
+            rows = (sparse & (widths == width)).nonzero().flatten()
+            parts.append(_pack_run(torch.ops.sgsc.nonzero_select(codes, rows), width))  # group, then code order
     stream = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
     return stream, (widths | sparse.to(torch.int64) * SPARSE_FLAG).to(torch.uint8)
+
+
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.int64)
 
 
 @dataclass
@@ -94,7 +98,7 @@ class _Layout:
     widths: torch.Tensor
     sparse: torch.Tensor
     dense_end: int
-    masks: np.ndarray  # (sparse groups, L) bool
+    masks: np.ndarray  # (sparse groups, ceil(L / 8)) uint8, as stored
     runs: list[tuple[int, np.ndarray, int, int, int]]  # (width, its sparse groups among masks' rows, codes, start, end)
     end: int
 
@@ -109,12 +113,10 @@ def _layout(stream: torch.Tensor, start: int, width_bytes: torch.Tensor, group_l
     mask_bytes = _ceil_bytes(group_len) * n_sparse
     if dense_end + mask_bytes > available:
         raise CodecError(f"the sparse groups' masks run past the end of the stream ({stream.numel()} bytes)")
-    packed_masks = stream[start + dense_end : start + dense_end + mask_bytes].cpu().numpy()
-    bits = np.unpackbits(packed_masks.reshape(n_sparse, _ceil_bytes(group_len)), axis=1, bitorder="little").view(bool)
-    if bits[:, group_len:].any():
+    masks = stream[start + dense_end : start + dense_end + mask_bytes].cpu().numpy().reshape(n_sparse, _ceil_bytes(group_len))
+    if group_len % 8 and (masks[:, -1] >> (group_len % 8)).any():
         raise CodecError("a sparse group's mask has bits set past the group's last code")
-    masks = bits[:, :group_len]
-    counts = np.count_nonzero(masks, axis=1)
+    counts = _POPCOUNT[masks].sum(axis=1)
     if not counts.all():
         raise CodecError("a sparse group's mask has no bit set (an all-zero group is stored at width 0)")
     runs, offset = [], dense_end + mask_bytes
@@ -147,7 +149,7 @@ def decode(stream: torch.Tensor, width_bytes: torch.Tensor, rows_per_group: int,
     dense_widths = layout.widths[~layout.sparse].to(torch.uint8).to(stream.device)
     if not layout.sparse.any():
         return ops.unpack(stream, dense_widths, rows_per_group, row_len)
-    sparse_codes = torch.from_numpy(_sparse_codes(stream.cpu(), layout)).to(stream.device)
+    sparse_codes = _sparse_codes(stream.cpu(), layout, group_len).to(stream.device)
     if not dense_widths.numel():
         return sparse_codes.reshape(-1, row_len)
     codes = torch.empty(layout.widths.numel(), group_len, dtype=torch.int32, device=stream.device)
@@ -157,13 +159,17 @@ def decode(stream: torch.Tensor, width_bytes: torch.Tensor, rows_per_group: int,
     return codes.reshape(-1, row_len)
 
 
-def _sparse_codes(host_stream: torch.Tensor, layout: _Layout) -> np.ndarray:
-    """The sparse groups' codes, ``(sparse groups, L)`` int32: each width's run scattered into its masks."""
-    codes = np.zeros(layout.masks.shape, dtype=np.int32)
+def _sparse_codes(host_stream: torch.Tensor, layout: _Layout, group_len: int) -> torch.Tensor:
+    """The sparse groups' codes, ``(sparse groups, L)`` int32: each width's run expanded at its masks' bits."""
+    blocks = []
     for width, rows, count, start, end in layout.runs:
-        values = ops.unpack(host_stream[start:end], torch.tensor([width], dtype=torch.uint8), 1, count).numpy().ravel()
+        values = ops.unpack(host_stream[start:end], torch.tensor([width], dtype=torch.uint8), 1, count).reshape(-1)
         if not values.all():
             raise CodecError(f"the width-{width} run of sparse codes holds a zero, where only nonzero codes belong")
-        # a boolean mask over the whole array fills in group order, then code order, as encode wrote them
-        codes[layout.masks & rows[:, None]] = values
+        blocks.append((rows, torch.ops.sgsc.nonzero_expand(torch.from_numpy(layout.masks[rows]), values, group_len)))
+    if len(blocks) == 1:  # one width: its block is every sparse group, in order
+        return blocks[0][1]
+    codes = torch.empty(len(layout.masks), group_len, dtype=torch.int32)
+    for rows, block in blocks:
+        codes[torch.from_numpy(rows)] = block
     return codes

@@ -460,3 +460,35 @@ def unpack(
         raise ValueError("out must be contiguous")
     torch.ops.sgsc.unpack_out(packed, widths, rows_per_group, row_len, out)
     return out
+
+
+# =============================================================================================
+# Sparse groups of the packed format: sgsc::nonzero_select / sgsc::nonzero_expand
+# =============================================================================================
+#
+# sgsc.codec stores a mostly-zero group as a bitmask of its nonzero codes plus those codes. These two
+# ops move between the codes and that form: csrc/nonzero.cpp on CPU, sgsc.reference's NumPy twins
+# (the test oracle, and the CPU kernels without the C++ build). The codec runs them on the host, so
+# they have no CUDA kernel.
+
+torch.library.define("sgsc::nonzero_select", "(Tensor codes, Tensor rows) -> Tensor")
+torch.library.define("sgsc::nonzero_expand", "(Tensor masks, Tensor values, int group_len) -> Tensor")
+
+
+@torch.library.register_fake("sgsc::nonzero_select")
+def _nonzero_select_fake(codes, rows):
+    torch._check(codes.dtype == torch.int32, lambda: f"codes must be int32, got {codes.dtype}")
+    torch._check(codes.dim() == 2, lambda: f"codes must be 2-D, got shape {tuple(codes.shape)}")
+    return codes.new_empty((torch.library.get_ctx().new_dynamic_size(),))
+
+
+@torch.library.register_fake("sgsc::nonzero_expand")
+def _nonzero_expand_fake(masks, values, group_len):
+    torch._check(masks.dim() == 2 and masks.shape[1] == (group_len + 7) // 8,
+                 lambda: f"masks must have ceil(group_len / 8) bytes per row, got shape {tuple(masks.shape)}")
+    return values.new_empty((masks.shape[0], group_len))
+
+
+if not _native.available():
+    torch.library.register_kernel("sgsc::nonzero_select", "cpu", reference.nonzero_select)
+    torch.library.register_kernel("sgsc::nonzero_expand", "cpu", reference.nonzero_expand)

@@ -130,3 +130,55 @@ def unpack(packed: torch.Tensor, widths: torch.Tensor, rows_per_group: int, row_
         out[g] = np.where(value >= 1 << (w - 1), value - (1 << w), value)  # back to two's complement
         start += size
     return torch.from_numpy(out.astype(np.int32)).reshape(len(width_list) * rows_per_group, row_len)
+
+
+def _mask_bytes(group_len: int) -> int:
+    return (group_len + 7) // 8
+
+
+def nonzero_select(codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The nonzero codes of ``codes[rows[0]]``, then of ``codes[rows[1]]``, ..., each in position order (int32, CPU)."""
+    if codes.dtype != torch.int32:
+        raise TypeError(f"sgsc.nonzero_select: codes must be int32, got {codes.dtype}")
+    if codes.dim() != 2:
+        raise ValueError(f"sgsc.nonzero_select: codes must be 2-D (groups, codes per group), got shape {tuple(codes.shape)}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"sgsc.nonzero_select: rows must be int64, got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"sgsc.nonzero_select: rows must be 1-D, got shape {tuple(rows.shape)}")
+    row_ids = rows.detach().cpu().numpy()
+    outside = (row_ids < 0) | (row_ids >= codes.shape[0])
+    if outside.any():
+        r = int(outside.nonzero()[0][0])
+        raise IndexError(f"sgsc.nonzero_select: rows[{r}] = {row_ids[r]} is not a row of codes ({codes.shape[0]} rows)")
+    picked = codes.detach().cpu().numpy()[row_ids]
+    return torch.from_numpy(picked[picked != 0])  # a boolean mask selects in row-major order
+
+
+def nonzero_expand(masks: torch.Tensor, values: torch.Tensor, group_len: int) -> torch.Tensor:
+    """Rows of ``group_len`` int32 codes: ``values`` in order at the set bits of each row's little-endian
+    bitmask (``masks``, ``(R, ceil(group_len / 8))`` uint8), zero elsewhere (CPU)."""
+    import numpy as np
+
+    if masks.dtype != torch.uint8:
+        raise TypeError(f"sgsc.nonzero_expand: masks must be uint8, got {masks.dtype}")
+    if values.dtype != torch.int32:
+        raise TypeError(f"sgsc.nonzero_expand: values must be int32, got {values.dtype}")
+    if group_len < 0:
+        raise ValueError(f"sgsc.nonzero_expand: group_len must be >= 0, got {group_len}")
+    if masks.dim() != 2 or masks.shape[1] != _mask_bytes(group_len):
+        raise ValueError(f"sgsc.nonzero_expand: masks must be 2-D with ceil(group_len / 8) = {_mask_bytes(group_len)} "
+                         f"bytes per row, got shape {tuple(masks.shape)}")
+    if values.dim() != 1:
+        raise ValueError(f"sgsc.nonzero_expand: values must be 1-D, got shape {tuple(values.shape)}")
+    bits = np.unpackbits(masks.detach().cpu().numpy(), axis=1, bitorder="little").astype(bool)
+    past_end = bits[:, group_len:].any(axis=1)
+    if past_end.any():
+        raise ValueError(f"sgsc.nonzero_expand: row {int(past_end.nonzero()[0][0])} of masks has bits set past its "
+                         f"{group_len} codes")
+    bits = bits[:, :group_len]
+    if int(bits.sum()) != values.numel():
+        raise ValueError(f"sgsc.nonzero_expand: masks have {int(bits.sum())} bits set, values has {values.numel()} codes")
+    out = np.zeros(bits.shape, dtype=np.int32)
+    out[bits] = values.detach().cpu().numpy()  # fills in row-major order, as nonzero_select reads
+    return torch.from_numpy(out)
