@@ -59,17 +59,16 @@ at::Tensor nonzero_select_cpu(const at::Tensor& codes, const at::Tensor& rows) {
   auto values = empty_output({start[n_rows]}, source.options());
   int32_t* dst = values.data_ptr<int32_t>();
   at::parallel_for(0, n_rows, row_grain(row_len), [&](int64_t first, int64_t last) {
-    // Compacting without a branch writes one slot past the last kept code, so each task compacts into
-    // its own scratch row and copies out exactly the row's share.
-    std::vector<int32_t> scratch(row_len + 1);
     for (int64_t r = first; r < last; ++r) {
       const int32_t* row = src + row_ids[r] * row_len;
-      int64_t kept = 0;
-      for (int64_t i = 0; i < row_len; ++i) {
-        scratch[kept] = row[i];
-        kept += row[i] != 0;
+      int32_t* kept = dst + start[r];
+      const int64_t count = start[r + 1] - start[r];
+      // Without a branch on the code: a zero is written where the next nonzero code goes and is
+      // overwritten by it; the walk stops once the row's share is full, so nothing lands past it.
+      for (int64_t i = 0, k = 0; i < row_len && k < count; ++i) {
+        kept[k] = row[i];
+        k += row[i] != 0;
       }
-      std::memcpy(dst + start[r], scratch.data(), kept * sizeof(int32_t));
     }
   });
   return values;
