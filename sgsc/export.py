@@ -172,7 +172,7 @@ def _dtype_exceptions(model: nn.Module, rebuilt: nn.Module) -> dict[str, str]:
 
 
 def _crc32(tensor: torch.Tensor) -> int:
-    return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy to bytes
 
 
 def _pack_layer(name: str, layer: QLinear | QConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
