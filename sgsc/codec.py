@@ -146,17 +146,17 @@ def decode(stream: torch.Tensor, width_bytes: torch.Tensor, rows_per_group: int,
     layout = _layout(stream, 0, width_bytes, group_len)
     if layout.end != stream.numel():
         raise CodecError(f"the layer's groups take {layout.end} bytes, the stream has {stream.numel()}")
-    dense_widths = layout.widths[~layout.sparse].to(torch.uint8).to(stream.device)
-    if not layout.sparse.any():
-        return ops.unpack(stream, dense_widths, rows_per_group, row_len)
-    sparse_codes = _sparse_codes(stream.cpu(), layout, group_len).to(stream.device)
-    if not dense_widths.numel():
-        return sparse_codes.reshape(-1, row_len)
-    codes = torch.empty(layout.widths.numel(), group_len, dtype=torch.int32, device=stream.device)
-    codes[(~layout.sparse).nonzero().flatten().to(stream.device)] = ops.unpack(
-        stream[: layout.dense_end], dense_widths, 1, group_len)
-    codes[layout.sparse.nonzero().flatten().to(stream.device)] = sparse_codes
-    return codes.reshape(-1, row_len)
+    shape = (layout.widths.numel() * rows_per_group, row_len)
+    if layout.sparse.all():  # nothing to unpack densely
+        return _sparse_codes(stream.cpu(), layout, group_len).to(stream.device).reshape(shape)
+    # Dense groups unpack in place: with the sparse groups' widths taken as 0 (no bytes, all-zero codes),
+    # the dense run is exactly ops.unpack's layout for the whole layer.
+    dense_widths = layout.widths.masked_fill(layout.sparse, 0).to(torch.uint8).to(stream.device)
+    codes = ops.unpack(stream[: layout.dense_end], dense_widths, 1, group_len)
+    if layout.sparse.any():
+        sparse_rows = layout.sparse.nonzero().flatten().to(stream.device)
+        codes[sparse_rows] = _sparse_codes(stream.cpu(), layout, group_len).to(stream.device)
+    return codes.reshape(shape)
 
 
 def _sparse_codes(host_stream: torch.Tensor, layout: _Layout, group_len: int) -> torch.Tensor:
