@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from sgsc import codec
 from sgsc._io import atomic_write
@@ -144,9 +145,27 @@ def _state_stream(dtype: torch.dtype) -> str:
     return f"{_STATE_PREFIX}{_dtype_name(dtype)}"
 
 
-def _architecture(name: str, config: dict, device: str | torch.device = "meta") -> nn.Module:
-    """The model ``name`` rebuilt from ``config`` (on the meta device: shapes and dtypes only)."""
-    with torch.device(device):
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Initialisation of a meta tensor, which has no values to set, returns it untouched.
+
+    On meta, ``normal_`` runs a Python decomposition whose first use imports ``torch._dynamo``:
+    seconds of a loading process's start-up spent on values that do not exist. Every
+    ``torch.nn.init`` function fills its first argument in place and returns it.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        initialises = getattr(func, "__module__", None) == "torch.nn.init" or func in (
+            torch.Tensor.normal_, torch.Tensor.uniform_)
+        target = args[0] if args else kwargs.get("tensor")
+        if initialises and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+def _architecture(name: str, config: dict) -> nn.Module:
+    """The model ``name`` rebuilt from ``config`` on the meta device: shapes and dtypes only."""
+    with torch.device("meta"), _SkipInitOnMeta():
         return build_model(name, config)
 
 

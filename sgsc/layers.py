@@ -57,9 +57,11 @@ def initial_exponent(weight: torch.Tensor, quant_groups: int, bits: float) -> to
 
     The largest magnitude then lands on at most the top code, so the starting error is at most half
     a step. An all-zero group gets ``e = 0`` (any grid represents it exactly); 1-bit groups, whose
-    positive range is empty, size the grid from the negative code ``-1`` instead.
+    positive range is empty, size the grid from the negative code ``-1`` instead. A weight on the meta
+    device has no values: its exponents are meta zeros (computing them would only import
+    ``torch._dynamo``, seconds, for the decompositions of the meta kernels).
     """
-    if weight.numel() == 0:
+    if weight.numel() == 0 or weight.is_meta:
         return torch.zeros(quant_groups, dtype=torch.float32, device=weight.device)
     peak = weight.detach().float().reshape(quant_groups, -1).abs().amax(dim=1)
     top_code = max(2.0 ** (bits - 1) - 1, 1.0)

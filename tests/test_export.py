@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -71,6 +74,30 @@ def test_decoder_round_trip_is_bit_exact(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
 
+
+
+def test_loading_initialises_nothing_and_never_imports_dynamo(tmp_path):
+    """The architecture is built on meta, where init would only import torch._dynamo (seconds) for no values."""
+    cnn, decoder = tmp_path / "cnn.sgsc", tmp_path / "decoder.sgsc"
+    export.export_packed(_trained_cnn(), cnn)
+    export.export_packed(_decoder(), decoder)
+    script = textwrap.dedent(f"""
+        import sys
+        import torch, sgsc
+        from sgsc import export
+        if "torch._dynamo" in sys.modules:
+            print("imported by torch itself")
+            sys.exit(0)
+        for path in ({str(cnn)!r}, {str(decoder)!r}):
+            export.load_packed(path)
+            assert "torch._dynamo" not in sys.modules, path
+        print("not imported")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    if "imported by torch itself" in result.stdout:
+        pytest.skip("this torch imports torch._dynamo on import")
+    assert "not imported" in result.stdout
 
 def test_physically_pruned_config_round_trips(tmp_path):
     config = dict(DECODER_CONFIG, n_heads=[3, 0], mlp_hidden=[20, 0])

@@ -91,6 +91,11 @@ def test_initial_exponent_fits_the_weight_range():
     assert ((q - w).abs() <= step / 2).all()  # no weight clips: error is at most half a step
 
 
+
+def test_initial_exponent_of_a_meta_weight_has_the_shape_and_no_values():
+    e = initial_exponent(torch.empty(6, 3, device="meta"), 3, bits=8)
+    assert e.is_meta and e.shape == (3,) and e.dtype == torch.float32
+
 def test_layers_start_with_small_quantization_error():
     torch.manual_seed(0)
     layer = QLinear(64, 32, init_bits=8)
