@@ -328,7 +328,7 @@ def test_scales_of_the_wrong_dtype_are_rejected(packed_file):
         export.load_packed(packed_file)
 
 
-def test_codes_that_do_not_fit_the_widths_are_rejected(packed_file):
+def test_widths_that_need_more_bytes_than_the_stream_holds_are_rejected(packed_file):
     def widen_first_group(tensors):
         tensors["widths"] = tensors["widths"].clone()
         tensors["widths"][0] += 1
