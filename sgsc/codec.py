@@ -55,10 +55,6 @@ def check_width_bytes(width_bytes: torch.Tensor, *, sparse_allowed: bool = True)
                          + (" or a sparse width 1..32 (bit 7 set)" if sparse_allowed else ""))
 
 
-def _pack_run(values: torch.Tensor, width: int) -> torch.Tensor:
-    return ops.pack(values.to(torch.int32).reshape(1, -1), torch.tensor([width], dtype=torch.uint8))
-
-
 def encode(codes: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The stream and width bytes of ``codes`` (``(G, L)`` integers) stored at ``widths`` (``(G,)``).
 
@@ -83,7 +79,8 @@ def encode(codes: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, tor
         parts.append(torch.from_numpy(np.packbits(nonzero[sparse.numpy()], axis=1, bitorder="little").reshape(-1)))
         for width in torch.unique(widths[sparse]).tolist():
             rows = (sparse & (widths == width)).nonzero().flatten()
-            parts.append(_pack_run(torch.ops.sgsc.nonzero_select(codes, rows), width))  # group, then code order
+            nonzero_codes = torch.ops.sgsc.nonzero_select(codes, rows)  # group, then code order
+            parts.append(ops.pack(nonzero_codes.reshape(1, -1), torch.tensor([width], dtype=torch.uint8)))
     stream = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
     return stream, (widths | sparse.to(torch.int64) * SPARSE_FLAG).to(torch.uint8)
 

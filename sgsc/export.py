@@ -155,10 +155,8 @@ class _SkipInitOnMeta(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        initialises = getattr(func, "__module__", None) == "torch.nn.init" or func in (
-            torch.Tensor.normal_, torch.Tensor.uniform_)
         target = args[0] if args else kwargs.get("tensor")
-        if initialises and isinstance(target, torch.Tensor) and target.is_meta:
+        if getattr(func, "__module__", None) == "torch.nn.init" and isinstance(target, torch.Tensor) and target.is_meta:
             return target
         return func(*args, **kwargs)
 
