@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "buffers.h"
 #include "isa.h"
 
 namespace sgsc {
@@ -278,7 +279,7 @@ at::Tensor fake_quantize_cpu(const at::Tensor& w, const at::Tensor& b, const at:
                              c10::string_view rounding) {
   check_inputs(w, b, e);
   auto w_contig = w.contiguous();
-  auto q = at::empty_like(w_contig);
+  auto q = empty_output(w_contig.sizes(), w_contig.options());
   forward_into(w_contig, b.contiguous(), e.contiguous(), parse_rounding(rounding), q);
   return q;
 }
@@ -300,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
                     grad_q.sizes(), " does not match w shape ", w.sizes());
   auto w_contig = w.contiguous();
   auto g_contig = grad_q.to(w.scalar_type()).contiguous();
-  auto grad_w = at::empty_like(w_contig);
+  auto grad_w = empty_output(w_contig.sizes(), w_contig.options());
   auto grad_b = at::zeros_like(b);
   auto grad_e = at::zeros_like(e);
   if (w.numel() == 0) return {grad_w, grad_b, grad_e};
