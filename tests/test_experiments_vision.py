@@ -289,6 +289,30 @@ def test_a_smaller_and_more_accurate_sized_unsafe_run_is_never_beaten():
     assert not smaller_and_worse["unsafe_sized"]["dominates_sgsc"] and smaller_and_worse["beats_unsafe"]
 
 
+def test_accuracy_reach_names_the_best_run_within_the_size_and_the_smallest_within_the_accuracy():
+    table = _table((0.893, 96), (0.895, 90))  # float 0.9 at 1000 bytes: SGSC -0.7 points at 9.6%
+    table["qat_4"] = {"test_accuracy": {"mean": 0.899}, "pct_of_float": {"mean": 13.0}}
+
+    def row(accuracy, size):  # the first seed's float model scores 0.91 at 1000 bytes
+        return {"test_accuracy": accuracy, "file_bytes": size, "pct_of_float": size / 10}
+
+    seed = {"seed": 0, "methods": {"float": row(0.91, 1000), "sgsc": row(0.905, 96), "unsafe": row(0.85, 60),
+                        "unsafe_sized": row(0.906, 90)},
+            "extra": [{"group": "sweep", "name": name, **row(accuracy, size)} for name, accuracy, size in (
+                ("sgsc gamma=0.02", 0.909, 130), ("sgsc gamma=0.04", 0.907, 110), ("unsafe gamma=0.02", 0.9, 120))]}
+    reach = vision.accuracy_reach(table, seed, 0.1, 0.05)
+    assert reach["within_size"]["method"] == "unsafe_sized"  # qat_4 is more accurate but larger than 10%
+    assert reach["within_size"]["gap_points"] == pytest.approx(-0.5)
+    sgsc, unsafe = (reach["smallest_within_tolerance"][m] for m in ("sgsc", "unsafe"))
+    assert sgsc["gamma"] == 0.04 and sgsc["file_bytes"] == 110 and sgsc["gap_points"] == pytest.approx(-0.3)
+    assert unsafe is None  # the sized run is -0.4 points, the sweep run -1
+    labels = {"unsafe_sized": "sized unsafe"}
+    text = report._accuracy_reach({"settings": {"gamma": 0.1, "sized_unsafe_gamma": 0.05}, "seeds": [seed],
+                                   "table": table, "methods": labels})[0]
+    assert '"sized unsafe": -0.50 points at 9.0% of the bytes, so none there is within 0.3 points' in text
+    assert "SGSC at gamma 0.04 (11.0% of the float bytes, -0.30 points) and no unsafe run" in text
+
+
 def test_report_calls_an_equal_size_difference_inside_the_seed_spread_a_tie():
     seed = _first_seed((0.89, 100), (0.80, 60))
     for sgsc_accuracy, tie in ((0.8905, True), (0.905, False)):

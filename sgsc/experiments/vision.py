@@ -472,6 +472,38 @@ def targets(table: dict, seed_result: dict, gamma: float, sized_gamma: float) ->
     }
 
 
+def accuracy_reach(table: dict, seed_result: dict, gamma: float, sized_gamma: float) -> dict:
+    """How far the accuracy target (float - 0.3 points) is from the size target (<= 10% of the float bytes).
+
+    ``within_size``: the most accurate method of the table (means over seeds) at <= 10% of the float
+    bytes. ``smallest_within_tolerance``: for SGSC and unsafe, the first seed's smallest file (main,
+    sized and sweep gammas) within 0.3 points of that seed's float model, or None.
+    """
+    def gap(accuracy: float, reference: float) -> float:
+        return 100.0 * (accuracy - reference)
+
+    float_mean = table["float"]["test_accuracy"]["mean"]
+    small = [name for name, row in table.items() if name != "float" and row["pct_of_float"]["mean"] <= 10.0]
+    best = max(small, key=lambda name: table[name]["test_accuracy"]["mean"], default=None)
+    within_size = None if best is None else {
+        "method": best, "gap_points": gap(table[best]["test_accuracy"]["mean"], float_mean),
+        "pct_of_float": table[best]["pct_of_float"]["mean"]}
+
+    methods = seed_result["methods"]
+    float_first = methods["float"]["test_accuracy"]
+    runs = {"sgsc": [(gamma, methods["sgsc"])],
+            "unsafe": [(gamma, methods["unsafe"]), (sized_gamma, methods["unsafe_sized"])]}
+    smallest = {}
+    for method, method_runs in runs.items():
+        close = [(swept, row) for swept, row in method_runs + _sweep_rows(seed_result, method)
+                 if round(gap(row["test_accuracy"], float_first), 9) >= -0.3]
+        swept, row = min(close, key=lambda run: run[1]["file_bytes"], default=(None, None))
+        smallest[method] = None if row is None else {
+            "gamma": swept, "file_bytes": row["file_bytes"], "pct_of_float": row["pct_of_float"],
+            "gap_points": gap(row["test_accuracy"], float_first)}
+    return {"within_size": within_size, "first_seed_float_accuracy": float_first, "smallest_within_tolerance": smallest}
+
+
 def command_line(settings: VisionSettings, out: Path, workers: int = 1) -> str:
     """The `sgsc experiment vision` invocation that reproduces ``settings``."""
     parts = ["sgsc", "experiment", "vision"]
