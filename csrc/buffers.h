@@ -26,8 +26,9 @@ SGSC_ALWAYS_INLINE uint64_t load_le64(const uint8_t* p) {
 
 // A fresh output tensor whose large pages are backed by transparent huge pages where the kernel
 // allows it on request (the usual `madvise` setting). First touches of a fresh 4 KiB-page buffer can
-// cost more than the unpacking itself (3x its time on the 2-core VM of bench/bench_bitpack.py); NumPy
-// advises its large arrays the same way. Only the 2 MiB-aligned interior is advised.
+// cost more than the work that fills it (on the 2-core VM of bench/RESULTS.md: 3x an unpack's time,
+// and two thirds of a 64 MB fake-quantize forward+backward); NumPy advises its large arrays the same
+// way. Only the 2 MiB-aligned interior is advised.
 inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
   auto out = at::empty(shape, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
