@@ -18,7 +18,7 @@ from sgsc import export
 from sgsc.cli import build_parser, main
 from sgsc.experiment_cli import vision_settings
 from sgsc.experiments import baselines, report, vision
-from sgsc.experiments.common import load_float, save_float, zlib_bytes
+from sgsc.experiments.common import latencies_ms, load_float, save_float, zlib_bytes
 from sgsc.experiments.robustness import Perturber, robustness
 from sgsc.layers import quantized_layers
 from sgsc.models import build_model
@@ -149,6 +149,31 @@ def test_robustness_results_are_accuracies_that_fall_with_attack_strength(quick)
 
 
 # ---- the parts ------------------------------------------------------------------------------
+
+
+def test_latencies_are_timed_side_by_side_in_rounds():
+    calls = []
+
+    class Recorder(nn.Module):
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds = name, seconds
+
+        def forward(self, x):
+            calls.append((self.name, x.shape[0]))
+            time.sleep(self.seconds)
+            return x
+
+    slow, fast = Recorder("slow", 0.004), Recorder("fast", 0.0)
+    latencies = latencies_ms([slow, fast], torch.zeros(3), batch=2, repeats=4, rounds=2)
+    timed = [name for name, _ in calls[4:]]  # after two warm-up calls per model
+    assert timed == ["slow", "slow", "fast", "fast"] * 2 and all(batch == 2 for _, batch in calls)
+    assert latencies[0] >= 4 > latencies[1]
+    calls.clear()
+    latencies_ms([fast], torch.zeros(3), batch=1, repeats=2, rounds=5)  # fewer repeats than rounds: 2 rounds of 1
+    assert len(calls) == 2 + 2
+    with pytest.raises(ValueError, match="rounds"):
+        latencies_ms([fast], torch.zeros(3), batch=1, repeats=2, rounds=0)
 
 
 def test_perturbations_stay_in_the_ball_and_the_pixel_range():
@@ -400,7 +425,7 @@ def test_missing_language_module_is_reported_when_called(monkeypatch):
     [({"seeds": ()}, "seeds"), ({"seeds": (1, 1)}, "seeds"), ({"steps": 1}, "steps"), ({"float_steps": 0}, "float_steps"),
      ({"rounding": "up"}, "rounding"), ({"gamma": -1.0}, "gamma"), ({"sweep_gammas": (-0.1,)}, "sweep_gammas"),
      ({"sized_unsafe_gamma": float("nan")}, "sized_unsafe_gamma"), ({"sized_unsafe_gamma": True}, "sized_unsafe_gamma"),
-     ({"latency_repeats": (0, 1)}, "latency_repeats")],
+     ({"latency_repeats": (0, 1)}, "latency_repeats"), ({"latency_rounds": 0}, "latency_rounds")],
 )
 def test_bad_settings_name_the_argument(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -181,22 +181,31 @@ def zlib_bytes(path: str | os.PathLike) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, batch: int, repeats: int) -> float:
-    """Median wall time in milliseconds of one forward of ``batch`` copies of ``example``.
+def latencies_ms(models: list[nn.Module], example: torch.Tensor, batch: int, repeats: int,
+                 rounds: int = 5) -> list[float]:
+    """Median wall time in milliseconds of one forward of ``batch`` copies of ``example``, per model.
 
-    Two warm-up calls first (allocator and kernel selection), then ``repeats`` timed calls.
+    The models are timed side by side: in each of ``min(rounds, repeats)`` rounds every model in turn
+    runs its share of the ``repeats`` timed calls, so a slow spell of a shared machine falls on all of
+    them rather than on whichever model was being timed then. Two warm-up calls per model come first.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for name, value in (("repeats", repeats), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     x = example.unsqueeze(0).expand(batch, *example.shape).contiguous()
-    model.eval()
-    for _ in range(2):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    for model in models:
+        model.eval()
+        for _ in range(2):
+            model(x)
+    rounds = min(rounds, repeats)
+    calls = -(-repeats // rounds)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for model, model_times in zip(models, times):
+            for _ in range(calls):
+                started = time.perf_counter()
+                model(x)
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                model_times.append(time.perf_counter() - started)
+    return [1000 * statistics.median(model_times) for model_times in times]

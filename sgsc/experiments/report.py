@@ -70,6 +70,15 @@ def _setup(result: dict) -> list[str]:
     ]
 
 
+def _latency_method(result: dict) -> str:
+    rounds = result["settings"].get("latency_rounds")
+    if rounds is None:  # runs before side-by-side timing
+        return "median of repeated forwards of the loaded model, timed after all training finished, one model at a time"
+    return ("median of repeated forwards of the loaded model, timed after all training finished, every file of "
+            f"every seed side by side ({rounds} round-robin passes over the files), so latencies compare within "
+            "the table")
+
+
 def _main_table(result: dict) -> list[str]:
     lines = [
         "| method | test accuracy (%) | val accuracy (%) | bytes on disk | % of float32 | zlib -9 bytes "
@@ -90,9 +99,9 @@ def _main_table(result: dict) -> list[str]:
         "Accuracy, bytes and latency are measured on the model loaded back from its file (the float baseline from "
         "a float32 safetensors file, every other method from its sgsc packed file). Bits/weight: packed payload "
         "per quantized weight of the exported model (after any physical pruning of channels). zlib -9 bytes: the "
-        "same file after zlib, i.e. what an entropy coder would still remove. Latency: median of repeated "
-        "forwards of the loaded model, timed after all training finished, one model at a time. Training time: the method's own steps (float: all of "
-        "them); runs of different seeds may have shared the CPU, so times are indicative.",
+        f"same file after zlib, i.e. what an entropy coder would still remove. Latency: {_latency_method(result)}. "
+        "Training time: the method's own steps (float: all of them); runs of different seeds may have shared the "
+        "CPU, so times are indicative.",
         "",
     ]
 

@@ -41,7 +41,7 @@ from sgsc.experiments.common import (
     device_name,
     float_mode,
     git_commit,
-    latency_ms,
+    latencies_ms,
     load_float,
     mean_std,
     metadata,
@@ -122,7 +122,8 @@ class VisionSettings:
     ablations: bool = True
     robustness_examples: int = 300
     pgd_steps: int = 5
-    latency_repeats: tuple[int, int] = (50, 5)  # timed calls at batch 1 and batch 256
+    latency_repeats: tuple[int, int] = (50, 10)  # timed calls at batch 1 and batch 256
+    latency_rounds: int = 5  # round-robin passes over every model file, which are timed side by side
     device: str = "auto"
     progress: bool = True
     quick: bool = False
@@ -133,7 +134,7 @@ class VisionSettings:
         self.latency_repeats = tuple(self.latency_repeats)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds!r}")
-        for name in ("float_steps", "steps", "robustness_examples", "pgd_steps"):
+        for name in ("float_steps", "steps", "robustness_examples", "pgd_steps", "latency_rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "steps" else 1):
                 raise ValueError(f"{name} must be an int >= {2 if name == 'steps' else 1}, got {value!r}")
@@ -549,15 +550,22 @@ def _run_seeds(settings: VisionSettings, out: Path, workers: int) -> list[dict]:
         return [future.result() for future in futures]
 
 
-def add_latency(seed_result: dict, out: Path, settings: VisionSettings, example: torch.Tensor) -> None:
-    """Time every model file of one seed (loaded back, on the CPU) at batch 1 and 256, in place."""
-    seed_dir = out / f"vision-seed{seed_result['seed']}"
-    rows = [*seed_result["methods"].values(), *seed_result.get("extra", [])]
-    for row in rows:
-        path = seed_dir / row["file"]
-        model = load_float(path) if path.suffix == ".safetensors" else export.load_packed(path)
-        row["latency_batch1_ms"] = latency_ms(model, example, 1, settings.latency_repeats[0])
-        row["latency_batch256_ms"] = latency_ms(model, example, 256, settings.latency_repeats[1])
+def add_latency(seeds: list[dict], out: Path, settings: VisionSettings, example: torch.Tensor) -> None:
+    """Time every model file of every seed (loaded back, on the CPU) at batch 1 and 256, in place.
+
+    All files are timed side by side (:func:`latencies_ms`), so their latencies compare within one run.
+    """
+    rows, models = [], []
+    for seed_result in seeds:
+        seed_dir = out / f"vision-seed{seed_result['seed']}"
+        for row in (*seed_result["methods"].values(), *seed_result.get("extra", [])):
+            path = seed_dir / row["file"]
+            rows.append(row)
+            models.append(load_float(path) if path.suffix == ".safetensors" else export.load_packed(path))
+    for key, batch, repeats in (("latency_batch1_ms", 1, settings.latency_repeats[0]),
+                                ("latency_batch256_ms", 256, settings.latency_repeats[1])):
+        for row, latency in zip(rows, latencies_ms(models, example, batch, repeats, settings.latency_rounds)):
+            row[key] = latency
 
 
 def run(settings: VisionSettings, out: str | Path = "results", workers: int = 1) -> dict:
@@ -575,8 +583,7 @@ def run(settings: VisionSettings, out: str | Path = "results", workers: int = 1)
     started, commit = time.perf_counter(), git_commit()
     seeds = _run_seeds(settings, out, min(workers, len(settings.seeds)))
     example = load_run_data(settings, settings.seeds[0]).data.test.tensors[0][0]
-    for seed_result in tqdm(seeds, desc="latency", disable=not settings.progress):
-        add_latency(seed_result, out, settings, example)
+    add_latency(seeds, out, settings, example)
     table = summarize(seeds)
     device = torch.device("cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu")
     result = {
