@@ -312,6 +312,13 @@ def test_a_smaller_and_more_accurate_sized_unsafe_run_is_never_beaten():
     # smaller but less accurate: the first seed's equal-size runs decide, as before
     smaller_and_worse = vision.targets(_table((0.89, 100), (0.88, 90)), close, 0.1, 0.05)
     assert not smaller_and_worse["unsafe_sized"]["dominates_sgsc"] and smaller_and_worse["beats_unsafe"]
+    # no run within 5% anywhere, but the sized run is 7% smaller and more accurate: compared, and lost
+    far = _first_seed((0.89, 100), (0.80, 60), (0.87, 140, 0.01))
+    t = vision.targets(_table((0.89, 100), (0.892, 93)), far, 0.1, 0.05)
+    assert not t["unsafe_sized"]["within_5pct"] and not t["unsafe_within_5pct"]
+    assert t["equal_size_compared"] and not t["beats_unsafe"]
+    text = "\n".join(report._targets({"table": _table((0.89, 100), (0.892, 93)), "targets": t}))
+    assert "so it beats SGSC at SGSC's size): **missed**." in text and "no unsafe run of equal size" not in text
 
 
 def test_accuracy_reach_names_the_best_run_within_the_size_and_the_smallest_within_the_accuracy():
