@@ -345,6 +345,21 @@ def test_accuracy_reach_names_the_best_run_within_the_size_and_the_smallest_with
     assert "SGSC at gamma 0.04 (11.0% of the float bytes, -0.30 points) and no unsafe run" in text
 
 
+def test_attack_verdict_counts_only_differences_beyond_twice_the_binomial_error():
+    def accuracies(clean, attacked):
+        return {"clean": clean, "noise 0.1": clean, "fgsm 0.1": attacked, "pgd 0.1": attacked}
+
+    labels = {"float": "float", "a": "method a", "b": "method b", "c": "method c"}
+    rob = {"examples": 100, "models": {"float": accuracies(0.9, 0.50), "a": accuracies(0.8, 0.62),
+                                       "b": accuracies(0.9, 0.47), "c": accuracies(0.9, 0.30)}}
+    text = report._attack_verdict({"methods": labels}, rob)[0]  # one column's error: 5 points, so 10 count
+    assert "Mean accuracy over the 2 FGSM and PGD columns: float 50.0%" in text
+    assert "method a: +12.0; method b: -3.0; method c: -20.0" in text
+    assert "harder to attack than the float model: method a (+12.0); easier: method c (-20.0)." in text
+    rob["models"]["a"] = accuracies(0.8, 0.55)
+    assert "no compressed model is harder to attack" in report._attack_verdict({"methods": labels}, rob)[0]
+
+
 def test_report_calls_an_equal_size_difference_inside_the_seed_spread_a_tie():
     seed = _first_seed((0.89, 100), (0.80, 60))
     for sgsc_accuracy, tie in ((0.8905, True), (0.905, False)):
