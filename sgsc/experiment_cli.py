@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sgsc.data import VISION_NAMES
+from sgsc.models import HEAD_GROUPS
 from sgsc.reference import ROUNDING_MODES
 from sgsc.trainer import LR_SCHEDULES
 
@@ -74,6 +75,8 @@ def _add_vision(subparsers) -> None:
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="learning-rate schedule of every run")
     parser.add_argument("--sweep-gammas", type=float, nargs="*", help="extra gammas of the sweep (first seed)")
     parser.add_argument("--rounding", choices=ROUNDING_MODES, help="rounding of SGSC/unsafe (the ablation runs the other)")
+    parser.add_argument("--head-groups", choices=HEAD_GROUPS, help="the classifier's bit-depth groups: one per "
+                        "conv feature map it reads (channel, the default) or one per class (output, the paper's)")
     parser.add_argument("--no-ablations", dest="ablations", action="store_false", help="skip the rounding and "
                         "preservation ablations")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (latency is always CPU)")
@@ -94,7 +97,7 @@ def vision_settings(args: argparse.Namespace):
     from sgsc.experiments import vision
 
     keys = ("data", "data_dir", "seeds", "steps", "float_steps", "gamma", "sized_unsafe_gamma", "lr", "quant_lr", "exponent_lr", "lr_schedule",
-            "sweep_gammas", "rounding", "device")
+            "sweep_gammas", "rounding", "head_groups", "device")
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.data_dir is not None and args.data is None:
         overrides["data"] = "auto"  # the IDX files of --data-dir, also under --quick

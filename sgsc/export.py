@@ -59,13 +59,12 @@ def integer_codes(layer: QLinear | QConv2d) -> tuple[torch.Tensor, torch.Tensor]
 
     Computed with the same float32 arithmetic as the forward kernels (checked bit for bit against
     them in the tests), so ``r * scale`` reproduces ``layer.quantized_weight()`` exactly.
-    Returns int64 codes of shape ``(G, L)`` (zeros for pruned groups) and float32 scales ``(G,)``.
+    Returns int64 codes of shape ``(G, L)``, row ``g`` holding group ``g`` in the layer's ``grouped`` layout
+    (zeros for pruned groups), and float32 scales ``(G,)``.
     """
-    groups = layer.quant_groups
-    group_len = layer.weight.numel() // groups if groups else 0
     bits, exponent = layer.bits.detach().float(), layer.exponent.detach().float()
     scale, inv_scale, lo, hi, kept_bits = group_params(bits, exponent)
-    scaled = layer.weight.detach().float().reshape(groups, group_len) * scale.unsqueeze(1)
+    scaled = layer.grouped(layer.weight.detach().float()) * scale.unsqueeze(1)
     clamped = torch.clamp(scaled, lo.unsqueeze(1), hi.unsqueeze(1))
     rounded = torch.floor(clamped) if layer.rounding == "floor" else torch.round(clamped)
     if not torch.isfinite(rounded).all():
@@ -425,15 +424,14 @@ def _packed_layers(packed_file: _PackedFile):
 
 
 def _dequantized_weight(path: Path, slot: _LayerSlot, packed, widths, scales, dtype: torch.dtype, device) -> torch.Tensor:
+    """Group ``g``'s weights in row ``g`` of a ``(G, numel / G)`` tensor (the layer's ``grouped`` layout)."""
     if slot.groups == 0 or slot.numel == 0:
-        return torch.zeros(slot.shape, dtype=dtype, device=device)
-    rows_per_group, row_len = slot.shape[0] // slot.groups, slot.numel // slot.shape[0]
+        return torch.zeros(slot.groups, 0, dtype=dtype, device=device)
     try:
-        codes = codec.decode(packed.to(device), widths, rows_per_group, row_len)
+        codes = codec.decode(packed.to(device), widths, 1, slot.group_len)
     except ValueError as exc:
         raise PackedFileError(f"{path}: layer {slot.name!r}: {exc}") from exc
-    weight = codes.reshape(slot.groups, -1).to(torch.float32) * scales.to(device).unsqueeze(1)
-    return weight.reshape(slot.shape).to(dtype)
+    return (codes.to(torch.float32) * scales.to(device).unsqueeze(1)).to(dtype)
 
 
 def _stored_plain_state(packed_file: _PackedFile) -> dict[str, torch.Tensor]:
@@ -481,8 +479,8 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         layer = layers[slot.name]
         prefix = f"{slot.name}." if slot.name else ""
         dtype = _stored_dtype(path, header, f"{prefix}weight", layer.weight.dtype)
-        weight = _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
-        replace_submodule(model, slot.name, float_layer(layer, weight))
+        grouped = _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
+        replace_submodule(model, slot.name, float_layer(layer, layer.ungrouped(grouped)))
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left_on_meta:  # an architecture with state the file does not hold; never silently garbage
         raise PackedFileError(f"{path}: model {header['model']!r} has tensors the file does not hold: {left_on_meta}")

@@ -4,7 +4,9 @@ A quantized layer holds its float ``weight`` plus two float32 Parameters of shap
 ``bits`` (b) and ``exponent`` (e). Its forward uses ``sgsc.fake_quantize(weight, bits, exponent)``
 in place of ``weight``, so training moves b and e by the straight-through estimator, and a group
 whose ``bits`` fall to ``<= 0`` contributes exact zeros (it is pruned). Group ``g`` covers output
-rows ``[g*O/G, (g+1)*O/G)``; ``G`` defaults to one group per output channel.
+rows ``[g*O/G, (g+1)*O/G)``; ``G`` defaults to one group per output channel. A QLinear built with
+``group_by="input"`` groups input columns instead: group ``g`` covers columns ``[g*I/G, (g+1)*I/G)``
+of every row, which lets a classifier learn one bit depth per feature map it reads.
 
 The number of groups is called ``quant_groups`` everywhere, because ``nn.Conv2d.groups`` already
 names the convolution's channel grouping.
@@ -40,15 +42,22 @@ def _check_rounding(rounding: str) -> str:
     return rounding
 
 
-def _resolve_quant_groups(quant_groups: int | None, out_dim: int) -> int:
+GROUP_BY = ("output", "input")
+
+
+def _check_group_by(group_by: str) -> str:
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by must be one of {GROUP_BY}, got {group_by!r}")
+    return group_by
+
+
+def _resolve_quant_groups(quant_groups: int | None, dim: int, what: str = "output channels") -> int:
     if quant_groups is None:
-        return out_dim
+        return dim
     if isinstance(quant_groups, bool) or not isinstance(quant_groups, int):
         raise TypeError(f"quant_groups must be an int or None, got {type(quant_groups).__name__}")
-    if quant_groups <= 0 or out_dim % quant_groups != 0:
-        raise ValueError(
-            f"quant_groups must be a positive divisor of the {out_dim} output channels, got {quant_groups}"
-        )
+    if quant_groups <= 0 or dim % quant_groups != 0:
+        raise ValueError(f"quant_groups must be a positive divisor of the {dim} {what}, got {quant_groups}")
     return quant_groups
 
 
@@ -76,13 +85,17 @@ class _Quantized:
     bits: nn.Parameter
     exponent: nn.Parameter
     rounding: str
+    group_by: str
 
-    def _init_quantizer(self, quant_groups: int | None, init_bits: float, rounding: str) -> None:
-        groups = _resolve_quant_groups(quant_groups, self.weight.shape[0]) if self.weight.shape[0] else 0
+    def _init_quantizer(self, quant_groups: int | None, init_bits: float, rounding: str, group_by: str = "output") -> None:
+        self.group_by = _check_group_by(group_by)
+        axis, what = (0, "output channels") if group_by == "output" else (1, "input features")
+        dim = self.weight.shape[axis]
+        groups = _resolve_quant_groups(quant_groups, dim, what) if dim else 0
         bits = _check_init_bits(init_bits)
         self.rounding = _check_rounding(rounding)
         self.bits = nn.Parameter(torch.full((groups,), bits, dtype=torch.float32, device=self.weight.device))
-        self.exponent = nn.Parameter(initial_exponent(self.weight, groups, bits))
+        self.exponent = nn.Parameter(initial_exponent(self.grouped(self.weight), groups, bits))
 
     @property
     def quant_groups(self) -> int:
@@ -94,26 +107,52 @@ class _Quantized:
         """Weights that share one group's bit depth."""
         return self.weight.numel() // self.quant_groups if self.quant_groups else 0
 
+    def grouped(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (shaped like the weight) as ``(G, numel / G)``: row ``g`` holds group ``g``'s elements.
+
+        This is the layout the op quantizes and the packed file stores; :meth:`ungrouped` inverts it.
+        """
+        groups = self.quant_groups
+        group_len = tensor.numel() // groups if groups else 0
+        if self.group_by == "output":
+            return tensor.reshape(groups, group_len)
+        out_features, in_features = tensor.shape
+        columns = tensor.reshape(out_features, groups, in_features // groups if groups else 0)
+        return columns.transpose(0, 1).reshape(groups, group_len)
+
+    def ungrouped(self, grouped: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`grouped`: a ``(G, numel / G)`` tensor back in the weight's shape."""
+        if self.group_by == "output":
+            return grouped.reshape(self.weight.shape)
+        out_features, in_features = self.weight.shape
+        columns = grouped.reshape(self.quant_groups, out_features, in_features // max(self.quant_groups, 1))
+        return columns.transpose(0, 1).reshape(out_features, in_features)
+
     @torch.no_grad()
     def reset_quantizer(self, init_bits: float = 8) -> None:
         """Set every group to ``init_bits`` and re-fit the exponents to the current weights."""
         bits = _check_init_bits(init_bits)
         self.bits.fill_(bits)
-        self.exponent.copy_(initial_exponent(self.weight, self.quant_groups, bits))
+        self.exponent.copy_(initial_exponent(self.grouped(self.weight), self.quant_groups, bits))
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass sees it (differentiable to weight, bits and exponent)."""
         if self.weight.numel() == 0:
             return self.weight  # a fully pruned layer described by a zero-width config
         # .float() keeps the op's float32 contract after a model-wide .half()/.to(dtype)
-        return fake_quantize(self.weight, self.bits.float(), self.exponent.float(), rounding=self.rounding)
+        bits, exponent = self.bits.float(), self.exponent.float()
+        if self.group_by == "output":
+            return fake_quantize(self.weight, bits, exponent, rounding=self.rounding)
+        return self.ungrouped(fake_quantize(self.grouped(self.weight), bits, exponent, rounding=self.rounding))
 
     def _quant_repr(self) -> str:
-        return f"quant_groups={self.quant_groups}, rounding={self.rounding!r}"
+        group_by = "" if self.group_by == "output" else f", group_by={self.group_by!r}"
+        return f"quant_groups={self.quant_groups}{group_by}, rounding={self.rounding!r}"
 
 
 class QLinear(_Quantized, nn.Linear):
-    """``nn.Linear`` whose weight is fake-quantized per group of output rows."""
+    """``nn.Linear`` whose weight is fake-quantized per group of output rows (of input columns with
+    ``group_by="input"``)."""
 
     def __init__(
         self,
@@ -124,6 +163,7 @@ class QLinear(_Quantized, nn.Linear):
         quant_groups: int | None = None,
         init_bits: float = 8,
         rounding: str = "nearest",
+        group_by: str = "output",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -131,11 +171,12 @@ class QLinear(_Quantized, nn.Linear):
             # zero-width layers are legitimate here: they describe fully pruned heads or MLPs
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_quantizer(quant_groups, init_bits, rounding)
+        self._init_quantizer(quant_groups, init_bits, rounding, group_by)
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, *, quant_groups: int | None = None, init_bits: float = 8, rounding: str = "nearest"
+        cls, linear: nn.Linear, *, quant_groups: int | None = None, init_bits: float = 8, rounding: str = "nearest",
+        group_by: str = "output",
     ) -> QLinear:
         """A QLinear that takes over ``linear``'s Parameters (shared, so tied weights stay tied)."""
         new = cls(
@@ -145,12 +186,13 @@ class QLinear(_Quantized, nn.Linear):
             quant_groups=quant_groups,
             init_bits=init_bits,
             rounding=rounding,
+            group_by=group_by,
             device="meta",
             dtype=linear.weight.dtype,
         )
         new.weight = linear.weight
         new.bias = linear.bias
-        new._init_quantizer(quant_groups, init_bits, rounding)
+        new._init_quantizer(quant_groups, init_bits, rounding, group_by)
         return new.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

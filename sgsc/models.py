@@ -43,13 +43,18 @@ def _check_int_list(name: str, value: object, low: int, length: int | None = Non
 
 # ---- PaperCNN -------------------------------------------------------------------------------
 
+HEAD_GROUPS = ("output", "channel")
+
 
 @dataclass
 class PaperCNNConfig:
     """``len(channels)`` blocks of QConv2d 3x3 (padding 1) + BatchNorm2d + ReLU + MaxPool2d(2).
 
     ``channels`` lists every block's output channels explicitly (pruning shrinks them); the
-    classifier reads ``channels[-1] * (image_size // 2**n)**2`` features.
+    classifier reads ``channels[-1] * (image_size // 2**n)**2`` features. ``head_groups`` sets the
+    classifier's bit-depth groups: ``"output"`` (the paper's: one per class row) or ``"channel"``
+    (one per feature map of the last block, across every class). With ``"channel"`` a zero-bit head
+    group makes its conv channel unused, so pruning removes the channel with it.
     """
 
     in_channels: int = 1
@@ -57,8 +62,11 @@ class PaperCNNConfig:
     num_classes: int = 10
     channels: list[int] = field(default_factory=lambda: [32, 64])
     rounding: str = "nearest"
+    head_groups: str = "output"
 
     def __post_init__(self) -> None:
+        if self.head_groups not in HEAD_GROUPS:
+            raise ValueError(f"head_groups must be one of {HEAD_GROUPS}, got {self.head_groups!r}")
         _check_int("in_channels", self.in_channels, 1)
         _check_int("image_size", self.image_size, 1)
         _check_int("num_classes", self.num_classes, 1)
@@ -94,7 +102,8 @@ class PaperCNN(nn.Module):
             in_channels = out_channels
         self.blocks = nn.Sequential(*blocks)
         features = config.channels[-1] * config.feature_size**2
-        self.head = QLinear(features, config.num_classes, init_bits=init_bits, rounding=config.rounding)
+        by_channel = {"quant_groups": config.channels[-1], "group_by": "input"} if config.head_groups == "channel" else {}
+        self.head = QLinear(features, config.num_classes, init_bits=init_bits, rounding=config.rounding, **by_channel)
 
     @property
     def attribution_layer(self) -> nn.Module:

@@ -16,6 +16,9 @@ and the result computes exactly what the masked model computes:
   has zeroed should not keep feeding the next layer through its shift. The change of function
   happens at pruning time; the trainer's next safety check sees it. One channel per block is
   always kept (``PaperCNNConfig`` needs at least one), masked but present.
+* **PaperCNN head group** (``head_groups="channel"``: a zero-bit head group). The head multiplies
+  that last-block channel's features by exact zeros, so the channel is removed with its head
+  columns and group, whatever its conv bits; this changes nothing the model computes.
 * **CharDecoder head** (a zero-bit ``v_proj`` group). Its values are the constant ``v_proj`` bias
   slice, attention averages them to that constant, and ``out_proj`` maps it to a constant vector,
   which is folded into ``out_proj.bias``; then the head's q/k/v rows and ``out_proj`` columns go.
@@ -72,7 +75,11 @@ def dead_units(model: nn.Module, bits: Mapping[str, torch.Tensor] | None = None)
     units: Units = {}
     if isinstance(model, PaperCNN):
         for i, block in enumerate(model.blocks):
-            dead = judge(f"blocks.{i}.0", block[0]).nonzero().flatten().tolist()
+            dead_mask = judge(f"blocks.{i}.0", block[0])
+            if i == len(model.blocks) - 1 and model.head.group_by == "input":
+                head_bits = model.head.bits if bits is None else bits["head"]
+                dead_mask = dead_mask | (head_bits.detach() <= 0).cpu()  # one head group per channel
+            dead = dead_mask.nonzero().flatten().tolist()
             if len(dead) == block[0].out_channels:
                 dead = dead[1:]  # keep one channel: a block cannot be empty
             if dead:
@@ -207,6 +214,9 @@ def _prune_cnn_block(model: PaperCNN, i: int, channels: list[int], optimizer) ->
         columns = (keep.unsqueeze(1) * area + torch.arange(area)).flatten()
         _shrink_columns(model.head, columns, optimizer)
         model.head.in_features = columns.numel()
+        if model.head.group_by == "input":
+            _shrink(model.head, "bits", 0, keep, optimizer)
+            _shrink(model.head, "exponent", 0, keep, optimizer)
     model.config.channels[i] = keep.numel()
 
 

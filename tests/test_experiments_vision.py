@@ -254,6 +254,15 @@ def test_exponent_lr_flag_reaches_the_trainer_and_the_command_line():
     assert "--exponent-lr" not in vision.command_line(vision.quick_settings(), "somewhere")
 
 
+def test_head_groups_flag_reaches_every_methods_model_and_the_command_line():
+    settings = vision_settings(build_parser().parse_args(["experiment", "vision", "--head-groups", "output"]))
+    assert settings.train_config(0).model_config["head_groups"] == "output"
+    assert vision.float_config(settings, 0).model_config["head_groups"] == "output"
+    assert "--head-groups output" in vision.command_line(settings, "somewhere")
+    assert vision.VisionSettings().train_config(0).model_config["head_groups"] == "channel"
+    assert "--head-groups" not in vision.command_line(vision.VisionSettings(), "somewhere")
+
+
 def test_lr_schedule_flag_reaches_the_trainer_and_the_command_line():
     other = next(mode for mode in LR_SCHEDULES if mode != vision.VisionSettings().lr_schedule)
     settings = vision_settings(build_parser().parse_args(["experiment", "vision", "--lr-schedule", other]))
@@ -445,7 +454,7 @@ def test_missing_language_module_is_reported_when_called(monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [({"seeds": ()}, "seeds"), ({"seeds": (1, 1)}, "seeds"), ({"steps": 1}, "steps"), ({"float_steps": 0}, "float_steps"),
-     ({"rounding": "up"}, "rounding"), ({"gamma": -1.0}, "gamma"), ({"sweep_gammas": (-0.1,)}, "sweep_gammas"),
+     ({"rounding": "up"}, "rounding"), ({"head_groups": "rows"}, "head_groups"), ({"gamma": -1.0}, "gamma"), ({"sweep_gammas": (-0.1,)}, "sweep_gammas"),
      ({"sized_unsafe_gamma": float("nan")}, "sized_unsafe_gamma"), ({"sized_unsafe_gamma": True}, "sized_unsafe_gamma"),
      ({"latency_repeats": (0, 1)}, "latency_repeats"), ({"latency_rounds": 0}, "latency_rounds")],
 )

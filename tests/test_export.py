@@ -34,9 +34,9 @@ def _scramble_quantizers(model, seed, rounding="nearest"):
     return model
 
 
-def _trained_cnn(seed=0, rounding="nearest"):
+def _trained_cnn(seed=0, rounding="nearest", head_groups="output"):
     torch.manual_seed(seed)
-    model = build_model("paper_cnn", CNN_CONFIG)
+    model = build_model("paper_cnn", {**CNN_CONFIG, "head_groups": head_groups})
     # a few steps so batch-norm statistics and biases are not at their initial values
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(3):
@@ -52,9 +52,9 @@ def _decoder(seed=0):
     return _scramble_quantizers(build_model("char_decoder", DECODER_CONFIG), seed).eval()
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "floor"])
-def test_cnn_round_trip_is_bit_exact(tmp_path, rounding):
-    model = _trained_cnn(rounding=rounding)
+@pytest.mark.parametrize("rounding,head_groups", [("nearest", "output"), ("floor", "output"), ("nearest", "channel")])
+def test_cnn_round_trip_is_bit_exact(tmp_path, rounding, head_groups):
+    model = _trained_cnn(rounding=rounding, head_groups=head_groups)
     path = tmp_path / "cnn.sgsc"
     export.export_packed(model, path)
     loaded = export.load_packed(path)
@@ -112,11 +112,12 @@ def test_physically_pruned_config_round_trips(tmp_path):
         assert torch.equal(loaded(idx), model(idx))
 
 
-def test_codes_match_the_forward_kernel_exactly():
-    model = _trained_cnn(seed=3)
+@pytest.mark.parametrize("head_groups", ["output", "channel"])
+def test_codes_match_the_forward_kernel_exactly(head_groups):
+    model = _trained_cnn(seed=3, head_groups=head_groups)
     for _, layer in quantized_layers(model):
         codes, scales = export.integer_codes(layer)
-        rebuilt = (codes.float() * scales.unsqueeze(1)).reshape(layer.weight.shape)
+        rebuilt = layer.ungrouped(codes.float() * scales.unsqueeze(1))
         assert torch.equal(rebuilt, layer.quantized_weight().detach())
 
 

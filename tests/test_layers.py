@@ -46,6 +46,43 @@ def test_qlinear_forward_is_float_linear_on_reference_weights(quant_groups, roun
     assert torch.equal(layer(x), F.linear(x, expected_weight, layer.bias))
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "floor"])
+def test_qlinear_grouped_by_input_quantizes_each_column_block_on_its_own_grid(rounding):
+    torch.manual_seed(0)
+    layer = QLinear(12, 5, quant_groups=4, group_by="input", rounding=rounding)
+    _randomize_quantizer(layer, seed=3)
+    expected = torch.empty_like(layer.weight)
+    for g in range(4):  # group g: columns [3g, 3g + 3) of every row, one (bits, exponent) pair
+        block = layer.weight.detach()[:, 3 * g:3 * g + 3]
+        expected[:, 3 * g:3 * g + 3] = reference.fake_quantize(
+            block.reshape(1, -1), layer.bits[g:g + 1], layer.exponent[g:g + 1], rounding).reshape(5, 3)
+    assert torch.equal(layer.quantized_weight(), expected)
+    assert torch.equal(layer.ungrouped(layer.grouped(layer.weight)), layer.weight)
+    assert torch.equal(layer.quantized_weight()[:, :3], torch.zeros(5, 3))  # group 0 pruned
+    x = torch.randn(2, 12)
+    assert torch.equal(layer(x), F.linear(x, expected, layer.bias))
+    assert "group_by='input'" in repr(layer)
+
+
+def test_qlinear_grouped_by_input_gets_gradients_in_its_own_layout():
+    torch.manual_seed(0)
+    layer = QLinear(6, 4, quant_groups=3, group_by="input", init_bits=3)
+    grad_out = torch.randn(4, 6)
+    layer.quantized_weight().backward(grad_out)
+    # straight-through: the initial grid clips no weight, so every weight gets grad_out unpermuted
+    assert torch.equal(layer.weight.grad, grad_out)
+    assert layer.bits.grad.shape == (3,) and layer.exponent.grad.shape == (3,)
+    assert torch.isfinite(layer.exponent.grad).all() and layer.exponent.grad.abs().sum() > 0
+
+
+def test_qlinear_grouped_by_input_initial_exponents_fit_each_column_block():
+    layer = QLinear(4, 2, quant_groups=2, group_by="input", init_bits=4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.2, 3.0, 0.0], [0.05, 0.0, 0.0, -1.0]]))
+    layer.reset_quantizer(4)
+    assert layer.exponent.tolist() == [-5.0, -1.0]  # ceil(log2(0.2 / 7)), ceil(log2(3 / 7))
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -117,6 +154,10 @@ def test_pruned_group_zeroes_its_output_channels():
 
 
 def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="group_by"):
+        QLinear(4, 2, group_by="rows")
+    with pytest.raises(ValueError, match="divisor of the 4 input features"):
+        QLinear(4, 2, quant_groups=3, group_by="input")
     with pytest.raises(ValueError, match="quant_groups"):
         QLinear(3, 4, quant_groups=3)
     with pytest.raises(ValueError, match="init_bits"):

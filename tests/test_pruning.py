@@ -15,9 +15,10 @@ from sgsc.pruning import common_units, dead_units, prune, silence_channels
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cnn(channels=(6, 5)) -> torch.nn.Module:
+def _cnn(channels=(6, 5), head_groups="output") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model("paper_cnn", dataclasses.asdict(PaperCNNConfig(image_size=8, channels=list(channels))))
+    config = PaperCNNConfig(image_size=8, channels=list(channels), head_groups=head_groups)
+    model = build_model("paper_cnn", dataclasses.asdict(config))
     with torch.no_grad():  # non-trivial BN, as after training, so a wrong fold would show
         for block in model.blocks:
             block[1].weight.uniform_(0.5, 1.5)
@@ -90,6 +91,37 @@ def test_pruned_cnn_equals_silenced_masked_cnn_and_rebuilds_from_config(train_mo
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(x), got)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_zero_bit_head_group_removes_its_channel_exactly(train_mode):
+    model = _cnn(head_groups="channel").train(train_mode)
+    assert model.head.quant_groups == 5
+    _set_bits(model.head, [1, 3])  # the head ignores channels 1 and 3: their conv bits do not matter
+    _set_bits(model.blocks[1][0], [0])  # and conv channel 0 has no bits of its own
+    x = _images()
+    masked = copy.deepcopy(model)
+    silence_channels(masked, {"blocks.1": [0]})  # the only channel whose removal changes the output
+    with torch.no_grad():
+        expected = masked(x)
+        assert dead_units(model) == {"blocks.1": [0, 1, 3]}
+        removed = prune(model)
+        got = model(x)
+    assert removed == {"blocks.1": [0, 1, 3]} and model.config.channels == [6, 2]
+    assert model.head.weight.shape == (10, 2 * 2 * 2) and model.head.bits.shape == (2,)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    rebuilt = build_model(model_name(model), dataclasses.asdict(model.config)).train(train_mode)
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), got)
+
+
+def test_head_group_dead_in_a_snapshot_only_is_not_pruned():
+    model = _cnn(head_groups="channel")
+    _set_bits(model.head, [2, 4])
+    snapshot = {name: layer.bits.detach().clone() for name, layer in quantized_layers(model)}
+    _set_bits(model.head, [2], 1.5)  # restored since the snapshot
+    assert common_units(dead_units(model), dead_units(model, snapshot)) == {"blocks.1": [4]}
 
 
 def test_cnn_block_keeps_one_channel_when_all_bits_are_zero():

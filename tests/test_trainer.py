@@ -12,6 +12,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
+from sgsc import export
 from sgsc.cli import build_parser, main
 from sgsc.layers import quantized_layers
 from sgsc.models import build_model
@@ -143,6 +144,22 @@ def test_zero_bit_groups_are_removed_and_the_model_keeps_training():
     assert pruned and pruned[0] == {"blocks.0": [1, 5], "blocks.1": [0, 2, 3]}
     assert result["model"] is model and model.config.channels[0] <= 6 and model.config.channels[1] <= 13
     assert model.blocks[0][0].weight.shape[0] == model.config.channels[0]
+
+
+def test_channel_grouped_head_prunes_unread_channels_in_the_loop_and_exports_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("paper_cnn", {"image_size": 8, **SMALL_CNN, "head_groups": "channel"})
+    with torch.no_grad():
+        model.head.bits[[2, 7, 11]] = 0  # the head stops reading these channels; their conv keeps its bits
+    result = train(_quick(steps=30), model=model)
+    pruned = [r["pruned"] for r in result["history"] if r["kind"] == "check" and r.get("pruned")]
+    assert pruned and set(pruned[0]["blocks.1"]) >= {2, 7, 11}
+    assert model.config.channels[1] <= 13 and model.head.bits.numel() == model.config.channels[1]
+    path = tmp_path / "channel-head.sgsc"
+    export.export_packed(model.eval(), path)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(export.load_packed(path)(x), model(x))
 
 
 def test_resume_continues_bit_exactly(tmp_path):

@@ -51,7 +51,7 @@ def calibrate(model: nn.Module, bits: int) -> nn.Module:
     for _, layer in quantized_layers(model):
         if not layer.weight.numel():
             continue
-        peak = layer.weight.detach().float().reshape(layer.quant_groups, -1).abs().amax(dim=1)
+        peak = layer.grouped(layer.weight.detach().float()).abs().amax(dim=1)
         exponent = torch.log2(peak / (2.0 ** (bits - 1) - 1))
         layer.exponent.copy_(torch.where(peak > 0, exponent, torch.zeros_like(exponent)))
     return model

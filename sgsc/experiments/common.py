@@ -114,7 +114,7 @@ def float_mode(model: nn.Module) -> nn.Module:
     grid turns the "float" model into a coarsely quantized one whose raw weights no longer match it.
     """
     for _, layer in quantized_layers(model):
-        peak = layer.weight.detach().float().reshape(layer.quant_groups, -1).abs().amax(dim=1)
+        peak = layer.grouped(layer.weight.detach().float()).abs().amax(dim=1)
         exponent = torch.ceil(torch.log2(peak)) - _FLOAT_MANTISSA
         layer.bits.fill_(FLOAT_BITS)
         layer.exponent.copy_(torch.where(peak > 0, exponent, torch.zeros_like(exponent)))

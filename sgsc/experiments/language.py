@@ -112,7 +112,7 @@ def check_unclamped(model: nn.Module) -> None:
     """Raise if a weight of the float model left its 32-bit clamp range (the headroom was too small)."""
     for name, layer in quantized_layers(model):
         limit = (2.0 ** (FLOAT_BITS - 1) - 1) * torch.exp2(layer.exponent.detach())
-        peak = layer.weight.detach().abs().reshape(layer.quant_groups, -1).amax(dim=1)
+        peak = layer.grouped(layer.weight.detach().abs()).amax(dim=1)
         if bool((peak > limit).any()):
             raise RuntimeError(f"float baseline: {name} outgrew its clamp range (see common.float_mode)")
 

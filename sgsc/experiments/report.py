@@ -41,6 +41,14 @@ def _quant_lrs(settings: dict) -> str:
     return f"{settings['quant_lr']:g} (bits) / {settings['exponent_lr']:g} (exponents)"
 
 
+# results written before head_groups existed grouped the classifier per class
+_HEAD_GROUPS = {
+    "output": "the classifier one per class row (the paper's).",
+    "channel": "the classifier one per feature map of the last conv block, across all 10 classes (its input "
+    "columns), so a zero-bit head group removes that feature map's conv channel with it.",
+}
+
+
 def _setup(result: dict) -> list[str]:
     meta, s = result["meta"], result["settings"]
     first = result["seeds"][0]["data"]
@@ -49,7 +57,8 @@ def _setup(result: dict) -> list[str]:
              f"{s.get('lr_schedule', 'constant')} learning-rate schedule over each run's steps, "
              f"gamma {s['gamma']:g}, lambda {s['lambda_']:g}, init bits {s['init_bits']:g}, rounding "
              f"{s['rounding']}, safety check every {s['k']} steps, threshold {s['threshold']:g}, preservation set "
-             f"{s['fraction']:g} of the training split, model overrides {s['model_config'] or 'none (paper CNN)'}")
+             f"{s['fraction']:g} of the training split, model overrides {s['model_config'] or 'none (paper CNN)'}, "
+             f"classifier groups per {s.get('head_groups', 'output')}")
     return [
         f"Data: {first['source']} ({first['train']} train / {first['val']} val / {first['test']} test; the "
         "validation split is carved from the training data, hyper-parameters were chosen on it, the test split is "
@@ -173,6 +182,7 @@ def _method_notes(result: dict) -> list[str]:
     return [
         "How each method is obtained:",
         "",
+        f"- quantizer groups, the same for every method: one (bits, exponent) pair per conv output channel; {_HEAD_GROUPS[s.get('head_groups', 'output')]}",
         "- float baseline: the paper CNN with bits and exponents frozen (rounding step 2^-23 of each channel's "
         "largest initial weight, clamp bound 256 times it), no size term; stored and timed as plain float32 "
         "layers.",
@@ -341,8 +351,8 @@ def tuning_markdown(result: dict) -> str:
         "",
         f"Float model after {s['float_steps'] + s['steps']} steps: {100 * base['val_accuracy']:.2f}% validation "
         f"accuracy, {base['file_bytes']} bytes. Every run uses a {s.get('lr_schedule', 'constant')} learning-rate "
-        f"schedule over its own steps. SGSC trains the given steps from its step-{s['float_steps']} "
-        "snapshot; rule: the smallest "
+        f"schedule over its own steps, classifier groups per {s.get('head_groups', 'output')}. SGSC trains the "
+        f"given steps from its step-{s['float_steps']} snapshot; rule: the smallest "
         "file within 0.3 points of the float validation accuracy, else the most accurate file of at most 10% "
         "of the float bytes, else the most accurate. Measured on "
         f"{result['meta']['machine']}, commit `{result['meta']['commit']}`. Reproduce: `{result['command']}`",
