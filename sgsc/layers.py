@@ -284,9 +284,8 @@ class QCausalSelfAttention(nn.Module):
     ``q_proj``, ``k_proj`` and ``v_proj`` map ``n_embd -> n_heads * head_dim`` with one
     (bits, exponent) group per head (the head's ``head_dim`` output rows), so a head's bit depth is
     learned as a unit and a head can be pruned whole. ``out_proj`` maps back to ``n_embd`` with one
-    group per *output* channel: a per-head group there would run along the weight's input columns,
-    which the row-grouped quantizer cannot express, and per-channel groups let ``out_proj`` prune its
-    own outputs independently of the heads.
+    group per *output* channel, which lets ``out_proj`` prune its own outputs independently of the
+    heads (a per-head group there would run along its input columns, ``group_by="input"``; not used).
 
     A pruned ``v_proj`` group turns its head's values into the constant ``v_proj`` bias slice, so
     the head adds the constant ``out_proj.weight[:, head] @ bias`` (nothing when ``bias=False``),
