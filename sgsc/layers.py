@@ -117,16 +117,18 @@ class _Quantized:
         if self.group_by == "output":
             return tensor.reshape(groups, group_len)
         out_features, in_features = tensor.shape
-        columns = tensor.reshape(out_features, groups, in_features // groups if groups else 0)
-        return columns.transpose(0, 1).reshape(groups, group_len)
+        return tensor.reshape(out_features, groups, self._columns_per_group()).transpose(0, 1).reshape(groups, group_len)
 
     def ungrouped(self, grouped: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`grouped`: a ``(G, numel / G)`` tensor back in the weight's shape."""
         if self.group_by == "output":
             return grouped.reshape(self.weight.shape)
         out_features, in_features = self.weight.shape
-        columns = grouped.reshape(self.quant_groups, out_features, in_features // max(self.quant_groups, 1))
+        columns = grouped.reshape(self.quant_groups, out_features, self._columns_per_group())
         return columns.transpose(0, 1).reshape(out_features, in_features)
+
+    def _columns_per_group(self) -> int:
+        return self.weight.shape[1] // self.quant_groups if self.quant_groups else 0
 
     @torch.no_grad()
     def reset_quantizer(self, init_bits: float = 8) -> None:

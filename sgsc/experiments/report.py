@@ -44,7 +44,7 @@ def _quant_lrs(settings: dict) -> str:
 # results written before head_groups existed grouped the classifier per class
 _HEAD_GROUPS = {
     "output": "the classifier one per class row (the paper's).",
-    "channel": "the classifier one per feature map of the last conv block, across all 10 classes (its input "
+    "channel": "the classifier one per feature map of the last conv block, across all classes (its input "
     "columns), so a zero-bit head group removes that feature map's conv channel with it.",
 }
 
