@@ -8,7 +8,7 @@ Providers, side by side on the same data in one run:
 * ``numpy``: a vectorised NumPy implementation of the same layout, all groups of one width at a
   time, 8 codes (= w bytes) per block as 64-bit words with constant shifts: the algorithm of the
   C++ pack, vectorised over blocks instead of unrolled. Checked against ours byte for byte first.
-* ``reference``: ``sgsc.reference`` (the test oracle, written for clarity), on a slice of the groups.
+* ``reference``: ``sgsc.ops.reference`` (the test oracle, written for clarity), on a slice of the groups.
 * ``ours-triton``: the registered CUDA op, when a GPU is present.
 * ``copy``: ``Tensor.copy_`` of the int32 codes, the measured memory bandwidth.
 
@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 import sgsc
-from sgsc import ops, reference
+from sgsc import ops
+from sgsc.ops import reference
 
 GROUP_LEN = 16384  # codes per group: e.g. 4 rows of 4096 inputs
 
@@ -162,7 +163,7 @@ def main() -> None:
     packed_bytes = packed.numel()
     moved = 4 * n + packed_bytes
     print(f"sgsc {sgsc.__version__} @ {commit()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cpu isa {sgsc._native.cpu_isa()}")
+          f"cpu isa {sgsc.ops.native.cpu_isa()}")
     print(f"{n / 1e6:.1f}M codes in {groups} groups of {group_len}, widths {args.widths} "
           f"(mean {widths.float().mean():.2f} bits), {packed_bytes / 1e6:.1f} MB packed; {args.repeats} repeats\n")
 

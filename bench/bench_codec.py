@@ -1,10 +1,10 @@
-"""What format 3's sparse groups cost and save: sgsc.codec against the dense layout of format 2.
+"""What format 3's sparse groups cost and save: sgsc.export.codec against the dense layout of format 2.
 
 One layer of ``--rows`` x ``--cols`` codes, one group per row, every group at ``--width`` bits,
 with a fraction ``--sparsity`` of its codes zero (at random positions: magnitude pruning leaves no
 structure). Per sparsity, side by side on the same codes in one run:
 
-* ``codec``: :func:`sgsc.codec.encode` / :func:`sgsc.codec.decode`, which store a group as a
+* ``codec``: :func:`sgsc.export.codec.encode` / :func:`sgsc.export.codec.decode`, which store a group as a
   bitmask plus its nonzero codes when that is smaller (format 3);
 * ``dense``: ``ops.pack`` / ``ops.unpack`` of every code at its width (format 2, and format 3's
   dense groups): the bandwidth-bound floor the codec's bookkeeping adds to.
@@ -28,7 +28,7 @@ import torch
 from bench_bitpack import commit, timed
 
 import sgsc
-from sgsc import codec, ops
+from sgsc.export import codec, ops
 
 
 def make_codes(rows: int, cols: int, width: int, sparsity: float, seed: int) -> torch.Tensor:

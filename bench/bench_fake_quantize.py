@@ -21,7 +21,8 @@ import torch
 import torch.utils.benchmark as tbench
 
 import sgsc
-from sgsc import _native, reference
+from sgsc.ops import native as _native
+from sgsc.ops import reference
 
 FORWARD_BYTES_PER_ELEMENT = 8  # read w, write q (float32)
 TRAIN_BYTES_PER_ELEMENT = 20  # forward 8, backward: read w and grad_q, write grad_w

@@ -39,7 +39,7 @@ struct Group {
   bool pruned;
 };
 
-// Mirrors sgsc.reference.group_params: the three powers of two come from one ATen exp2 over a
+// Mirrors sgsc.ops.reference.group_params: the three powers of two come from one ATen exp2 over a
 // (3, G) tensor laid out exactly as the reference's, so every value (including ATen's choice of
 // vector or scalar exp2 for each position) is the same; the rest is exact arithmetic.
 std::vector<Group> group_constants(const at::Tensor& b, const at::Tensor& e) {

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sgsc import reference
+from sgsc.ops import reference
+from sgsc.ops.spec import MAX_WIDTH, group_offsets
 
 
 @triton.jit
@@ -135,21 +136,15 @@ def launch_config(group_len: int) -> LaunchConfig:
     return LaunchConfig(block_codes, block_bytes, triton.cdiv(group_len, block_codes), num_warps)
 
 
-def group_offsets(widths: torch.Tensor, group_len: int) -> torch.Tensor:
-    """int64 ``(G + 1,)`` byte offsets of the group streams, computed on ``widths``' device (no sync)."""
-    sizes = (widths.to(torch.int64) * group_len + 7) // 8
-    return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
-
-
 def pack(ints: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Pack int32 codes grouped along dim 0 with one width per group; see :func:`sgsc.ops.pack`."""
+    """Pack int32 codes grouped along dim 0 with one width per group; see :func:`sgsc.ops.functional.pack`."""
     n_groups = widths.numel()
     group_len = ints.numel() // n_groups
     codes = ints.contiguous().reshape(n_groups, group_len)
-    bad_width = ((widths < 0) | (widths > 32)).nonzero()  # one sync; the output size needs one anyway
+    bad_width = ((widths < 0) | (widths > MAX_WIDTH)).nonzero()  # one sync; the output size needs one anyway
     if bad_width.numel():
         group = int(bad_width[0, 0])
-        raise ValueError(f"sgsc.pack: widths must be in [0, 32], got {int(widths[group])} at group {group}")
+        raise ValueError(f"sgsc.pack: widths must be in [0, {MAX_WIDTH}], got {int(widths[group])} at group {group}")
     offsets = group_offsets(widths, group_len)
     packed = torch.empty(int(offsets[-1]), dtype=torch.uint8, device=ints.device)
     if codes.numel() == 0:

@@ -7,7 +7,7 @@ over its own range and writes one partial per (column range, group); the partial
 a fixed order afterwards, so ``grad_b`` and ``grad_e`` are deterministic (no atomics).
 
 The per-group constants use libdevice's ``exp2`` (``tl.exp2`` is an approximation on CUDA), the
-function PyTorch's own CUDA ``exp2`` calls, so outputs match ``sgsc.reference`` bit for bit. The
+function PyTorch's own CUDA ``exp2`` calls, so outputs match ``sgsc.ops.reference`` bit for bit. The
 CPU interpreter has no libdevice and uses NumPy's ``exp2``, which can differ from PyTorch's CPU
 ``exp2`` in the last bit for fractional arguments (never for whole ones).
 Non-finite ``b`` or ``e`` cannot raise from a kernel without a device sync; that group's output

@@ -1,36 +1,56 @@
-"""sgsc: Safety-Guided Self Compression for PyTorch."""
+"""sgsc: Safety-Guided Self Compression for PyTorch.
 
-from sgsc import data, export, models, ops, preservation, trainer
-from sgsc.export import export_packed, load_packed
-from sgsc.layers import (
-    QCausalSelfAttention,
-    QConv2d,
-    QLinear,
-    average_bits,
-    model_bits_report,
-    quantize_model,
-    quantized_layers,
-)
-from sgsc.ops import fake_quantize
+The package is layered; each layer imports only those before it:
+
+    sgsc.ops     eq. (1) and the bit packing as torch.ops.sgsc.* (C++ on CPU, Triton on CUDA)
+    sgsc.nn      quantized layers, quantize_model, size accounting, the zoo, physical pruning
+    sgsc.export  the packed file: write, read, inspect
+    sgsc.train   Algorithm 1: the loop, preservation sets, safety checks, checkpoints, DDP
+    sgsc.experiments, sgsc.cli
+
+``import sgsc`` loads none of them: the names below are imported on first use, so ``import sgsc.ops``
+costs only the op layer.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "QCausalSelfAttention",
-    "QConv2d",
-    "QLinear",
-    "__version__",
-    "average_bits",
-    "data",
-    "export",
-    "export_packed",
-    "fake_quantize",
-    "load_packed",
-    "model_bits_report",
-    "models",
-    "ops",
-    "preservation",
-    "quantize_model",
-    "quantized_layers",
-    "trainer",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "fake_quantize": "sgsc.ops",
+    "pack": "sgsc.ops",
+    "unpack": "sgsc.ops",
+    "QLinear": "sgsc.nn",
+    "QConv2d": "sgsc.nn",
+    "QCausalSelfAttention": "sgsc.nn",
+    "quantize_model": "sgsc.nn",
+    "quantized_layers": "sgsc.nn",
+    "average_bits": "sgsc.nn",
+    "model_bits_report": "sgsc.nn",
+    "export_packed": "sgsc.export",
+    "load_packed": "sgsc.export",
+    "read_header": "sgsc.export",
+    "summarize": "sgsc.export",
+    "PackedFileError": "sgsc.export",
+    "TrainConfig": "sgsc.train",
+}
+_SUBPACKAGES = ("ops", "nn", "export", "train", "experiments", "cli")
+
+__all__ = sorted([*_PUBLIC, *_SUBPACKAGES, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"sgsc.{name}")
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'sgsc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,6 +1,6 @@
 """sgsc.ops.pack / unpack: the layout, bit-exact round trips and agreement with the reference.
 
-Every implementation is checked against ``sgsc.reference.pack``/``unpack`` (NumPy, bit by bit):
+Every implementation is checked against ``sgsc.ops.reference.pack``/``unpack`` (NumPy, bit by bit):
 the registered CPU op (C++), the Triton launchers run directly on CPU tensors in the interpreter
 (``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` without a GPU), and the CUDA op when a GPU is
 present. Interpreter cases stay small: it runs every program in Python.
@@ -16,7 +16,9 @@ import textwrap
 import pytest
 import torch
 
-from sgsc import _native, ops, reference
+from sgsc import ops
+from sgsc.ops import native as _native
+from sgsc.ops import reference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -374,7 +376,8 @@ def test_reference_stands_in_without_the_cpp_extension():
         sys.modules["sgsc._C"] = None  # makes `import sgsc._C` fail
         warnings.simplefilter("ignore")
         import torch
-        from sgsc import _native, ops
+        from sgsc import ops
+        from sgsc.ops import native as _native
         assert not _native.available()
         widths = torch.tensor({EXAMPLE_WIDTHS}, dtype=torch.int32)
         ints = torch.tensor({EXAMPLE_INTS}, dtype=torch.int32)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgsc import _native, ops
+from sgsc import ops
+from sgsc.ops import native as _native
 
 pytestmark = [
     pytest.mark.skipif(not _native.available(), reason="the advice is the C++ kernels' own allocation"),

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from sgsc import _native
 from sgsc.cli import main
+from sgsc.ops import native as _native
 
 
 def test_doctor_reports_extension_and_isa(capsys):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgsc import codec
+from sgsc.export import codec
 
 
 def _worked_example():

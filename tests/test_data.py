@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sgsc import data
-from sgsc.data import CharVocab, load_names, load_vision, make_blocks, parse_idx, read_idx
+from sgsc.train import data
+from sgsc.train.data import CharVocab, load_names, load_vision, make_blocks, parse_idx, read_idx
 
 
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:

@@ -11,8 +11,8 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from sgsc.models import build_model
-from sgsc.trainer import TrainConfig, load_checkpoint, train
+from sgsc.nn.zoo import build_model
+from sgsc.train import TrainConfig, load_checkpoint, train
 
 WORLD = 2
 

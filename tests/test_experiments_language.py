@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from sgsc.data import CharVocab, load_names
+from sgsc.cli import build_parser
+from sgsc.cli import experiment as experiment_cli
 from sgsc.experiments import common, language
 from sgsc.export import load_packed
-from sgsc.layers import quantized_layers
-from sgsc.models import build_model
-from sgsc.trainer import evaluate, load_data, new_model
+from sgsc.nn import quantized_layers
+from sgsc.nn.zoo import build_model
+from sgsc.train import evaluate, load_data, new_model
+from sgsc.train.data import CharVocab, load_names
 
 SEEDS = (0, 1)
 
@@ -179,16 +180,15 @@ def test_bad_input(tmp_path, corpus):
 
 
 def test_cli(tmp_path, corpus, capsys, monkeypatch):
-    parser = argparse.ArgumentParser(prog="sgsc experiment")
-    language.register(parser.add_subparsers(dest="experiment", required=True))
-    args = parser.parse_args(["language", "--corpus", str(corpus), "--quick", "--steps", "10", "--out", str(tmp_path)])
+    parser = build_parser()
+    args = parser.parse_args(["experiment", "language", "--corpus", str(corpus), "--quick", "--steps", "10", "--out", str(tmp_path)])
     assert args.func(args) == 0
     result = json.loads((tmp_path / language.RESULT_FILE).read_text())
     assert result["metadata"]["steps"] == 10 and result["metadata"]["seeds"] == [0]
     assert "Table II" in capsys.readouterr().out
     # without --corpus and with no names file anywhere, the error says where it looked and what to pass
-    monkeypatch.setattr(language, "find_names_file", lambda: None)
-    args = parser.parse_args(["language", "--quick", "--out", str(tmp_path)])
+    monkeypatch.setattr(experiment_cli, "find_names_file", lambda: None)
+    args = parser.parse_args(["experiment", "language", "--quick", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--corpus"):
         args.func(args)
 

@@ -6,9 +6,7 @@ import dataclasses
 import json
 import shutil
 import statistics
-import sys
 import time
-import types
 
 import pytest
 import torch
@@ -16,13 +14,13 @@ from torch import nn
 
 from sgsc import export
 from sgsc.cli import build_parser, main
-from sgsc.experiment_cli import vision_settings
+from sgsc.cli.experiment import vision_settings
 from sgsc.experiments import baselines, report, vision
 from sgsc.experiments.common import latencies_ms, load_float, save_float, zlib_bytes
 from sgsc.experiments.robustness import Perturber, robustness
-from sgsc.layers import quantized_layers
-from sgsc.models import build_model
-from sgsc.trainer import LR_SCHEDULES, evaluate
+from sgsc.nn import quantized_layers
+from sgsc.nn.zoo import build_model
+from sgsc.train import LR_SCHEDULES, evaluate
 
 SMALL = {"in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [4, 8]}
 
@@ -445,12 +443,6 @@ def test_sized_unsafe_job_trains_unsafe_at_the_sized_gamma(monkeypatch):
     assert jobs["unsafe"]()[0].gamma == jobs["sgsc"]()[0].gamma == settings.gamma
 
 
-def test_missing_language_module_is_reported_when_called(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sgsc.experiments.language", None)
-    with pytest.raises(SystemExit, match="sgsc.experiments.language is not part of this installation"):
-        main(["experiment", "language"])
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [({"seeds": ()}, "seeds"), ({"seeds": (1, 1)}, "seeds"), ({"steps": 1}, "steps"), ({"float_steps": 0}, "float_steps"),
@@ -486,13 +478,10 @@ def test_report_includes_the_language_section_when_its_json_exists(quick, tmp_pa
     results = tmp_path / "results"
     shutil.copytree(out, results)
     (results / "language.json").write_text(json.dumps({"experiment": "language", "marker": 42}))
-    fake = types.ModuleType("sgsc.experiments.language")
-    fake.markdown = lambda result: f"## Table II (language)\n\nrendered marker {result['marker']}\n"
-    monkeypatch.setitem(sys.modules, "sgsc.experiments.language", fake)
+    monkeypatch.setattr(report.language, "markdown",
+                        lambda result: f"## Table II (language)\n\nrendered marker {result['marker']}\n")
     text = report.render(results, tmp_path / "RESULTS.md")
     assert text.index("## Table I") < text.index("rendered marker 42")
-    monkeypatch.setitem(sys.modules, "sgsc.experiments.language", None)
-    assert "cannot be rendered: sgsc.experiments.language is not part of this installation" in report.render(results)
 
 
 def test_tuning_scores_on_validation_only_and_follows_its_rule(tmp_path):

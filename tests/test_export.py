@@ -4,6 +4,7 @@ detected with a clear error."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from sgsc import export
-from sgsc.layers import quantized_layers
-from sgsc.models import build_model
+from sgsc.export import architecture, codec
+from sgsc.nn import quantized_layers
+from sgsc.nn.zoo import build_model
 
 CNN_CONFIG = {"in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [6, 8]}
 DECODER_CONFIG = {"vocab_size": 12, "block_size": 8, "n_embd": 16, "n_layer": 2, "head_dim": 4, "n_heads": [4, 2], "mlp_hidden": [32, 24]}
@@ -123,7 +125,7 @@ def test_codes_match_the_forward_kernel_exactly(head_groups):
 
 def test_minimal_widths_are_the_smallest_that_hold_the_codes():
     codes = torch.tensor([[0, 0], [0, -1], [1, 0], [-2, 1], [3, -4], [-5, 0], [2**30, 0], [-(2**31), 2**31 - 1]])
-    assert export.minimal_widths(codes).tolist() == [0, 1, 2, 2, 3, 4, 32, 32]
+    assert codec.minimal_widths(codes).tolist() == [0, 1, 2, 2, 3, 4, 32, 32]
 
 
 def test_exported_width_can_be_below_the_learned_bits(tmp_path):
@@ -147,7 +149,7 @@ def test_size_accounting_bounds_the_file(tmp_path):
         codes, _ = export.integer_codes(layer)
         length = codes.shape[1]
         sparse_codes = {}  # width -> nonzero codes of the sparse groups of that width
-        for w, nonzero in zip(export.minimal_widths(codes).tolist(), (codes != 0).sum(1).tolist()):
+        for w, nonzero in zip(codec.minimal_widths(codes).tolist(), (codes != 0).sum(1).tolist()):
             dense, sparse = (w * length + 7) // 8, (length + 7) // 8 + (w * nonzero + 7) // 8
             if nonzero and sparse < dense:  # a mask per sparse group, then one run per width
                 expected_packed += (length + 7) // 8
@@ -173,7 +175,7 @@ def test_export_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export.os, "fsync", interrupted)
+    monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export.export_packed(model, target)
     assert target.read_bytes() == b"previous"
@@ -288,7 +290,7 @@ def test_mostly_zero_groups_are_stored_sparse_and_load_bit_exactly(tmp_path):
     dense_bytes = 0
     for _, layer in quantized_layers(model):
         codes, _ = export.integer_codes(layer)
-        dense_bytes += sum((int(w) * codes.shape[1] + 7) // 8 for w in export.minimal_widths(codes))
+        dense_bytes += sum((int(w) * codes.shape[1] + 7) // 8 for w in codec.minimal_widths(codes))
     # a bitmask plus a fifth of the codes: well under half of storing every zero at full width
     assert summary.packed_bytes < 0.5 * dense_bytes
     x = torch.randn(16, 1, 8, 8)
@@ -383,14 +385,14 @@ def test_an_unknown_dtype_in_the_header_is_rejected(packed_file):
 
 def test_state_the_file_does_not_hold_is_an_error_not_garbage(packed_file, monkeypatch):
     """Loading fills a storage-less architecture; a tensor no file entry fills must not stay unset."""
-    build = export.build_model
+    build = architecture.build_model
 
     def with_scratch_buffer(name, config):
         model = build(name, config)
         model.register_buffer("scratch", torch.zeros(3), persistent=False)  # in no state dict, so in no file
         return model
 
-    monkeypatch.setattr(export, "build_model", with_scratch_buffer)
+    monkeypatch.setattr(architecture, "build_model", with_scratch_buffer)
     with pytest.raises(export.PackedFileError, match="tensors the file does not hold: \\['scratch'\\]"):
         export.load_packed(packed_file)
 
@@ -452,7 +454,7 @@ def test_inspect_command_prints_the_table(packed_file, capsys):
 
 def test_training_run_exports_and_cli_round_trips(tmp_path, capsys):
     from sgsc.cli import main
-    from sgsc.trainer import (
+    from sgsc.train import (
         TrainConfig,
         evaluate,
         load_checkpoint,

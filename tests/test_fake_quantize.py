@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sgsc
-from sgsc import _native, reference
+from sgsc.ops import native as _native
+from sgsc.ops import reference
 
 ROUNDINGS = ["nearest", "floor"]
 

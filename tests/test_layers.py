@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgsc import reference
-from sgsc.layers import (
+from sgsc.nn import (
     QCausalSelfAttention,
     QConv2d,
     QLinear,
     average_bits,
-    initial_exponent,
     model_bits_report,
     quantize_model,
     quantized_layers,
 )
+from sgsc.nn.layers import initial_exponent
+from sgsc.ops import reference
 
 
 def _randomize_quantizer(layer, seed: int) -> None:

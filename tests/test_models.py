@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sgsc.layers import QConv2d, QLinear, quantized_layers
-from sgsc.models import (
+from sgsc.nn import QConv2d, QLinear, quantized_layers
+from sgsc.nn.zoo import (
     CharDecoder,
     CharDecoderConfig,
     PaperCNN,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sgsc import ops
+from sgsc.ops import library
 
 _WITHOUT_EXTENSION = textwrap.dedent(
     """
@@ -24,7 +25,8 @@ _WITHOUT_EXTENSION = textwrap.dedent(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import torch, sgsc
-        from sgsc import _native, reference
+        from sgsc.ops import native as _native
+        from sgsc.ops import reference
     assert not _native.available() and "hidden by the test" in _native.load_error
     assert any("fall back to the PyTorch reference" in str(w.message) for w in caught)
     w = torch.randn(6, 10, requires_grad=True)
@@ -61,14 +63,14 @@ def test_gpu_path_explains_a_missing_triton(monkeypatch):
     def no_triton(name, *args, **kwargs):
         raise ImportError("No module named 'triton'")
 
-    monkeypatch.setattr(ops.importlib, "import_module", no_triton)
+    monkeypatch.setattr(library.importlib, "import_module", no_triton)
     with pytest.raises(RuntimeError, match="need Triton.*pip install triton"):
-        ops._triton_module.__wrapped__("fake_quantize")
+        library._triton_module.__wrapped__("fake_quantize")
 
 
 def test_out_variant_rejects_a_mismatched_out():
     w, b, e = torch.randn(4, 3), torch.ones(4), torch.zeros(4)
-    with pytest.raises(ValueError, match="out must be a tensor with w's shape"):
+    with pytest.raises(ValueError, match="out must hold 12 elements on cpu .w's shape"):
         ops.fake_quantize(w, b, e, out=torch.empty(4, 2))
     with pytest.raises(ValueError, match="out must be contiguous"):
         ops.fake_quantize(w, b, e, out=torch.empty(3, 4).t())

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgsc import reference
+from sgsc.ops import reference
 
 IMPLS = {
     "registered": (torch.ops.sgsc.nonzero_select, torch.ops.sgsc.nonzero_expand),
@@ -136,7 +136,8 @@ def test_reference_stands_in_without_the_cpp_extension():
         sys.modules["sgsc._C"] = None  # makes `import sgsc._C` fail
         warnings.simplefilter("ignore")
         import torch
-        from sgsc import _native, codec
+        from sgsc.ops import native as _native
+        from sgsc.export import codec
         assert not _native.available()
         codes = torch.zeros(4, 64, dtype=torch.int32)
         codes[0, 3], codes[1, 60], codes[3] = 5, -2, -1  # width 1 holds -1 and 0

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from sgsc import preservation
-from sgsc.data import load_vision
-from sgsc.models import CharDecoder, CharDecoderConfig, PaperCNN, PaperCNNConfig
-from sgsc.preservation import Scores, build, compute_scores, quotas, random_subset, select
+from sgsc.nn.zoo import CharDecoder, CharDecoderConfig, PaperCNN, PaperCNNConfig
+from sgsc.train import preservation
+from sgsc.train.data import load_vision
+from sgsc.train.preservation import Scores, build, compute_scores, quotas, random_subset, select
 
 
 @pytest.fixture(scope="module")

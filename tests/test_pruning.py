@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from sgsc.layers import average_bits, quantized_layers
-from sgsc.models import CharDecoderConfig, PaperCNNConfig, build_model, model_name
-from sgsc.pruning import common_units, dead_units, prune, silence_channels
+from sgsc.nn import average_bits, quantized_layers
+from sgsc.nn.pruning import common_units, dead_units, prune, silence_channels
+from sgsc.nn.zoo import CharDecoderConfig, PaperCNNConfig, build_model, model_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

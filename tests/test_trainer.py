@@ -14,11 +14,11 @@ from torch.utils.data import TensorDataset
 
 from sgsc import export
 from sgsc.cli import build_parser, main
-from sgsc.layers import quantized_layers
-from sgsc.models import build_model
-from sgsc.preservation import random_subset
-from sgsc.train_cli import config_from_args
-from sgsc.trainer import (
+from sgsc.cli.train import config_from_args
+from sgsc.nn import quantized_layers
+from sgsc.nn.zoo import build_model
+from sgsc.train import (
+    RunState,
     TrainConfig,
     apply_decision,
     bits_snapshot,
@@ -31,6 +31,7 @@ from sgsc.trainer import (
     train,
     unsafe,
 )
+from sgsc.train.preservation import random_subset
 
 SMALL_CNN = {"channels": [8, 16]}
 
@@ -100,17 +101,17 @@ def test_restore_raises_bits_when_preservation_accuracy_drops(compressed, value)
     first_conv = model.blocks[0][0]
     optimizer.state[first_conv.bits]["exp_avg"] = torch.full_like(first_conv.bits, -0.5)  # momentum pushing down
     healthy = evaluate(result["model"], preserved)["accuracy"]
-    state = {"step": 7, "best": healthy, "snapshot": snapshot}
+    state = RunState(step=7, best=healthy, snapshot=snapshot)
 
     decision = decide(model, config, state, preserved, language=False)
-    assert decision["metric"] < healthy - config.threshold
-    assert decision["restore"] == {"blocks.0.0": list(range(first_conv.quant_groups))}
+    assert decision.metric < healthy - config.threshold
+    assert decision.restore == {"blocks.0.0": list(range(first_conv.quant_groups))}
     event = apply_decision(model, optimizer, state, decision, language=False)
     assert event["restored"] == first_conv.quant_groups
     assert torch.equal(first_conv.bits.detach(), snapshot["blocks.0.0"])
     assert torch.equal(optimizer.state[first_conv.bits]["exp_avg"], torch.zeros_like(first_conv.bits))
     assert evaluate(model, preserved)["accuracy"] == healthy
-    assert state["snapshot"] is snapshot and state["best"] == healthy  # a failed check moves no reference
+    assert state.snapshot is snapshot and state.best == healthy  # a failed check moves no reference
 
 
 def test_unsafe_baseline_does_not_restore(compressed):
@@ -120,8 +121,8 @@ def test_unsafe_baseline_does_not_restore(compressed):
     model, snapshot = _broken_copy(result, 1.0)
     baseline = unsafe(config)
     assert baseline.lambda_ == 0 and baseline.restore is False and baseline.gamma == config.gamma
-    decision = decide(model, baseline, {"best": 1.0, "snapshot": snapshot}, preserved, language=False)
-    assert decision["restore"] is None
+    decision = decide(model, baseline, RunState(best=1.0, snapshot=snapshot), preserved, language=False)
+    assert decision.restore is None
 
 
 def test_aggressive_compression_triggers_restores_in_the_loop():

@@ -20,13 +20,14 @@ from torch import nn
 from torch.nn.utils import prune
 
 from sgsc.experiments.common import freeze_bits
-from sgsc.layers import MAX_BITS, quantized_layers
-from sgsc.trainer import Data, TrainConfig, train
+from sgsc.nn import quantized_layers
+from sgsc.ops.spec import MAX_WIDTH
+from sgsc.train import Data, TrainConfig, train
 
 
 def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an int in [2, {MAX_BITS}], got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_WIDTH:
+        raise ValueError(f"bits must be an int in [2, {MAX_WIDTH}], got {bits!r}")
 
 
 def _check_sparsity(sparsity: float) -> None:

@@ -30,8 +30,8 @@ from torch import nn
 import sgsc
 from sgsc._io import atomic_write
 from sgsc.export import float_layer
-from sgsc.layers import quantized_layers, replace_submodule
-from sgsc.models import build_model, model_name
+from sgsc.nn import quantized_layers, replace_submodule
+from sgsc.nn.zoo import build_model, model_name
 
 FLOAT_BITS = 32.0  # clamp bound 2^31 steps: 2^23 steps for the largest weight, 2^8 of headroom
 _FLOAT_MANTISSA = 23

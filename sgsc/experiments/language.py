@@ -1,6 +1,6 @@
 """Table II: the character decoder on the names corpus, float vs unsafe self-compression vs SGSC.
 
-For every seed the three methods train the same :class:`~sgsc.models.CharDecoder` (attention
+For every seed the three methods train the same :class:`~sgsc.nn.zoo.CharDecoder` (attention
 quantized per head) for the same number of steps on the same seeded split:
 
 * ``float``: the float32 baseline. The zoo has no unquantized decoder, so every quantizer is set to
@@ -19,7 +19,6 @@ test split is only reported.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shlex
@@ -31,10 +30,10 @@ from torch import nn
 from tqdm import tqdm
 
 from sgsc import export
-from sgsc.data import CharVocab, find_names_file, load_names
 from sgsc.experiments import common
-from sgsc.layers import quantized_layers
-from sgsc.trainer import Data, TrainConfig, evaluate, load_data, new_model, train, unsafe
+from sgsc.nn import quantized_layers
+from sgsc.train import Data, TrainConfig, evaluate, load_data, new_model, train, unsafe
+from sgsc.train.data import CharVocab, load_names
 
 METHODS = ("float", "unsafe", "sgsc")
 LABELS = {
@@ -101,7 +100,7 @@ DEFAULT_SEEDS = {False: (0, 1, 2), True: (0,)}
 def float_model(config: TrainConfig, data: Data) -> nn.Module:
     """A decoder whose quantizers are frozen at 32 bits with headroom: float training (module doc).
 
-    Seeded as :func:`~sgsc.trainer.train` seeds the models it builds, so the float model starts
+    Seeded as :func:`~sgsc.train.train` seeds the models it builds, so the float model starts
     from the same weights as the compressed methods of the same seed.
     """
     torch.manual_seed(config.seed)
@@ -391,43 +390,3 @@ def markdown(result: dict) -> str:
         names = next(r["samples"] for r in result["runs"] if r["method"] == method and r["seed"] == seeds[0])
         lines.append(f"- {LABELS[method]}: " + ", ".join(f"`{name}`" for name in names))
     return "\n".join(lines) + "\n"
-
-
-# ---- command line ---------------------------------------------------------------------------
-
-
-def _main(args: argparse.Namespace) -> int:
-    corpus = args.corpus if args.corpus is not None else find_names_file()
-    if corpus is None:
-        raise SystemExit(
-            "sgsc experiment language: no names corpus found (looked in $SGSC_DATA_DIR and ../shared/data "
-            "beside the checkout); pass --corpus PATH/names.txt (one name per line)"
-        )
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    result = run(corpus, quick=args.quick, seeds=args.seeds, steps=args.steps, out_dir=args.out)
-    print(markdown(result))
-    print(f"wrote {Path(args.out) / RESULT_FILE}")
-    return 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
-    return value
-
-
-def register(subparsers) -> None:
-    """Add ``language`` (Table II) to the ``sgsc experiment`` subcommands."""
-    parser = subparsers.add_parser("language", help="Table II: char decoder on names, float vs unsafe vs SGSC",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", default=None,
-                        help="names file, one name per line (default: names.txt in $SGSC_DATA_DIR or ../shared/data)")
-    parser.add_argument("--quick", action="store_true", help="tiny decoder, a few dozen steps: a smoke test")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; 0 with --quick)")
-    parser.add_argument("--steps", type=_positive_int, default=None,
-                        help=f"steps per method and seed (default {FULL.steps}; {QUICK.steps} with --quick)")
-    parser.add_argument("--out", default="results", help="directory for language.json and the model files")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    parser.set_defaults(func=_main)

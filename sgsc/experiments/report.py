@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from sgsc._io import atomic_write
-from sgsc.experiments import vision
+from sgsc.experiments import language, vision
 
 VISION_FILE = "vision.json"
 TUNING_FILE = "vision_tuning.json"
@@ -376,15 +376,6 @@ def tuning_markdown(result: dict) -> str:
 # ---- the whole file -------------------------------------------------------------------------
 
 
-def _language_markdown(result: dict) -> str:
-    from sgsc.experiment_cli import language_module
-
-    module, reason = language_module()
-    if module is None:
-        return f"## Table II (language)\n\n{LANGUAGE_FILE} exists but cannot be rendered: {reason}.\n"
-    return module.markdown(result)
-
-
 def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike = "RESULTS.md") -> str:
     """RESULTS.md's text from the JSON files in ``results_dir`` (``output`` only places the plot links)."""
     results_dir, output = Path(results_dir), Path(output)
@@ -408,7 +399,7 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
     if tuning_path.is_file():
         sections.append(tuning_markdown(_read(tuning_path)))
     if language_path.is_file():
-        sections.append(_language_markdown(_read(language_path)))
+        sections.append(language.markdown(_read(language_path)))
     return "\n".join(sections).rstrip("\n") + "\n"
 
 

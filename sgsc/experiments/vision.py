@@ -35,7 +35,6 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from sgsc import export
-from sgsc.data import load_vision
 from sgsc.experiments import baselines
 from sgsc.experiments.common import (
     device_name,
@@ -51,9 +50,10 @@ from sgsc.experiments.common import (
     zlib_bytes,
 )
 from sgsc.experiments.robustness import EPSILONS, NOISE_LEVELS, Perturber, robustness
-from sgsc.models import HEAD_GROUPS
-from sgsc.reference import ROUNDING_MODES
-from sgsc.trainer import Data, TrainConfig, evaluate, new_model, train, unsafe
+from sgsc.nn.zoo import HEAD_GROUPS
+from sgsc.ops.reference import ROUNDING_MODES
+from sgsc.train import Data, TrainConfig, evaluate, new_model, train, unsafe
+from sgsc.train.data import load_vision
 
 RESULT_FILE = "vision.json"
 PLOT_FILE = "vision_pareto.png"

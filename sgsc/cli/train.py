@@ -12,9 +12,9 @@ import json
 import os
 import time
 
-from sgsc.preservation import METHODS as PRESERVATION_METHODS
-from sgsc.reference import ROUNDING_MODES
-from sgsc.trainer import DATA_NAMES, LR_SCHEDULES, TrainConfig, train
+from sgsc.ops.reference import ROUNDING_MODES
+from sgsc.train import DATA_NAMES, LR_SCHEDULES, TrainConfig, train
+from sgsc.train.preservation import METHODS as PRESERVATION_METHODS
 
 HELP = {
     "data": "digits (bundled), fashion-mnist, mnist, auto (IDX files if found, else digits) or names",

@@ -41,8 +41,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from sgsc.layers import QCausalSelfAttention, QLinear, quantized_layers
-from sgsc.models import CharDecoder, PaperCNN
+from sgsc.nn import QCausalSelfAttention, QLinear, quantized_layers
+from sgsc.nn.zoo import CharDecoder, PaperCNN
 
 # Units to remove: "<module path>" -> sorted indices (channels of a conv block, heads of an
 # attention module, hidden units of an MLP). Plain lists of ints, so rank 0 can broadcast them.

@@ -1,4 +1,4 @@
-"""`sgsc export`, `sgsc inspect` and `sgsc eval`: from a training checkpoint to a packed file and back."""
+"""`sgsc eval`: load a packed model file and score it on a data set."""
 
 from __future__ import annotations
 
@@ -7,28 +7,8 @@ import os
 import time
 
 from sgsc import export
-from sgsc.trainer import (
-    DATA_NAMES,
-    TrainConfig,
-    evaluate,
-    load_checkpoint,
-    load_data,
-    model_from_checkpoint,
-)
-
-
-def _export(args) -> int:
-    record = load_checkpoint(args.checkpoint)
-    trained_on = record["config"]
-    data = {"name": trained_on["data"], "dir": trained_on["data_dir"], "seed": trained_on["seed"]}
-    summary = export.export_packed(model_from_checkpoint(record), args.output, data=data)
-    print(export.format_summary(summary))
-    return 0
-
-
-def _inspect(args) -> int:
-    print(export.format_summary(export.summarize(args.file)))
-    return 0
+from sgsc.train.config import DATA_NAMES, TrainConfig
+from sgsc.train.task import evaluate, load_data
 
 
 def _data_for(args, header: dict):
@@ -60,15 +40,6 @@ def _eval(args) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="write a training checkpoint as a packed model file")
-    parser.add_argument("checkpoint", help="checkpoint.pt written by `sgsc train` / `sgsc compress`")
-    parser.add_argument("-o", "--output", required=True, help="the packed file to write (written atomically)")
-    parser.set_defaults(func=_export)
-
-    parser = subparsers.add_parser("inspect", help="per-layer widths, bytes and totals of a packed model file")
-    parser.add_argument("file", help="a .sgsc file written by `sgsc export`")
-    parser.set_defaults(func=_inspect)
-
     parser = subparsers.add_parser("eval", help="load a packed model file and score it on a data set")
     parser.add_argument("file", help="a .sgsc file written by `sgsc export`")
     parser.add_argument("--data", choices=DATA_NAMES, help="data set (default: the one recorded in the file)")

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from sgsc.layers import quantized_layers
+from sgsc.nn import quantized_layers
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> Path:

@@ -22,18 +22,32 @@ import numpy as np
 import torch
 
 from sgsc import ops
+from sgsc.ops.spec import MAX_WIDTH, stream_bytes
 
 SPARSE_FLAG = 0x80
 WIDTH_BITS = 0x3F
-MAX_WIDTH = 32
 
 
 class CodecError(ValueError):
     """Width bytes or a code stream that no encoder writes (the caller names the file and layer)."""
 
 
-def _ceil_bytes(bits):
-    return (bits + 7) // 8
+def _mask_bytes(group_len: int) -> int:
+    """A sparse group's bitmask: one bit per code."""
+    return stream_bytes(1, group_len)
+
+
+def minimal_widths(codes: torch.Tensor) -> torch.Tensor:
+    """Smallest two's-complement width per row of ``codes`` that holds all of its values (0 for all-zero rows)."""
+    if codes.numel() == 0:
+        return torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
+    high = codes.amax(dim=1).clamp_min(0)
+    low = (-codes.amin(dim=1) - 1).clamp_min(0)  # -2^(w-1) <= min  <=>  bit_length(-min - 1) <= w - 1
+    magnitude = torch.maximum(high, low)
+    thresholds = 2 ** torch.arange(63, device=codes.device, dtype=torch.int64)
+    bit_length = (magnitude.unsqueeze(1) >= thresholds).sum(dim=1)
+    nonzero = (codes != 0).any(dim=1)
+    return torch.where(nonzero, bit_length + 1, torch.zeros_like(bit_length))
 
 
 def split_width_bytes(width_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +82,8 @@ def encode(codes: torch.Tensor, widths: torch.Tensor) -> tuple[torch.Tensor, tor
     values = codes.numpy()
     nonzero = values != 0
     counts = torch.from_numpy(np.count_nonzero(nonzero, axis=1))
-    dense_bytes = _ceil_bytes(widths * group_len)
-    sparse_bytes = _ceil_bytes(group_len) + _ceil_bytes(widths * counts)
+    dense_bytes = stream_bytes(widths, group_len)
+    sparse_bytes = _mask_bytes(group_len) + stream_bytes(widths, counts)
     # an all-zero group belongs at width 0; given a wider one it stays dense, so every mask has a bit set
     sparse = (counts > 0) & (sparse_bytes < dense_bytes)
     # indexing copies every code, so a layer with no sparse group packs its codes as they are
@@ -103,14 +117,14 @@ class _Layout:
 def _layout(stream: torch.Tensor, start: int, width_bytes: torch.Tensor, group_len: int) -> _Layout:
     widths, sparse = split_width_bytes(width_bytes)
     available = stream.numel() - start
-    dense_end = int(_ceil_bytes(widths[~sparse] * group_len).sum())
+    dense_end = int(stream_bytes(widths[~sparse], group_len).sum())
     if dense_end > available:
         raise CodecError(f"the dense groups need {dense_end} bytes, past the end of the stream")
     n_sparse = int(sparse.sum())
-    mask_bytes = _ceil_bytes(group_len) * n_sparse
+    mask_bytes = _mask_bytes(group_len) * n_sparse
     if dense_end + mask_bytes > available:
         raise CodecError(f"the sparse groups' masks run past the end of the stream ({stream.numel()} bytes)")
-    masks = stream[start + dense_end : start + dense_end + mask_bytes].cpu().numpy().reshape(n_sparse, _ceil_bytes(group_len))
+    masks = stream[start + dense_end : start + dense_end + mask_bytes].cpu().numpy().reshape(n_sparse, _mask_bytes(group_len))
     if group_len % 8 and (masks[:, -1] >> (group_len % 8)).any():
         raise CodecError("a sparse group's mask has bits set past the group's last code")
     counts = _POPCOUNT[masks].sum(axis=1)
@@ -121,7 +135,7 @@ def _layout(stream: torch.Tensor, start: int, width_bytes: torch.Tensor, group_l
     for width in np.unique(sparse_widths).tolist():
         rows = sparse_widths == width
         count = int(counts[rows].sum())
-        length = _ceil_bytes(width * count)
+        length = stream_bytes(width, count)
         runs.append((width, rows, count, offset, offset + length))
         offset += length
     if offset > available:

@@ -15,28 +15,26 @@ names the convolution's channel grouping.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgsc.ops import WEIGHT_DTYPES, fake_quantize
-from sgsc.reference import ROUNDING_MODES
-
-MAX_BITS = 32
+from sgsc.ops import fake_quantize
+from sgsc.ops.spec import MAX_WIDTH, ROUNDING_MODES
 
 
-def _check_init_bits(init_bits: float) -> float:
+def check_init_bits(init_bits: float) -> float:
     if isinstance(init_bits, bool) or not isinstance(init_bits, Real):
         raise TypeError(f"init_bits must be a number, got {type(init_bits).__name__}")
-    if not 1 <= init_bits <= MAX_BITS:
-        raise ValueError(f"init_bits must be in [1, {MAX_BITS}], got {init_bits}")
+    if not 1 <= init_bits <= MAX_WIDTH:
+        raise ValueError(f"init_bits must be in [1, {MAX_WIDTH}], got {init_bits}")
     return float(init_bits)
 
 
-def _check_rounding(rounding: str) -> str:
+def check_rounding(rounding: str) -> str:
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
     return rounding
@@ -92,8 +90,8 @@ class _Quantized:
         axis, what = (0, "output channels") if group_by == "output" else (1, "input features")
         dim = self.weight.shape[axis]
         groups = _resolve_quant_groups(quant_groups, dim, what) if dim else 0
-        bits = _check_init_bits(init_bits)
-        self.rounding = _check_rounding(rounding)
+        bits = check_init_bits(init_bits)
+        self.rounding = check_rounding(rounding)
         self.bits = nn.Parameter(torch.full((groups,), bits, dtype=torch.float32, device=self.weight.device))
         self.exponent = nn.Parameter(initial_exponent(self.grouped(self.weight), groups, bits))
 
@@ -133,7 +131,7 @@ class _Quantized:
     @torch.no_grad()
     def reset_quantizer(self, init_bits: float = 8) -> None:
         """Set every group to ``init_bits`` and re-fit the exponents to the current weights."""
-        bits = _check_init_bits(init_bits)
+        bits = check_init_bits(init_bits)
         self.bits.fill_(bits)
         self.exponent.copy_(initial_exponent(self.grouped(self.weight), self.quant_groups, bits))
 
@@ -347,180 +345,3 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QLinear | QConv2d]
             yield name, module
 
 
-def _non_empty_layers(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
-    layers = [(name, layer) for name, layer in quantized_layers(model) if layer.weight.numel()]
-    if not layers:
-        raise ValueError("model has no quantized layers with weights; call sgsc.quantize_model first")
-    return layers
-
-
-def average_bits(model: nn.Module) -> torch.Tensor:
-    """Bits per quantized weight, ``sum(relu(b_g) * n_g) / sum(n_g)``, differentiable in every ``b``.
-
-    The size term of the training objective. ``n_g`` is the number of weights in group ``g``;
-    exponents cost nothing here. Raises ``ValueError`` when the model has no quantized weights.
-    """
-    layers = _non_empty_layers(model)
-    total_elements = sum(layer.weight.numel() for _, layer in layers)
-    weighted = [torch.relu(layer.bits.float()).sum() * layer.elements_per_group for _, layer in layers]
-    return torch.stack(weighted).sum() / total_elements
-
-
-def storage_bits(bits: torch.Tensor) -> torch.Tensor:
-    """The integer width that holds every code of a group: ``ceil(b)`` for ``b > 0``, else 0.
-
-    With a fractional ``b`` the clamp range ``[-2^(b-1), 2^(b-1) - 1]`` rounds to codes that fit in
-    ``ceil(b)`` two's-complement bits (and exactly ``b`` bits when ``b`` is whole).
-    """
-    return torch.ceil(torch.clamp(bits.detach().float(), min=0)).to(torch.int64)
-
-
-def _layer_report(name: str, layer: QLinear | QConv2d) -> dict:
-    bits = layer.bits.detach().float()
-    widths = storage_bits(bits)
-    per_group = layer.elements_per_group
-    return {
-        "name": name,
-        "type": type(layer).__name__,
-        "shape": list(layer.weight.shape),
-        "quant_groups": layer.quant_groups,
-        "weights": layer.weight.numel(),
-        "mean_bits": float((bits.clamp(min=0) * per_group).sum() / max(layer.weight.numel(), 1)),
-        "min_bits": float(bits.min()) if bits.numel() else 0.0,
-        "max_bits": float(bits.max()) if bits.numel() else 0.0,
-        "pruned_groups": int((bits <= 0).sum()),
-        "storage_bits": int((widths * per_group).sum()),
-    }
-
-
-def model_bits_report(model: nn.Module) -> dict:
-    """A JSON-serialisable summary: one row per quantized layer, and model totals.
-
-    Per layer: shape, groups, mean/min/max learned bits, pruned groups and ``storage_bits`` (the
-    weight payload at :func:`storage_bits` widths). Totals: ``average_bits`` (the continuous value
-    the trainer optimises), ``storage_bits``, ``float32_bits`` of the same weights and their ratio.
-    """
-    rows = [_layer_report(name, layer) for name, layer in _non_empty_layers(model)]
-    total_weights = sum(row["weights"] for row in rows)
-    payload = sum(row["storage_bits"] for row in rows)
-    return {
-        "layers": rows,
-        "total_weights": total_weights,
-        "average_bits": float(average_bits(model).detach()),
-        "pruned_groups": sum(row["pruned_groups"] for row in rows),
-        "storage_bits": payload,
-        "float32_bits": 32 * total_weights,
-        "compression_ratio": (32 * total_weights / payload) if payload else None,  # None: all pruned
-    }
-
-
-# ---- quantize_model ------------------------------------------------------------------------
-
-# Weight-bearing layers quantize_model leaves in float, with the reason it tells the user.
-_UNSUPPORTED = (
-    (nn.MultiheadAttention, "its forward reads the projection weights directly, bypassing submodules"),
-    (nn.modules.conv._ConvNd, "only nn.Conv2d is supported"),
-    (nn.Embedding, "embeddings are not quantized"),
-    (nn.EmbeddingBag, "embeddings are not quantized"),
-    (nn.Bilinear, "not supported"),
-    (nn.RNNBase, "recurrent layers are not supported"),
-    (nn.Linear, "subclasses of nn.Linear may change its forward; only exact nn.Linear is swapped"),
-)
-
-
-def _unsupported_reason(module: nn.Module) -> str | None:
-    if isinstance(module, QUANTIZED_TYPES) or type(module) in (nn.Linear, nn.Conv2d):
-        return None
-    for kind, reason in _UNSUPPORTED:
-        if isinstance(module, kind):
-            return reason
-    return None
-
-
-def _groups_for(name: str, groups: int | Mapping[str, int] | None) -> int | None:
-    if groups is None or isinstance(groups, int):
-        return groups
-    return groups.get(name)
-
-
-def _check_skip(model: nn.Module, skip: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(skip, str):
-        raise TypeError("skip must be a collection of module names, not a single string")
-    names = tuple(skip)
-    known = {name for name, _ in model.named_modules(remove_duplicate=False)}
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ValueError(f"skip names modules that do not exist in the model: {unknown}")
-    return names
-
-
-def _under(name: str, prefix: str) -> bool:
-    """Whether module ``name`` lies strictly inside module ``prefix`` ("" is the model itself)."""
-    return name != prefix and (prefix == "" or name.startswith(prefix + "."))
-
-
-def _swap(module: nn.Module, name: str, init_bits: float, quant_groups: int | None, rounding: str) -> nn.Module:
-    if module.weight.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"layer {name or '<model>'} has {module.weight.dtype} weights; sgsc quantizes {WEIGHT_DTYPES}")
-    try:
-        cls = QLinear if isinstance(module, nn.Linear) else QConv2d
-        return cls.from_float(module, quant_groups=quant_groups, init_bits=init_bits, rounding=rounding)
-    except ValueError as exc:
-        raise ValueError(f"layer {name or '<model>'}: {exc}") from exc
-
-
-def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where ``model``'s submodule ``name`` (a dotted path, as ``named_modules`` gives) is."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
-
-
-def quantize_model(
-    model: nn.Module,
-    init_bits: float = 8,
-    skip: Iterable[str] = (),
-    groups: int | Mapping[str, int] | None = None,
-    rounding: str = "nearest",
-) -> nn.Module:
-    """Swap every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` in place for QLinear / QConv2d.
-
-    The new layers take over the old layers' Parameters (so tied weights stay tied and an existing
-    reference to ``layer.weight`` stays valid) and start at ``init_bits`` with exponents fitted to
-    the weights. ``skip`` names modules (as in ``named_modules``) to leave alone, with everything
-    under them. ``groups`` is the number of quantization groups: ``None`` for one per output
-    channel, an int for every layer, or a mapping from layer name to int (others per channel).
-    Weight-bearing layers it cannot quantize (nn.MultiheadAttention, other conv types, embeddings,
-    nn.Linear subclasses, ...) are left in float with one ``UserWarning`` naming them; layers that
-    are already quantized are left as they are. Returns ``model``, or the new layer when ``model``
-    itself is an ``nn.Linear``/``nn.Conv2d``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    init_bits = _check_init_bits(init_bits)
-    _check_rounding(rounding)
-    if groups is not None and not isinstance(groups, (int, Mapping)):
-        raise TypeError(f"groups must be None, an int or a mapping of layer names to ints, got {type(groups).__name__}")
-    skip = _check_skip(model, skip)
-
-    swapped: dict[int, nn.Module] = {}
-    left_alone: list[str] = []
-    inside_unsupported: list[str] = []
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if any(name == s or _under(name, s) for s in skip) or any(_under(name, p) for p in inside_unsupported):
-            continue
-        reason = _unsupported_reason(module)
-        if reason is not None:
-            inside_unsupported.append(name)
-            left_alone.append(f"{name or '<model>'} ({type(module).__name__}: {reason})")
-            continue
-        if type(module) not in (nn.Linear, nn.Conv2d):
-            continue
-        if id(module) not in swapped:  # a module reused at several names becomes one QLayer
-            swapped[id(module)] = _swap(module, name, init_bits, _groups_for(name, groups), rounding)
-        if name == "":
-            return swapped[id(module)]
-        replace_submodule(model, name, swapped[id(module)])
-
-    if left_alone:
-        warnings.warn("sgsc.quantize_model left these layers in float: " + "; ".join(left_alone), stacklevel=2)
-    return model

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-ROUNDING_MODES = ("nearest", "floor")
+from sgsc.ops.spec import MAX_WIDTH, ROUNDING_MODES, stream_bytes
 
 
 def group_params(b: torch.Tensor, e: torch.Tensor):
@@ -24,34 +24,57 @@ def group_params(b: torch.Tensor, e: torch.Tensor):
     return scale, inv_scale, -half, half - 1, bits
 
 
+def _eq1(rows: torch.Tensor, b: torch.Tensor, e: torch.Tensor, rounding: str):
+    """Eq. (1) on ``(G, L)`` rows: ``(clamped, rounded, 2^e, bits)``, each per-group value as a ``(G, 1)`` column.
+
+    ``rounded`` is the integer code of every weight (as a float); ``rounded * 2^e`` is the quantized
+    weight where ``bits > 0``. The single source of the codes: :func:`fake_quantize` and the exporter's
+    :func:`integer_codes` both call it.
+    """
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    scale, inv_scale, lo, hi, bits = (t.to(rows.dtype).unsqueeze(1) for t in group_params(b, e))
+    clamped = torch.clamp(rows * scale, lo, hi)
+    rounded = torch.floor(clamped) if rounding == "floor" else torch.round(clamped)
+    return clamped, rounded, inv_scale, bits
+
+
 def fake_quantize(w: torch.Tensor, b: torch.Tensor, e: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
     """``q = 2^e * round(clamp(2^-e * w, -2^(b-1), 2^(b-1) - 1))`` per group of rows, with STE.
 
     Computed in float32 (or float64 when ``w`` is float64, for gradient checks) and returned in
     ``w.dtype``. Groups with ``b <= 0`` are pruned: ``q == 0`` and no gradient flows.
     """
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-    groups = b.shape[0]
     compute_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    rows = w.to(compute_dtype).reshape(groups, -1)
-    scale, inv_scale, lo, hi, bits = (t.to(compute_dtype).unsqueeze(1) for t in group_params(b, e))
-    scaled = rows * scale
-    clamped = torch.clamp(scaled, lo, hi)
-    rounded = torch.floor(clamped) if rounding == "floor" else torch.round(clamped)
+    rows = w.to(compute_dtype).reshape(b.shape[0], -1)
+    clamped, rounded, inv_scale, bits = _eq1(rows, b, e, rounding)
     straight_through = clamped + (rounded - clamped).detach()
     q = straight_through * inv_scale
     q = torch.where(bits > 0, q, torch.zeros_like(q))
     return q.reshape(w.shape).to(w.dtype)
 
 
-# ---- bit packing (issue 3): the layout of sgsc.ops.pack, written bit by bit with NumPy ----------
+@torch.no_grad()
+def integer_codes(rows: torch.Tensor, b: torch.Tensor, e: torch.Tensor, rounding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer codes of eq. (1) for ``(G, L)`` float32 ``rows`` and the per-group scales ``2^e``.
+
+    Int64 codes ``(G, L)``, zero in pruned groups (``b <= 0``), and float32 scales ``(G,)``: ``codes *
+    scale`` is :func:`fake_quantize`'s output bit for bit. Non-finite codes are a ``ValueError``.
+    """
+    _, rounded, inv_scale, bits = _eq1(rows.float(), b.float(), e.float(), rounding)
+    if not torch.isfinite(rounded).all():
+        raise ValueError("weights or quantizer parameters are not finite")
+    rounded = torch.where(bits > 0, rounded, torch.zeros_like(rounded))
+    return rounded.to(torch.int64), inv_scale.squeeze(1)
+
+
+# ---- bit packing: the layout of sgsc.ops.pack, written bit by bit with NumPy ----------
 #
 # Group g's codes are written as a stream of bits: code i fills bits [i*w, (i+1)*w) with the low w
 # bits of its two's complement, least significant bit first, and bit k of the stream is bit k % 8
 # of the group's byte k // 8. Each group's stream starts on a byte boundary, right after the last
 # byte of the previous group; the unused high bits of a group's last byte are zero. Width 0 stores
-# nothing (the group is pruned) and unpacks to zeros. See sgsc.ops.pack for a worked example.
+# nothing (the group is pruned) and unpacks to zeros. See sgsc.ops.functional.pack for a worked example.
 
 
 def code_range(width: int) -> tuple[int, int]:
@@ -73,8 +96,8 @@ def out_of_range_message(group: int, width: int, index: int, code: int) -> str:
 def _group_widths(widths: torch.Tensor) -> list[int]:
     values = [int(v) for v in widths.reshape(-1).tolist()]
     for g, v in enumerate(values):
-        if not 0 <= v <= 32:
-            raise ValueError(f"widths must be in [0, 32], got {v} at group {g}")
+        if not 0 <= v <= MAX_WIDTH:
+            raise ValueError(f"widths must be in [0, {MAX_WIDTH}], got {v} at group {g}")
     return values
 
 
@@ -115,7 +138,7 @@ def unpack(packed: torch.Tensor, widths: torch.Tensor, rows_per_group: int, row_
     width_list = _group_widths(widths)
     group_len = rows_per_group * row_len
     stream = packed.detach().to("cpu").numpy()
-    expected = sum((w * group_len + 7) // 8 for w in width_list)
+    expected = sum(stream_bytes(w, group_len) for w in width_list)
     if stream.size != expected:
         raise ValueError(f"packed must hold {expected} bytes for these widths and shape, got {stream.size}")
     out = np.zeros((len(width_list), group_len), dtype=np.int64)
@@ -123,7 +146,7 @@ def unpack(packed: torch.Tensor, widths: torch.Tensor, rows_per_group: int, row_
     for g, w in enumerate(width_list):
         if w == 0:
             continue
-        size = (w * group_len + 7) // 8
+        size = stream_bytes(w, group_len)
         bits = np.unpackbits(stream[start : start + size], bitorder="little")[: w * group_len]
         bits = bits.reshape(group_len, w).astype(np.int64)
         value = (bits << np.arange(w, dtype=np.int64)).sum(axis=1)  # the w-bit field, unsigned
@@ -133,7 +156,7 @@ def unpack(packed: torch.Tensor, widths: torch.Tensor, rows_per_group: int, row_
 
 
 def _mask_bytes(group_len: int) -> int:
-    return (group_len + 7) // 8
+    return stream_bytes(1, group_len)  # one bit per code
 
 
 def nonzero_select(codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

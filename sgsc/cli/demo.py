@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from sgsc import export
-from sgsc.layers import quantized_layers
-from sgsc.trainer import PACKED, TrainConfig, evaluate, load_data, new_model, train
+from sgsc.nn import quantized_layers
+from sgsc.train import TrainConfig, evaluate, load_data, new_model, train
+from sgsc.train.loop import PACKED
 
 
 def _float32_bytes(model) -> int:

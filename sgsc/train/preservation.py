@@ -46,7 +46,7 @@ from sgsc._io import atomic_write
 CRITERIA = ("gradcam", "uncertainty", "diversity")
 METHODS = ("criteria", "random")  # how build chooses: the three criteria, or the random ablation
 UNCERTAINTY_MEASURES = ("margin", "entropy")
-IGNORE_INDEX = -1  # sequence targets below 0 are padding (sgsc.data.IGNORE_INDEX)
+IGNORE_INDEX = -1  # sequence targets below 0 are padding (sgsc.train.data.IGNORE_INDEX)
 FORMAT = "sgsc.preservation"
 VERSION = 1
 

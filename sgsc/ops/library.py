@@ -1,9 +1,9 @@
-"""Every sgsc operator: schema, fake kernel, device kernels and autograd, declared in one place.
+"""Every sgsc operator's registration: schema, fake kernel, device kernels and autograd, in one place.
 
 ``torch.ops.sgsc.*`` dispatch by device: the C++ kernels of ``sgsc._C`` on CPU (the PyTorch
-reference when the extension is not built), the Triton kernels of ``sgsc.kernels`` on CUDA. The
-Python functions at the bottom are the public API; they check their arguments and raise
-``TypeError``/``ValueError`` naming the bad one before anything reaches a kernel.
+reference when the extension is not built), the Triton kernels of ``sgsc.kernels`` on CUDA.
+Importing this module registers them; :mod:`sgsc.ops.functional` holds the public wrappers, which
+check their arguments before anything reaches a kernel.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import warnings
 
 import torch
 
-from sgsc import _native, reference
-from sgsc.reference import ROUNDING_MODES
-
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from sgsc.ops import native as _native
+from sgsc.ops import reference
 
 torch.library.define(
     "sgsc::fake_quantize",
@@ -177,73 +175,14 @@ if not _native.available():
         out.copy_(_reference_forward(w, b, e, rounding))
 
 
-# ---- public API ----------------------------------------------------------------------------
-
-
-def validate_quantizer_args(w: torch.Tensor, b: torch.Tensor, e: torch.Tensor, rounding: str) -> None:
-    """Check everything about the arguments that is known without reading tensor values."""
-    for name, value in (("w", w), ("b", b), ("e", e)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if w.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"w must be float32, float16 or bfloat16, got {w.dtype}")
-    for name, value in (("b", b), ("e", e)):
-        if value.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {value.dtype}")
-    if w.dim() < 1:
-        raise ValueError("w must have at least one dimension (rows are grouped along dim 0)")
-    if b.dim() != 1 or b.shape[0] == 0:
-        raise ValueError(f"b must be a non-empty 1-D tensor of per-group bit depths, got shape {tuple(b.shape)}")
-    if e.shape != b.shape:
-        raise ValueError(f"e must have the same shape as b {tuple(b.shape)}, got {tuple(e.shape)}")
-    if w.shape[0] % b.shape[0] != 0:
-        raise ValueError(f"b has {b.shape[0]} groups, which do not divide w's first dimension {w.shape[0]}")
-    if not (w.device == b.device == e.device):
-        raise ValueError(f"w, b and e must be on one device, got {w.device}, {b.device} and {e.device}")
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-
-
-def fake_quantize(
-    w: torch.Tensor,
-    b: torch.Tensor,
-    e: torch.Tensor,
-    *,
-    rounding: str = "nearest",
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Quantize ``w`` per group of rows with learnable bit depths ``b`` and exponents ``e``.
-
-    ``q = 2^e * round(clamp(2^-e * w, -2^(b-1), 2^(b-1) - 1))`` (eq. 1 of the paper; ``rounding``
-    is ``"nearest"``, half to even, or ``"floor"`` as the paper writes it), with ``b`` and ``e`` of
-    shape ``(G,)`` and group ``g`` covering rows ``[g*O/G, (g+1)*O/G)`` of ``w``. Groups with
-    ``b <= 0`` are pruned to exact zeros. Gradients to ``w``, ``b`` and ``e`` follow the
-    straight-through estimator. NaN in ``w`` propagates to ``q``; NaN/Inf in ``b`` or ``e`` is a
-    ``ValueError`` on CPU and, on CUDA where checking would cost a device sync, turns that group of
-    ``q`` into NaN. ``out`` (no autograd) receives the result in place.
-    """
-    validate_quantizer_args(w, b, e, rounding)
-    if out is None:
-        return torch.ops.sgsc.fake_quantize(w, b, e, rounding)
-    if not isinstance(out, torch.Tensor) or out.shape != w.shape or out.dtype != w.dtype or out.device != w.device:
-        raise ValueError("out must be a tensor with w's shape, dtype and device")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    torch.ops.sgsc.fake_quantize_out(w, b, e, rounding, out)
-    return out
-
-
 # =============================================================================================
-# Bit packing (issue 3): sgsc::pack / sgsc::unpack
+# Bit packing: sgsc::pack / sgsc::unpack
 # =============================================================================================
 #
 # Codes of each group stored with that group's own bit width, densely in one byte stream. The
-# layout is documented with a worked example in `pack` below; csrc/bitpack.cpp (CPU),
-# kernels/bitpack.py (Triton) and sgsc.reference.pack/unpack (NumPy, the test oracle and the CPU
+# layout is documented with a worked example in `sgsc.ops.functional.pack`; csrc/bitpack.cpp (CPU),
+# kernels/bitpack.py (Triton) and sgsc.ops.reference.pack/unpack (NumPy, the test oracle and the CPU
 # fallback without the C++ build) all implement it.
-
-PACK_WIDTH_DTYPES = (torch.uint8, torch.int32, torch.int64)
-MAX_PACK_WIDTH = 32
 
 torch.library.define("sgsc::pack", "(Tensor ints, Tensor widths) -> Tensor")
 torch.library.define("sgsc::unpack", "(Tensor packed, Tensor widths, int rows_per_group, int row_len) -> Tensor")
@@ -322,152 +261,12 @@ if not _native.available():
         out.copy_(reference.unpack(packed, widths, rows_per_group, row_len).reshape(out.shape))
 
 
-def _validate_widths(widths: torch.Tensor) -> None:
-    if not isinstance(widths, torch.Tensor):
-        raise TypeError(f"widths must be a torch.Tensor, got {type(widths).__name__}")
-    if widths.dtype not in PACK_WIDTH_DTYPES:
-        raise TypeError(f"widths must be uint8, int32 or int64, got {widths.dtype}")
-    if widths.dim() != 1 or widths.shape[0] == 0:
-        raise ValueError(
-            f"widths must be a non-empty 1-D tensor of per-group bit widths, got shape {tuple(widths.shape)}"
-        )
-    if torch.compiler.is_compiling():
-        return  # value checks would break the graph; the kernels guard against bad widths themselves
-    bad = ((widths < 0) | (widths > MAX_PACK_WIDTH)).nonzero()
-    if bad.numel():
-        group = int(bad[0, 0])
-        raise ValueError(f"widths must be in [0, {MAX_PACK_WIDTH}], got {int(widths[group])} at group {group}")
-
-
-def packed_group_offsets(widths: torch.Tensor, group_len: int) -> torch.Tensor:
-    """Byte offset of every group's stream in :func:`pack`'s output, as an int64 ``(G + 1,)`` tensor.
-
-    ``offsets[g] = sum_{h < g} ceil(widths[h] * group_len / 8)`` and ``offsets[G]`` is the total
-    size, so group ``g``'s stream is ``packed[offsets[g]:offsets[g + 1]]`` (empty for width 0).
-    ``group_len`` is the number of codes per group, ``ints.numel() // G``. On ``widths``' device.
-    """
-    _validate_widths(widths)
-    if isinstance(group_len, bool) or not isinstance(group_len, int):
-        raise TypeError(f"group_len must be an int, got {type(group_len).__name__}")
-    if group_len < 0:
-        raise ValueError(f"group_len must be >= 0, got {group_len}")
-    sizes = (widths.to(torch.int64) * group_len + 7) // 8
-    return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
-
-
-def pack(ints: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Store integer codes with one bit width per group, densely, in a uint8 byte stream.
-
-    ``ints`` is an int32 tensor of shape ``(O, ...)`` grouped along dim 0 like the weights of
-    :func:`fake_quantize`: with ``G = widths.numel()`` groups, group ``g`` is the contiguous run of
-    ``L = ints.numel() / G`` codes holding rows ``[g*O/G, (g+1)*O/G)``. ``widths`` (uint8, int32 or
-    int64, shape ``(G,)``, on ``ints``' device) gives each group's width ``w`` in ``[0, 32]``; every
-    code must lie in ``[-2^(w-1), 2^(w-1) - 1]`` (only 0 for ``w = 0``), otherwise a ``ValueError``
-    names the group. Returns a 1-D uint8 tensor of ``sum_g ceil(w_g * L / 8)`` bytes.
-
-    Layout:
-
-    * Group streams follow each other in group order; group ``g``'s stream starts on a byte
-      boundary at ``packed_group_offsets(widths, L)[g]`` and is ``ceil(w_g * L / 8)`` bytes long.
-      A group of width 0 is pruned and stores nothing.
-    * Within a stream, code ``i`` occupies bits ``[i*w, (i+1)*w)`` with the low ``w`` bits of its
-      two's complement, least significant bit first; stream bit ``k`` is bit ``k % 8`` (value
-      ``2^(k % 8)``) of the stream's byte ``k // 8``. No padding between codes; the unused high bits
-      of a group's last byte are zero.
-
-    Worked example (pinned in ``tests/test_bitpack.py``): ``widths = [3, 0, 5]``,
-    ``ints = [[1, -2], [0, 0], [-16, 13]]`` (``L = 2``)::
-
-        group 0, w=3:  1 -> 001, -2 -> 110        stream bits 0..5 = 1,0,0 | 0,1,1
-                       byte 0 = 0b00_110_001 = 0x31
-        group 1, w=0:  nothing stored
-        group 2, w=5:  -16 -> 10000, 13 -> 01101  stream bits 0..9 = 0,0,0,0,1 | 1,0,1,1,0
-                       byte 0 = 0b101_10000 = 0xB0, byte 1 = 0b0000000_1 = 0x01
-        packed  = [0x31, 0xB0, 0x01]
-        offsets = packed_group_offsets(widths, 2) = [0, 1, 1, 3]
-
-    On CPU this runs the C++ kernel (parallel over blocks of codes), on CUDA the Triton kernel,
-    which needs one device sync for the output size and the range check.
-    """
-    if not isinstance(ints, torch.Tensor):
-        raise TypeError(f"ints must be a torch.Tensor, got {type(ints).__name__}")
-    if ints.dtype != torch.int32:
-        raise TypeError(f"ints must be int32, got {ints.dtype}")
-    _validate_widths(widths)
-    if ints.dim() < 1:
-        raise ValueError("ints must have at least one dimension (rows are grouped along dim 0)")
-    if ints.shape[0] % widths.shape[0] != 0:
-        raise ValueError(
-            f"widths has {widths.shape[0]} groups, which do not divide ints' first dimension {ints.shape[0]}"
-        )
-    if ints.device != widths.device:
-        raise ValueError(f"ints and widths must be on one device, got {ints.device} and {widths.device}")
-    return torch.ops.sgsc.pack(ints, widths)
-
-
-def unpack(
-    packed: torch.Tensor,
-    widths: torch.Tensor,
-    rows_per_group: int,
-    row_len: int,
-    *,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Inverse of :func:`pack`: the int32 codes, shape ``(G * rows_per_group, row_len)``.
-
-    ``rows_per_group * row_len`` is the group length ``L`` that :func:`pack` saw; reshape the result
-    to the original ``(O, ...)`` shape (``O = G * rows_per_group``). ``packed`` must be the 1-D uint8
-    stream of exactly ``packed_group_offsets(widths, L)[-1]`` bytes, on ``widths``' device. Codes
-    come back sign-extended; groups of width 0 are all zeros. ``out``, a contiguous int32 tensor of
-    any shape with ``G * L`` elements (the original ``(O, ...)`` shape, say), receives the codes in
-    place and is returned; reusing it skips allocating (and first touching) a fresh output.
-    """
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be uint8, got {packed.dtype}")
-    _validate_widths(widths)
-    for name, value in (("rows_per_group", rows_per_group), ("row_len", row_len)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if packed.dim() != 1:
-        raise ValueError(f"packed must be 1-D, got shape {tuple(packed.shape)}")
-    if packed.device != widths.device:
-        raise ValueError(f"packed and widths must be on one device, got {packed.device} and {widths.device}")
-    # The stream's size depends on the values of widths; under torch.compile the kernel checks it.
-    expected = packed.numel()
-    if not torch.compiler.is_compiling():
-        expected = int(packed_group_offsets(widths, rows_per_group * row_len)[-1])
-    if packed.numel() != expected:
-        raise ValueError(
-            f"packed must hold {expected} bytes for these widths and rows_per_group * row_len = "
-            f"{rows_per_group * row_len} codes per group, got {packed.numel()}"
-        )
-    if out is None:
-        return torch.ops.sgsc.unpack(packed, widths, rows_per_group, row_len)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype != torch.int32:
-        raise TypeError(f"out must be int32, got {out.dtype}")
-    if out.numel() != widths.shape[0] * rows_per_group * row_len or out.device != packed.device:
-        raise ValueError(
-            f"out must hold {widths.shape[0] * rows_per_group * row_len} elements on {packed.device}, "
-            f"got shape {tuple(out.shape)} on {out.device}"
-        )
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    torch.ops.sgsc.unpack_out(packed, widths, rows_per_group, row_len, out)
-    return out
-
-
 # =============================================================================================
 # Sparse groups of the packed format: sgsc::nonzero_select / sgsc::nonzero_expand
 # =============================================================================================
 #
-# sgsc.codec stores a mostly-zero group as a bitmask of its nonzero codes plus those codes. These two
-# ops move between the codes and that form: csrc/nonzero.cpp on CPU, sgsc.reference's NumPy twins
+# sgsc.export.codec stores a mostly-zero group as a bitmask of its nonzero codes plus those codes. These two
+# ops move between the codes and that form: csrc/nonzero.cpp on CPU, sgsc.ops.reference's NumPy twins
 # (the test oracle, and the CPU kernels without the C++ build). The codec runs them on the host, so
 # they have no CUDA kernel.
 

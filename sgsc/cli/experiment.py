@@ -1,37 +1,25 @@
 """`sgsc experiment vision|language|report`: the paper's tables, measured, and RESULTS.md rendered from them.
 
-`vision` is Table I (:mod:`sgsc.experiments.vision`), `language` Table II (registered by
-:mod:`sgsc.experiments.language`), `report` renders RESULTS.md from the JSON files they write.
+`vision` is Table I (:mod:`sgsc.experiments.vision`), `language` Table II
+(:mod:`sgsc.experiments.language`), `report` renders RESULTS.md from the JSON files they write. The
+experiments are imported when their command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
 import torch
 
-from sgsc.data import VISION_NAMES
-from sgsc.models import HEAD_GROUPS
-from sgsc.reference import ROUNDING_MODES
-from sgsc.trainer import LR_SCHEDULES
-
-LANGUAGE_MODULE = "sgsc.experiments.language"
+from sgsc.nn.zoo import HEAD_GROUPS
+from sgsc.ops.spec import ROUNDING_MODES
+from sgsc.train.config import LR_SCHEDULES
+from sgsc.train.data import VISION_NAMES, find_names_file
 
 
-def language_module():
-    """``(module, None)`` for :mod:`sgsc.experiments.language`, or ``(None, reason)`` where it is missing."""
-    try:
-        return importlib.import_module(LANGUAGE_MODULE), None
-    except ModuleNotFoundError as exc:
-        # only the module itself (or a package holding it) may be missing; anything else is a real error
-        if exc.name is None or not (LANGUAGE_MODULE + ".").startswith(exc.name + "."):
-            raise
-        return None, f"{LANGUAGE_MODULE} is not part of this installation"
-
-
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of a count: an int >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -63,8 +51,8 @@ def _add_vision(subparsers) -> None:
     parser.add_argument("--data-dir", help="directory of the four IDX files (Fashion-MNIST or MNIST)")
     parser.add_argument("--quick", action="store_true", help="digits, a small CNN and tens of steps: a smoke test")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the main table (default 0 1 2; quick 0 1)")
-    parser.add_argument("--steps", type=_positive_int, help="compression / fine-tuning steps of every method")
-    parser.add_argument("--float-steps", type=_positive_int, help="float training steps before the snapshot")
+    parser.add_argument("--steps", type=positive_int, help="compression / fine-tuning steps of every method")
+    parser.add_argument("--float-steps", type=positive_int, help="float training steps before the snapshot")
     parser.add_argument("--gamma", type=float, help="SGSC/unsafe size-term weight")
     parser.add_argument("--sized-unsafe-gamma", type=float, help="gamma of the second unsafe run, whose files "
                         "should be about SGSC's size (the equal-size comparison)")
@@ -80,9 +68,9 @@ def _add_vision(subparsers) -> None:
     parser.add_argument("--no-ablations", dest="ablations", action="store_false", help="skip the rounding and "
                         "preservation ablations")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (latency is always CPU)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads per process (default: %(default)s)")
-    parser.add_argument("--workers", type=_positive_int, default=1,
+    parser.add_argument("--workers", type=positive_int, default=1,
                         help="processes training seeds at once; latency is timed afterwards in one (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--tune", type=_grid_point, nargs="+", metavar="GAMMA,QUANT_LR[,STEPS[,EXPONENT_LR]]",
@@ -143,18 +131,36 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_language(args: argparse.Namespace) -> int:
+    from sgsc.experiments import language
+
+    corpus = args.corpus if args.corpus is not None else find_names_file()
+    if corpus is None:
+        raise SystemExit(
+            "sgsc experiment language: no names corpus found (looked in $SGSC_DATA_DIR and ../shared/data "
+            "beside the checkout); pass --corpus PATH/names.txt (one name per line)"
+        )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result = language.run(corpus, quick=args.quick, seeds=args.seeds, steps=args.steps, out_dir=args.out)
+    print(language.markdown(result))
+    print(f"wrote {Path(args.out) / language.RESULT_FILE}")
+    return 0
+
+
 def _add_language(subparsers) -> None:
-    """Let the language experiment add its own subcommand; without its module, say so when called."""
-    module, reason = language_module()
-    if module is None:
-
-        def unavailable(args: argparse.Namespace) -> int:
-            raise SystemExit(f"sgsc experiment language: {reason}")
-
-        stub = subparsers.add_parser("language", help=f"Table II (unavailable: {reason})")
-        stub.set_defaults(func=unavailable)
-        return
-    module.register(subparsers)
+    parser = subparsers.add_parser("language", help="Table II: char decoder on names, float vs unsafe vs SGSC",
+                                   description="Table II: the character-level decoder on the names corpus, "
+                                   "float vs unsafe self-compression vs SGSC, over seeds; writes <out>/language.json.")
+    parser.add_argument("--corpus", default=None,
+                        help="names file, one name per line (default: names.txt in $SGSC_DATA_DIR or ../shared/data)")
+    parser.add_argument("--quick", action="store_true", help="tiny decoder, a few dozen steps: a smoke test")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; 0 with --quick)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="steps per method and seed (default: the full run's, or the quick preset's)")
+    parser.add_argument("--out", default="results", help="directory for language.json and the model files")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.set_defaults(func=_run_language)
 
 
 def register(subparsers) -> None:

@@ -1,4 +1,7 @@
-"""The `sgsc` command line. Each feature module adds its own subcommand through `register`."""
+"""The `sgsc` command line: one module per command, each adding its subcommand through `register`.
+
+The CLI is the one layer that may import from every other; nothing below imports it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import importlib
 import sys
 
 # Modules that provide `register(subparsers)`; each sets `func(args) -> int | None` on its parser.
-COMMAND_MODULES = ["sgsc.doctor", "sgsc.demo", "sgsc.packed_cli", "sgsc.train_cli", "sgsc.experiment_cli"]
+COMMAND_MODULES = [f"sgsc.cli.{name}" for name in ("doctor", "demo", "train", "export", "inspect", "eval", "experiment")]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sgsc.layers import QCausalSelfAttention, QConv2d, QLinear, _check_rounding, quantized_layers
+from sgsc.nn.layers import QCausalSelfAttention, QConv2d, QLinear, check_rounding, quantized_layers
 
 # ---- config validation ----------------------------------------------------------------------
 
@@ -78,7 +78,7 @@ class PaperCNNConfig:
                 f"image_size {self.image_size} is too small for {len(self.channels)} 2x2 poolings; "
                 "use fewer channels entries or larger images"
             )
-        _check_rounding(self.rounding)
+        check_rounding(self.rounding)
 
     @property
     def feature_size(self) -> int:
@@ -155,7 +155,7 @@ class CharDecoderConfig:
             self.mlp_hidden = [4 * self.n_embd] * self.n_layer
         self.n_heads = _check_int_list("n_heads", self.n_heads, 0, self.n_layer)
         self.mlp_hidden = _check_int_list("mlp_hidden", self.mlp_hidden, 0, self.n_layer)
-        _check_rounding(self.rounding)
+        check_rounding(self.rounding)
 
 
 class DecoderBlock(nn.Module):
@@ -285,4 +285,4 @@ def model_name(model: nn.Module) -> str:
     for name, (model_cls, _) in _REGISTRY.items():
         if type(model) is model_cls:
             return name
-    raise TypeError(f"{type(model).__name__} is not a registered sgsc model; see sgsc.models.register_model")
+    raise TypeError(f"{type(model).__name__} is not a registered sgsc model; see sgsc.nn.zoo.register_model")

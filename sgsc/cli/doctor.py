@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from sgsc import _native
+from sgsc.ops import native as _native
 
 
 def _version(package: str) -> str:

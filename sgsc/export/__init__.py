@@ -1,0 +1,35 @@
+"""The exporter layer: the packed file of integer weights, written, read back, inspected.
+
+- :mod:`~sgsc.export.codec`: one layer's codes as bytes, each group dense or sparse;
+- :mod:`~sgsc.export.format`: names, versions, header checks, where each layer sits;
+- :mod:`~sgsc.export.architecture`: the architecture a file names, rebuilt on the meta device;
+- :mod:`~sgsc.export.writer`: ``export_packed``, ``packed_size``;
+- :mod:`~sgsc.export.reader`: ``load_packed``, ``read_header``;
+- :mod:`~sgsc.export.inspect`: ``summarize``, ``format_summary`` (`sgsc inspect`).
+
+The file is a safetensors file (no pickle: loading can never run code); docs/FORMAT.md specifies it.
+Imports :mod:`sgsc.ops` and :mod:`sgsc.nn` only.
+"""
+
+from sgsc.export.format import CODES, FORMAT_NAME, FORMAT_VERSION, HEADER_CRC_TENSOR, PackedFileError
+from sgsc.export.inspect import LayerSummary, PackedSummary, format_summary, summarize
+from sgsc.export.reader import float_layer, load_packed, read_header
+from sgsc.export.writer import build_packed_state, export_packed, integer_codes
+
+__all__ = [
+    "CODES",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "HEADER_CRC_TENSOR",
+    "LayerSummary",
+    "PackedFileError",
+    "PackedSummary",
+    "build_packed_state",
+    "export_packed",
+    "float_layer",
+    "format_summary",
+    "integer_codes",
+    "load_packed",
+    "read_header",
+    "summarize",
+]

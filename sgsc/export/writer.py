@@ -1,0 +1,120 @@
+"""Writing the packed file: each quantized layer's integer codes at their smallest widths, atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from sgsc._io import atomic_write
+from sgsc.export import codec
+from sgsc.export.architecture import check_matches_architecture, dtype_exceptions, rebuild_on_meta
+from sgsc.export.format import (
+    CODES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEADER_CRC_TENSOR,
+    MAX_WIDTH,
+    SCALES,
+    WIDTHS,
+    crc32,
+    plain_state,
+    state_stream,
+)
+from sgsc.nn import QConv2d, QLinear, quantized_layers
+from sgsc.nn.zoo import model_name
+from sgsc.ops import reference
+
+
+def integer_codes(layer: QLinear | QConv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integers ``r`` of eq. (1) for every weight of ``layer`` and the per-group scales ``2^e``.
+
+    :func:`sgsc.ops.reference.integer_codes` on the layer's ``grouped`` layout: the same float32
+    arithmetic as the forward kernels (checked bit for bit against them in the tests), so ``r * scale``
+    reproduces ``layer.quantized_weight()`` exactly. Returns int64 codes ``(G, L)``, row ``g`` holding
+    group ``g`` (zeros for pruned groups), and float32 scales ``(G,)``.
+    """
+    try:
+        return reference.integer_codes(layer.grouped(layer.weight.detach()), layer.bits.detach(),
+                                       layer.exponent.detach(), layer.rounding)
+    except ValueError as exc:
+        raise ValueError(f"cannot export a layer whose {exc}") from None
+
+
+def _pack_layer(name: str, layer: QLinear | QConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    codes, scales = integer_codes(layer)
+    widths = codec.minimal_widths(codes)
+    too_wide = (widths > MAX_WIDTH).nonzero().flatten()
+    if too_wide.numel():
+        g = int(too_wide[0])
+        raise ValueError(
+            f"layer {name!r} group {g} needs {int(widths[g])} bits: at b >= 32 the float32 clamp bound "
+            "2^31 - 1 rounds to 2^31; lower that group's bit depth before exporting"
+        )
+    packed, width_bytes = codec.encode(codes, widths)
+    return packed, width_bytes, scales.cpu()
+
+
+def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([part.reshape(-1) for part in parts]) if parts else torch.empty(0, dtype=dtype)
+
+
+def build_packed_state(model: nn.Module, data: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and JSON header of ``model``'s packed file, all on the CPU.
+
+    ``data`` (optional, JSON-able) records what the model was trained on, e.g.
+    ``{"name": "digits", "dir": None, "seed": 0}``, so `sgsc eval` can score it on the same split.
+    """
+    name, config = model_name(model), dataclasses.asdict(model.config)
+    rebuilt = rebuild_on_meta(name, config)
+    check_matches_architecture(model, rebuilt)
+    packed, widths, scales = [], [], []
+    for layer_name, layer in quantized_layers(model):
+        for parts, part in zip((packed, widths, scales), _pack_layer(layer_name, layer)):
+            parts.append(part)
+    tensors = {CODES: _concat(packed, torch.uint8), WIDTHS: _concat(widths, torch.uint8), SCALES: _concat(scales, torch.float32)}
+    state: dict[str, list[torch.Tensor]] = {}
+    for value in plain_state(model).values():
+        state.setdefault(state_stream(value.dtype), []).append(value.detach().cpu())
+    tensors.update({stream: _concat(parts, parts[0].dtype) for stream, parts in state.items()})
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model": name,
+        "config": config,
+        "crc32": {stream: crc32(tensor) for stream, tensor in tensors.items()},
+    }
+    dtypes = dtype_exceptions(model, rebuilt)
+    if dtypes:
+        header["dtypes"] = dtypes
+    if data is not None:
+        header["data"] = data
+    return tensors, header
+
+
+def _serialize(model: nn.Module, data: dict | None) -> bytes:
+    """The file's bytes."""
+    tensors, header = build_packed_state(model, data)
+    header_json = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    # The CRC rides in a tensor, not a second metadata key: safetensors writes metadata keys in hash
+    # order, and with a single key the same model always gives the same bytes.
+    tensors[HEADER_CRC_TENSOR] = torch.tensor([zlib.crc32(header_json.encode())], dtype=torch.int64)
+    return safetensors_save(tensors, metadata={"sgsc": header_json})
+
+
+def export_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | None = None):
+    """Write ``model`` (an sgsc zoo model) as a packed file at ``path``, atomically.
+
+    ``data`` optionally records the training data (see :func:`build_packed_state`). Returns the
+    :class:`~sgsc.export.inspect.PackedSummary` of what was written.
+    """
+    from sgsc.export.inspect import summarize  # inspection reads files; writing does not need it otherwise
+
+    atomic_write(path, _serialize(model, data))
+    return summarize(Path(path))

@@ -1,0 +1,26 @@
+"""The layer layer: quantized modules, model conversion, size accounting, the zoo and physical pruning.
+
+- :mod:`~sgsc.nn.layers`: ``QLinear``, ``QConv2d``, ``QCausalSelfAttention`` (they call :mod:`sgsc.ops`);
+- :mod:`~sgsc.nn.convert`: ``quantize_model`` for any ``nn.Module``;
+- :mod:`~sgsc.nn.size`: the differentiable size term and the payload report;
+- :mod:`~sgsc.nn.zoo`: the paper's CNN and the character decoder, rebuilt from their configs;
+- :mod:`~sgsc.nn.pruning`: removing zero-bit channels, heads and hidden units.
+
+Imports only :mod:`sgsc.ops` from the package.
+"""
+
+from sgsc.nn.convert import quantize_model, replace_submodule
+from sgsc.nn.layers import QCausalSelfAttention, QConv2d, QLinear, quantized_layers
+from sgsc.nn.size import average_bits, model_bits_report, storage_bits
+
+__all__ = [
+    "QCausalSelfAttention",
+    "QConv2d",
+    "QLinear",
+    "average_bits",
+    "model_bits_report",
+    "quantize_model",
+    "quantized_layers",
+    "replace_submodule",
+    "storage_bits",
+]

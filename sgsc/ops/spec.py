@@ -1,0 +1,35 @@
+"""The numbers every implementation of the ops shares, each defined once.
+
+The C++ kernels (csrc/) and the Triton kernels (kernels/) cannot import Python; where they repeat a
+formula from here, a comment names this module, and the tests hold them to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROUNDING_MODES = ("nearest", "floor")
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WIDTH_DTYPES = (torch.uint8, torch.int32, torch.int64)
+
+# The widest integer code a group stores, and the largest bit depth a layer may start at: at b >= 32
+# the float32 clamp bound 2^31 - 1 rounds to 2^31, which no 32-bit code holds.
+MAX_WIDTH = 32
+
+
+def stream_bytes(width, group_len: int):
+    """Bytes of one group's packed stream: ``ceil(width * group_len / 8)``.
+
+    ``width`` may be an int or an integer tensor of widths (the result then has its shape).
+    """
+    return (width * group_len + 7) // 8
+
+
+def group_offsets(widths: torch.Tensor, group_len: int) -> torch.Tensor:
+    """Byte offset of every group's stream in a packed run, int64 ``(G + 1,)`` on ``widths``' device.
+
+    ``offsets[g]`` is the sum of :func:`stream_bytes` over the groups before ``g``; ``offsets[G]`` is
+    the run's size. Computed on the device, so it needs no sync.
+    """
+    sizes = stream_bytes(widths.to(torch.int64), group_len)
+    return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])

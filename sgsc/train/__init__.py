@@ -1,0 +1,40 @@
+"""The trainer layer: Algorithm 1 on a model and data set, with safety checks, checkpoints and DDP.
+
+- :mod:`~sgsc.train.config`: ``TrainConfig`` and its checks;
+- :mod:`~sgsc.train.data`: the IDX, digits and names readers (nothing is downloaded);
+- :mod:`~sgsc.train.task`: data sets with their model, the loss, evaluation;
+- :mod:`~sgsc.train.preservation`: Grad-CAM, uncertainty and k-means preservation sets;
+- :mod:`~sgsc.train.safety`: restore and prune, with the run's typed state;
+- :mod:`~sgsc.train.batches`, :mod:`~sgsc.train.distributed`, :mod:`~sgsc.train.checkpoint`;
+- :mod:`~sgsc.train.loop`: ``train``, the loop itself; :mod:`~sgsc.train.plots`: its figures.
+
+Imports :mod:`sgsc.ops`, :mod:`sgsc.nn` and :mod:`sgsc.export` (to write the run's packed file).
+"""
+
+from sgsc.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from sgsc.train.config import DATA_NAMES, LR_SCHEDULES, TrainConfig, unsafe
+from sgsc.train.loop import make_optimizer, train
+from sgsc.train.safety import Decision, RunState, apply_decision, bits_snapshot, decide
+from sgsc.train.task import Data, evaluate, load_data, new_model, task_loss
+
+__all__ = [
+    "DATA_NAMES",
+    "LR_SCHEDULES",
+    "Data",
+    "Decision",
+    "RunState",
+    "TrainConfig",
+    "apply_decision",
+    "bits_snapshot",
+    "decide",
+    "evaluate",
+    "load_checkpoint",
+    "load_data",
+    "make_optimizer",
+    "model_from_checkpoint",
+    "new_model",
+    "save_checkpoint",
+    "task_loss",
+    "train",
+    "unsafe",
+]

@@ -1,0 +1,92 @@
+"""Checkpoints: everything a bit-exact resume needs, written atomically; and the model one holds.
+
+A checkpoint holds model, optimiser, RNG states, the :class:`~sgsc.train.safety.RunState` (step,
+best value, bits snapshot, preservation set, history) and the config; ``resume=True`` continues a
+run bit for bit. Only plain containers and tensors are stored, so it loads with ``weights_only``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sgsc._io import atomic_write
+from sgsc.nn.pruning import freeze_empty_layers
+from sgsc.nn.zoo import build_model, model_name
+from sgsc.train.config import RESUMABLE_CHANGES, TrainConfig
+from sgsc.train.distributed import rank_world
+from sgsc.train.safety import RunState
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "sgsc.train"
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state: RunState, config: TrainConfig) -> None:
+    """Write everything a bit-exact resume needs, atomically (temp file, then ``os.replace``)."""
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "config": dataclasses.asdict(config),
+        "model_name": model_name(model),
+        "model_config": dataclasses.asdict(model.config),
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "state": state.to_record(),
+        "rng": rng_state(),
+        "world_size": rank_world()[1],  # the data order depends on it: resume on as many processes
+    }
+    atomic_write(path, lambda handle: torch.save(record, handle))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an sgsc training checkpoint")
+    return record
+
+
+def model_from_checkpoint(record: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """The (possibly pruned) model a checkpoint holds, rebuilt from its config."""
+    model = build_model(record["model_name"], record["model_config"])
+    model.load_state_dict(record["model_state"])
+    freeze_empty_layers(model)
+    return model.to(device)
+
+
+def check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
+    current = dataclasses.asdict(config)
+    # a field a checkpoint predates ran at its default: new fields default to the old behaviour
+    saved = {**dataclasses.asdict(TrainConfig()), **saved}
+    free = RESUMABLE_CHANGES if config.lr_schedule == "constant" else tuple(k for k in RESUMABLE_CHANGES if k != "steps")
+    # a decaying schedule is a function of the run's length, so a longer resume would change its past
+    differ = [k for k in current if k not in free and json.dumps(current[k]) != json.dumps(saved.get(k))]
+    if differ:
+        detail = ", ".join(f"{k}={saved.get(k)!r} in the checkpoint, {current[k]!r} now" for k in differ)
+        raise ValueError(f"resume: {path} was written by a different config ({detail})")
