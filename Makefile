@@ -4,8 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch: a bare `pip install torch` pulls several GB of CUDA build.
+# The torch the C++ kernels are built against. Which build comes depends on the pip index: PyPI serves
+# Linux the CUDA build (~5 GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU one.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP := $(VENV)/.sgsc-installed
 
 .PHONY: install demo test bench clean
@@ -15,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel ninja
-	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --no-build-isolation -e ".[test]"
 	touch $@
 

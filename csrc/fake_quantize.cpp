@@ -13,6 +13,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -71,12 +72,18 @@ Rounding parse_rounding(c10::string_view rounding) {
                     std::string(rounding), "'");
 }
 
-void check_finite(const at::Tensor& t, const char* name) {
+// sgsc.ops.spec.MAX_EXPONENT: beyond it 2^e or 2^-e leaves the normal float32 range, where eq. (1)'s
+// float arithmetic gives NaN (0 * inf) instead of its real value.
+constexpr float kMaxExponent = 126.0f;
+
+void check_finite(const at::Tensor& t, const char* name, float bound) {
   auto values = t.contiguous();
   const float* p = values.data_ptr<float>();
   for (int64_t g = 0; g < values.numel(); ++g) {
     TORCH_CHECK_VALUE(std::isfinite(p[g]), "sgsc.fake_quantize: ", name, " must be finite, found ", p[g],
                       " at group ", g);
+    TORCH_CHECK_VALUE(std::fabs(p[g]) <= bound, "sgsc.fake_quantize: ", name, " must lie in [", -bound, ", ",
+                      bound, "], found ", p[g], " at group ", g);
   }
 }
 
@@ -93,8 +100,12 @@ void check_inputs(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e)
                     e.sizes());
   TORCH_CHECK_VALUE(b.size(0) > 0 && w.size(0) % b.size(0) == 0, "sgsc.fake_quantize: ", b.size(0),
                     " groups do not divide w's first dimension ", w.size(0));
-  check_finite(b, "b");
-  check_finite(e, "e");
+  // The CPU kernel reads b and e through raw pointers: on another device (meta, CUDA) they hold no host values.
+  TORCH_CHECK_VALUE(b.device() == w.device() && e.device() == w.device(),
+                    "sgsc.fake_quantize: w, b and e must be on one device, got ", w.device(), ", ", b.device(),
+                    " and ", e.device());
+  check_finite(b, "b", std::numeric_limits<float>::max());
+  check_finite(e, "e", kMaxExponent);
 }
 
 // ---- element loops, one clone per ISA ------------------------------------------------------
@@ -287,8 +298,8 @@ at::Tensor fake_quantize_cpu(const at::Tensor& w, const at::Tensor& b, const at:
 void fake_quantize_out_cpu(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
                            c10::string_view rounding, at::Tensor out) {
   check_inputs(w, b, e);
-  TORCH_CHECK_VALUE(out.sizes() == w.sizes() && out.scalar_type() == w.scalar_type(),
-                    "sgsc.fake_quantize: out must match w's shape and dtype");
+  TORCH_CHECK_VALUE(out.sizes() == w.sizes() && out.scalar_type() == w.scalar_type() && out.device() == w.device(),
+                    "sgsc.fake_quantize: out must match w's shape, dtype and device");
   TORCH_CHECK_VALUE(out.is_contiguous(), "sgsc.fake_quantize: out must be contiguous");
   forward_into(w.contiguous(), b.contiguous(), e.contiguous(), parse_rounding(rounding), out);
 }
@@ -297,8 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     const at::Tensor& grad_q, const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
     c10::string_view rounding) {
   check_inputs(w, b, e);
-  TORCH_CHECK_VALUE(grad_q.sizes() == w.sizes(), "sgsc.fake_quantize backward: grad_q shape ",
-                    grad_q.sizes(), " does not match w shape ", w.sizes());
+  TORCH_CHECK_VALUE(grad_q.sizes() == w.sizes() && grad_q.device() == w.device(),
+                    "sgsc.fake_quantize backward: grad_q (shape ", grad_q.sizes(), " on ", grad_q.device(),
+                    ") does not match w (shape ", w.sizes(), " on ", w.device(), ")");
   auto w_contig = w.contiguous();
   auto g_contig = grad_q.to(w.scalar_type()).contiguous();
   auto grad_w = empty_output(w_contig.sizes(), w_contig.options());

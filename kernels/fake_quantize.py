@@ -10,8 +10,8 @@ The per-group constants use libdevice's ``exp2`` (``tl.exp2`` is an approximatio
 function PyTorch's own CUDA ``exp2`` calls, so outputs match ``sgsc.ops.reference`` bit for bit. The
 CPU interpreter has no libdevice and uses NumPy's ``exp2``, which can differ from PyTorch's CPU
 ``exp2`` in the last bit for fractional arguments (never for whole ones).
-Non-finite ``b`` or ``e`` cannot raise from a kernel without a device sync; that group's output
-and gradients become NaN instead of silently clamping.
+Non-finite ``b`` or ``e``, or ``|e| > MAX_EXPONENT``, cannot raise from a kernel without a device sync;
+that group's output and gradients become NaN instead of silently clamping.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from sgsc.ops import spec
+
+MAX_EXPONENT = tl.constexpr(spec.MAX_EXPONENT)
 
 _LN2 = math.log(2.0)
 
@@ -44,8 +48,8 @@ def _group_constants(b_ptr, e_ptr, groups, group_mask, EXACT_EXP2: tl.constexpr)
     half = _exp2(bits - 1.0, EXACT_EXP2)
     scale = _exp2(-e, EXACT_EXP2)
     inv_scale = _exp2(e, EXACT_EXP2)
-    # |x| <= FLT_MAX is false for both NaN and Inf.
-    poisoned = ~((tl.abs(b) <= 3.4028234663852886e38) & (tl.abs(e) <= 3.4028234663852886e38))
+    # |x| <= bound is false for NaN and Inf; |e| > MAX_EXPONENT (sgsc.ops.spec) would overflow 2^e or 2^-e
+    poisoned = ~((tl.abs(b) <= 3.4028234663852886e38) & (tl.abs(e) <= MAX_EXPONENT))
     return scale, inv_scale, -half, half - 1.0, bits > 0.0, poisoned
 
 

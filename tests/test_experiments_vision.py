@@ -15,7 +15,7 @@ from torch import nn
 from sgsc import export
 from sgsc.cli import build_parser, main
 from sgsc.cli.experiment import vision_settings
-from sgsc.experiments import baselines, report, vision
+from sgsc.experiments import baselines, report, targets, vision, vision_report, vision_tune
 from sgsc.experiments.common import latencies_ms, load_float, save_float, zlib_bytes
 from sgsc.experiments.robustness import Perturber, robustness
 from sgsc.nn import quantized_layers
@@ -129,13 +129,13 @@ def test_report_scales_the_single_seed_runs_by_sgscs_spread_over_seeds(quick):
     sgsc = result["table"]["sgsc"]
     accuracies = [seed["methods"]["sgsc"]["test_accuracy"] for seed in result["seeds"]]
     assert sgsc["test_accuracy"]["std"] == pytest.approx(statistics.stdev(accuracies))
-    text = "\n".join(report._single_seed_scale(result))
+    text = "\n".join(vision_report._single_seed_scale(result))
     assert f"spreads over the 2 seeds of Table I by {100 * sgsc['test_accuracy']['std']:.2f} points" in text
     assert f"{sgsc['file_bytes']['std']:.0f} bytes" in text
     # one seed has no spread to quote, and a run without extras has no single-seed rows to scale
-    assert report._single_seed_scale({**result, "seeds": result["seeds"][:1]}) == []
+    assert vision_report._single_seed_scale({**result, "seeds": result["seeds"][:1]}) == []
     no_extras = [{key: value for key, value in seed.items() if key != "extra"} for seed in result["seeds"]]
-    assert report._single_seed_scale({**result, "seeds": no_extras}) == []
+    assert vision_report._single_seed_scale({**result, "seeds": no_extras}) == []
 
 def test_robustness_results_are_accuracies_that_fall_with_attack_strength(quick):
     result, _ = quick
@@ -291,40 +291,40 @@ def _first_seed(sgsc: tuple, *unsafe_runs: tuple) -> dict:
 
 def test_equal_size_is_judged_on_every_seed_when_the_sized_run_matches():
     seed = _first_seed((0.89, 100), (0.80, 60))
-    t = vision.targets(_table((0.897, 96), (0.890, 100)), seed, 0.1, 0.05)
+    t = targets.vision_targets(_table((0.897, 96), (0.890, 100)), seed, 0.1, 0.05)
     assert t["unsafe_sized"]["within_5pct"] and t["equal_size_compared"] and t["beats_unsafe"]
     assert t["unsafe_sized"]["sgsc_minus_unsafe_points"] == pytest.approx(0.7)
     assert t["accuracy_gap_points"] == pytest.approx(-0.3) and t["accuracy_met"] and t["size_met"]
     # the sized unsafe run is as accurate: not beaten, whatever the first seed's runs say
-    assert not vision.targets(_table((0.89, 100), (0.89, 98)), seed, 0.1, 0.05)["beats_unsafe"]
+    assert not targets.vision_targets(_table((0.89, 100), (0.89, 98)), seed, 0.1, 0.05)["beats_unsafe"]
 
 
 def test_equal_size_falls_back_to_the_first_seeds_runs_within_5pct():
     sized_too_small = _table((0.89, 100), (0.85, 80))
     close = _first_seed((0.89, 100), (0.80, 60), (0.88, 103, 0.02), (0.87, 140, 0.01))
-    t = vision.targets(sized_too_small, close, 0.1, 0.05)
+    t = targets.vision_targets(sized_too_small, close, 0.1, 0.05)
     assert not t["unsafe_sized"]["within_5pct"] and t["unsafe_within_5pct"] and t["beats_unsafe"]
     assert [r["gamma"] for r in t["unsafe_equal_size"]] == [0.02]
     # no unsafe run within 5% anywhere: the nearest is named, and nothing is claimed
     far = _first_seed((0.89, 100), (0.80, 60), (0.87, 140, 0.01))
-    t = vision.targets(sized_too_small, far, 0.1, 0.05)
+    t = targets.vision_targets(sized_too_small, far, 0.1, 0.05)
     assert not t["equal_size_compared"] and not t["beats_unsafe"]
     assert [r["gamma"] for r in t["unsafe_equal_size"]] == [0.01]
 
 
 def test_a_smaller_and_more_accurate_sized_unsafe_run_is_never_beaten():
     close = _first_seed((0.89, 100), (0.80, 60), (0.88, 103, 0.02))
-    smaller_and_better = vision.targets(_table((0.89, 100), (0.892, 90)), close, 0.1, 0.05)
+    smaller_and_better = targets.vision_targets(_table((0.89, 100), (0.892, 90)), close, 0.1, 0.05)
     assert smaller_and_better["unsafe_sized"]["dominates_sgsc"] and not smaller_and_better["beats_unsafe"]
     # smaller but less accurate: the first seed's equal-size runs decide, as before
-    smaller_and_worse = vision.targets(_table((0.89, 100), (0.88, 90)), close, 0.1, 0.05)
+    smaller_and_worse = targets.vision_targets(_table((0.89, 100), (0.88, 90)), close, 0.1, 0.05)
     assert not smaller_and_worse["unsafe_sized"]["dominates_sgsc"] and smaller_and_worse["beats_unsafe"]
     # no run within 5% anywhere, but the sized run is 7% smaller and more accurate: compared, and lost
     far = _first_seed((0.89, 100), (0.80, 60), (0.87, 140, 0.01))
-    t = vision.targets(_table((0.89, 100), (0.892, 93)), far, 0.1, 0.05)
+    t = targets.vision_targets(_table((0.89, 100), (0.892, 93)), far, 0.1, 0.05)
     assert not t["unsafe_sized"]["within_5pct"] and not t["unsafe_within_5pct"]
     assert t["equal_size_compared"] and not t["beats_unsafe"]
-    text = "\n".join(report._targets({"table": _table((0.89, 100), (0.892, 93)), "targets": t}))
+    text = "\n".join(vision_report._targets({"table": _table((0.89, 100), (0.892, 93)), "targets": t}))
     assert "so it beats SGSC at SGSC's size): **missed**." in text and "no unsafe run of equal size" not in text
 
 
@@ -339,14 +339,14 @@ def test_accuracy_reach_names_the_best_run_within_the_size_and_the_smallest_with
                         "unsafe_sized": row(0.906, 90)},
             "extra": [{"group": "sweep", "name": name, **row(accuracy, size)} for name, accuracy, size in (
                 ("sgsc gamma=0.02", 0.909, 130), ("sgsc gamma=0.04", 0.907, 110), ("unsafe gamma=0.02", 0.9, 120))]}
-    reach = vision.accuracy_reach(table, seed, 0.1, 0.05)
+    reach = targets.accuracy_reach(table, seed, 0.1, 0.05)
     assert reach["within_size"]["method"] == "unsafe_sized"  # qat_4 is more accurate but larger than 10%
     assert reach["within_size"]["gap_points"] == pytest.approx(-0.5)
     sgsc, unsafe = (reach["smallest_within_tolerance"][m] for m in ("sgsc", "unsafe"))
     assert sgsc["gamma"] == 0.04 and sgsc["file_bytes"] == 110 and sgsc["gap_points"] == pytest.approx(-0.3)
     assert unsafe is None  # the sized run is -0.4 points, the sweep run -1
     labels = {"unsafe_sized": "sized unsafe"}
-    text = report._accuracy_reach({"settings": {"gamma": 0.1, "sized_unsafe_gamma": 0.05}, "seeds": [seed],
+    text = vision_report._accuracy_reach({"settings": {"gamma": 0.1, "sized_unsafe_gamma": 0.05}, "seeds": [seed],
                                    "table": table, "methods": labels})[0]
     assert '"sized unsafe": -0.50 points at 9.0% of the bytes, so none there is within 0.3 points' in text
     assert "SGSC at gamma 0.04 (11.0% of the float bytes, -0.30 points) and no unsafe run" in text
@@ -359,19 +359,19 @@ def test_attack_verdict_counts_only_differences_beyond_twice_the_binomial_error(
     labels = {"float": "float", "a": "method a", "b": "method b", "c": "method c"}
     rob = {"examples": 100, "models": {"float": accuracies(0.9, 0.50), "a": accuracies(0.8, 0.62),
                                        "b": accuracies(0.9, 0.47), "c": accuracies(0.9, 0.30)}}
-    text = report._attack_verdict({"methods": labels}, rob)[0]  # one column's error: 5 points, so 10 count
+    text = vision_report._attack_verdict({"methods": labels}, rob)[0]  # one column's error: 5 points, so 10 count
     assert "Mean accuracy over the 2 FGSM and PGD columns: float 50.0%" in text
     assert "method a: +12.0; method b: -3.0; method c: -20.0" in text
     assert "harder to attack than the float model: method a (+12.0); easier: method c (-20.0)." in text
     rob["models"]["a"] = accuracies(0.8, 0.55)
-    assert "no compressed model is harder to attack" in report._attack_verdict({"methods": labels}, rob)[0]
+    assert "no compressed model is harder to attack" in vision_report._attack_verdict({"methods": labels}, rob)[0]
 
 
 def test_report_calls_an_equal_size_difference_inside_the_seed_spread_a_tie():
     seed = _first_seed((0.89, 100), (0.80, 60))
     for sgsc_accuracy, tie in ((0.8905, True), (0.905, False)):
         table = _table((sgsc_accuracy, 100), (0.890, 98))  # SGSC's std over seeds: 1 point
-        text = "\n".join(report._targets({"table": table, "targets": vision.targets(table, seed, 0.1, 0.05)}))
+        text = "\n".join(vision_report._targets({"table": table, "targets": targets.vision_targets(table, seed, 0.1, 0.05)}))
         assert ("within SGSC's spread over seeds (1.00): a tie" in text) == tie
         assert "higher than unsafe self-compression at equal size" in text and "**met**" in text.split("equal size")[1]
 
@@ -389,14 +389,14 @@ def test_choice_prefers_accuracy_within_tolerance_then_the_size_target():
 
     # float: 0.90 validation accuracy, 1000 bytes; within 0.3 points: the smallest such file wins
     rows = [run("big", 0.899, 200), run("small", 0.898, 150), run("tiny", 0.85, 50)]
-    assert vision.choose(rows, 0.90, 1000)["file"] == "small"
+    assert targets.choose(rows, 0.90, 1000)["file"] == "small"
     # none within 0.3 points: the most accurate file of at most 10% of the float bytes
     rows = [run("big", 0.89, 200), run("at-target", 0.86, 100), run("tiny", 0.80, 50)]
-    choice = vision.choose(rows, 0.90, 1000)
+    choice = targets.choose(rows, 0.90, 1000)
     assert choice["file"] == "at-target" and not choice["within_tolerance"] and choice["within_size"]
     # none that small either: the most accurate
     rows = [run("big", 0.89, 300), run("bigger", 0.88, 400)]
-    choice = vision.choose(rows, 0.90, 1000)
+    choice = targets.choose(rows, 0.90, 1000)
     assert choice["file"] == "big" and not choice["within_size"]
 
 
@@ -414,7 +414,7 @@ def test_tuning_from_the_command_line_names_the_whole_choice(tmp_path, capsys):
                  "--out", str(tmp_path), "--tune", "0.5,0.2,12,0.02"]) == 0
     printed = capsys.readouterr().out
     assert "chosen on validation: gamma 0.5, quant_lr 0.2, exponent lr 0.02, 12 steps (" in printed
-    assert json.loads((tmp_path / vision.TUNING_FILE).read_text())["choice"]["exponent_lr"] == 0.02
+    assert json.loads((tmp_path / vision_tune.TUNING_FILE).read_text())["choice"]["exponent_lr"] == 0.02
 
 
 def test_random_preservation_ablation_asks_the_trainer_for_a_random_set(monkeypatch):
@@ -486,12 +486,12 @@ def test_report_includes_the_language_section_when_its_json_exists(quick, tmp_pa
 
 def test_tuning_scores_on_validation_only_and_follows_its_rule(tmp_path):
     settings = vision.quick_settings(seeds=(0,), float_steps=30, steps=10, progress=False)
-    tuning = vision.tune(settings, [(0.1, 0.1), (0.5, 0.2, 12, 0.02)], tmp_path)
+    tuning = vision_tune.tune(settings, [(0.1, 0.1), (0.5, 0.2, 12, 0.02)], tmp_path)
     rows = tuning["runs"]
     assert [(r["gamma"], r["quant_lr"], r["steps"], r["exponent_lr"]) for r in rows] == [
         (0.1, 0.1, 10, None), (0.5, 0.2, 12, 0.02)]
     assert all("test_accuracy" not in r and 0 < r["val_accuracy"] <= 1 for r in rows)
-    assert tuning["choice"]["file"] == vision.choose(rows, tuning["float"]["val_accuracy"],
+    assert tuning["choice"]["file"] == targets.choose(rows, tuning["float"]["val_accuracy"],
                                                      tuning["float"]["file_bytes"])["file"]
     assert tuning["command"].endswith("--tune 0.1,0.1 0.5,0.2,12,0.02")
     text = report.render(tmp_path)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import sgsc
 from sgsc.ops import native as _native
 from sgsc.ops import reference
+from sgsc.ops.spec import MAX_EXPONENT
 
 ROUNDINGS = ["nearest", "floor"]
 
@@ -207,6 +208,52 @@ def test_non_finite_b_or_e_poisons_the_group_on_triton():
     assert torch.isnan(q[1:3]).all() and torch.isfinite(q[[0, 3]]).all()
     grad_w, grad_b, grad_e = impls.backward(impl, torch.ones_like(w), w, b, e, "nearest")
     assert torch.isnan(grad_b[1:3]).all() and torch.isnan(grad_e[1:3]).all() and torch.isnan(grad_w[1:3]).all()
+
+
+@pytest.mark.parametrize("impl", impls.available())
+def test_exponents_at_the_float32_edges_follow_eq_1(impl):
+    """At |e| = MAX_EXPONENT both 2^e and 2^-e are normal float32: eq. (1) holds exactly, zeros included."""
+    device = impls.device_of(impl)
+    edge = MAX_EXPONENT
+    w = torch.tensor([[0.0, 1.5, -3.0e-30], [0.0, 2.0**-120, -(2.0**-125)]], device=device)
+    b = torch.tensor([8.0, 8.0], device=device)
+    e = torch.tensor([edge, -edge], device=device)
+    q = impls.forward(impl, w, b, e, "nearest")
+    assert torch.equal(q[0], torch.zeros(3, device=device))  # steps of 2^126 round every weight to 0
+    # steps of 2^-126: codes 0, 2^6 and -2^1 are inside the 8-bit range, so the weights come back exactly
+    assert torch.equal(q[1], w[1])
+    assert torch.equal(q.cpu(), reference.fake_quantize(w.cpu(), b.cpu(), e.cpu()))
+
+
+@pytest.mark.parametrize("outside", [MAX_EXPONENT + 1, -MAX_EXPONENT - 1, 1e30])
+def test_exponents_beyond_the_float32_range_are_refused_on_cpu(outside):
+    w, b = torch.zeros(2, 3), torch.full((2,), 8.0)
+    e = torch.tensor([0.0, outside])
+    with pytest.raises(ValueError, match=r"e must lie in \[-126, 126\], found .* at group 1"):
+        sgsc.fake_quantize(w, b, e)
+    with pytest.raises(ValueError, match=r"e must lie in \[-126, 126\]"):
+        torch.ops.sgsc.fake_quantize_backward(torch.ones_like(w), w, b, e, "nearest")
+
+
+@pytest.mark.skipif("triton-interpret" not in impls.available() and "cuda" not in impls.available(), reason="no Triton")
+def test_exponents_beyond_the_float32_range_poison_the_group_on_triton():
+    impl = "cuda" if torch.cuda.is_available() else "triton-interpret"
+    device = impls.device_of(impl)
+    w = torch.zeros(3, 4, device=device)
+    b = torch.full((3,), 8.0, device=device)
+    e = torch.tensor([0.0, MAX_EXPONENT + 2, -MAX_EXPONENT - 2], device=device)
+    q = impls.forward(impl, w, b, e, "floor")
+    assert torch.equal(q[0], w[0]) and torch.isnan(q[1:]).all()
+
+
+def test_raw_op_refuses_operands_on_another_device():
+    """The registered CPU kernel reads b and e on the host; on meta they hold no values to read."""
+    w = torch.randn(4, 3)
+    meta = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="one device|w's device"):
+        torch.ops.sgsc.fake_quantize(w, meta, meta, "nearest")
+    with pytest.raises(ValueError, match="grad_q is on meta"):
+        torch.ops.sgsc.fake_quantize_backward(torch.ones(4, 3, device="meta"), w, torch.ones(4), torch.zeros(4), "nearest")
 
 
 def test_non_contiguous_input_is_handled():

@@ -94,14 +94,14 @@ def vision_settings(args: argparse.Namespace):
 
 
 def _run_vision(args: argparse.Namespace) -> int:
-    from sgsc.experiments import vision
+    from sgsc.experiments import vision, vision_tune
 
     torch.set_num_threads(args.threads)
     if args.tune:
-        tuning = vision.tune(vision_settings(args), args.tune, args.out, workers=args.workers)
+        tuning = vision_tune.tune(vision_settings(args), args.tune, args.out, workers=args.workers)
         choice = tuning["choice"]
         exponent_lr = "shared" if choice["exponent_lr"] is None else f"{choice['exponent_lr']:g}"
-        print(f"wrote {Path(args.out) / vision.TUNING_FILE}; chosen on validation: gamma {choice['gamma']:g}, "
+        print(f"wrote {Path(args.out) / vision_tune.TUNING_FILE}; chosen on validation: gamma {choice['gamma']:g}, "
               f"quant_lr {choice['quant_lr']:g}, exponent lr {exponent_lr}, {choice['steps']} steps "
               f"({100 * choice['val_accuracy']:.2f}% val at {choice['pct_of_float']:.1f}% of the float bytes)")
         return 0

@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
-import multiprocessing
 import shlex
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from tqdm import tqdm
 
 from sgsc import export
-from sgsc.experiments import baselines
+from sgsc._deps import require
+from sgsc.experiments import baselines, vision_report
 from sgsc.experiments.common import (
     device_name,
     float_mode,
@@ -49,11 +46,15 @@ from sgsc.experiments.common import (
     write_json,
     zlib_bytes,
 )
+from sgsc.experiments.pool import run_jobs
 from sgsc.experiments.robustness import EPSILONS, NOISE_LEVELS, Perturber, robustness
+from sgsc.experiments.targets import sweep_prefix, vision_targets
 from sgsc.nn.zoo import HEAD_GROUPS
 from sgsc.ops.reference import ROUNDING_MODES
 from sgsc.train import Data, TrainConfig, evaluate, new_model, train, unsafe
 from sgsc.train.data import load_vision
+
+tqdm = require("tqdm", "experiments").tqdm
 
 RESULT_FILE = "vision.json"
 PLOT_FILE = "vision_pareto.png"
@@ -78,7 +79,6 @@ PRUNE_SPARSITY = {"prune50_int8": 0.5, "prune80_int8": 0.8}
 CRITERIA_ALONE = {"gradcam": (1.0, 0.0, 0.0), "uncertainty": (0.0, 1.0, 0.0), "diversity": (0.0, 0.0, 1.0)}
 # safety ablation: each half of SGSC's safety alone (unsafe has neither, SGSC both)
 SAFETY_ALONE = {"restore only": {"lambda_": 0.0}, "preservation loss only": {"restore": False}}
-EQUAL_SIZE = 0.05  # files within 5% of each other's bytes count as equal size (the issue's bound)
 TABLE_KEYS = ("test_accuracy", "val_accuracy", "file_bytes", "pct_of_float", "zlib_bytes", "average_bits",
               "latency_batch1_ms", "latency_batch256_ms", "train_seconds")
 
@@ -308,17 +308,6 @@ def method_jobs(settings: VisionSettings, seed: int, run: VisionRunData, final: 
     return jobs
 
 
-def _sweep_prefix(method: str) -> str:
-    return f"{method} gamma="
-
-
-def _sweep_rows(seed_result: dict, method: str) -> list[tuple[float, dict]]:
-    """``(gamma, row)`` of each gamma-sweep run of ``method`` in a first seed's extra runs."""
-    prefix = _sweep_prefix(method)
-    return [(float(row["name"].removeprefix(prefix)), row) for row in seed_result.get("extra", [])
-            if row["group"] == "sweep" and row["name"].startswith(prefix)]
-
-
 def ablation_jobs(settings: VisionSettings, seed: int, run: VisionRunData, start: nn.Module):
     """``(group, name, thunk)`` of the first seed's extra runs: rounding, preservation criteria, each half of
     the safety machinery alone, gamma sweep."""
@@ -341,8 +330,8 @@ def ablation_jobs(settings: VisionSettings, seed: int, run: VisionRunData, start
         if gamma == settings.gamma:
             continue
         swept = dataclasses.replace(config, gamma=gamma)
-        jobs.append(("sweep", f"{_sweep_prefix('sgsc')}{gamma:g}", lambda swept=swept: self_compress(start, swept, run)))
-        jobs.append(("sweep", f"{_sweep_prefix('unsafe')}{gamma:g}",
+        jobs.append(("sweep", f"{sweep_prefix('sgsc')}{gamma:g}", lambda swept=swept: self_compress(start, swept, run)))
+        jobs.append(("sweep", f"{sweep_prefix('unsafe')}{gamma:g}",
                      lambda swept=swept: self_compress(start, unsafe(swept), run)))
     return jobs
 
@@ -421,96 +410,6 @@ def summarize(seeds: list[dict]) -> dict:
     }
 
 
-def _sized_unsafe(table: dict, gamma: float) -> dict:
-    """SGSC against unsafe at ``sized_unsafe_gamma``: means over every seed, and their sizes' ratio."""
-    sgsc, sized = table["sgsc"], table["unsafe_sized"]
-    ratio = sized["file_bytes"]["mean"] / sgsc["file_bytes"]["mean"]
-    return {"gamma": gamma, "file_bytes": sized["file_bytes"]["mean"],
-            "test_accuracy": sized["test_accuracy"]["mean"], "test_accuracy_std": sized["test_accuracy"]["std"],
-            "size_ratio": ratio, "within_5pct": abs(ratio - 1) <= EQUAL_SIZE,
-            "sgsc_minus_unsafe_points": 100.0 * (sgsc["test_accuracy"]["mean"] - sized["test_accuracy"]["mean"])}
-
-
-def _first_seed_unsafe(seed_result: dict, gamma: float) -> tuple[list[dict], bool]:
-    """The first seed's unsafe runs (main gamma and sweep) within 5% of its SGSC file, else the nearest."""
-    sgsc = seed_result["methods"]["sgsc"]
-    runs = [{"gamma": gamma, **seed_result["methods"]["unsafe"]}]
-    runs += [{"gamma": swept, **row} for swept, row in _sweep_rows(seed_result, "unsafe")]
-    for row in runs:
-        row["size_ratio"] = row["file_bytes"] / sgsc["file_bytes"]
-    close = [r for r in runs if abs(r["size_ratio"] - 1) <= EQUAL_SIZE]
-    compared = close or [min(runs, key=lambda r: abs(r["size_ratio"] - 1))]
-    keep = ("gamma", "file_bytes", "test_accuracy", "size_ratio")
-    return [{key: r[key] for key in keep} for r in compared], bool(close)
-
-
-def targets(table: dict, seed_result: dict, gamma: float, sized_gamma: float) -> dict:
-    """The issue's targets checked on the means: SGSC vs float accuracy and size, SGSC vs unsafe at equal size.
-
-    "Equal size" is judged on every seed with unsafe at ``sized_gamma`` when its mean file is within 5%
-    of SGSC's; otherwise on the first seed's unsafe runs (main gamma and sweep) within 5% of its SGSC
-    file (with none that close, the nearest is named and the comparison is not made). Either way, SGSC
-    does not beat unsafe when the sized unsafe run is smaller (or within 5%) and more accurate.
-    """
-    gap = 100.0 * (table["sgsc"]["test_accuracy"]["mean"] - table["float"]["test_accuracy"]["mean"])
-    pct = table["sgsc"]["pct_of_float"]["mean"]
-    sized = _sized_unsafe(table, sized_gamma)
-    first_seed, close = _first_seed_unsafe(seed_result, gamma)
-    sgsc_first = seed_result["methods"]["sgsc"]["test_accuracy"]
-    if sized["within_5pct"]:
-        beats = sized["sgsc_minus_unsafe_points"] > 0
-    else:
-        beats = close and all(sgsc_first > r["test_accuracy"] for r in first_seed)
-    # sized unsafe files at most 5% larger than SGSC's (or smaller) that are also more accurate beat SGSC
-    # at its size, whichever runs the 5% rule compared: more bytes would not make unsafe less accurate
-    sized["dominates_sgsc"] = sized["size_ratio"] <= 1 + EQUAL_SIZE and sized["sgsc_minus_unsafe_points"] < 0
-    beats = beats and not sized["dominates_sgsc"]
-    return {
-        "accuracy_gap_points": gap,
-        "accuracy_met": round(gap, 9) >= -0.3,  # a gap of exactly 0.3 points meets it, float noise aside
-        "pct_of_float": pct,
-        "size_met": pct <= 10.0,
-        "unsafe_sized": sized,
-        "unsafe_equal_size": first_seed,
-        "unsafe_within_5pct": close,
-        # a smaller, more accurate sized run settles the comparison even when no run is within 5%
-        "equal_size_compared": sized["within_5pct"] or close or sized["dominates_sgsc"],
-        "beats_unsafe": bool(beats),
-    }
-
-
-def accuracy_reach(table: dict, seed_result: dict, gamma: float, sized_gamma: float) -> dict:
-    """How far the accuracy target (float - 0.3 points) is from the size target (<= 10% of the float bytes).
-
-    ``within_size``: the most accurate method of the table (means over seeds) at <= 10% of the float
-    bytes. ``smallest_within_tolerance``: for SGSC and unsafe, the first seed's smallest file (main,
-    sized and sweep gammas) within 0.3 points of that seed's float model, or None.
-    """
-    def gap(accuracy: float, reference: float) -> float:
-        return 100.0 * (accuracy - reference)
-
-    float_mean = table["float"]["test_accuracy"]["mean"]
-    small = [name for name, row in table.items() if name != "float" and row["pct_of_float"]["mean"] <= 10.0]
-    best = max(small, key=lambda name: table[name]["test_accuracy"]["mean"], default=None)
-    within_size = None if best is None else {
-        "method": best, "gap_points": gap(table[best]["test_accuracy"]["mean"], float_mean),
-        "pct_of_float": table[best]["pct_of_float"]["mean"]}
-
-    methods = seed_result["methods"]
-    float_first = methods["float"]["test_accuracy"]
-    runs = {"sgsc": [(gamma, methods["sgsc"])],
-            "unsafe": [(gamma, methods["unsafe"]), (sized_gamma, methods["unsafe_sized"])]}
-    smallest = {}
-    for method, method_runs in runs.items():
-        close = [(swept, row) for swept, row in method_runs + _sweep_rows(seed_result, method)
-                 if round(gap(row["test_accuracy"], float_first), 9) >= -0.3]
-        swept, row = min(close, key=lambda run: run[1]["file_bytes"], default=(None, None))
-        smallest[method] = None if row is None else {
-            "gamma": swept, "file_bytes": row["file_bytes"], "pct_of_float": row["pct_of_float"],
-            "gap_points": gap(row["test_accuracy"], float_first)}
-    return {"within_size": within_size, "first_seed_float_accuracy": float_first, "smallest_within_tolerance": smallest}
-
-
 def command_line(settings: VisionSettings, out: Path, workers: int = 1) -> str:
     """The `sgsc experiment vision` invocation that reproduces ``settings``."""
     parts = ["sgsc", "experiment", "vision"]
@@ -547,14 +446,8 @@ def _seed_worker(settings: VisionSettings, seed: int, out: Path, first: bool, th
 def _run_seeds(settings: VisionSettings, out: Path, workers: int) -> list[dict]:
     """Every seed's results, in order; with ``workers > 1`` seeds run in that many processes at once."""
     threads = torch.get_num_threads()
-    jobs = [(settings, seed, out, index == 0, threads) for index, seed in enumerate(settings.seeds)]
-    if workers == 1:
-        return [_seed_worker(*job, position=0) for job in jobs]
-    # spawn, not fork: a forked child would inherit this process's OpenMP and autograd threads' state
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(_seed_worker, *job, position=i % workers) for i, job in enumerate(jobs)]
-        return [future.result() for future in futures]
+    jobs = [(settings, seed, out, index == 0, threads, index % workers) for index, seed in enumerate(settings.seeds)]
+    return run_jobs(_seed_worker, jobs, workers)
 
 
 def add_latency(seeds: list[dict], out: Path, settings: VisionSettings, example: torch.Tensor) -> None:
@@ -602,136 +495,9 @@ def run(settings: VisionSettings, out: str | Path = "results", workers: int = 1)
         "methods": METHODS,
         "seeds": seeds,
         "table": table,
-        "targets": targets(table, seeds[0], settings.gamma, settings.sized_unsafe_gamma),
+        "targets": vision_targets(table, seeds[0], settings.gamma, settings.sized_unsafe_gamma),
         "plot": PLOT_FILE,
     }
-    pareto_plot(result, out / PLOT_FILE)
+    vision_report.pareto_plot(result, out / PLOT_FILE)
     write_json(out / RESULT_FILE, result)
     return result
-
-
-# ---- tuning on the validation split ----------------------------------------------------------
-
-TUNING_FILE = "vision_tuning.json"
-
-
-def _tune_job(start: nn.Module, config: TrainConfig, settings: VisionSettings, out: Path, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    run = load_run_data(settings, config.seed)
-    result = self_compress(start, config, run)
-    exponent_part = "" if config.exponent_lr is None else f"-elr{config.exponent_lr:g}"
-    name = f"sgsc-gamma{config.gamma:g}-qlr{config.quant_lr:g}{exponent_part}-steps{config.steps}"
-    row, _ = measure(name, result["model"], run, out)
-    del row["test_accuracy"]  # tuning looks at validation only; the test split is for the final table
-    return {"gamma": config.gamma, "quant_lr": config.quant_lr, "exponent_lr": config.exponent_lr, "steps": config.steps,
-            "train_seconds": result["seconds"], **row}
-
-
-def choose(rows: list[dict], float_val: float, float_bytes: int, tolerance: float = 0.003,
-           max_pct: float = 10.0) -> dict:
-    """The run the issue's target asks for, judged on validation.
-
-    The smallest file whose validation accuracy is within ``tolerance`` of the float model's; with
-    none that accurate, the most accurate file of at most ``max_pct`` % of the float bytes (the size
-    target); with none that small either, the most accurate.
-    """
-    good = [r for r in rows if r["val_accuracy"] >= float_val - tolerance]
-    small = [r for r in rows if 100.0 * r["file_bytes"] / float_bytes <= max_pct]
-    if good:
-        best = min(good, key=lambda r: r["file_bytes"])
-    else:
-        best = max(small or rows, key=lambda r: r["val_accuracy"])
-    return {**best, "pct_of_float": 100.0 * best["file_bytes"] / float_bytes, "within_tolerance": bool(good),
-            "within_size": 100.0 * best["file_bytes"] / float_bytes <= max_pct}
-
-
-def tune(settings: VisionSettings, grid: list[tuple], out: str | Path = "results", workers: int = 1) -> dict:
-    """SGSC at each ``(gamma, quant_lr[, steps[, exponent_lr]])`` of ``grid`` on the first seed.
-
-    Every run starts from the float snapshot after ``settings.float_steps`` and is scored on the
-    validation split; ``steps`` and ``exponent_lr`` default to ``settings``'. Writes ``<out>/vision_tuning.json``
-    with every run, the float model's validation accuracy and bytes (after ``float_steps + steps``),
-    the choice of :func:`choose` and the command that reproduces it.
-    """
-    if not grid or any(len(point) not in (2, 3, 4) for point in grid):
-        raise ValueError(f"grid must be a non-empty list of (gamma, quant_lr[, steps[, exponent_lr]]) tuples, got {grid!r}")
-    out = Path(out)
-    seed = settings.seeds[0]
-    run = load_run_data(settings, seed)
-    started, commit = time.perf_counter(), git_commit()
-    final, start, _ = train_float(settings, seed, run)
-    tuning_dir = out / "vision-tuning"
-    float_row, _ = measure("float", final, run, tuning_dir)
-    threads = torch.get_num_threads()
-    configs = [dataclasses.replace(settings.train_config(seed), gamma=point[0], quant_lr=point[1],
-                                   steps=int(point[2]) if len(point) >= 3 else settings.steps,
-                                   exponent_lr=point[3] if len(point) == 4 else settings.exponent_lr, progress=False)
-               for point in grid]
-    if workers == 1:
-        rows = [_tune_job(start, c, settings, tuning_dir, threads) for c in tqdm(configs, disable=not settings.progress)]
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(_tune_job, start, c, settings, tuning_dir, threads) for c in configs]
-            rows = [f.result() for f in tqdm(futures, disable=not settings.progress)]
-    result = {
-        "experiment": "vision-tuning",
-        "command": command_line(settings, out, workers) + " --tune " + " ".join(",".join(f"{v:g}" for v in p) for p in grid),
-        "meta": {**metadata(torch.device("cpu"), commit), "workers": workers, "wall_seconds": time.perf_counter() - started},
-        "settings": dataclasses.asdict(settings),
-        "seed": seed,
-        "float": {"val_accuracy": float_row["val_accuracy"], "file_bytes": float_row["file_bytes"]},
-        "runs": rows,
-        "choice": choose(rows, float_row["val_accuracy"], float_row["file_bytes"]),
-    }
-    write_json(out / TUNING_FILE, result)
-    return result
-
-
-# ---- the Pareto picture ---------------------------------------------------------------------
-
-
-def _sweep_points(result: dict, method: str) -> list[tuple[int, float]]:
-    """(bytes, accuracy) of ``method`` at every gamma on the first seed, sorted by bytes."""
-    first = result["seeds"][0]
-    # the sized unsafe run is one more gamma of the unsafe loop; SGSC has no sized twin
-    rows = [first["methods"][name] for name in (method, f"{method}_sized") if name in first["methods"]]
-    points = [(row["file_bytes"], row["test_accuracy"]) for row in rows]
-    points += [(row["file_bytes"], row["test_accuracy"]) for _, row in _sweep_rows(first, method)]
-    return sorted(points)
-
-
-def pareto_plot(result: dict, path: str | Path) -> Path:
-    """Test accuracy against on-disk bytes: every method's mean +- std over seeds, and the gamma sweeps."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 5))
-    FigureCanvasAgg(figure)
-    axis = figure.add_subplot()
-    # eleven methods outrun the ten-colour cycle; black extends it, and a marker of its own keeps each apart
-    palette = [f"C{i}" for i in range(10)] + ["black"]
-    colors = {name: palette[i % len(palette)] for i, name in enumerate(result["methods"])}
-    markers = dict(zip(result["methods"], itertools.cycle("osDv^<>phXP8d")))
-    markers["sgsc"] = "*"
-    for method in ("sgsc", "unsafe"):
-        points = _sweep_points(result, method)
-        if len(points) > 1:
-            axis.plot(*zip(*points), linestyle=":", color=colors[method], alpha=0.6,
-                      label=f"{method}, gamma sweep (seed {result['seeds'][0]['seed']})")
-    for name, label in result["methods"].items():
-        row = result["table"][name]
-        axis.errorbar(row["file_bytes"]["mean"], row["test_accuracy"]["mean"], xerr=row["file_bytes"]["std"],
-                      yerr=row["test_accuracy"]["std"], marker=markers[name], capsize=3,
-                      markersize=11 if name == "sgsc" else 6, color=colors[name], linestyle="none", label=label)
-    axis.set_xscale("log")
-    axis.set_xlabel("on-disk bytes of the exported file (log scale)")
-    axis.set_ylabel("test accuracy")
-    data_name = Path(result["seeds"][0]["data"]["source"]).name  # the data set's folder, not the whole path
-    axis.set_title(f"{data_name}: accuracy vs size ({len(result['seeds'])} seeds)")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never over them
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    return path

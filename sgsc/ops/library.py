@@ -16,6 +16,7 @@ import torch
 
 from sgsc.ops import native as _native
 from sgsc.ops import reference
+from sgsc.ops.spec import MAX_EXPONENT
 
 torch.library.define(
     "sgsc::fake_quantize",
@@ -35,6 +36,12 @@ torch.library.define(
 
 
 def _check_shapes(w: torch.Tensor, b: torch.Tensor, e: torch.Tensor) -> None:
+    # A meta b/e beside a real w dispatches here, not to w's kernel: without this the op would return
+    # an uninitialised tensor on w's device.
+    torch._check_value(
+        b.device == w.device and e.device == w.device,
+        lambda: f"sgsc.fake_quantize: w, b and e must be on one device, got {w.device}, {b.device} and {e.device}",
+    )
     torch._check(w.dim() >= 1, lambda: "w must have at least one dimension")
     torch._check(b.dim() == 1, lambda: f"b must be 1-D, got shape {tuple(b.shape)}")
     torch._check(e.shape == b.shape, lambda: f"e must have b's shape {tuple(b.shape)}, got {tuple(e.shape)}")
@@ -60,6 +67,8 @@ def _fake_quantize_out_fake(w, b, e, rounding, out):
 @torch.library.register_fake("sgsc::fake_quantize_backward")
 def _fake_quantize_backward_fake(grad_q, w, b, e, rounding):
     _check_shapes(w, b, e)
+    torch._check_value(grad_q.device == w.device,
+                       lambda: f"sgsc.fake_quantize backward: grad_q is on {grad_q.device}, w on {w.device}")
     return (
         torch.empty_like(w, memory_format=torch.contiguous_format),
         torch.empty_like(b),
@@ -139,21 +148,36 @@ def _fake_quantize_backward_cuda(grad_q, w, b, e, rounding):
 
 
 def check_finite_params(b: torch.Tensor, e: torch.Tensor) -> None:
-    """Raise ``ValueError`` for NaN/Inf in ``b`` or ``e``: eq. (1) would silently clamp to nothing."""
-    for name, values in (("b", b), ("e", e)):
+    """``ValueError`` for NaN/Inf in ``b`` or ``e``, or ``|e| > MAX_EXPONENT``: eq. (1) would silently clamp to nothing."""
+    for name, values, bound in (("b", b, None), ("e", e, MAX_EXPONENT)):
         bad = (~torch.isfinite(values)).nonzero()
         if bad.numel():
             group = int(bad[0, 0])
             raise ValueError(f"sgsc.fake_quantize: {name} must be finite, found {values[group].item()} at group {group}")
+        if bound is not None:
+            outside = (values.abs() > bound).nonzero()
+            if outside.numel():
+                group = int(outside[0, 0])
+                raise ValueError(f"sgsc.fake_quantize: {name} must lie in [{-bound:g}, {bound:g}], found "
+                                 f"{values[group].item()} at group {group}")
+
+
+def _check_devices(w: torch.Tensor, *others: torch.Tensor) -> None:
+    """The CPU kernels read every operand's values; an operand on another device (meta) has none here."""
+    if any(t.device != w.device for t in others):
+        raise ValueError(f"sgsc.fake_quantize: every operand must be on w's device {w.device}, got "
+                         f"{[str(t.device) for t in others]}")
 
 
 def _reference_forward(w, b, e, rounding):
+    _check_devices(w, b, e)
     check_finite_params(b, e)
     with torch.no_grad():
         return reference.fake_quantize(w, b, e, rounding).contiguous()
 
 
 def _reference_backward(grad_q, w, b, e, rounding):
+    _check_devices(w, grad_q, b, e)
     check_finite_params(b, e)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (w, b, e)]

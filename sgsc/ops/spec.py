@@ -12,6 +12,10 @@ ROUNDING_MODES = ("nearest", "floor")
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WIDTH_DTYPES = (torch.uint8, torch.int32, torch.int64)
 
+# The largest |e| of eq. (1): beyond it 2^e or 2^-e leaves the normal float32 range, where the float
+# arithmetic would give NaN (0 * inf) instead of eq. (1)'s real value. CPU raises; CUDA poisons the group.
+MAX_EXPONENT = 126.0
+
 # The widest integer code a group stores, and the largest bit depth a layer may start at: at b >= 32
 # the float32 clamp bound 2^31 - 1 rounds to 2^31, which no 32-bit code holds.
 MAX_WIDTH = 32

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from sgsc._deps import require
+
 DATA_DIR_ENV = "SGSC_DATA_DIR"
 _REPO_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -195,9 +197,7 @@ def _vision_data(name: str, source: str, train_x, train_y, test_x, test_y, val_f
 
 
 def _load_digits(val_fraction: float, test_fraction: float, seed: int) -> VisionData:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "train").load_digits()
     images = digits.images.astype(np.float32) / 16.0  # pixel values are 0..16
     labels = digits.target
     # digits has no official test split: carve one with its own seed stream, then val from the rest

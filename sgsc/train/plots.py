@@ -10,14 +10,16 @@ import os
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 
+from sgsc._deps import require
 from sgsc.nn import quantized_layers
 
+FigureCanvasAgg = require("matplotlib.backends.backend_agg", "train").FigureCanvasAgg
+Figure = require("matplotlib.figure", "train").Figure
 
-def _save(figure: Figure, path: str | os.PathLike) -> Path:
+
+def _save(figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     FigureCanvasAgg(figure)
     figure.tight_layout()

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from sgsc._deps import require
 from sgsc._io import atomic_write
 
 CRITERIA = ("gradcam", "uncertainty", "diversity")
@@ -287,7 +288,7 @@ def _ranking(scores: torch.Tensor) -> np.ndarray:
 def _reduce_dims(features: np.ndarray, seed: int) -> np.ndarray:
     if features.shape[1] <= _KMEANS_DIMS or features.shape[0] <= _KMEANS_DIMS:
         return features
-    from sklearn.decomposition import PCA
+    PCA = require("sklearn.decomposition", "train").PCA
 
     return PCA(n_components=_KMEANS_DIMS, random_state=seed).fit_transform(features)
 
@@ -297,7 +298,8 @@ def diversity_ranking(embeddings: torch.Tensor, n_clusters: int, seed: int) -> n
 
     Within a round, clusters whose representative lies closer to its centroid come first.
     """
-    from sklearn.cluster import KMeans, MiniBatchKMeans
+    cluster = require("sklearn.cluster", "train")
+    KMeans, MiniBatchKMeans = cluster.KMeans, cluster.MiniBatchKMeans
 
     features = _reduce_dims(embeddings.numpy(), seed).astype(np.float64)
     n = features.shape[0]
