@@ -247,11 +247,11 @@ def test_quantize_model_keeps_tied_weights_tied():
 
 
 def test_quantize_model_warns_about_layers_it_leaves_alone():
-    net = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(2, 2, 1))
-    net.add_module("mha", nn.MultiheadAttention(4, 2))
-    with pytest.warns(UserWarning, match=r"1 \(Conv1d.*mha \(MultiheadAttention"):
+    net = nn.Sequential(nn.Linear(4, 4), nn.Conv3d(2, 2, 1))
+    net.add_module("mha", nn.MultiheadAttention(4, 2, kdim=3))
+    with pytest.warns(UserWarning, match=r"1 \(Conv3d.*mha \(MultiheadAttention: only kdim == vdim"):
         quantize_model(net)
-    assert type(net.mha.out_proj) is not QLinear  # MHA reads out_proj.weight itself
+    assert type(net.mha) is nn.MultiheadAttention and type(net.mha.out_proj) is not QLinear  # left whole
     assert isinstance(net[0], QLinear)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

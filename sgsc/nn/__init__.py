@@ -1,6 +1,7 @@
 """The layer layer: quantized modules, model conversion, size accounting, the zoo and physical pruning.
 
-- :mod:`~sgsc.nn.layers`: ``QLinear``, ``QConv2d``, ``QCausalSelfAttention`` (they call :mod:`sgsc.ops`);
+- :mod:`~sgsc.nn.layers`: ``QLinear``, ``QConv1d``, ``QConv2d``, ``QEmbedding``, ``QMultiheadAttention``,
+  ``QCausalSelfAttention`` (they call :mod:`sgsc.ops`);
 - :mod:`~sgsc.nn.convert`: ``quantize_model`` for any ``nn.Module``;
 - :mod:`~sgsc.nn.size`: the differentiable size term and the payload report;
 - :mod:`~sgsc.nn.zoo`: the paper's CNN and the character decoder, rebuilt from their configs;
@@ -10,13 +11,24 @@ Imports only :mod:`sgsc.ops` from the package.
 """
 
 from sgsc.nn.convert import quantize_model, replace_submodule
-from sgsc.nn.layers import QCausalSelfAttention, QConv2d, QLinear, quantized_layers
+from sgsc.nn.layers import (
+    QCausalSelfAttention,
+    QConv1d,
+    QConv2d,
+    QEmbedding,
+    QLinear,
+    QMultiheadAttention,
+    quantized_layers,
+)
 from sgsc.nn.size import average_bits, model_bits_report, storage_bits
 
 __all__ = [
     "QCausalSelfAttention",
+    "QConv1d",
     "QConv2d",
+    "QEmbedding",
     "QLinear",
+    "QMultiheadAttention",
     "average_bits",
     "model_bits_report",
     "quantize_model",

@@ -7,17 +7,28 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from sgsc.nn.layers import QUANTIZED_TYPES, QConv2d, QLinear, check_init_bits, check_rounding
+from sgsc.nn.layers import (
+    QUANTIZED_TYPES,
+    QConv1d,
+    QConv2d,
+    QEmbedding,
+    QLinear,
+    QMultiheadAttention,
+    check_init_bits,
+    check_rounding,
+    quantized_layers,
+)
 from sgsc.ops.spec import WEIGHT_DTYPES
 
-# ---- quantize_model ------------------------------------------------------------------------
+# Exact types quantize_model swaps (a subclass may change the forward, so it is left alone).
+_SWAPS = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Embedding: QEmbedding}
 
 # Weight-bearing layers quantize_model leaves in float, with the reason it tells the user.
 _UNSUPPORTED = (
-    (nn.MultiheadAttention, "its forward reads the projection weights directly, bypassing submodules"),
-    (nn.modules.conv._ConvNd, "only nn.Conv2d is supported"),
-    (nn.Embedding, "embeddings are not quantized"),
-    (nn.EmbeddingBag, "embeddings are not quantized"),
+    (nn.MultiheadAttention, "a subclass of nn.MultiheadAttention may change its forward"),
+    (nn.modules.conv._ConvNd, "only nn.Conv1d and nn.Conv2d are supported"),
+    (nn.EmbeddingBag, "embedding bags are not quantized"),
+    (nn.Embedding, "subclasses of nn.Embedding may change its forward; only exact nn.Embedding is swapped"),
     (nn.Bilinear, "not supported"),
     (nn.RNNBase, "recurrent layers are not supported"),
     (nn.Linear, "subclasses of nn.Linear may change its forward; only exact nn.Linear is swapped"),
@@ -25,7 +36,13 @@ _UNSUPPORTED = (
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:
-    if isinstance(module, QUANTIZED_TYPES) or type(module) in (nn.Linear, nn.Conv2d):
+    if isinstance(module, (*QUANTIZED_TYPES, QMultiheadAttention)) or type(module) in _SWAPS:
+        if type(module) is nn.Embedding and module.max_norm is not None:
+            return "max_norm renormalises the table in place on every lookup"
+        return None
+    if type(module) is nn.MultiheadAttention:
+        if not module._qkv_same_embed_dim or module.bias_k is not None:
+            return "only kdim == vdim == embed_dim without bias_k/bias_v is supported"
         return None
     for kind, reason in _UNSUPPORTED:
         if isinstance(module, kind):
@@ -56,13 +73,34 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def _swap(module: nn.Module, name: str, init_bits: float, quant_groups: int | None, rounding: str) -> nn.Module:
-    if module.weight.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"layer {name or '<model>'} has {module.weight.dtype} weights; sgsc quantizes {WEIGHT_DTYPES}")
+    weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"layer {name or '<model>'} has {weight.dtype} weights; sgsc quantizes {WEIGHT_DTYPES}")
     try:
-        cls = QLinear if isinstance(module, nn.Linear) else QConv2d
-        return cls.from_float(module, quant_groups=quant_groups, init_bits=init_bits, rounding=rounding)
+        if isinstance(module, nn.MultiheadAttention):  # per head, whatever ``groups`` says
+            return QMultiheadAttention.from_float(module, init_bits=init_bits, rounding=rounding)
+        return _SWAPS[type(module)].from_float(module, quant_groups=quant_groups, init_bits=init_bits, rounding=rounding)
     except ValueError as exc:
         raise ValueError(f"layer {name or '<model>'}: {exc}") from exc
+
+
+def _tie_quantizers(model: nn.Module) -> None:
+    """Layers that share one weight (a tied embedding and head) share one quantizer, so it is quantized once.
+
+    They must group it alike (the same shape, group count and grouping axis): two different groupings
+    of one tensor would store it twice and train two bit depths for the same weights.
+    """
+    first: dict[int, tuple[str, nn.Module]] = {}
+    for name, layer in quantized_layers(model):
+        owner = first.setdefault(id(layer.weight), (name, layer))
+        if owner[1] is layer:
+            continue
+        owner_name, owner_layer = owner
+        layout = (tuple(layer.weight.shape), layer.quant_groups, layer.group_by)
+        if layout != (tuple(owner_layer.weight.shape), owner_layer.quant_groups, owner_layer.group_by):
+            raise ValueError(f"layers {owner_name!r} and {name!r} share a weight but group it differently; pass "
+                             "`groups` so that both use the same number of groups")
+        layer.bits, layer.exponent = owner_layer.bits, owner_layer.exponent
 
 
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -78,17 +116,19 @@ def quantize_model(
     groups: int | Mapping[str, int] | None = None,
     rounding: str = "nearest",
 ) -> nn.Module:
-    """Swap every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` in place for QLinear / QConv2d.
+    """Swap ``model``'s layers in place for quantized ones: ``nn.Linear`` -> QLinear, ``nn.Conv1d``/``nn.Conv2d``
+    -> QConv1d/QConv2d, ``nn.Embedding`` -> QEmbedding, ``nn.MultiheadAttention`` -> QMultiheadAttention.
 
-    The new layers take over the old layers' Parameters (so tied weights stay tied and an existing
-    reference to ``layer.weight`` stays valid) and start at ``init_bits`` with exponents fitted to
-    the weights. ``skip`` names modules (as in ``named_modules``) to leave alone, with everything
-    under them. ``groups`` is the number of quantization groups: ``None`` for one per output
-    channel, an int for every layer, or a mapping from layer name to int (others per channel).
-    Weight-bearing layers it cannot quantize (nn.MultiheadAttention, other conv types, embeddings,
-    nn.Linear subclasses, ...) are left in float with one ``UserWarning`` naming them; layers that
-    are already quantized are left as they are. Returns ``model``, or the new layer when ``model``
-    itself is an ``nn.Linear``/``nn.Conv2d``.
+    The new layers take over the old layers' Parameters (so an existing reference to ``layer.weight``
+    stays valid) and start at ``init_bits`` with exponents fitted to the weights; layers that share a
+    weight (a tied embedding and head) share one quantizer. ``skip`` names modules (as in
+    ``named_modules``) to leave alone, with everything under them. ``groups`` is the number of
+    quantization groups: ``None`` for one per output channel (per token for embeddings), an int for
+    every layer, or a mapping from layer name to int (others per channel); attention is always
+    grouped per head. Weight-bearing layers it cannot quantize (other conv types, subclasses of the
+    swapped types, recurrent layers, ...) are left in float with one ``UserWarning`` naming them,
+    and :func:`sgsc.model_bits_report` lists them; layers that are already quantized are left as they
+    are. Returns ``model``, or the new layer when ``model`` itself is a swappable layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -100,23 +140,26 @@ def quantize_model(
 
     swapped: dict[int, nn.Module] = {}
     left_alone: list[str] = []
-    inside_unsupported: list[str] = []
+    whole_modules: list[str] = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if any(name == s or _under(name, s) for s in skip) or any(_under(name, p) for p in inside_unsupported):
+        if any(name == s or _under(name, s) for s in skip) or any(_under(name, p) for p in whole_modules):
             continue
         reason = _unsupported_reason(module)
         if reason is not None:
-            inside_unsupported.append(name)
+            whole_modules.append(name)
             left_alone.append(f"{name or '<model>'} ({type(module).__name__}: {reason})")
             continue
-        if type(module) not in (nn.Linear, nn.Conv2d):
+        if type(module) not in _SWAPS and type(module) is not nn.MultiheadAttention:
             continue
+        if type(module) is nn.MultiheadAttention:
+            whole_modules.append(name)  # its projections are taken over whole, not swapped one by one
         if id(module) not in swapped:  # a module reused at several names becomes one QLayer
             swapped[id(module)] = _swap(module, name, init_bits, _groups_for(name, groups), rounding)
         if name == "":
             return swapped[id(module)]
         replace_submodule(model, name, swapped[id(module)])
 
+    _tie_quantizers(model)
     if left_alone:
         warnings.warn("sgsc.quantize_model left these layers in float: " + "; ".join(left_alone), stacklevel=2)
     return model

@@ -202,66 +202,23 @@ class QLinear(_Quantized, nn.Linear):
         return f"{super().extra_repr()}, {self._quant_repr()}"
 
 
-class QConv2d(_Quantized, nn.Conv2d):
-    """``nn.Conv2d`` whose weight is fake-quantized per group of output channels.
+class _QConv(_Quantized):
+    """What QConv1d and QConv2d share: every ``nn.ConvNd`` option (stride, padding modes, dilation,
+    channel ``groups``) is supported, since quantization only replaces the weight the convolution reads."""
 
-    Every ``nn.Conv2d`` option (stride, padding modes, dilation, channel ``groups``) is supported:
-    quantization only replaces the weight tensor the convolution reads.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        quant_groups: int | None = None,
-        init_bits: float = 8,
-        rounding: str = "nearest",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device=device,
-            dtype=dtype,
-        )
+    def __init__(self, *args, quant_groups: int | None = None, init_bits: float = 8, rounding: str = "nearest",
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._init_quantizer(quant_groups, init_bits, rounding)
 
     @classmethod
-    def from_float(
-        cls, conv: nn.Conv2d, *, quant_groups: int | None = None, init_bits: float = 8, rounding: str = "nearest"
-    ) -> QConv2d:
-        """A QConv2d that takes over ``conv``'s Parameters (shared, so tied weights stay tied)."""
+    def from_float(cls, conv: nn.modules.conv._ConvNd, *, quant_groups: int | None = None, init_bits: float = 8,
+                   rounding: str = "nearest"):
+        """A quantized conv that takes over ``conv``'s Parameters (shared, so tied weights stay tied)."""
         new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            quant_groups=quant_groups,
-            init_bits=init_bits,
-            rounding=rounding,
-            device="meta",
-            dtype=conv.weight.dtype,
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode,
+            quant_groups=quant_groups, init_bits=init_bits, rounding=rounding, device="meta", dtype=conv.weight.dtype,
         )
         new.weight = conv.weight
         new.bias = conv.bias
@@ -275,7 +232,124 @@ class QConv2d(_Quantized, nn.Conv2d):
         return f"{super().extra_repr()}, {self._quant_repr()}"
 
 
-QUANTIZED_TYPES = (QLinear, QConv2d)
+class QConv2d(_QConv, nn.Conv2d):
+    """``nn.Conv2d`` whose weight is fake-quantized per group of output channels.
+
+    Takes ``nn.Conv2d``'s arguments, plus the keyword-only ``quant_groups``, ``init_bits`` and ``rounding``.
+    """
+
+
+class QConv1d(_QConv, nn.Conv1d):
+    """``nn.Conv1d`` whose weight is fake-quantized per group of output channels."""
+
+
+class QEmbedding(_Quantized, nn.Embedding):
+    """``nn.Embedding`` whose table is fake-quantized per group of rows (tokens; one group per token by default).
+
+    ``max_norm`` is not supported: it renormalises the float table in place on every lookup.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 quant_groups: int | None = None, init_bits: float = 8, rounding: str = "nearest",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
+        self._init_quantizer(quant_groups, init_bits, rounding)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, *, quant_groups: int | None = None, init_bits: float = 8,
+                   rounding: str = "nearest") -> QEmbedding:
+        """A QEmbedding that takes over ``embedding``'s table (shared, so a tied head stays tied)."""
+        if embedding.max_norm is not None:
+            raise ValueError("nn.Embedding with max_norm renormalises its table in place; it cannot be quantized")
+        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, quant_groups=quant_groups,
+                  init_bits=init_bits, rounding=rounding, device="meta", dtype=embedding.weight.dtype)
+        new.scale_grad_by_freq, new.sparse = embedding.scale_grad_by_freq, embedding.sparse
+        new.weight = embedding.weight
+        new._init_quantizer(quant_groups, init_bits, rounding)
+        return new.train(embedding.training)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.quantized_weight(), self.padding_idx, None, 2.0, self.scale_grad_by_freq,
+                           self.sparse)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+def _weight_of(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer computes with: quantized for a quantized layer, as stored for a float one."""
+    return layer.quantized_weight() if isinstance(layer, _Quantized) else layer.weight
+
+
+class QMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (same forward signature) with per-head quantized projections.
+
+    ``in_proj`` holds the packed q/k/v projection ``(3E, E)`` of ``nn.MultiheadAttention`` with one
+    (bits, exponent) group per head of each of q, k and v (``3 * num_heads`` groups of ``head_dim``
+    rows); ``out_proj`` groups its input columns per head (``group_by="input"``), so a head is one
+    unit on both sides. Supported: ``kdim == vdim == embed_dim`` (the packed projection), no
+    ``bias_k``/``bias_v``; :func:`sgsc.quantize_model` leaves other configurations in float and says why.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False, *, add_zero_attn: bool = False, init_bits: float = 8,
+                 rounding: str = "nearest", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
+        quant = {"init_bits": init_bits, "rounding": rounding, "device": device, "dtype": dtype}
+        self.in_proj = QLinear(embed_dim, 3 * embed_dim, bias, quant_groups=3 * num_heads, **quant)
+        self.out_proj = QLinear(embed_dim, embed_dim, bias, quant_groups=num_heads, group_by="input", **quant)
+
+    # nn.TransformerEncoderLayer takes a fused fast path in eval mode when this is True, and that path
+    # reads every float weight of the block directly: False keeps it on the path that calls the modules.
+    _qkv_same_embed_dim = False
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        """``nn.MultiheadAttention``'s name for the q/k/v bias, read by ``nn.TransformerEncoderLayer``."""
+        return self.in_proj.bias
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention, *, init_bits: float = 8, rounding: str = "nearest"):
+        """A QMultiheadAttention that takes over ``mha``'s Parameters."""
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None:
+            raise ValueError("only nn.MultiheadAttention with kdim == vdim == embed_dim and no bias_k/bias_v is supported")
+        new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.batch_first,
+                  add_zero_attn=mha.add_zero_attn, init_bits=init_bits, rounding=rounding, device="meta",
+                  dtype=mha.in_proj_weight.dtype)
+        new.in_proj.weight, new.in_proj.bias = mha.in_proj_weight, mha.in_proj_bias
+        new.out_proj.weight, new.out_proj.bias = mha.out_proj.weight, mha.out_proj.bias
+        new.in_proj._init_quantizer(3 * mha.num_heads, init_bits, rounding)
+        new.out_proj._init_quantizer(mha.num_heads, init_bits, rounding, "input")
+        return new.train(mha.training)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        output, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, _weight_of(self.in_proj), self.in_proj.bias,
+            None, None, self.add_zero_attn, self.dropout, _weight_of(self.out_proj), self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+        if self.batch_first and batched:
+            output = output.transpose(0, 1)
+        return output, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+QUANTIZED_TYPES = (QLinear, QConv1d, QConv2d, QEmbedding)
+QuantizedLayer = QLinear | QConv1d | QConv2d | QEmbedding
 
 
 class QCausalSelfAttention(nn.Module):
@@ -336,8 +410,8 @@ class QCausalSelfAttention(nn.Module):
 # ---- model-wide helpers --------------------------------------------------------------------
 
 
-def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QLinear | QConv2d]]:
-    """``(name, layer)`` for every QLinear/QConv2d in ``model``, in ``named_modules`` order."""
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:
+    """``(name, layer)`` for every quantized layer in ``model``, in ``named_modules`` order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():

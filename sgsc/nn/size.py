@@ -13,11 +13,17 @@ import math
 import torch
 from torch import nn
 
-from sgsc.nn.layers import QConv2d, QLinear, quantized_layers
+from sgsc.nn.layers import QuantizedLayer, quantized_layers
 
 
-def _non_empty_layers(model: nn.Module) -> list[tuple[str, QLinear | QConv2d]]:
-    layers = [(name, layer) for name, layer in quantized_layers(model) if layer.weight.numel()]
+def _non_empty_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
+    """Quantized layers with weights, each weight once: a tied weight is counted under its first layer."""
+    seen: set[int] = set()
+    layers = []
+    for name, layer in quantized_layers(model):
+        if layer.weight.numel() and id(layer.weight) not in seen:
+            seen.add(id(layer.weight))
+            layers.append((name, layer))
     if not layers:
         raise ValueError("model has no quantized layers with weights; call sgsc.quantize_model first")
     return layers
@@ -44,7 +50,7 @@ def storage_bits(bits: torch.Tensor) -> torch.Tensor:
     return torch.ceil(torch.clamp(bits.detach().float(), min=0)).to(torch.int64)
 
 
-def _layer_report(name: str, layer: QLinear | QConv2d) -> dict:
+def _layer_report(name: str, layer: QuantizedLayer) -> dict:
     bits = layer.bits.detach().float()
     widths = storage_bits(bits)
     per_group = layer.elements_per_group
@@ -66,8 +72,10 @@ def model_bits_report(model: nn.Module) -> dict:
     """A JSON-serialisable summary: one row per quantized layer, and model totals.
 
     Per layer: shape, groups, mean/min/max learned bits, pruned groups and ``storage_bits`` (the
-    weight payload at :func:`storage_bits` widths). Totals: ``average_bits`` (the continuous value
-    the trainer optimises), ``storage_bits``, ``float32_bits`` of the same weights and their ratio.
+    weight payload at :func:`storage_bits` widths); a tied weight appears once. Totals: ``average_bits``
+    (the continuous value the trainer optimises), ``storage_bits``, ``float32_bits`` of the same weights
+    and their ratio. ``float_weights`` lists the weight matrices that stay in float (not quantized):
+    ``(name, shape)`` of every parameter of two or more dimensions outside the quantized layers.
     """
     rows = [_layer_report(name, layer) for name, layer in _non_empty_layers(model)]
     total_weights = sum(row["weights"] for row in rows)
@@ -80,7 +88,15 @@ def model_bits_report(model: nn.Module) -> dict:
         "storage_bits": payload,
         "float32_bits": 32 * total_weights,
         "compression_ratio": (32 * total_weights / payload) if payload else None,  # None: all pruned
+        "float_weights": float_weights(model),
     }
+
+
+def float_weights(model: nn.Module) -> list[dict]:
+    """Parameters of two or more dimensions that no quantized layer holds: the weights that stay float."""
+    quantized = {id(layer.weight) for _, layer in quantized_layers(model)}
+    return [{"name": name, "shape": list(p.shape)} for name, p in model.named_parameters()
+            if p.dim() >= 2 and id(p) not in quantized]
 
 
 # docs/FORMAT.md: each group stores one width byte and one float32 scale

@@ -61,7 +61,8 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def mean_abs_weight(model: nn.Module) -> torch.Tensor:
     """The L1 term: mean ``|w|`` over every quantized layer's float weights."""
-    weights = [layer.weight for _, layer in quantized_layers(model) if layer.weight.numel()]
+    unique = {id(layer.weight): layer.weight for _, layer in quantized_layers(model)}  # a tied weight once
+    weights = [w for w in unique.values() if w.numel()]
     return torch.stack([w.abs().sum() for w in weights]).sum() / sum(w.numel() for w in weights)
 
 
