@@ -33,6 +33,7 @@ _PUBLIC = {
     "quantized_layers": "sgsc.nn",
     "average_bits": "sgsc.nn",
     "model_bits_report": "sgsc.nn",
+    "export_onnx": "sgsc.export",
     "export_packed": "sgsc.export",
     "load_packed": "sgsc.export",
     "read_header": "sgsc.export",

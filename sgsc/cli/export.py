@@ -1,22 +1,60 @@
-"""`sgsc export`: a training checkpoint written as a packed model file."""
+"""`sgsc export`: a training checkpoint written as a packed model file, and either as an ONNX file."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 from sgsc import export
+from sgsc.nn.zoo import model_name
 from sgsc.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 
+def _is_packed(path: Path) -> bool:
+    # a packed file is safetensors (8-byte header length, then JSON); a checkpoint is a torch zip
+    with open(path, "rb") as handle:
+        return handle.read(9)[8:] == b"{"
+
+
+def _export_onnx(source, path: str) -> None:
+    """``source``: a model or a packed file's path."""
+    from sgsc.export.onnx import export_onnx, format_onnx_summary, zoo_example_input
+
+    if isinstance(source, Path):
+        header = export.read_header(source)
+        name, config = header["model"], header["config"]
+    else:
+        name, config = model_name(source), dataclasses.asdict(source.config)
+    print(format_onnx_summary(export_onnx(source, path, zoo_example_input(name, config))))
+
+
 def _export(args) -> int:
+    if args.output is None and args.onnx is None:
+        raise SystemExit("sgsc export: give -o/--output FILE.sgsc, --onnx FILE.onnx, or both")
+    source = Path(args.checkpoint)
+    if not source.is_file():
+        raise SystemExit(f"sgsc export: no such file: {source}")
+    if _is_packed(source):
+        if args.output is not None:
+            raise SystemExit(f"sgsc export: {source} is already a packed file; -o takes a checkpoint")
+        _export_onnx(source, args.onnx)
+        return 0
     record = load_checkpoint(args.checkpoint)
     trained_on = record["config"]
-    data = {"name": trained_on["data"], "dir": trained_on["data_dir"], "seed": trained_on["seed"]}
-    summary = export.export_packed(model_from_checkpoint(record), args.output, data=data)
-    print(export.format_summary(summary))
+    data = {"name": trained_on["data"], "seed": trained_on["seed"]}
+    model = model_from_checkpoint(record)
+    if args.output is not None:
+        print(export.format_summary(export.export_packed(model, args.output, data=data)))
+    if args.onnx is not None:
+        _export_onnx(model, args.onnx)
     return 0
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="write a training checkpoint as a packed model file")
-    parser.add_argument("checkpoint", help="checkpoint.pt written by `sgsc train` / `sgsc compress`")
-    parser.add_argument("-o", "--output", required=True, help="the packed file to write (written atomically)")
+    parser = subparsers.add_parser("export", help="write a training checkpoint as a packed model file or ONNX file")
+    parser.add_argument("checkpoint", help="checkpoint.pt written by `sgsc train` / `sgsc compress`, or a packed "
+                                           "file (with --onnx only)")
+    parser.add_argument("-o", "--output", help="the packed file to write (written atomically)")
+    parser.add_argument("--onnx", metavar="PATH", help="also (or only) write an ONNX file with integer weights "
+                                                       "(needs pip install 'sgsc[onnx]'; written atomically)")
     parser.set_defaults(func=_export)

@@ -5,7 +5,9 @@
 - :mod:`~sgsc.export.architecture`: the architecture a file names, rebuilt on the meta device;
 - :mod:`~sgsc.export.writer`: ``export_packed``, ``packed_size``;
 - :mod:`~sgsc.export.reader`: ``load_packed``, ``read_header``;
-- :mod:`~sgsc.export.inspect`: ``summarize``, ``format_summary`` (`sgsc inspect`).
+- :mod:`~sgsc.export.inspect`: ``summarize``, ``format_summary`` (`sgsc inspect`);
+- :mod:`~sgsc.export.onnx`: ``export_onnx``, the model as ONNX with integer weights (the ``[onnx]`` extra),
+  imported on first use since it loads ``torch.onnx``.
 
 The file is a safetensors file (no pickle: loading can never run code); docs/FORMAT.md specifies it.
 Imports :mod:`sgsc.ops` and :mod:`sgsc.nn` only.
@@ -16,6 +18,16 @@ from sgsc.export.inspect import LayerSummary, PackedSummary, format_summary, sum
 from sgsc.export.reader import float_layer, load_packed, read_header
 from sgsc.export.writer import build_packed_state, export_packed, integer_codes
 
+
+
+def __getattr__(name: str):
+    if name == "export_onnx":
+        from sgsc.export.onnx import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'sgsc.export' has no attribute {name!r}")
+
+
 __all__ = [
     "CODES",
     "FORMAT_NAME",
@@ -25,6 +37,7 @@ __all__ = [
     "PackedFileError",
     "PackedSummary",
     "build_packed_state",
+    "export_onnx",
     "export_packed",
     "float_layer",
     "format_summary",
