@@ -19,7 +19,6 @@ from sgsc.export.reader import float_layer, load_packed, read_header
 from sgsc.export.writer import build_packed_state, export_packed, integer_codes
 
 
-
 def __getattr__(name: str):
     if name == "export_onnx":
         from sgsc.export.onnx import export_onnx
