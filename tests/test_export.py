@@ -483,19 +483,19 @@ def test_training_run_exports_and_cli_round_trips(tmp_path, capsys):
     assert "blocks.0.0" in capsys.readouterr().out
 
 
-def test_eval_needs_a_data_set_when_the_file_records_none(tmp_path):
+def test_eval_needs_a_data_set_when_the_file_records_none(tmp_path, capsys):
     from sgsc.cli import main
 
     path = tmp_path / "cnn.sgsc"
     export.export_packed(_trained_cnn(), path)
-    with pytest.raises(SystemExit, match="--data"):
-        main(["eval", str(path)])
+    assert main(["eval", str(path)]) == 2
+    assert capsys.readouterr().err == f"sgsc: {path}: the file does not record its data set; pass --data\n"
 
 
 def test_exporting_the_same_model_gives_the_same_bytes(tmp_path):
     model = _trained_cnn()
     contents = set()
     for i in range(4):
-        export.export_packed(model, tmp_path / f"{i}.sgsc", data={"name": "digits", "dir": None, "seed": 0})
+        export.export_packed(model, tmp_path / f"{i}.sgsc", data={"name": "digits", "seed": 0})
         contents.add((tmp_path / f"{i}.sgsc").read_bytes())
     assert len(contents) == 1

@@ -6,7 +6,6 @@ nothing here reads tensor values beyond the header and the checksums.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sgsc.export import strict_json
 from sgsc.nn import quantized_layers
 from sgsc.ops.spec import MAX_WIDTH  # noqa: F401 - the widest group a file stores
 
@@ -94,21 +94,69 @@ def crc32(tensor: torch.Tensor) -> int:
 
 
 def unreadable(path: Path, exc: Exception) -> PackedFileError:
-    return PackedFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}")
+    return PackedFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}")
+
+
+# ---- what a file may contain -------------------------------------------------------------------
+
+# Every dtype a stream may have, by its safetensors code: the fixed streams' uint8, float32 and int64,
+# and the float dtypes a model may be cast to. Anything else (complex, bool, float8, quantized) no
+# writer emits, and most of it fails only at a model's first forward.
+STORED_DTYPES = ("U8", "I64", "F16", "BF16", "F32", "F64")
+# The dtypes a floating state-dict entry may be stored in (the header's ``dtypes``); other entries
+# keep the dtype the architecture builds.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REQUIRED_KEYS = ("format", "version", "model", "config", "crc32")
+OPTIONAL_KEYS = ("dtypes", "data")
+DATA_KEYS = ("name", "seed", "dir")  # "dir" only in files written before it was dropped; ignored
+MAX_DATA_NAME = 64
+SEED_RANGE = range(2**32)
+
+
+def parse_index(path: Path, data: bytes, file_bytes: int) -> dict:
+    """The safetensors header at the start ``data`` of a file of ``file_bytes``, strictly parsed and checked.
+
+    safetensors itself keeps the last of duplicate tensor names, so they are refused here first.
+    """
+    if file_bytes < 8:
+        raise unreadable(path, ValueError(f"{file_bytes} bytes, shorter than the 8-byte header length"))
+    length = int.from_bytes(data[:8], "little")
+    if length > file_bytes - 8 or len(data) < 8 + length:
+        raise unreadable(path, ValueError(f"the header claims {length} bytes, the file has {file_bytes - 8} after it"))
+    try:
+        index = strict_json.loads(data[8 : 8 + length])
+    except ValueError as exc:
+        raise unreadable(path, exc) from None
+    if not isinstance(index, dict):
+        raise unreadable(path, ValueError("the header is not a JSON object"))
+    for name, entry in index.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise unreadable(path, ValueError("__metadata__ must map names to strings"))
+        elif (not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}
+              or entry["dtype"] not in STORED_DTYPES or not _naturals(entry["shape"])
+              or not _naturals(entry["data_offsets"]) or len(entry["data_offsets"]) != 2):
+            raise PackedFileError(f"{path}: tensor {name!r} is not a tensor of a stored dtype "
+                                  f"({', '.join(STORED_DTYPES)}): {str(entry)[:120]}")
+    return index
+
+
+def _naturals(value) -> bool:
+    return isinstance(value, list) and all(type(item) is int and item >= 0 for item in value)
 
 
 def checked_header(path: Path, metadata: dict, stored_crc: torch.Tensor | None) -> dict:
     """The sgsc header of a file's safetensors ``metadata``, checked against its CRC tensor and the format."""
     if "sgsc" not in metadata:
-        raise PackedFileError(f"{path} is a safetensors file but not an sgsc packed model (no 'sgsc' header)")
+        raise PackedFileError(f"{path}: a safetensors file but not an sgsc packed model (no 'sgsc' header)")
     if stored_crc is None or stored_crc.dtype != torch.int64 or stored_crc.shape != (1,):
         raise PackedFileError(f"{path}: the header checksum tensor {HEADER_CRC_TENSOR!r} is missing or malformed")
     if int(stored_crc) != zlib.crc32(metadata["sgsc"].encode()):
         raise PackedFileError(f"{path}: the sgsc header fails its CRC-32 check (corrupt header)")
     try:
-        header = json.loads(metadata["sgsc"])
-    except json.JSONDecodeError as exc:
-        raise PackedFileError(f"{path}: the sgsc header is not valid JSON (corrupt header): {exc}") from exc
+        header = strict_json.loads(metadata["sgsc"])
+    except ValueError as exc:
+        raise PackedFileError(f"{path}: the sgsc header is not strict JSON: {exc}") from None
     check_header(path, header)
     return header
 
@@ -116,30 +164,72 @@ def checked_header(path: Path, metadata: dict, stored_crc: torch.Tensor | None) 
 def stored_dtype(path: Path, header: dict, key: str, built: torch.dtype) -> torch.dtype:
     """The dtype state-dict entry ``key`` was exported with: the header's exception, else the built one."""
     name = header.get("dtypes", {}).get(key)
-    return built if name is None else parse_dtype(path, name)
+    if name is None:
+        return built
+    dtype = parse_dtype(path, name)
+    if not built.is_floating_point:
+        raise PackedFileError(f"{path}: the header stores {key!r} as {name}, but it is {dtype_name(built)}, "
+                              "which a file keeps as built")
+    return dtype
 
 
 def parse_dtype(path: Path, name) -> torch.dtype:
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise PackedFileError(f"{path}: the header names {name!r}, which is not a torch dtype")
+    if dtype not in FLOAT_DTYPES:
+        raise PackedFileError(f"{path}: the header names {name!r}, which is not a torch dtype a file may store "
+                              f"({', '.join(map(dtype_name, FLOAT_DTYPES))})")
     return dtype
 
 
-def check_header(path: Path, header: dict) -> None:
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise PackedFileError(f"{path}: header format is {header.get('format') if isinstance(header, dict) else header!r}, expected {FORMAT_NAME!r}")
-    if header.get("version") not in READABLE_VERSIONS or isinstance(header.get("version"), bool):
-        raise PackedFileError(
-            f"{path}: format version {header.get('version')!r} is not supported by this sgsc (reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))})"
-        )
-    for key in ("model", "config", "crc32"):
-        if key not in header:
-            raise PackedFileError(f"{path}: header lacks {key!r}")
-    for key in ("config", "crc32", "dtypes"):
+def _fail(path: Path, what: str) -> PackedFileError:
+    return PackedFileError(f"{path}: {what}")
+
+
+def check_header(path: Path, header: object) -> None:
+    """Every field of the sgsc header as docs/FORMAT.md gives it; the tensors are checked later."""
+    if not isinstance(header, dict):
+        raise _fail(path, f"the sgsc header is a JSON {type(header).__name__}, not an object")
+    if header.get("format") != FORMAT_NAME:
+        raise _fail(path, f"header format is {header.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = header.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise _fail(path, f"format version {version!r} is not supported by this sgsc (reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))})")
+    missing = [key for key in REQUIRED_KEYS if key not in header]
+    if missing:
+        raise _fail(path, f"header lacks {missing}")
+    unknown = sorted(set(header) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise _fail(path, f"header has unknown keys {unknown}")
+    if not isinstance(header["model"], str):
+        raise _fail(path, f"header 'model' must be a string, got {type(header['model']).__name__}")
+    for key in ("config", "crc32", "dtypes", "data"):
         if not isinstance(header.get(key, {}), dict):
-            raise PackedFileError(f"{path}: header {key!r} must be a JSON object, got {type(header[key]).__name__}")
+            raise _fail(path, f"header {key!r} must be a JSON object, got {type(header[key]).__name__}")
+    bad_crcs = sorted(name for name, crc in header["crc32"].items() if type(crc) is not int or not 0 <= crc < 2**32)
+    if bad_crcs:
+        raise _fail(path, f"header 'crc32' values must be integers 0..2^32-1; {bad_crcs} are not")
+    for name in header.get("dtypes", {}).values():
+        parse_dtype(path, name)
+    try:
+        check_data_record(header.get("data", {}))
+    except ValueError as exc:
+        raise _fail(path, f"header 'data': {exc}") from None
+
+
+def check_data_record(record: dict) -> None:
+    """A data record names a data set and a split seed, nothing else: a file never chooses paths to open."""
+    unknown = sorted(set(record) - set(DATA_KEYS))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} (a data record holds {', '.join(DATA_KEYS[:2])})")
+    name = record.get("name")
+    if name is not None and not (isinstance(name, str) and 0 < len(name) <= MAX_DATA_NAME and name.isprintable()):
+        raise ValueError(f"'name' must be a short data set name, got {str(name)[:80]!r}")
+    seed = record.get("seed")
+    if seed is not None and (type(seed) is not int or seed not in SEED_RANGE):
+        raise ValueError(f"'seed' must be an integer 0..2^32-1, got {str(seed)[:80]}")
+    if not isinstance(record.get("dir"), (str, type(None))):
+        raise ValueError(f"'dir' must be a string if present, got {type(record['dir']).__name__}")
 
 
 def check_crcs(path: Path, crcs: dict, tensors: dict[str, torch.Tensor]) -> None:

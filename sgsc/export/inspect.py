@@ -6,9 +6,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from sgsc.export import codec
 from sgsc.export.format import STATE_PREFIX
-from sgsc.export.reader import packed_layers, read_packed
+from sgsc.export.reader import dequantized_weights, packed_layers, read_file, read_packed
 
 
 @dataclass
@@ -42,10 +44,21 @@ class PackedSummary:
         return 8 * self.packed_bytes / weights if weights else 0.0
 
 
-def summarize(path: str | os.PathLike) -> PackedSummary:
-    """Read a packed file and account for every byte of it."""
+def summarize(path: str | os.PathLike, *, max_bytes: int | None = None) -> PackedSummary:
+    """Read a packed file, check it as :func:`~sgsc.export.load_packed` does, and account for every byte of it.
+
+    ``max_bytes`` bounds the memory the model would need, as for ``load_packed``: a file this
+    refuses, ``load_packed`` refuses with the same error, and the other way round.
+    """
     path = Path(path)
-    packed_file = read_packed(path)
+    return summarize_bytes(path, read_file(path), max_bytes=max_bytes)
+
+
+def summarize_bytes(path: Path, data: bytes, *, max_bytes: int | None = None) -> PackedSummary:
+    """:func:`summarize` of a file's bytes ``data`` (``path`` names it in errors and in the summary)."""
+    packed_file = read_packed(path, max_bytes, data)
+    for _ in dequantized_weights(path, packed_file, torch.device("cpu")):
+        pass  # decoded one layer at a time and dropped: the checks that need the codes, as loading runs them
     layers = []
     for slot, packed, width_bytes, _ in packed_layers(packed_file):
         widths, sparse = codec.split_width_bytes(width_bytes)
@@ -58,7 +71,7 @@ def summarize(path: str | os.PathLike) -> PackedSummary:
     groups = sum(layer.groups for layer in layers)
     return PackedSummary(
         path=str(path),
-        file_bytes=path.stat().st_size,
+        file_bytes=len(data),
         packed_bytes=sum(layer.packed_bytes for layer in layers),
         group_metadata_bytes=5 * groups,
         plain_bytes=plain,

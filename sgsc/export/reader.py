@@ -10,17 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from torch import nn
 
-from sgsc.export import codec
-from sgsc.export.architecture import rebuild_on_meta
+from sgsc.export import codec, validate
+from sgsc.export.architecture import ArchitectureTooLarge, rebuild_on_meta
 from sgsc.export.format import (
     CODES,
     HEADER_CRC_TENSOR,
     SCALES,
-    STATE_PREFIX,
     WIDTHS,
     LayerSlot,
     PackedFileError,
@@ -28,7 +27,7 @@ from sgsc.export.format import (
     checked_header,
     dtype_name,
     layer_slots,
-    parse_dtype,
+    parse_index,
     plain_state,
     state_stream,
     stored_dtype,
@@ -48,31 +47,74 @@ class PackedFile:
     state_dtypes: dict[str, torch.dtype]  # plain state-dict entry -> its stored dtype, in stream order
     state_shapes: dict[str, tuple[int, ...]]
     code_spans: list[slice] = dataclasses.field(default_factory=list)  # each layer's bytes of ``codes``, once checked
+    weight_dtypes: list[torch.dtype] = dataclasses.field(default_factory=list)  # each layer's dequantized dtype
 
 
-def read_packed(path: Path) -> PackedFile:
-    if not path.is_file():
-        raise FileNotFoundError(f"no packed model file at {path}")
-    data = path.read_bytes()
+def _read_container(path: Path, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The sgsc header and the tensors (CRCs checked) of a file's bytes ``data``."""
+    index = parse_index(path, data, len(data))
     try:
         tensors = safetensors_load(data)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
     except (SafetensorError, ValueError, OSError) as exc:
         raise unreadable(path, exc) from exc
-    header = checked_header(path, metadata, tensors.pop(HEADER_CRC_TENSOR, None))
+    header = checked_header(path, index.get("__metadata__") or {}, tensors.pop(HEADER_CRC_TENSOR, None))
     check_crcs(path, header["crc32"], tensors)
+    return header, tensors
+
+
+def read_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no packed model file there")
+    return path.read_bytes()  # one read: every check sees the same bytes
+
+
+def _rebuild(path: Path, header: dict, file_bytes: int) -> nn.Module:
     try:
-        rebuilt = rebuild_on_meta(header["model"], header["config"])
-    except (ValueError, TypeError) as exc:
-        raise PackedFileError(f"{path}: cannot rebuild model {header['model']!r} from the header's config: {exc}") from exc
-    unknown = set(header.get("dtypes", {})) - set(rebuilt.state_dict())
-    if unknown:
-        raise PackedFileError(f"{path}: the header gives dtypes for {sorted(unknown)}, which the model lacks")
-    plain = plain_state(rebuilt)
-    state_dtypes = {key: stored_dtype(path, header, key, value.dtype) for key, value in plain.items()}
-    packed_file = PackedFile(header, tensors, rebuilt, layer_slots(rebuilt), state_dtypes, {key: tuple(v.shape) for key, v in plain.items()})
+        return rebuild_on_meta(header["model"], header["config"], max_tensors=validate.build_budget(file_bytes))
+    except ArchitectureTooLarge as exc:
+        raise PackedFileError(f"{path}: model {header['model']!r}: {exc}, the most a file of {file_bytes:,} bytes "
+                              "may build (docs/FORMAT.md, limits)") from None
+    # the zoo's configs check their fields; a value that passes them can still fail in torch (an
+    # int64 overflow of a shape), and every such failure means this config does not rebuild
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        raise PackedFileError(f"{path}: cannot rebuild model {header['model']!r} from the header's config: {exc}") from None
+
+
+def read_packed(path: Path, max_bytes: int | None = None, data: bytes | None = None) -> PackedFile:
+    """Read and check every part of a packed file, or of its bytes ``data`` when given (``path`` then names it).
+
+    Nothing is allocated for the model before its size is known to be within ``max_bytes`` (default
+    :func:`~sgsc.export.validate.default_max_bytes` of the file's size).
+    """
+    data = read_file(path) if data is None else data
+    max_bytes = validate.default_max_bytes(len(data)) if max_bytes is None else max_bytes
+    header, tensors = _read_container(path, data)
+    packed_file = _describe(path, header, tensors, _rebuild(path, header, len(data)))
+    validate.check_footprint(path, packed_file.slots, packed_file.weight_dtypes, {
+        key: (packed_file.state_shapes[key], dtype) for key, dtype in packed_file.state_dtypes.items()
+    }, max_bytes)
     packed_file.code_spans = _check_streams(path, packed_file)
+    validate.check_scales(path, tensors[SCALES])
+    for key, value in _plain_entries(packed_file):
+        validate.check_state_values(path, key, value)
+    return packed_file
+
+
+def _describe(path: Path, header: dict, tensors: dict[str, torch.Tensor], rebuilt: nn.Module) -> PackedFile:
+    """What the rebuilt architecture says each stream holds: layers, plain entries and their stored dtypes."""
+    plain = plain_state(rebuilt)
+    weights = {f"{name}.weight" if name else "weight" for name, _ in quantized_layers(rebuilt)}
+    unknown = set(header.get("dtypes", {})) - set(plain) - weights  # bits and exponents are not stored
+    if unknown:
+        raise PackedFileError(f"{path}: the header gives dtypes for {sorted(unknown)}, which the file does not store")
+    state_dtypes = {key: stored_dtype(path, header, key, value.dtype) for key, value in plain.items()}
+    packed_file = PackedFile(header, tensors, rebuilt, layer_slots(rebuilt), state_dtypes,
+                             {key: tuple(value.shape) for key, value in plain.items()})
+    layers = dict(quantized_layers(rebuilt))
+    packed_file.weight_dtypes = [
+        stored_dtype(path, header, f"{slot.name}.weight" if slot.name else "weight", layers[slot.name].weight.dtype)
+        for slot in packed_file.slots
+    ]
     return packed_file
 
 
@@ -99,13 +141,15 @@ def _check_streams(path: Path, packed_file: PackedFile) -> list[slice]:
         raise PackedFileError(f"{path}: {WIDTHS!r}: {exc}") from None
     code_spans = _code_spans(path, tensors, slots)
     _check_stream(path, tensors, CODES, torch.uint8, code_spans[-1].stop if slots else 0)
-    state_lengths: dict[str, int] = {}
+    for slot, span in zip(slots, code_spans):  # once every layer is in place: a misplaced one is named as such
+        if slot.groups:
+            validate.check_padding(path, slot.name, tensors[CODES][span], tensors[WIDTHS][slot.group_span()], slot.group_len)
+    state_lengths: dict[torch.dtype, int] = {}
     for key, dtype in packed_file.state_dtypes.items():
-        stream = state_stream(dtype)
-        state_lengths[stream] = state_lengths.get(stream, 0) + math.prod(packed_file.state_shapes[key])
-    for stream, length in state_lengths.items():
-        _check_stream(path, tensors, stream, parse_dtype(path, stream.removeprefix(STATE_PREFIX)), length)
-    unexpected = set(tensors) - {CODES, WIDTHS, SCALES} - set(state_lengths)
+        state_lengths[dtype] = state_lengths.get(dtype, 0) + math.prod(packed_file.state_shapes[key])
+    for dtype, length in state_lengths.items():
+        _check_stream(path, tensors, state_stream(dtype), dtype, length)
+    unexpected = set(tensors) - {CODES, WIDTHS, SCALES} - set(map(state_stream, state_lengths))
     if unexpected:
         raise PackedFileError(f"{path}: tensors {sorted(unexpected)} have no place in this architecture")
     return code_spans
@@ -147,18 +191,40 @@ def _dequantized_weight(path: Path, slot: LayerSlot, packed, widths, scales, dty
         codes = codec.decode(packed.to(device), widths, 1, slot.group_len)
     except ValueError as exc:
         raise PackedFileError(f"{path}: layer {slot.name!r}: {exc}") from exc
-    return (codes.to(torch.float32) * scales.to(device).unsqueeze(1)).to(dtype)
+    weight = (codes.to(torch.float32) * scales.to(device).unsqueeze(1)).to(dtype)
+    validate.check_weight_values(path, slot.name, weight)
+    return weight
 
 
-def _stored_plain_state(packed_file: PackedFile) -> dict[str, torch.Tensor]:
+def dequantized_weights(path: Path, packed_file: PackedFile, device: torch.device):
+    """``(slot, grouped weight)`` of each quantized layer, decoded and checked, one layer at a time."""
+    for (slot, packed, widths, scales), dtype in zip(packed_layers(packed_file), packed_file.weight_dtypes):
+        yield slot, _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
+
+
+def _plain_entries(packed_file: PackedFile):
+    """``(key, value)`` of each plain state-dict entry: a view of its stream, in the shape the model gives it."""
     offsets: dict[str, int] = {}
-    state = {}
     for key, dtype in packed_file.state_dtypes.items():
         stream, shape = state_stream(dtype), packed_file.state_shapes[key]
         start = offsets.get(stream, 0)
         offsets[stream] = start + math.prod(shape)
-        state[key] = packed_file.tensors[stream][start:offsets[stream]].reshape(shape).clone()
-    return state
+        yield key, packed_file.tensors[stream][start:offsets[stream]].reshape(shape)
+
+
+def _assign_state(model: nn.Module, state) -> None:
+    """Put each entry in its module, as ``load_state_dict(assign=True)`` would, in time linear in the entries.
+
+    ``load_state_dict`` filters the whole state dict once per module: quadratic, minutes for a few
+    thousand layers.
+    """
+    modules = dict(model.named_modules())
+    for key, value in state:
+        owner, _, name = key.rpartition(".")
+        module = modules[owner]
+        current = getattr(module, name)
+        setattr(module, name, nn.Parameter(value, requires_grad=current.requires_grad)
+                if isinstance(current, nn.Parameter) else value)
 
 
 def float_layer(layer: QLinear | QConv2d, weight: torch.Tensor) -> nn.Module:
@@ -176,26 +242,28 @@ def float_layer(layer: QLinear | QConv2d, weight: torch.Tensor) -> nn.Module:
     return plain
 
 
-def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, max_bytes: int | None = None) -> nn.Module:
     """Rebuild a runnable model from a packed file, in eval mode, on ``device``.
 
     Quantized layers come back as plain ``nn.Linear``/``nn.Conv2d`` holding the exact dequantized
     weights, so in eval mode the outputs equal those of the exported model bit for bit on the same
     device, and inference runs without the quantizer.
+
+    Every value is checked first (docs/FORMAT.md, "Validation a reader performs"): a file that fails
+    raises :class:`PackedFileError`. So does one whose model would need more than ``max_bytes`` of
+    memory; the default is 64 MiB plus 256 times the file's size, as a pruned group stores no bytes
+    however large the weights it stands for.
     """
     path = Path(path)
     device = torch.device(device)
-    packed_file = read_packed(path)
+    packed_file = read_packed(path, max_bytes)
     header = packed_file.header
     # the architecture from read_packed holds no storage: assigning the file's tensors is the only write
     model = packed_file.architecture
-    model.load_state_dict(_stored_plain_state(packed_file), strict=False, assign=True)
+    _assign_state(model, ((key, value.clone()) for key, value in _plain_entries(packed_file)))
     layers = dict(quantized_layers(model))
-    for slot, packed, widths, scales in packed_layers(packed_file):
+    for slot, grouped in dequantized_weights(path, packed_file, device):
         layer = layers[slot.name]
-        prefix = f"{slot.name}." if slot.name else ""
-        dtype = stored_dtype(path, header, f"{prefix}weight", layer.weight.dtype)
-        grouped = _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
         replace_submodule(model, slot.name, float_layer(layer, layer.ungrouped(grouped)))
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left_on_meta:  # an architecture with state the file does not hold; never silently garbage
@@ -211,11 +279,17 @@ def read_header(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no packed model file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            stored_crc = handle.get_tensor(HEADER_CRC_TENSOR) if HEADER_CRC_TENSOR in handle.keys() else None
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise unreadable(path, exc) from exc
-    return checked_header(path, metadata, stored_crc)
+        raise FileNotFoundError(f"{path}: no packed model file there")
+    file_bytes = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        head += handle.read(min(int.from_bytes(head, "little"), file_bytes))  # parse_index refuses a short read
+        index = parse_index(path, head, file_bytes)
+        stored_crc = None
+        entry = index.get(HEADER_CRC_TENSOR)
+        if entry is not None and entry["dtype"] == "I64" and entry["shape"] == [1]:
+            handle.seek(len(head) + entry["data_offsets"][0])
+            raw = handle.read(8)
+            if len(raw) == 8:
+                stored_crc = torch.tensor([int.from_bytes(raw, "little", signed=True)])
+    return checked_header(path, index.get("__metadata__") or {}, stored_crc)

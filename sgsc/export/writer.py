@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import zlib
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from sgsc.export.format import (
     MAX_WIDTH,
     SCALES,
     WIDTHS,
+    PackedFileError,
+    check_data_record,
     crc32,
     plain_state,
     state_stream,
@@ -68,8 +71,9 @@ def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 def build_packed_state(model: nn.Module, data: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and JSON header of ``model``'s packed file, all on the CPU.
 
-    ``data`` (optional, JSON-able) records what the model was trained on, e.g.
-    ``{"name": "digits", "dir": None, "seed": 0}``, so `sgsc eval` can score it on the same split.
+    ``data`` (optional) records what the model was trained on, ``{"name": "digits", "seed": 0}``, so
+    `sgsc eval` can score it on the same split. A ``"dir"`` key is dropped: a file names no paths,
+    as a file that chose which paths its reader opens would be a hazard.
     """
     name, config = model_name(model), dataclasses.asdict(model.config)
     rebuilt = rebuild_on_meta(name, config)
@@ -94,7 +98,10 @@ def build_packed_state(model: nn.Module, data: dict | None = None) -> tuple[dict
     if dtypes:
         header["dtypes"] = dtypes
     if data is not None:
-        header["data"] = data
+        if not isinstance(data, dict):
+            raise TypeError(f"data must be a dict such as {{'name': 'digits', 'seed': 0}}, got {type(data).__name__}")
+        header["data"] = {key: value for key, value in data.items() if key != "dir"}
+        check_data_record(header["data"])
     return tensors, header
 
 
@@ -114,7 +121,14 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | Non
     ``data`` optionally records the training data (see :func:`build_packed_state`). Returns the
     :class:`~sgsc.export.inspect.PackedSummary` of what was written.
     """
-    from sgsc.export.inspect import summarize  # inspection reads files; writing does not need it otherwise
+    from sgsc.export.inspect import summarize_bytes  # inspection reads files; writing does not need it otherwise
 
-    atomic_write(path, _serialize(model, data))
-    return summarize(Path(path))
+    payload = _serialize(model, data)
+    try:
+        # the reader's checks, on the bytes about to be written: never a file that sgsc cannot load. No
+        # memory bound: the model is in memory already, and a caller loads it with a max_bytes to match.
+        summary = summarize_bytes(Path(path), payload, max_bytes=sys.maxsize)
+    except PackedFileError as exc:
+        raise ValueError(f"cannot export this model: {exc}") from None
+    atomic_write(path, payload)
+    return summary
