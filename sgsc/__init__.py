@@ -40,6 +40,7 @@ _PUBLIC = {
     "summarize": "sgsc.export",
     "PackedFileError": "sgsc.export",
     "TrainConfig": "sgsc.train",
+    "SelfCompression": "sgsc.train",
 }
 _SUBPACKAGES = ("ops", "nn", "export", "train", "experiments", "cli")
 

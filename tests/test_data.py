@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,8 @@ def test_names_errors_and_embedded_fallback(tmp_path, no_data_found):
     with pytest.warns(UserWarning, match="embedded fallback"):
         names = load_names()
     assert names.source == data.EMBEDDED_SOURCE and len(names.train) > 0
+
+
+def test_the_shared_data_beside_the_checkout_is_searched():
+    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "data"
+    assert beside_checkout in data.data_roots()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from own_models import TinyLM, TinyMobileNet, TinyResNet, counting_sequences
 from torch.utils.data import TensorDataset
 
+import sgsc
 from sgsc.nn.zoo import CharDecoder, CharDecoderConfig, PaperCNN, PaperCNNConfig
 from sgsc.train import preservation
 from sgsc.train.data import load_vision
-from sgsc.train.preservation import Scores, build, compute_scores, quotas, random_subset, select
+from sgsc.train.preservation import Scores, build, compute_scores, find_layers, quotas, random_subset, select
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +133,7 @@ def test_diversity_takes_the_example_nearest_each_cluster():
 
 
 class _UserConvNet(torch.nn.Module):
-    """No zoo interface beyond ``embed``: Grad-CAM must find the last conv by itself."""
+    """No zoo interface: Grad-CAM finds the rectified maps, diversity what ``fc`` reads."""
 
     def __init__(self):
         super().__init__()
@@ -144,12 +147,16 @@ class _UserConvNet(torch.nn.Module):
         return self.fc(self.embed(x))
 
 
-def test_a_user_model_with_only_embed(digits):
+def test_a_user_model_without_the_zoo_interface(digits):
     torch.manual_seed(0)
     model = _UserConvNet()
     default = compute_scores(model, digits, batch_size=64)
-    explicit = compute_scores(model, digits, batch_size=64, target_layer=model.features[0])
+    # the in-place ReLU's output is the last 4-D map: its rectified maps, as PaperCNN names its own
+    explicit = compute_scores(model, digits, batch_size=64, attribution_layer=model.features[1],
+                              embedding_layer=model.fc)
     torch.testing.assert_close(default.gradcam, explicit.gradcam)
+    conv = compute_scores(model, digits, batch_size=64, criteria=["gradcam"], attribution_layer=model.features[0])
+    assert not torch.allclose(conv.gradcam, default.gradcam)  # so the choice of layer is visible
     with torch.no_grad():
         torch.testing.assert_close(default.embeddings, model.embed(digits.tensors[0]))
     assert (default.gradcam > 0).any()
@@ -245,3 +252,100 @@ def test_save_and_load_reject_bad_sets(tmp_path):
         preservation.load(path)
     with pytest.raises(FileNotFoundError, match="gone.json"):
         preservation.load(tmp_path / "gone.json")
+
+
+# ---- any model: the layers the criteria read are found, or an argument is asked for ------------
+
+
+def _names(model, layers):
+    names = {id(module): name for name, module in model.named_modules()}
+    return names[id(layers.attribution)], names[id(layers.embedding)]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_find_layers_on_a_resnet_a_mobilenet_and_a_transformer(quantized):
+    torch.manual_seed(0)
+    cases = [(TinyResNet(), torch.randn(4, 1, 8, 8)), (TinyMobileNet(), torch.randn(4, 1, 8, 8)),
+             (TinyLM(), counting_sequences(4)[0])]
+    found = []
+    for model, x in cases:
+        if quantized:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = sgsc.quantize_model(model)
+        found.append(_names(model, find_layers(model, x)))
+    # ResNet: the last block's output after the residual add, not its shortcut conv (which runs last)
+    # nor the pool's 1x1 map; MobileNet: the feature stack, not the squeeze-excitation's 1x1 convs;
+    # the LM: the token embedding (not the positions'), and the tied head
+    assert found == [("layer2", "fc"), ("features", "classifier.3"), ("tok", "head")]
+
+
+def test_a_criterion_without_a_layer_asks_for_the_argument():
+    torch.manual_seed(0)
+    x, y = counting_sequences(20)
+    no_head = TinyLM(tied_linear=True)  # logits from F.linear: the last nn.Linear is the block's MLP
+    with pytest.raises(ValueError, match="embedding_layer: the last nn.Linear to run, 'block.linear2'"):
+        build(no_head, (x, y), fraction=0.2)
+    assert build(no_head, (x, y), fraction=0.2, weights=(1, 1, 0)).numel() == 4
+    assert build(no_head, (x, y), fraction=0.2, embedding_layer=no_head.ln).numel() == 4
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    flat = (torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    with pytest.raises(ValueError, match="attribution_layer: the model has no 4-D feature map"):
+        build(mlp, flat, fraction=0.2)
+    assert build(mlp, flat, fraction=0.2, attribution_layer=mlp[1]).numel() == 4
+    with pytest.raises(ValueError, match="attribution_layer is not a submodule"):
+        build(mlp, flat, attribution_layer=torch.nn.ReLU())
+    with pytest.raises(TypeError, match="embedding_layer must be an nn.Module"):
+        build(mlp, flat, embedding_layer="2")
+    with pytest.raises(ValueError, match="dataset is empty"):
+        build(mlp, (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)))
+
+
+def _manual_scores(model, x, y, attribution, head) -> Scores:
+    """Grad-CAM (or gradient x activation), margin and head-input features, one example at a time."""
+    gradcam, margin, features = [], [], []
+    model.eval()
+    for i in range(len(x)):
+        seen = {}
+        hooks = [attribution.register_forward_hook(lambda m, inp, out: seen.setdefault("a", out)),
+                 head.register_forward_pre_hook(lambda m, inp: seen.setdefault("f", inp[0]))]
+        logits = model(x[i : i + 1])[0]
+        for hook in hooks:
+            hook.remove()
+        valid = y[i] >= 0
+        target = logits[valid].gather(-1, y[i][valid].reshape(-1, 1)).sum() if y[i].dim() else logits[y[i]]
+        (grads,) = torch.autograd.grad(target, seen["a"])
+        acts = seen["a"]
+        if acts.dim() == 4:
+            gradcam.append(torch.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(1)).sum())
+        else:
+            gradcam.append(torch.relu((grads * acts).sum(-1)).sum())
+        top = torch.softmax(logits.detach().reshape(-1, logits.shape[-1])[valid.reshape(-1)], -1).topk(2).values
+        margin.append((1 - (top[:, 0] - top[:, 1])).mean())
+        f = seen["f"].detach()[0]
+        features.append(f[valid].mean(0) if f.dim() == 2 else f)
+    return Scores(torch.stack(gradcam).double().detach(), torch.stack(margin).double(), torch.stack(features))
+
+
+@pytest.mark.parametrize("case", ["resnet", "transformer"])
+def test_build_selects_what_a_manual_computation_selects(case, digits):
+    torch.manual_seed(0)
+    if case == "resnet":
+        model = sgsc.quantize_model(TinyResNet())
+        x, y = digits.tensors[0][:60], digits.tensors[1][:60]
+        attribution, head = model.layer2, model.fc
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = sgsc.quantize_model(TinyLM())
+        x, y = counting_sequences(60, seed=3)
+        attribution, head = model.tok, model.head
+    manual = _manual_scores(model, x, y, attribution, head)
+    scores = compute_scores(model, (x, y), batch_size=16)
+    torch.testing.assert_close(scores.gradcam, manual.gradcam, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores.uncertainty, manual.uncertainty, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores.embeddings, manual.embeddings, rtol=1e-5, atol=1e-6)
+    for weights in ((1, 0, 0), (0, 1, 0)):
+        criterion = "gradcam" if weights[0] else "uncertainty"
+        assert build(model, (x, y), 0.2, weights).tolist() == _top(getattr(manual, criterion), 12)
+    assert torch.equal(build(model, (x, y), 0.2, seed=2), select(manual, 0.2, seed=2).indices)

@@ -49,8 +49,16 @@ from sgsc.nn.zoo import CharDecoder, PaperCNN
 Units = dict[str, list[int]]
 
 
+SUPPORTED = (PaperCNN, CharDecoder)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether this module can prune ``model`` (the zoo's architectures)."""
+    return isinstance(model, SUPPORTED)
+
+
 def _check_model(model: nn.Module) -> None:
-    if not isinstance(model, (PaperCNN, CharDecoder)):
+    if not supports(model):
         raise TypeError(f"pruning supports PaperCNN and CharDecoder, got {type(model).__name__}")
 
 

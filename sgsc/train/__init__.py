@@ -5,6 +5,7 @@
 - :mod:`~sgsc.train.task`: data sets with their model, the loss, evaluation;
 - :mod:`~sgsc.train.preservation`: Grad-CAM, uncertainty and k-means preservation sets;
 - :mod:`~sgsc.train.safety`: restore and prune, with the run's typed state;
+- :mod:`~sgsc.train.selfcompress`: ``SelfCompression``, Algorithm 1 inside the caller's own loop;
 - :mod:`~sgsc.train.batches`, :mod:`~sgsc.train.distributed`, :mod:`~sgsc.train.checkpoint`;
 - :mod:`~sgsc.train.loop`: ``train``, the loop itself; :mod:`~sgsc.train.plots`: its figures.
 
@@ -14,7 +15,19 @@ Imports :mod:`sgsc.ops`, :mod:`sgsc.nn` and :mod:`sgsc.export` (to write the run
 from sgsc.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from sgsc.train.config import DATA_NAMES, LR_SCHEDULES, TrainConfig, unsafe
 from sgsc.train.loop import make_optimizer, train
-from sgsc.train.safety import Decision, RunState, apply_decision, bits_snapshot, decide
+from sgsc.train.safety import (
+    Decision,
+    Policy,
+    Pruner,
+    RunState,
+    apply_decision,
+    bits_snapshot,
+    carry_out,
+    decide,
+    default_pruner,
+    judge,
+)
+from sgsc.train.selfcompress import SelfCompression, param_groups
 from sgsc.train.task import Data, evaluate, load_data, new_model, task_loss
 
 __all__ = [
@@ -22,17 +35,24 @@ __all__ = [
     "LR_SCHEDULES",
     "Data",
     "Decision",
+    "Policy",
+    "Pruner",
     "RunState",
+    "SelfCompression",
     "TrainConfig",
     "apply_decision",
     "bits_snapshot",
+    "carry_out",
     "decide",
+    "default_pruner",
     "evaluate",
+    "judge",
     "load_checkpoint",
     "load_data",
     "make_optimizer",
     "model_from_checkpoint",
     "new_model",
+    "param_groups",
     "save_checkpoint",
     "task_loss",
     "train",

@@ -26,7 +26,8 @@ from torch.utils.data import TensorDataset
 from sgsc._deps import require
 
 DATA_DIR_ENV = "SGSC_DATA_DIR"
-_REPO_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+# <checkout>/../shared/data: this file is <checkout>/sgsc/train/data.py
+_REPO_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 # ---- IDX ------------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from sgsc.train.checkpoint import (
 from sgsc.train.config import TrainConfig
 from sgsc.train.distributed import from_rank0, rank_world, setup_distributed, wrap_ddp
 from sgsc.train.safety import RunState, apply_decision, bits_snapshot, decide, preservation_metric
+from sgsc.train.selfcompress import param_groups
 from sgsc.train.task import Data, evaluate, load_data, mean_abs_weight, new_model, task_loss
 
 METRICS = "metrics.jsonl"
@@ -54,24 +55,9 @@ PACKED = "model.sgsc"
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam: weights/biases/norms at ``lr`` (group "weights"), bits and exponents at ``quant_lr``.
-
-    Bits and exponents share one group ("quantizers") unless ``exponent_lr`` is set; then they are
-    "bits" at ``quant_lr`` and "exponents" at ``exponent_lr``. The single group stays the default
-    so that the optimiser state of earlier checkpoints still loads.
-    """
-    layers = [layer for _, layer in quantized_layers(model)]
-    bits, exponents = {id(layer.bits) for layer in layers}, {id(layer.exponent) for layer in layers}
-    params = list(model.parameters())
-
-    def group(name: str, ids: set[int], lr: float) -> dict:
-        return {"params": [p for p in params if id(p) in ids], "lr": lr, "name": name}
-
-    weights = group("weights", {id(p) for p in params} - bits - exponents, config.lr)
-    if config.exponent_lr is None:
-        return torch.optim.Adam([weights, group("quantizers", bits | exponents, config.quant_lr)])
-    return torch.optim.Adam([weights, group("bits", bits, config.quant_lr),
-                             group("exponents", exponents, config.exponent_lr)])
+    """Adam over :func:`~sgsc.train.selfcompress.param_groups`: weights at ``lr``, bits and exponents at
+    ``quant_lr`` (one group, "quantizers", unless ``exponent_lr`` is set), as earlier checkpoints saved it."""
+    return torch.optim.Adam(param_groups(model, config.lr, config.quant_lr, config.exponent_lr))
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -289,7 +275,7 @@ def _finish(config, model, optimizer, data: Data, state: RunState, log: _Log, ou
         log(final)
     file_bytes = None
     if out is not None and rank == 0:
-        packed = export.export_packed(model, out / PACKED, data={"name": config.data, "dir": config.data_dir, "seed": config.seed})
+        packed = export.export_packed(model, out / PACKED, data={"name": config.data, "seed": config.seed})
         file_bytes = packed.file_bytes
         if state.preservation:
             preservation.save(state.preservation, out / "preservation.json", dataset_size=len(data.train))

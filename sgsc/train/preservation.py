@@ -3,7 +3,7 @@
 Three criteria each rank every training example, and the set is their de-duplicated union, with
 each criterion filling its share of the places:
 
-* **Grad-CAM importance** (``gradcam``). For a 4-D attribution layer (conv feature maps ``A``,
+* **Grad-CAM importance** (``gradcam``). For a 4-D attribution layer (feature maps ``A``,
   ``(B, C, H, W)``) it is Grad-CAM: channel weights ``alpha_c = mean_hw d y_target / d A_c`` and the
   map ``relu(sum_c alpha_c A_c)``; an example's score is the map's *mass* (its sum over positions),
   the total positive class evidence the last conv layer holds for the true label. For any other
@@ -15,8 +15,15 @@ each criterion filling its share of the places:
   entropy (``"entropy"``), averaged over scored positions; examples near the decision boundary are
   the first to flip when weights are compressed.
 * **Diversity** (``diversity``): k-means (scikit-learn, seeded) on the penultimate embeddings
-  (``model.embed``, averaged over a sequence's scored positions), with as many clusters as the
-  criterion has places; it takes the example nearest each centroid, then the second nearest, etc.
+  (what the model's head reads, averaged over a sequence's scored positions), with as many clusters
+  as the criterion has places; it takes the example nearest each centroid, then the second nearest, etc.
+
+Any classifier or sequence model works: :func:`find_layers` finds the two layers from one forward
+pass (the attribution layer: the last 4-D feature map that reaches the logits, or for token inputs
+the embedding that reads them; the head: the last ``nn.Linear`` to run, which must produce the
+logits). The ``attribution_layer`` and ``embedding_layer`` arguments override either, and a model may
+name its attribution layer itself (``model.attribution_layer``, as the zoo's models do). A model
+where a criterion finds no layer gets a ``ValueError`` naming the argument to pass.
 
 Criteria fill their quotas in the order above, each skipping examples already taken, so the set
 has exactly ``round(fraction * N)`` unique examples and every criterion contributes exactly its
@@ -136,14 +143,127 @@ def _as_dataset(dataset: Dataset | Sequence[torch.Tensor]) -> Dataset:
     return dataset
 
 
-def _default_attribution_layer(model: nn.Module) -> nn.Module:
-    layer = getattr(model, "attribution_layer", None)
-    if isinstance(layer, nn.Module):
-        return layer
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise TypeError("model has no attribution_layer and no nn.Conv2d; pass target_layer for Grad-CAM")
-    return convs[-1]
+_PROBE_EXAMPLES = 8  # inputs of the pass that finds the layers
+
+
+@dataclass
+class Layers:
+    """What the criteria read: Grad-CAM the output of ``attribution``, diversity the input of ``embedding``."""
+
+    attribution: nn.Module | None = None
+    embedding: nn.Module | None = None
+
+
+def _is_feature_map(output) -> bool:
+    # a 1x1 map (global pooling, a squeeze-excitation gate) has no spatial evidence to weigh
+    return (isinstance(output, torch.Tensor) and output.is_floating_point() and output.dim() == 4
+            and output.shape[2] * output.shape[3] > 1)
+
+
+def _reads_input(module: nn.Module, inputs: tuple, x: torch.Tensor) -> bool:
+    """An ``nn.Embedding`` looking up the model's input ids (not positions, which only share the shape)."""
+    if not isinstance(module, nn.Embedding) or not inputs or not isinstance(inputs[0], torch.Tensor):
+        return False
+    ids = inputs[0]
+    return ids is x or (ids.shape == x.shape and torch.equal(ids, x))
+
+
+class _Probe:
+    """Forward hooks on every submodule that record, in the order modules finish:
+
+    * each 4-D feature map, swapped for a fresh leaf, so a backward pass tells which maps the logits
+      depend on *directly* (a map feeding a later recorded map reaches the logits only through that
+      map's leaf, so the last map reached is the one nearest the head);
+    * each ``nn.Embedding`` that reads the input ids;
+    * each ``nn.Linear`` with its output shape.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.x = x
+        self.maps: list[tuple[nn.Module, torch.Tensor]] = []
+        self.token_embeddings: list[nn.Module] = []
+        self.linears: list[tuple[nn.Module, torch.Size]] = []
+        self.handles = [m.register_forward_hook(self.hook) for m in model.modules() if m is not model]
+
+    def hook(self, module: nn.Module, inputs: tuple, output):
+        if isinstance(module, nn.Linear) and isinstance(output, torch.Tensor):
+            self.linears.append((module, output.shape))
+        if _reads_input(module, inputs, self.x):
+            self.token_embeddings.append(module)
+        if not _is_feature_map(output):
+            return None
+        leaf = output.detach().requires_grad_()
+        self.maps.append((module, leaf))
+        return leaf.clone()  # a non-leaf, so an in-place op after the module stays legal
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    return next((name for name, m in model.named_modules() if m is module), "?") or "<model>"
+
+
+def _attribution_from(model: nn.Module, probe: _Probe, logits: torch.Tensor) -> nn.Module:
+    leaves = [leaf for _, leaf in probe.maps]
+    reached = []
+    if leaves and logits.requires_grad:
+        grads = torch.autograd.grad(logits.float().sum(), leaves, allow_unused=True)
+        reached = [module for (module, _), grad in zip(probe.maps, grads) if grad is not None]
+    if reached:
+        return reached[-1]
+    if probe.token_embeddings:
+        return probe.token_embeddings[0]
+    raise ValueError(
+        "attribution_layer: the model has no 4-D feature map (B, C, H, W) with H*W > 1 that reaches the logits "
+        "and no nn.Embedding reading its input; pass attribution_layer=<module whose output Grad-CAM weighs>, "
+        "or give gradcam a zero share in weights"
+    )
+
+
+def _embedding_from(model: nn.Module, probe: _Probe, logits: torch.Tensor) -> nn.Module:
+    fix = ("pass embedding_layer=<the head: the module whose input are the penultimate features>, "
+           "or give diversity a zero share in weights")
+    if not probe.linears:
+        raise ValueError(f"embedding_layer: no nn.Linear ran in the model's forward pass to read features from; {fix}")
+    head, shape = probe.linears[-1]
+    if shape != logits.shape:
+        raise ValueError(
+            f"embedding_layer: the last nn.Linear to run, {_name(model, head)!r}, outputs shape {tuple(shape)}, not "
+            f"the logits' {tuple(logits.shape)}, so it is not the model's head; {fix}"
+        )
+    return head
+
+
+def find_layers(model: nn.Module, x: torch.Tensor, *, attribution: bool = True, embedding: bool = True) -> Layers:
+    """The layers the criteria read, found from one forward (and backward) pass of ``model`` on inputs ``x``.
+
+    ``attribution``: the module that produced the last 4-D feature map ``(B, C, H, W)``, ``H*W > 1``,
+    that the logits depend on, in execution order (module order would pick a residual block's
+    shortcut conv, which runs last, or a squeeze-excitation conv, whose map is 1x1); where a
+    container and its last child produce the same map, the container (e.g. a ResNet's last block or
+    stage). Without one, the first ``nn.Embedding`` that looks up the input ids (gradient x
+    activation on tokens). ``embedding``: the last ``nn.Linear`` to run (``QLinear`` included),
+    whose input are the penultimate features; it must output the logits' shape.
+    A ``ValueError`` names the argument to pass when either is not found. The model runs in eval
+    mode (restored afterwards); parameters receive no gradients.
+    """
+    was_training = model.training
+    probe = _Probe(model, x)
+    try:
+        model.eval()
+        with torch.enable_grad():
+            logits = model(x)
+            if not isinstance(logits, torch.Tensor):
+                raise TypeError(f"model(x) must return a logits tensor, got {type(logits).__name__}")
+            found = Layers(attribution=_attribution_from(model, probe, logits) if attribution else None)
+        if embedding:
+            found.embedding = _embedding_from(model, probe, logits)
+        return found
+    finally:
+        probe.remove()
+        model.train(was_training)
 
 
 class _Capture:
@@ -156,6 +276,17 @@ class _Capture:
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         self.leaf = output.detach().requires_grad_()
         return self.leaf.clone()  # a non-leaf, so an in-place op after the layer stays legal
+
+
+class _InputCapture:
+    """Forward pre-hook keeping the (detached) input of the head: the penultimate features."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = layer.register_forward_pre_hook(self)
+
+    def __call__(self, module: nn.Module, inputs: tuple) -> None:
+        self.value = inputs[0].detach()
 
 
 def _target_mask(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,17 +324,6 @@ def _mean_over_positions(value: torch.Tensor, valid: torch.Tensor) -> torch.Tens
     return (value * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, want_embeddings: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits and, when wanted, penultimate features: one pass where the model offers both."""
-    if not want_embeddings:
-        return model(x), None
-    if callable(getattr(model, "forward_with_embedding", None)):
-        return model.forward_with_embedding(x)
-    with torch.no_grad():
-        features = model.embed(x)
-    return model(x), features  # model(x) last, so the Grad-CAM capture holds its activations
-
-
 def _pool_embeddings(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     features = features.detach().float()
     if features.dim() == 2:
@@ -213,21 +333,53 @@ def _pool_embeddings(features: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return (features * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _score_batch(model, x, target, capture, want, measure) -> dict[str, torch.Tensor]:
+def _score_batch(model, x, target, capture: _Capture | None, features: _InputCapture | None, want,
+                 measure) -> dict[str, torch.Tensor]:
     with torch.enable_grad():
-        logits, features = _forward(model, x, "diversity" in want)
+        logits = model(x)
         target, valid = _target_mask(logits, target)
         out = {}
         if "gradcam" in want:
+            if capture.leaf is None:
+                raise ValueError("attribution_layer did not run in the model's forward pass")
             chosen = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            (grads,) = torch.autograd.grad((chosen * valid).sum(), capture.leaf)
+            (grads,) = torch.autograd.grad((chosen * valid).sum(), capture.leaf, allow_unused=True)
+            if grads is None:
+                raise ValueError("attribution_layer: its output does not reach the logits")
             out["gradcam"] = _attribution(capture.leaf.detach(), grads)
     logits = logits.detach()
     if "uncertainty" in want:
         out["uncertainty"] = _uncertainty(logits, valid, measure)
     if "diversity" in want:
-        out["embeddings"] = _pool_embeddings(features, valid)
+        if features.value is None:
+            raise ValueError("embedding_layer did not run in the model's forward pass")
+        out["embeddings"] = _pool_embeddings(features.value, valid)
     return out
+
+
+def _check_layer(model: nn.Module, layer, name: str) -> None:
+    if layer is None:
+        return
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module of the model or None, got {type(layer).__name__}")
+    if not any(m is layer for m in model.modules()):
+        raise ValueError(f"{name} is not a submodule of model")
+
+
+def _resolve_layers(model: nn.Module, dataset: Dataset, criteria, attribution_layer, embedding_layer,
+                    device) -> Layers:
+    """The explicit layers, else the model's own ``attribution_layer``, else :func:`find_layers`."""
+    declared = getattr(model, "attribution_layer", None)
+    layers = Layers(
+        attribution_layer or (declared if isinstance(declared, nn.Module) else None), embedding_layer
+    )
+    need_attribution = "gradcam" in criteria and layers.attribution is None
+    need_embedding = "diversity" in criteria and layers.embedding is None
+    if need_attribution or need_embedding:
+        x, _ = next(iter(DataLoader(dataset, batch_size=_PROBE_EXAMPLES, shuffle=False)))
+        found = find_layers(model, x.to(device), attribution=need_attribution, embedding=need_embedding)
+        layers = Layers(layers.attribution or found.attribution, layers.embedding or found.embedding)
+    return layers
 
 
 def compute_scores(
@@ -237,13 +389,17 @@ def compute_scores(
     criteria: Sequence[str] = CRITERIA,
     batch_size: int = 256,
     uncertainty: str = "margin",
-    target_layer: nn.Module | None = None,
+    attribution_layer: nn.Module | None = None,
+    embedding_layer: nn.Module | None = None,
 ) -> Scores:
     """Score every example of ``dataset`` (``(input, target)`` pairs) under ``criteria``.
 
-    ``target_layer`` is the layer Grad-CAM inspects (default ``model.attribution_layer``, else the
-    last ``nn.Conv2d``). The model runs in eval mode (so BatchNorm treats examples independently)
-    and is put back in its previous mode afterwards; its parameters receive no gradients.
+    ``attribution_layer`` is the module whose output Grad-CAM inspects (default
+    ``model.attribution_layer`` where the model names one, else :func:`find_layers`'s);
+    ``embedding_layer`` the module whose *input* diversity clusters, the model's head (default
+    :func:`find_layers`'s: the last ``nn.Linear`` to run). The model runs in eval mode (so
+    BatchNorm treats examples independently) and is put back in its previous mode afterwards; its
+    parameters receive no gradients.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -256,24 +412,29 @@ def compute_scores(
         raise ValueError(f"uncertainty must be one of {UNCERTAINTY_MEASURES}, got {uncertainty!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if "diversity" in criteria and not callable(getattr(model, "embed", None)):
-        raise TypeError("the diversity criterion needs model.embed(x) returning penultimate features")
+    _check_layer(model, attribution_layer, "attribution_layer")
+    _check_layer(model, embedding_layer, "embedding_layer")
     dataset = _as_dataset(dataset)
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty")
     device = next(model.parameters()).device
-    capture = _Capture(target_layer or _default_attribution_layer(model)) if "gradcam" in criteria else None
+    layers = _resolve_layers(model, dataset, criteria, attribution_layer, embedding_layer, device)
+    capture = _Capture(layers.attribution) if "gradcam" in criteria else None
+    features = _InputCapture(layers.embedding) if "diversity" in criteria else None
     was_training = model.training
     parts: dict[str, list[torch.Tensor]] = {}
     try:
         model.eval()
         for x, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            batch = _score_batch(model, x.to(device), target.to(device), capture, set(criteria), uncertainty)
+            batch = _score_batch(model, x.to(device), target.to(device), capture, features, set(criteria), uncertainty)
             for key, value in batch.items():
                 dtype = torch.float32 if key == "embeddings" else torch.float64  # embeddings are big
                 parts.setdefault(key, []).append(value.detach().to("cpu", dtype))
     finally:
         model.train(was_training)
-        if capture is not None:
-            capture.handle.remove()
+        for hook in (capture, features):
+            if hook is not None:
+                hook.handle.remove()
     return Scores(**{key: torch.cat(values) for key, values in parts.items()})
 
 
@@ -365,14 +526,16 @@ def build_selection(
     seed: int = 0,
     batch_size: int = 256,
     uncertainty: str = "margin",
-    target_layer: nn.Module | None = None,
+    attribution_layer: nn.Module | None = None,
+    embedding_layer: nn.Module | None = None,
 ) -> Selection:
     """:func:`build`, also telling which criterion chose each example."""
     check_fraction(fraction)
     shares = normalize_weights(weights)
     needed = [name for name in CRITERIA if shares[name] > 0]
     scores = compute_scores(
-        model, dataset, criteria=needed, batch_size=batch_size, uncertainty=uncertainty, target_layer=target_layer
+        model, dataset, criteria=needed, batch_size=batch_size, uncertainty=uncertainty,
+        attribution_layer=attribution_layer, embedding_layer=embedding_layer,
     )
     return select(scores, fraction, weights, seed=seed)
 
@@ -387,13 +550,15 @@ def build(
     seed: int = 0,
     batch_size: int = 256,
     uncertainty: str = "margin",
-    target_layer: nn.Module | None = None,
+    attribution_layer: nn.Module | None = None,
+    embedding_layer: nn.Module | None = None,
 ) -> torch.Tensor:
     """Sorted int64 indices of the ``round(fraction * len(dataset))`` examples to preserve.
 
     ``method="criteria"`` scores the examples: ``weights`` are the shares of (gradcam, uncertainty,
     diversity), as a 3-sequence or a mapping; they need not sum to 1 and a zero share skips that
-    criterion's computation entirely. See the module docstring for each criterion.
+    criterion's computation entirely. See the module docstring for each criterion, and
+    :func:`compute_scores` for ``attribution_layer`` and ``embedding_layer``.
     ``method="random"`` is the ablation baseline: :func:`random_subset` of the same size, drawn with
     ``seed``; ``model`` and ``weights`` play no part. ``ValueError`` for an unknown ``method``,
     ``fraction`` outside ``(0, 1]`` or a fraction so small that it selects nothing.
@@ -411,7 +576,8 @@ def build(
         seed=seed,
         batch_size=batch_size,
         uncertainty=uncertainty,
-        target_layer=target_layer,
+        attribution_layer=attribution_layer,
+        embedding_layer=embedding_layer,
     ).indices
 
 

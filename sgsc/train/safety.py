@@ -4,23 +4,27 @@ Every ``k`` steps the preservation set is evaluated (accuracy for classifiers, l
 model). If it is more than ``threshold`` worse than the best value seen since compression began, the
 groups whose storage width fell since the last safe check get their bits back (:func:`restore_groups`).
 Otherwise the check is safe: the units whose bits have been zero since the previous safe check are
-removed physically (:mod:`sgsc.nn.pruning`; a unit thus survives one check at zero bits, where restore
-can still bring it back) and the bits are snapshotted.
+removed physically by the model's :class:`Pruner` (a unit thus survives one check at zero bits, where
+restore can still bring it back) and the bits are snapshotted. A model no pruner supports keeps its
+zero-bit groups masked (they compute exact zeros and cost no bits), and the check reports them.
 
-:func:`decide` only reads the model (it runs on rank 0 under DDP and its :class:`Decision` is
-broadcast); :func:`apply_decision` carries it out on every rank.
+:func:`judge` only reads the model (it runs on rank 0 under DDP and its :class:`Decision` is
+broadcast); :func:`carry_out` carries it out on every rank. Neither needs a ``TrainConfig`` (the
+switches are a :class:`Policy`), so any loop can use them (:mod:`sgsc.train.selfcompress`);
+:func:`decide` and :func:`apply_decision` are the trainer's form, reading its ``TrainConfig``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sgsc.nn import quantized_layers, storage_bits
-from sgsc.nn.pruning import Units, common_units, dead_units, prune
+from sgsc.nn import pruning, quantized_layers, storage_bits
+from sgsc.nn.pruning import Units, common_units
 from sgsc.train.config import TrainConfig
 from sgsc.train.task import evaluate
 
@@ -52,13 +56,57 @@ class RunState:
         return cls(**{key: record[key] for key in ("step", "best", "snapshot", "preservation", "history")})
 
 
+@dataclass(frozen=True)
+class Pruner:
+    """Physical removal of zero-bit units for the architectures it knows: the two calls a check makes.
+
+    ``dead_units(model, bits=None) -> Units``: the removable units whose bits are zero (judged by
+    ``bits``, a :func:`bits_snapshot`, when given); ``prune(model, optimizer, units) -> Units``:
+    remove them in place, swapping every cut Parameter (and its state) in ``optimizer``.
+    """
+
+    dead_units: Callable[..., Units]
+    prune: Callable[..., Units]
+
+
+ZOO_PRUNER = Pruner(pruning.dead_units, pruning.prune)
+
+
+def default_pruner(model: nn.Module) -> Pruner | None:
+    """:mod:`sgsc.nn.pruning` for the zoo's PaperCNN and CharDecoder (the models it supports), else None."""
+    return ZOO_PRUNER if pruning.supports(model) else None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a safety check does: restore past ``threshold``, prune with ``pruner`` (None: keep masked).
+
+    ``higher_is_better`` is the preservation metric's direction (accuracy: True, loss: False).
+    """
+
+    threshold: float
+    restore: bool = True
+    prune: bool = True
+    higher_is_better: bool = True
+    pruner: Pruner | None = None
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, language: bool, model: nn.Module) -> Policy:
+        """The trainer's policy: ``config``'s switches, loss for a language model, the model's default pruner."""
+        return cls(config.threshold, config.restore, config.prune, not language, default_pruner(model))
+
+
 @dataclass
 class Decision:
-    """A safety check's outcome: ``restore`` (layer -> groups) when the metric dropped, else ``prune`` (units)."""
+    """A safety check's outcome: ``restore`` (layer -> groups) when the metric dropped, else ``prune`` (units).
+
+    ``masked`` (layer -> groups) replaces ``prune`` when pruning is on but no pruner supports the model.
+    """
 
     metric: float | None
     restore: dict[str, list[int]] | None = None
     prune: Units = field(default_factory=dict)
+    masked: dict[str, list[int]] | None = None
 
 
 def preservation_metric(model: nn.Module, preserved: TensorDataset, language: bool) -> float:
@@ -72,13 +120,13 @@ def bits_snapshot(model: nn.Module) -> Snapshot:
     return {name: layer.bits.detach().float().cpu().clone() for name, layer in quantized_layers(model)}
 
 
-def dropped(metric: float, best: float, threshold: float, language: bool) -> bool:
+def dropped(metric: float, best: float, threshold: float, higher_is_better: bool) -> bool:
     """Whether the preservation metric fell more than ``threshold`` below the best seen."""
-    return metric > best + threshold if language else metric < best - threshold
+    return metric < best - threshold if higher_is_better else metric > best + threshold
 
 
-def _improves(metric: float, best: float | None, language: bool) -> bool:
-    return best is None or (metric < best if language else metric > best)
+def _improves(metric: float, best: float | None, higher_is_better: bool) -> bool:
+    return best is None or (metric > best if higher_is_better else metric < best)
 
 
 def lowered_groups(model: nn.Module, snapshot: Snapshot) -> dict[str, list[int]]:
@@ -115,25 +163,62 @@ def restore_groups(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot:
     return count
 
 
-def decide(model: nn.Module, config: TrainConfig, state: RunState, preserved: TensorDataset | None,
-           language: bool) -> Decision:
-    """The safety check's decision (taken on rank 0): what to restore, or what to prune."""
-    metric = preservation_metric(model, preserved, language) if preserved is not None else None
+def zero_bit_groups(model: nn.Module) -> dict[str, list[int]]:
+    """Every quantized layer's groups at ``bits <= 0`` (layer name -> group indices): what computes zeros."""
+    groups = {}
+    for name, layer in quantized_layers(model):
+        dead = (layer.bits.detach() <= 0).nonzero().flatten().tolist()
+        if dead:
+            groups[name] = dead
+    return groups
+
+
+def judge(model: nn.Module, state: RunState, metric: float | None, policy: Policy) -> Decision:
+    """A safety check's decision (taken on rank 0) from the preservation ``metric`` (None: no set).
+
+    The metric dropping more than ``policy.threshold`` below ``state.best`` restores the groups
+    lowered since ``state.snapshot``; otherwise the units dead now and at the snapshot are to be
+    pruned, or, without a pruner, the zero-bit groups are reported as staying masked.
+    """
     best = state.best
-    if config.restore and metric is not None and best is not None and dropped(metric, best, config.threshold, language):
+    if (policy.restore and metric is not None and best is not None
+            and dropped(metric, best, policy.threshold, policy.higher_is_better)):
         return Decision(metric, restore=lowered_groups(model, state.snapshot))
-    confirmed = common_units(dead_units(model), dead_units(model, state.snapshot)) if config.prune else {}
-    return Decision(metric, prune=confirmed)
+    if not policy.prune:
+        return Decision(metric)
+    if policy.pruner is None:
+        return Decision(metric, masked=zero_bit_groups(model))
+    dead = policy.pruner.dead_units
+    return Decision(metric, prune=common_units(dead(model), dead(model, state.snapshot)))
 
 
-def apply_decision(model: nn.Module, optimizer, state: RunState, decision: Decision, language: bool) -> dict:
-    """Carry out :func:`decide`'s decision on this rank; returns the event to log."""
+def carry_out(model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, decision: Decision, *,
+              higher_is_better: bool, pruner: Pruner | None) -> dict:
+    """Carry out :func:`judge`'s decision on this rank; returns the event to log."""
     event = {"kind": "check", "step": state.step, "metric": decision.metric, "best": state.best}
     if decision.restore is not None:
         event["restored"] = restore_groups(model, optimizer, state.snapshot, decision.restore)
         return event
-    if decision.metric is not None and _improves(decision.metric, state.best, language):
+    if decision.metric is not None and _improves(decision.metric, state.best, higher_is_better):
         state.best = decision.metric
-    event["pruned"] = prune(model, optimizer, decision.prune) if decision.prune else {}
+    if decision.masked is not None:
+        event["masked"] = decision.masked
+    else:
+        event["pruned"] = pruner.prune(model, optimizer, decision.prune) if decision.prune else {}
     state.snapshot = bits_snapshot(model)
     return event
+
+
+# ---- the trainer's form: the policy read from its TrainConfig --------------------------------
+
+
+def decide(model: nn.Module, config: TrainConfig, state: RunState, preserved: TensorDataset | None,
+           language: bool) -> Decision:
+    """:func:`judge` with ``config``'s policy, measuring the metric on ``preserved`` (rank 0)."""
+    metric = preservation_metric(model, preserved, language) if preserved is not None else None
+    return judge(model, state, metric, Policy.from_config(config, language, model))
+
+
+def apply_decision(model: nn.Module, optimizer, state: RunState, decision: Decision, language: bool) -> dict:
+    """:func:`carry_out` for the trainer: loss or accuracy by ``language``, the model's :func:`default_pruner`."""
+    return carry_out(model, optimizer, state, decision, higher_is_better=not language, pruner=default_pruner(model))

@@ -1,0 +1,342 @@
+"""Safety-guided self-compression in your own model and training loop.
+
+::
+
+    model = sgsc.quantize_model(my_model)
+    comp = SelfCompression(model, preserve=preservation_set, gamma=0.03, k=50, threshold=0.02)
+    opt = torch.optim.Adam(comp.param_groups(lr=1e-3))  # bits and exponents at their own rate
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y) + comp.penalty()  # gamma*bits + alpha*L1 + lambda*preservation
+        opt.zero_grad(); loss.backward(); opt.step()
+        comp.step(opt)  # every k steps: the safety check (restore, or prune)
+
+This is Algorithm 1 without the trainer: the same objective terms (:func:`sgsc.nn.average_bits`,
+:func:`sgsc.train.task.mean_abs_weight`), the same safety check (:func:`sgsc.train.safety.judge` and
+:func:`~sgsc.train.safety.carry_out`) and the same preservation-batch stream as
+:func:`sgsc.train.train`. ``preserve=None`` is unsafe self-compression: no preservation loss, no
+restore. Under ``torch.distributed`` the safety decision is taken on rank 0 and broadcast, so the
+constructor and every ``k``-th :meth:`~SelfCompression.step` are collective (every rank calls them);
+pass the unwrapped model, and rebuild the ``DistributedDataParallel`` wrapper after an event that pruned.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from numbers import Real
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from sgsc.nn import average_bits, quantized_layers
+from sgsc.train.batches import batch, seeded_generator
+from sgsc.train.distributed import from_rank0, rank_world
+from sgsc.train.safety import Policy, Pruner, RunState, bits_snapshot, carry_out, default_pruner, judge
+from sgsc.train.task import evaluate, mean_abs_weight
+from sgsc.train.task import task_loss as cross_entropy
+
+# built-in preservation metrics (sgsc.train.evaluate's keys) -> whether higher is better
+METRICS = {"accuracy": True, "loss": False}
+
+Metric = Callable[[nn.Module, TensorDataset], float]
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+
+def _number(name: str, value, *, low: float, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (value <= low if strict else value < low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+def _check_model(model) -> nn.Module:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("model must be the module inside DistributedDataParallel (ddp.module), not the wrapper")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not any(layer.weight.numel() for _, layer in quantized_layers(model)):
+        raise ValueError("model has no quantized layers with weights; call sgsc.quantize_model(model) first")
+    return model
+
+
+def _preserved_set(preserve) -> TensorDataset | None:
+    """``preserve`` as one TensorDataset of ``(inputs, targets)``, read once (a DataLoader in its order).
+
+    Held whole because it is small (a few percent of the data) and both the safety metric (all of
+    it) and the preservation loss (seeded random batches) need random access.
+    """
+    if preserve is None:
+        return None
+    if isinstance(preserve, (tuple, list)):
+        if len(preserve) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in preserve):
+            raise TypeError("preserve given as a pair must be (inputs, targets) tensors with a batch dimension")
+        inputs, targets = preserve
+        if len(inputs) != len(targets):
+            raise ValueError(f"preserve has {len(inputs)} inputs but {len(targets)} targets")
+        data = TensorDataset(inputs, targets)
+    elif isinstance(preserve, TensorDataset) and len(preserve.tensors) == 2:
+        data = preserve
+    elif isinstance(preserve, (Dataset, DataLoader)):
+        data = _read_all(preserve if isinstance(preserve, DataLoader) else DataLoader(preserve, batch_size=256))
+    else:
+        raise TypeError(
+            "preserve must be None, a Dataset or DataLoader of (input, target) pairs, or an (inputs, targets) "
+            f"pair of tensors, got {type(preserve).__name__}"
+        )
+    if len(data) == 0:
+        raise ValueError("preserve is empty; pass None for unsafe self-compression")
+    return data
+
+
+def _read_all(loader: DataLoader) -> TensorDataset:
+    inputs, targets = [], []
+    for item in loader:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, torch.Tensor) for t in item)):
+            raise TypeError(f"preserve must yield (input, target) tensor pairs, got a {type(item).__name__}")
+        inputs.append(item[0])
+        targets.append(item[1])
+    if not inputs:
+        raise ValueError("preserve is empty; pass None for unsafe self-compression")
+    return TensorDataset(torch.cat(inputs), torch.cat(targets))
+
+
+def _metric(metric: str | Metric, higher_is_better: bool | None) -> tuple[Metric, bool]:
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise ValueError(f"metric must be a callable or one of {tuple(METRICS)}, got {metric!r}")
+        if higher_is_better is not None and higher_is_better != METRICS[metric]:
+            raise ValueError(f"higher_is_better={higher_is_better} contradicts metric={metric!r}; leave it None")
+        return (lambda model, data: evaluate(model, data)[metric]), METRICS[metric]
+    if not callable(metric):
+        raise TypeError(f"metric must be a callable or one of {tuple(METRICS)}, got {type(metric).__name__}")
+    if higher_is_better is None:
+        raise ValueError("higher_is_better must be given with a metric callable: is a larger value better?")
+    return metric, _flag("higher_is_better", higher_is_better)
+
+
+# ---- optimiser groups -----------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, lr: float, quant_lr: float = 0.05, exponent_lr: float | None = None) -> list[dict]:
+    """Adam param groups for a quantized model: everything else at ``lr``, bits and exponents faster.
+
+    Bits and exponents move in steps of whole units while weights move by 1e-3: at one learning
+    rate the size term barely moves the bits. Groups are named as the trainer names them:
+    ``"weights"`` (``lr``) and ``"quantizers"`` (``quant_lr``), or ``"bits"`` (``quant_lr``) and
+    ``"exponents"`` (``exponent_lr``) when ``exponent_lr`` is given.
+    """
+    lr = _number("lr", lr, low=0, strict=True)
+    quant_lr = _number("quant_lr", quant_lr, low=0, strict=True)
+    layers = [layer for _, layer in quantized_layers(model)]
+    bits, exponents = {id(layer.bits) for layer in layers}, {id(layer.exponent) for layer in layers}
+    params = list(model.parameters())
+
+    def group(name: str, ids: set[int], rate: float) -> dict:
+        return {"params": [p for p in params if id(p) in ids], "lr": rate, "name": name}
+
+    weights = group("weights", {id(p) for p in params} - bits - exponents, lr)
+    if exponent_lr is None:
+        return [weights, group("quantizers", bits | exponents, quant_lr)]
+    exponent_lr = _number("exponent_lr", exponent_lr, low=0, strict=True)
+    return [weights, group("bits", bits, quant_lr), group("exponents", exponents, exponent_lr)]
+
+
+# ---- the API --------------------------------------------------------------------------------
+
+
+class SelfCompression:
+    """Safety-guided self-compression of a quantized ``model`` inside the caller's training loop.
+
+    ``preserve`` is the preservation set (a Dataset, a DataLoader, an ``(inputs, targets)`` pair;
+    :func:`sgsc.train.preservation.build` chooses one), or None for unsafe self-compression.
+    ``gamma`` weighs the average bits, ``alpha`` the mean ``|w|`` and ``lambda_`` the task loss on a
+    preservation batch of ``preservation_batch`` examples, drawn from ``seed`` and the step.
+    Every ``k`` steps the safety check measures ``metric`` on the whole set (``"accuracy"``,
+    ``"loss"`` (the cross-entropy of :func:`sgsc.train.evaluate`), or ``metric(model, preserved)``
+    with ``higher_is_better`` given); when it is more than ``threshold`` worse than the best seen
+    it restores the groups lowered since the last safe check (``restore``), else it removes the
+    units that stayed at zero bits (``prune``) with ``pruner``: by default :mod:`sgsc.nn.pruning` for
+    the models it supports, none for others, whose zero-bit groups then stay masked and are
+    reported. ``task_loss(logits, targets)`` defaults to cross-entropy over the last dimension with
+    targets of -1 unscored (sequence padding). ``quant_lr`` and ``exponent_lr`` are the rates
+    :meth:`param_groups` gives bits and exponents.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        preserve: Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        gamma: float,
+        alpha: float = 0.0,
+        lambda_: float = 1.0,
+        k: int = 50,
+        threshold: float = 0.02,
+        restore: bool = True,
+        prune: bool = True,
+        quant_lr: float = 0.05,
+        exponent_lr: float | None = None,
+        task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        metric: str | Metric = "accuracy",
+        higher_is_better: bool | None = None,
+        preservation_batch: int = 32,
+        seed: int = 0,
+        pruner: Pruner | None = None,
+    ) -> None:
+        self.model = _check_model(model)
+        self.gamma = _number("gamma", gamma, low=0)
+        self.alpha = _number("alpha", alpha, low=0)
+        self.lambda_ = _number("lambda_", lambda_, low=0)
+        self.k = _integer("k", k, low=1)
+        self.quant_lr = _number("quant_lr", quant_lr, low=0, strict=True)
+        self.exponent_lr = None if exponent_lr is None else _number("exponent_lr", exponent_lr, low=0, strict=True)
+        self.preservation_batch = _integer("preservation_batch", preservation_batch, low=1)
+        self.seed = _integer("seed", seed, low=0)
+        if task_loss is not None and not callable(task_loss):
+            raise TypeError(f"task_loss must be a callable (logits, targets) -> loss, got {type(task_loss).__name__}")
+        self.task_loss = task_loss if task_loss is not None else cross_entropy
+        self._metric, higher = _metric(metric, higher_is_better)
+        if pruner is not None and not isinstance(pruner, Pruner):
+            raise TypeError(f"pruner must be an sgsc.train.safety.Pruner or None, got {type(pruner).__name__}")
+        self.policy = Policy(
+            threshold=_number("threshold", threshold, low=0),
+            restore=_flag("restore", restore),
+            prune=_flag("prune", prune),
+            higher_is_better=higher,
+            pruner=pruner if pruner is not None else default_pruner(model),
+        )
+        self.preserved = _preserved_set(preserve)
+        self.terms: dict[str, torch.Tensor] = {}
+        self._warned_masked = False
+        # the first safety reference: the model as it is handed over
+        self.state = RunState(snapshot=bits_snapshot(model))
+        self.state.best = from_rank0(self._measure)
+
+    @property
+    def history(self) -> list[dict]:
+        """Every safety check's event, in order (what :meth:`step` returned)."""
+        return self.state.history
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam param groups: weights at ``lr``, bits and exponents at ``quant_lr`` (and ``exponent_lr``)."""
+        return param_groups(self.model, lr, self.quant_lr, self.exponent_lr)
+
+    def penalty(self) -> torch.Tensor:
+        """``gamma * average_bits + alpha * mean|w| + lambda_ * preservation loss``, to add to the task loss.
+
+        Terms with a zero weight are not computed; the preservation loss (a forward pass on a
+        batch of the preservation set) needs ``preserve``. The detached terms are kept in
+        :attr:`terms` (``"size"``, ``"l1"``, ``"preservation"``) for logging.
+        """
+        terms, weights = {}, {}
+        if self.gamma > 0:
+            terms["size"], weights["size"] = average_bits(self.model), self.gamma
+        if self.alpha > 0:
+            terms["l1"], weights["l1"] = mean_abs_weight(self.model), self.alpha
+        if self.lambda_ > 0 and self.preserved is not None:
+            terms["preservation"], weights["preservation"] = self._preservation_loss(), self.lambda_
+        self.terms = {name: value.detach() for name, value in terms.items()}
+        if not terms:
+            return torch.zeros((), device=_device(self.model))
+        return sum(weights[name] * value for name, value in terms.items())
+
+    def step(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Count a training step; every ``k``-th runs the safety check and returns its event, else None.
+
+        The event holds ``step``, ``metric``, ``best`` and ``restored`` (groups given back their
+        bits, Adam's first moment zeroed), or ``pruned`` (units removed; ``optimizer``'s param
+        groups and state are cut to match), or, for a model no pruner supports, ``masked`` (layer ->
+        zero-bit groups that stay in place).
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.state.step += 1
+        if self.state.step % self.k:
+            return None
+        self._check_optimizer(optimizer)
+        decision = from_rank0(lambda: judge(self.model, self.state, self._measure(), self.policy))
+        event = carry_out(self.model, optimizer, self.state, decision, higher_is_better=self.policy.higher_is_better,
+                          pruner=self.policy.pruner)
+        self.state.history.append(event)
+        if event.get("masked"):
+            self._warn_masked(event["masked"])
+        return event
+
+    def state_dict(self) -> dict:
+        """Step, best metric, bits snapshot and history: what a checkpoint needs to resume the checks."""
+        return {"state": self.state.to_record()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state = RunState.from_record(state_dict["state"])
+
+    # ---- internals ----
+
+    def _measure(self) -> float | None:
+        """The preservation metric, in eval mode without gradients (None without a set)."""
+        if self.preserved is None:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                value = self._metric(self.model, self.preserved)
+        finally:
+            self.model.train(was_training)
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ValueError(f"metric must return a finite number, got {value!r}")
+        return float(value)
+
+    def _preservation_loss(self) -> torch.Tensor:
+        # the trainer's stream: the batch is a function of (seed, step, rank) alone
+        generator = seeded_generator(self.seed, self.state.step, rank_world()[0], 1)
+        pick = torch.randint(0, len(self.preserved), (self.preservation_batch,), generator=generator)
+        inputs, targets = batch(self.preserved, pick, _device(self.model))
+        return self.task_loss(self.model(inputs), targets)
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        # restore edits the bits' Adam moments and pruning swaps Parameters in the optimizer: both
+        # would silently miss an optimizer that does not hold them
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, layer in quantized_layers(self.model) if id(layer.bits) not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer does not hold the bits of {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+                "build it from param_groups(lr) after sgsc.quantize_model"
+            )
+
+    def _warn_masked(self, masked: dict[str, list[int]]) -> None:
+        if self._warned_masked or rank_world()[0] != 0:
+            return
+        self._warned_masked = True
+        count = sum(len(groups) for groups in masked.values())
+        warnings.warn(
+            f"sgsc.SelfCompression: no pruner supports {type(self.model).__name__}, so its {count} zero-bit "
+            "groups stay masked (exact zeros, no bits in the size term, but their memory and compute remain); "
+            "checks report them as event['masked']; pass pruner= to remove them physically",
+            stacklevel=3,
+        )
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
