@@ -114,14 +114,18 @@ def common_units(a: Units, b: Units) -> Units:
 # ---- tensor surgery -------------------------------------------------------------------------
 
 
-def _keep_index(size: int, drop: list[int]) -> torch.Tensor:
+# What every pruner shares (this one and sgsc.nn.graph_pruning): index arithmetic and slicing a Parameter
+# with its optimiser state.
+
+
+def keep_index(size: int, drop: list[int]) -> torch.Tensor:
     keep = torch.ones(size, dtype=torch.bool)
     keep[drop] = False
     return keep.nonzero().flatten()
 
 
 @torch.no_grad()
-def _shrink(module: nn.Module, name: str, dim: int, keep: torch.Tensor, optimizer) -> None:
+def shrink_parameter(module: nn.Module, name: str, dim: int, keep: torch.Tensor, optimizer) -> None:
     """Keep ``keep`` along ``dim`` of ``module.<name>`` and of its optimiser state.
 
     A Parameter is replaced by a new one (and swapped in the optimiser), not resized through
@@ -158,14 +162,14 @@ def _shrink_rows(layer: nn.Module, rows: torch.Tensor, optimizer) -> None:
     if rows_per_group > 1 and rows.numel() % rows_per_group:
         raise ValueError("pruning must remove whole quantization groups")
     group_index = rows[::rows_per_group] // rows_per_group
-    _shrink(layer, "weight", 0, rows, optimizer)
-    _shrink(layer, "bias", 0, rows, optimizer)
-    _shrink(layer, "bits", 0, group_index, optimizer)
-    _shrink(layer, "exponent", 0, group_index, optimizer)
+    shrink_parameter(layer, "weight", 0, rows, optimizer)
+    shrink_parameter(layer, "bias", 0, rows, optimizer)
+    shrink_parameter(layer, "bits", 0, group_index, optimizer)
+    shrink_parameter(layer, "exponent", 0, group_index, optimizer)
 
 
 def _shrink_columns(layer: QLinear | nn.Module, columns: torch.Tensor, optimizer) -> None:
-    _shrink(layer, "weight", 1, columns, optimizer)
+    shrink_parameter(layer, "weight", 1, columns, optimizer)
 
 
 def freeze_empty_layers(model: nn.Module) -> None:
@@ -206,11 +210,11 @@ def silence_channels(model: PaperCNN, units: Units) -> None:
 
 def _prune_cnn_block(model: PaperCNN, i: int, channels: list[int], optimizer) -> None:
     conv, bn = model.blocks[i][0], model.blocks[i][1]
-    keep = _keep_index(conv.out_channels, channels)
+    keep = keep_index(conv.out_channels, channels)
     _shrink_rows(conv, keep, optimizer)
     conv.out_channels = keep.numel()
     for name in ("weight", "bias", "running_mean", "running_var"):
-        _shrink(bn, name, 0, keep, optimizer)
+        shrink_parameter(bn, name, 0, keep, optimizer)
     bn.num_features = keep.numel()
     if i + 1 < len(model.blocks):
         nxt = model.blocks[i + 1][0]
@@ -223,8 +227,8 @@ def _prune_cnn_block(model: PaperCNN, i: int, channels: list[int], optimizer) ->
         _shrink_columns(model.head, columns, optimizer)
         model.head.in_features = columns.numel()
         if model.head.group_by == "input":
-            _shrink(model.head, "bits", 0, keep, optimizer)
-            _shrink(model.head, "exponent", 0, keep, optimizer)
+            shrink_parameter(model.head, "bits", 0, keep, optimizer)
+            shrink_parameter(model.head, "exponent", 0, keep, optimizer)
     model.config.channels[i] = keep.numel()
 
 
@@ -232,7 +236,7 @@ def _prune_cnn_block(model: PaperCNN, i: int, channels: list[int], optimizer) ->
 
 
 @torch.no_grad()
-def _fold_into_bias(layer: QLinear, columns: torch.Tensor, constant: torch.Tensor) -> None:
+def fold_into_bias(layer: QLinear, columns: torch.Tensor, constant: torch.Tensor) -> None:
     """Add ``q(W)[:, columns] @ constant`` to ``layer.bias``: what those inputs always contribute."""
     if not columns.numel() or not bool(constant.any()):
         return
@@ -247,8 +251,8 @@ def _prune_heads(attn: QCausalSelfAttention, heads: list[int], optimizer) -> Non
     drop_cols = torch.tensor([h * hd + j for h in heads for j in range(hd)], dtype=torch.long)
     v_bias = attn.v_proj.bias
     if v_bias is not None:
-        _fold_into_bias(attn.out_proj, drop_cols, v_bias.detach()[drop_cols.to(v_bias.device)])
-    keep = _keep_index(attn.n_heads * hd, drop_cols.tolist())
+        fold_into_bias(attn.out_proj, drop_cols, v_bias.detach()[drop_cols.to(v_bias.device)])
+    keep = keep_index(attn.n_heads * hd, drop_cols.tolist())
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
         _shrink_rows(proj, keep, optimizer)
         proj.out_features = keep.numel()
@@ -261,8 +265,8 @@ def _prune_hidden(mlp: nn.Sequential, units: list[int], optimizer) -> None:
     up, act, down = mlp[0], mlp[1], mlp[2]
     drop = torch.tensor(units, dtype=torch.long)
     if up.bias is not None:
-        _fold_into_bias(down, drop, act(up.bias.detach()[drop.to(up.bias.device)]))
-    keep = _keep_index(up.out_features, units)
+        fold_into_bias(down, drop, act(up.bias.detach()[drop.to(up.bias.device)]))
+    keep = keep_index(up.out_features, units)
     _shrink_rows(up, keep, optimizer)
     up.out_features = keep.numel()
     _shrink_columns(down, keep, optimizer)
