@@ -9,7 +9,8 @@ import time
 import torch
 
 from sgsc import export
-from sgsc.cli.inspect import MAX_BYTES_HELP
+from sgsc.cli.inspect import MAX_BYTES_HELP, weight_bytes
+from sgsc.export.reader import RUNTIMES
 from sgsc.train.config import DATA_NAMES, TrainConfig
 from sgsc.train.task import evaluate, load_data
 
@@ -39,14 +40,17 @@ def _eval(args) -> int:
     header = export.read_header(args.file)
     data = _data_for(args, header)
     started = time.perf_counter()
-    model = export.load_packed(args.file, device=device, max_bytes=args.max_bytes)
+    model = export.load_packed(args.file, device=device, runtime=args.runtime, max_bytes=args.max_bytes)
     loaded_in = time.perf_counter() - started
     result = {split: evaluate(model, getattr(data, split)) for split in ("val", "test")}
     file_bytes = os.path.getsize(args.file)
+    weights = weight_bytes(model)
     if args.json:
-        print(json.dumps({"file": args.file, "file_bytes": file_bytes, "data": data.source, **result}))
+        print(json.dumps({"file": args.file, "file_bytes": file_bytes, "runtime": args.runtime,
+                          "resident_weight_bytes": weights, "data": data.source, **result}))
         return 0
-    print(f"{args.file}: {file_bytes} bytes, loaded in {loaded_in * 1000:.1f} ms, data {data.source}")
+    print(f"{args.file}: {file_bytes} bytes, loaded in {loaded_in * 1000:.1f} ms on the {args.runtime} runtime "
+          f"({weights} bytes of weights resident), data {data.source}")
     for split, scores in result.items():
         print(f"  {split:<5} loss {scores['loss']:.4f}  accuracy {scores['accuracy']:.4f}  ({len(getattr(data, split))} examples)")
     return 0
@@ -59,6 +63,9 @@ def register(subparsers) -> None:
     parser.add_argument("--data-dir", help="directory of the IDX files, or the names file (default: $SGSC_DATA_DIR, then ../shared/data)")
     parser.add_argument("--seed", type=int, help="split seed (default: as recorded)")
     parser.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="float",
+                        help="float: dequantized float layers; packed: layers that compute from the bit-packed "
+                             "codes, memory at about the file's size (default: %(default)s)")
     parser.add_argument("--max-bytes", type=int, help=MAX_BYTES_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     parser.set_defaults(func=_eval)

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from sgsc import export
 
 MAX_BYTES_HELP = "refuse a model that would need more memory than this (default: 64 MiB + 256 x the file's size)"
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes a loaded model keeps for its quantized layers' weights: float tensors, or packed codes and tables."""
+    from sgsc.nn.packed import resident_bytes
+
+    packed = resident_bytes(model)
+    floats = sum(module.weight.numel() * module.weight.element_size() for module in model.modules()
+                 if isinstance(module, (nn.Linear, nn.Conv2d)))
+    return packed + floats
+
+
 def _inspect(args) -> int:
+    from sgsc.nn.packed import workspace_bytes
+
     print(export.format_summary(export.summarize(args.file, max_bytes=args.max_bytes)))
+    packed = export.load_packed(args.file, runtime="packed", max_bytes=args.max_bytes)
+    float_model = export.load_packed(args.file, max_bytes=args.max_bytes)
+    print(f"resident weights when loaded: {weight_bytes(packed)} bytes on the packed runtime (codes and tables, plus "
+          f"{workspace_bytes(packed)} bytes of one convolution buffer shared by every layer), {weight_bytes(float_model)} "
+          "bytes on the float runtime")
     return 0
 
 

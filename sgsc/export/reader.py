@@ -183,14 +183,21 @@ def packed_layers(packed_file: PackedFile):
         yield slot, tensors[CODES][span], tensors[WIDTHS][slot.group_span()], tensors[SCALES][slot.group_span()]
 
 
-def _dequantized_weight(path: Path, slot: LayerSlot, packed, widths, scales, dtype: torch.dtype, device) -> torch.Tensor:
-    """Group ``g``'s weights in row ``g`` of a ``(G, numel / G)`` tensor (the layer's ``grouped`` layout)."""
+def _layer_codes(path: Path, slot: LayerSlot, packed, widths, device) -> torch.Tensor:
+    """The int32 codes of one layer, ``(G, numel / G)`` in its ``grouped`` layout, decoded and checked."""
     if slot.groups == 0 or slot.numel == 0:
-        return torch.zeros(slot.groups, 0, dtype=dtype, device=device)
+        return torch.zeros(slot.groups, 0, dtype=torch.int32, device=device)
     try:
-        codes = codec.decode(packed.to(device), widths, 1, slot.group_len)
+        return codec.decode(packed.to(device), widths, 1, slot.group_len)
     except ValueError as exc:
         raise PackedFileError(f"{path}: layer {slot.name!r}: {exc}") from exc
+
+
+def _dequantized_weight(path: Path, slot: LayerSlot, packed, widths, scales, dtype: torch.dtype, device) -> torch.Tensor:
+    """Group ``g``'s weights in row ``g`` of a ``(G, numel / G)`` tensor (the layer's ``grouped`` layout)."""
+    codes = _layer_codes(path, slot, packed, widths, device)
+    if codes.numel() == 0:
+        return codes.to(dtype)
     weight = (codes.to(torch.float32) * scales.to(device).unsqueeze(1)).to(dtype)
     validate.check_weight_values(path, slot.name, weight)
     return weight
@@ -242,18 +249,28 @@ def float_layer(layer: QLinear | QConv2d, weight: torch.Tensor) -> nn.Module:
     return plain
 
 
-def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, max_bytes: int | None = None) -> nn.Module:
+RUNTIMES = ("float", "packed")
+
+
+def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, runtime: str = "float",
+                max_bytes: int | None = None) -> nn.Module:
     """Rebuild a runnable model from a packed file, in eval mode, on ``device``.
 
-    Quantized layers come back as plain ``nn.Linear``/``nn.Conv2d`` holding the exact dequantized
-    weights, so in eval mode the outputs equal those of the exported model bit for bit on the same
-    device, and inference runs without the quantizer.
+    ``runtime="float"``: quantized layers come back as plain ``nn.Linear``/``nn.Conv2d`` holding the
+    exact dequantized weights, so in eval mode the outputs equal those of the exported model bit for
+    bit on the same device, and inference runs without the quantizer. ``runtime="packed"``: they come
+    back as :class:`~sgsc.nn.packed.PackedLinear`/``PackedConv2d`` holding the integer codes bit-packed
+    at each group's width (memory about the file's size), computing from them; outputs equal the float
+    runtime's to fp32 summation order. A model exported in another dtype than float32 runs only on
+    the float runtime.
 
     Every value is checked first (docs/FORMAT.md, "Validation a reader performs"): a file that fails
     raises :class:`PackedFileError`. So does one whose model would need more than ``max_bytes`` of
     memory; the default is 64 MiB plus 256 times the file's size, as a pruned group stores no bytes
     however large the weights it stands for.
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     path = Path(path)
     device = torch.device(device)
     packed_file = read_packed(path, max_bytes)
@@ -262,13 +279,30 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     model = packed_file.architecture
     _assign_state(model, ((key, value.clone()) for key, value in _plain_entries(packed_file)))
     layers = dict(quantized_layers(model))
-    for slot, grouped in dequantized_weights(path, packed_file, device):
-        layer = layers[slot.name]
-        replace_submodule(model, slot.name, float_layer(layer, layer.ungrouped(grouped)))
+    if runtime == "float":
+        for slot, grouped in dequantized_weights(path, packed_file, device):
+            layer = layers[slot.name]
+            replace_submodule(model, slot.name, float_layer(layer, layer.ungrouped(grouped)))
+    else:
+        _use_packed_layers(path, packed_file, model, layers)
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left_on_meta:  # an architecture with state the file does not hold; never silently garbage
         raise PackedFileError(f"{path}: model {header['model']!r} has tensors the file does not hold: {left_on_meta}")
     return model.to(device).eval()
+
+
+def _use_packed_layers(path: Path, packed_file: PackedFile, model: nn.Module, layers: dict) -> None:
+    """Each quantized layer replaced by its packed runtime layer, built from the codes one layer at a time."""
+    from sgsc.nn.packed import packed_module  # the packed runtime's kernels load only when asked for
+
+    for (slot, packed, widths, scales), dtype in zip(packed_layers(packed_file), packed_file.weight_dtypes):
+        if dtype != torch.float32:
+            raise ValueError(f"{path}: layer {slot.name!r} was exported in {dtype}; the packed runtime computes "
+                             "in float32 only: load it with runtime='float'")
+        codes = _layer_codes(path, slot, packed, widths, torch.device("cpu"))
+        if codes.numel():  # the largest weight of each group must be a finite float32, as the float runtime checks
+            validate.check_weight_values(path, slot.name, codes.abs().amax(1).float() * scales)
+        replace_submodule(model, slot.name, packed_module(layers[slot.name], codes, scales.float()))
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -11,16 +11,21 @@ Nothing here imports a layer above it (``sgsc.nn``, ``sgsc.train``, ``sgsc.expor
 
 from sgsc.ops.functional import fake_quantize, pack, packed_group_offsets, unpack, validate_quantizer_args
 from sgsc.ops.library import check_finite_params
+from sgsc.ops.packed import PackedWeight, pack_weight, packed_dequantize, packed_linear
 from sgsc.ops.spec import MAX_WIDTH, ROUNDING_MODES, WEIGHT_DTYPES
 
 __all__ = [
     "MAX_WIDTH",
+    "PackedWeight",
     "ROUNDING_MODES",
     "WEIGHT_DTYPES",
     "check_finite_params",
     "fake_quantize",
     "pack",
+    "pack_weight",
+    "packed_dequantize",
     "packed_group_offsets",
+    "packed_linear",
     "unpack",
     "validate_quantizer_args",
 ]

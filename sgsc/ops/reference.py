@@ -205,3 +205,43 @@ def nonzero_expand(masks: torch.Tensor, values: torch.Tensor, group_len: int) ->
     out = np.zeros(bits.shape, dtype=np.int32)
     out[bits] = values.detach().cpu().numpy()  # fills in row-major order, as nonzero_select reads
     return torch.from_numpy(out)
+
+
+# ---- packed runtime: the layout of sgsc.ops.packed, read back with plain tensor ops ---------------
+#
+# Each tile's segment holds, for its 8 lanes, ceil(len / PER) words of PER = 32 // W codes (one raw
+# int32 code for W > 16); slot j of a word is bits [j * 32 // PER, ...) holding code + 2^(W-1).
+# Weights are code * seg_scale * row_scale; rows no tile names, and columns no segment covers, are 0.
+
+
+def packed_dequantize(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features: int,
+                      in_features: int) -> torch.Tensor:
+    """The float32 ``(out_features, in_features)`` weight a :class:`sgsc.ops.PackedWeight` holds, on its device."""
+    out = torch.zeros(out_features, in_features, dtype=torch.float32, device=words.device)
+    segments = seg_table.tolist()
+    ptr = tile_ptr.tolist()
+    for t in range(rows.shape[0]):
+        lanes = rows[t].long()
+        kept = lanes >= 0
+        for seg, offset in tile_table[ptr[t]:ptr[t + 1]].tolist():
+            k0, k1, width = segments[seg]
+            per = 32 // width if width <= 16 else 1
+            n_words = -(-(k1 - k0) // per)
+            block = words[offset:offset + 8 * n_words].reshape(n_words, 8).to(torch.int64) & 0xFFFFFFFF
+            if per == 1:
+                codes = torch.where(block >= 2**31, block - 2**32, block)
+            else:
+                shifts = torch.arange(per, device=words.device) * (32 // per)
+                fields = (block.unsqueeze(1) >> shifts.view(1, per, 1)) & ((1 << (32 // per)) - 1)
+                codes = fields.reshape(n_words * per, 8) - 2 ** (width - 1)
+            values = codes[: k1 - k0].T.to(torch.float32) * (seg_scale[seg] * row_scale[t]).unsqueeze(1)
+            out[lanes[kept], k0:k1] = values[kept]
+    return out
+
+
+def packed_linear(x, words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features: int,
+                  bias=None) -> torch.Tensor:
+    """``F.linear(x, packed_dequantize(...), bias)`` for 2-D float32 ``x``."""
+    weight = packed_dequantize(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
+                               x.shape[1])
+    return torch.nn.functional.linear(x, weight, bias)

@@ -1,0 +1,520 @@
+// CPU kernels of sgsc::packed_linear and sgsc::packed_dequantize(_out): y = x W^T computed from
+// integer codes bit-packed at each group's width, never materialising W for small batches.
+//
+// The schemas and the layout's documentation (with a worked example) live in sgsc/ops/packed.py;
+// sgsc.ops.reference.packed_dequantize is the twin that reads it in plain PyTorch. In short:
+//
+// * Rows are cut into tiles of 8. A tile holds one or more segments: a run of columns [k0, k1)
+//   stored at one width W. A word of 32 bits holds PER = 32 / W codes (W <= 16; one raw int32 code
+//   otherwise) in slots of SLOT = 32 / PER bits, code j of the word in bits [j*SLOT, j*SLOT + W).
+//   Word t of the tile's 8 rows are 8 consecutive int32: one 32-byte load feeds all 8 rows.
+// * W <= 16 stores u = code + 2^(W-1) (unsigned, so no sign extension in the inner loop); the
+//   offset comes back as one subtraction per row: sum_k code*x = sum_k u*x - 2^(W-1) * sum_k x.
+//   W > 16 stores the signed code itself (one per word, offset 0).
+// * Slot j < PER-1 is converted in place, as u * 2^(j*SLOT) (exact: W significant bits), and x is
+//   pre-scaled by 2^(-j*SLOT) once per call, so extracting a code costs one AND; the top slot is
+//   brought down by one logical shift (its u may set the sign bit). Scaling x by powers of two is
+//   exact unless x * 2^(-j*SLOT) is subnormal (|x| < 2^-98 for SLOT*(PER-1) <= 28).
+// * Output-row groups: every row has its own scale (row_scale), applied once per output. Input-
+//   column groups: segments are the column groups, their scale (seg_scale) folds into the
+//   pre-scaled x, and row_scale is 1.
+//
+// Batches of up to kFusedRows rows run the fused kernel: per tile, 8 rows x MB batch rows of fp32
+// accumulators. Larger batches dequantize blocks of tiles into one reused K-major buffer and hand
+// it to at::mm (the BLAS is faster than any fused loop once the weights are reused 16+ times).
+//
+// The inner loops use GCC vector extensions, compiled twice: for AVX2+FMA (chosen at run time with
+// __builtin_cpu_supports, as csrc/bitpack.cpp does for its AVX2 unpack) and for the baseline ISA.
+// isa.h's target_clones list has no FMA clone, and without FMA the avx2 clone would split every
+// multiply-add in two. An AVX-512 host runs the AVX2+FMA code.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "isa.h"
+
+// The 32-byte vector types never cross a call boundary between ISAs (every helper is inlined into
+// its ISA's entry point), so GCC's note that their by-value ABI differs without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace sgsc {
+namespace {
+
+constexpr int kLanes = 8;           // rows per tile: one 256-bit vector of fp32 accumulators
+constexpr int kMaxChunk = 8;        // batch rows per pass of the fused kernel (accumulators in registers)
+constexpr int64_t kFusedRows = 16;  // largest batch the fused kernel serves; above it, dequantize + at::mm
+constexpr int64_t kBlockTiles = 64; // tiles per dequantized block of the large-batch path (512 rows): few
+                                    // blocks, so few parallel regions (each a barrier, costly on a shared CPU)
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+
+// Codes per 32-bit word at width w (sgsc.ops.packed.codes_per_word mirrors it).
+inline int codes_per_word(int64_t width) { return width <= 16 ? static_cast<int>(32 / width) : 1; }
+
+// The layout's tensors, checked once per call.
+struct Plan {
+  int64_t out_features = 0, in_features = 0, segments = 0, tiles = 0;
+  const uint32_t* words = nullptr;
+  const int64_t* seg = nullptr;  // (S, 3): k0, k1, width
+  const float* seg_scale = nullptr;
+  const int64_t* tile_seg = nullptr;  // (TS, 2): segment, word offset
+  const int64_t* tile_ptr = nullptr;  // (T + 1,)
+  const int32_t* rows = nullptr;      // (T, 8): output row of each lane, -1 for padding
+  const float* row_scale = nullptr;   // (T, 8)
+  std::vector<int64_t> xs_offset;     // (S + 1,): where each segment's pre-scaled x starts, in codes
+  bool covers_all_columns = true;     // every tile's segments cover [0, K): no zero fill needed
+
+  int64_t k0(int64_t s) const { return seg[3 * s]; }
+  int64_t len(int64_t s) const { return seg[3 * s + 1] - seg[3 * s]; }
+  int64_t width(int64_t s) const { return seg[3 * s + 2]; }
+  int64_t words_of(int64_t s) const { return (len(s) + codes_per_word(width(s)) - 1) / codes_per_word(width(s)); }
+};
+
+void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* name, const char* op) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "sgsc.", op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == dim, "sgsc.", op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "sgsc.", op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "sgsc.", op, ": ", name, " must be contiguous");
+}
+
+Plan make_plan(const at::Tensor& words, const at::Tensor& seg_table, const at::Tensor& seg_scale,
+               const at::Tensor& tile_table, const at::Tensor& tile_ptr, const at::Tensor& rows,
+               const at::Tensor& row_scale, int64_t out_features, int64_t in_features, const char* op) {
+  check_tensor(words, at::kInt, 1, "words", op);
+  check_tensor(seg_table, at::kLong, 2, "seg_table", op);
+  check_tensor(seg_scale, at::kFloat, 1, "seg_scale", op);
+  check_tensor(tile_table, at::kLong, 2, "tile_table", op);
+  check_tensor(tile_ptr, at::kLong, 1, "tile_ptr", op);
+  check_tensor(rows, at::kInt, 2, "rows", op);
+  check_tensor(row_scale, at::kFloat, 2, "row_scale", op);
+  TORCH_CHECK_VALUE(out_features >= 0 && in_features >= 0, "sgsc.", op,
+                    ": out_features and in_features must be >= 0, got ", out_features, " and ", in_features);
+  const int64_t S = seg_table.size(0), T = rows.size(0), TS = tile_table.size(0);
+  TORCH_CHECK_VALUE(seg_table.size(1) == 3 && seg_scale.size(0) == S, "sgsc.", op,
+                    ": seg_table must be (S, 3) and seg_scale (S,), got ", seg_table.sizes(), " and ", seg_scale.sizes());
+  TORCH_CHECK_VALUE(rows.size(1) == kLanes && row_scale.sizes() == rows.sizes(), "sgsc.", op,
+                    ": rows and row_scale must be (T, 8), got ", rows.sizes(), " and ", row_scale.sizes());
+  TORCH_CHECK_VALUE(tile_table.size(1) == 2 && tile_ptr.size(0) == T + 1, "sgsc.", op,
+                    ": tile_table must be (TS, 2) and tile_ptr (T + 1,), got ", tile_table.sizes(), " and ",
+                    tile_ptr.sizes());
+  Plan p;
+  p.out_features = out_features;
+  p.in_features = in_features;
+  p.segments = S;
+  p.tiles = T;
+  p.words = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  p.seg = seg_table.data_ptr<int64_t>();
+  p.seg_scale = seg_scale.data_ptr<float>();
+  p.tile_seg = tile_table.data_ptr<int64_t>();
+  p.tile_ptr = tile_ptr.data_ptr<int64_t>();
+  p.rows = rows.data_ptr<int32_t>();
+  p.row_scale = row_scale.data_ptr<float>();
+  // Every index the kernels follow is checked here, so a corrupt layout is an error, never a wild read.
+  p.xs_offset.assign(S + 1, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK_VALUE(p.width(s) >= 1 && p.width(s) <= 32 && p.k0(s) >= 0 && p.k0(s) <= p.seg[3 * s + 1] &&
+                          p.seg[3 * s + 1] <= in_features,
+                      "sgsc.", op, ": seg_table row ", s, " = [", p.k0(s), ", ", p.seg[3 * s + 1], ", ", p.width(s),
+                      "] is not [k0, k1, width] with 0 <= k0 <= k1 <= ", in_features, " and width in [1, 32]");
+    p.xs_offset[s + 1] = p.xs_offset[s] + p.words_of(s) * codes_per_word(p.width(s));
+  }
+  TORCH_CHECK_VALUE(T == 0 || (p.tile_ptr[0] == 0 && p.tile_ptr[T] == TS), "sgsc.", op,
+                    ": tile_ptr must run from 0 to the ", TS, " rows of tile_table");
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK_VALUE(p.tile_ptr[t] <= p.tile_ptr[t + 1], "sgsc.", op, ": tile_ptr must be non-decreasing, it falls at tile ", t);
+    int64_t covered = 0;
+    for (int64_t i = p.tile_ptr[t]; i < p.tile_ptr[t + 1]; ++i) {
+      const int64_t s = p.tile_seg[2 * i], offset = p.tile_seg[2 * i + 1];
+      TORCH_CHECK_VALUE(s >= 0 && s < S, "sgsc.", op, ": tile_table row ", i, " names segment ", s, " of ", S);
+      TORCH_CHECK_VALUE(offset >= 0 && offset + kLanes * p.words_of(s) <= words.numel(), "sgsc.", op,
+                        ": tile_table row ", i, " reads words past the end of words (", words.numel(), ")");
+      covered += p.len(s);
+    }
+    p.covers_all_columns = p.covers_all_columns && covered == in_features;
+    for (int r = 0; r < kLanes; ++r) {
+      const int32_t row = p.rows[kLanes * t + r];
+      TORCH_CHECK_VALUE(row >= -1 && row < out_features, "sgsc.", op, ": rows[", t, ", ", r, "] = ", row,
+                        " is not an output row (or -1) of ", out_features);
+    }
+  }
+  return p;
+}
+
+// ---- fused kernel: 8 rows x MB batch rows per tile --------------------------------------
+
+SGSC_ALWAYS_INLINE u8v load8(const uint32_t* p) {
+  u8v v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Slot J of 8 words as floats: u * 2^(J*SLOT) in place (x carries 2^(-J*SLOT)), the top slot shifted down.
+template <int PER, int J>
+SGSC_ALWAYS_INLINE f8 slot_in_place(u8v v) {
+  if constexpr (PER == 1) {
+    return __builtin_convertvector((i8v)v, f8);  // a raw signed code
+  } else if constexpr (J == PER - 1) {
+    return __builtin_convertvector((i8v)(v >> (J * (32 / PER))), f8);
+  } else {
+    constexpr uint32_t mask = ((uint32_t{1} << (32 / PER)) - 1) << (J * (32 / PER));
+    return __builtin_convertvector((i8v)(v & mask), f8);
+  }
+}
+
+// Slots J.. of one word times their x, into accumulator set J % A (unrolled: every shift and mask
+// is a constant).
+template <int PER, int MB, int A, int J>
+SGSC_ALWAYS_INLINE void multiply_slots(u8v v, const float* x, f8 (&part)[A][MB]) {
+  if constexpr (J < PER) {
+    const f8 code = slot_in_place<PER, J>(v);
+    for (int m = 0; m < MB; ++m) part[J % A][m] += code * x[J * MB + m];
+    multiply_slots<PER, MB, A, J + 1>(v, x, part);
+  }
+}
+
+// acc[m] += sum over the segment's codes of u * xs, for one tile's 8 rows. xs is the segment's
+// pre-scaled x, batch-row-minor: xs[(t * PER + j) * MB + m]. A accumulator sets hide the FMA
+// latency when MB alone gives too few independent chains.
+template <int PER, int MB>
+SGSC_ALWAYS_INLINE void segment_dot(const uint32_t* words, int64_t n_words, const float* xs, f8* acc) {
+  constexpr int A = MB >= 4 ? 1 : 4 / MB;
+  f8 part[A][MB];
+  for (int a = 0; a < A; ++a)
+    for (int m = 0; m < MB; ++m) part[a][m] = f8{};
+  for (int64_t t = 0; t < n_words; ++t) {
+    multiply_slots<PER, MB, A, 0>(load8(words + kLanes * t), xs + t * PER * MB, part);
+  }
+  for (int m = 0; m < MB; ++m) {
+    f8 sum = part[0][m];
+    for (int a = 1; a < A; ++a) sum += part[a][m];
+    acc[m] += sum;
+  }
+}
+
+struct FusedArgs {
+  const Plan* plan;
+  const float* xs;       // pre-scaled x of this batch chunk: segment s at xs_offset[s] * MB
+  const float* offsets;  // (S, MB): 2^(W-1) * sum of the segment's scaled x, subtracted per segment
+  float* y;              // output row of the chunk's first batch row
+  int64_t ldy;           // out_features
+  const float* bias;     // (N,) or nullptr
+};
+
+template <int MB>
+SGSC_ALWAYS_INLINE void fused_tiles_body(const FusedArgs& a, int64_t first, int64_t last) {
+  const Plan& p = *a.plan;
+  for (int64_t t = first; t < last; ++t) {
+    f8 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = f8{};
+    for (int64_t i = p.tile_ptr[t]; i < p.tile_ptr[t + 1]; ++i) {
+      const int64_t s = p.tile_seg[2 * i];
+      const uint32_t* w = p.words + p.tile_seg[2 * i + 1];
+      const float* xs = a.xs + p.xs_offset[s] * MB;
+      const int64_t n = p.words_of(s);
+      switch (codes_per_word(p.width(s))) {
+        case 32: segment_dot<32, MB>(w, n, xs, acc); break;
+        case 16: segment_dot<16, MB>(w, n, xs, acc); break;
+        case 10: segment_dot<10, MB>(w, n, xs, acc); break;
+        case 8: segment_dot<8, MB>(w, n, xs, acc); break;
+        case 6: segment_dot<6, MB>(w, n, xs, acc); break;
+        case 5: segment_dot<5, MB>(w, n, xs, acc); break;
+        case 4: segment_dot<4, MB>(w, n, xs, acc); break;
+        case 3: segment_dot<3, MB>(w, n, xs, acc); break;
+        case 2: segment_dot<2, MB>(w, n, xs, acc); break;
+        default: segment_dot<1, MB>(w, n, xs, acc); break;
+      }
+      for (int m = 0; m < MB; ++m) acc[m] -= a.offsets[s * MB + m];
+    }
+    for (int r = 0; r < kLanes; ++r) {
+      const int32_t row = p.rows[kLanes * t + r];
+      if (row < 0) continue;
+      const float scale = p.row_scale[kLanes * t + r], b = a.bias ? a.bias[row] : 0.0f;
+      for (int m = 0; m < MB; ++m) a.y[m * a.ldy + row] = acc[m][r] * scale + b;
+    }
+  }
+}
+
+using FusedFn = void (*)(const FusedArgs&, int64_t, int64_t);
+
+template <int MB>
+void fused_tiles_portable(const FusedArgs& a, int64_t first, int64_t last) {
+  fused_tiles_body<MB>(a, first, last);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SGSC_NO_MULTIVERSION)
+#define SGSC_PACKED_AVX2 1
+template <int MB>
+__attribute__((target("avx2,fma"))) void fused_tiles_avx2(const FusedArgs& a, int64_t first, int64_t last) {
+  fused_tiles_body<MB>(a, first, last);
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+#endif
+
+template <int... MB>
+std::array<FusedFn, kMaxChunk + 1> fused_table(std::integer_sequence<int, MB...>) {
+#ifdef SGSC_PACKED_AVX2
+  if (cpu_has_avx2_fma()) return {nullptr, fused_tiles_avx2<MB + 1>...};
+#endif
+  return {nullptr, fused_tiles_portable<MB + 1>...};
+}
+
+// fused_kernel()[mb] runs the fused kernel for a chunk of mb batch rows.
+const std::array<FusedFn, kMaxChunk + 1>& fused_kernel() {
+  static const auto table = fused_table(std::make_integer_sequence<int, kMaxChunk>{});
+  return table;
+}
+
+// Pre-scaled x of batch rows [m0, m0 + mb) for every segment, and each segment's offset term.
+void prescale(const Plan& p, const float* x, int64_t m0, int64_t mb, float* xs, float* offsets) {
+  const int64_t K = p.in_features;
+  for (int64_t s = 0; s < p.segments; ++s) {
+    const int per = codes_per_word(p.width(s));
+    const int slot = 32 / per;
+    const int64_t k0 = p.k0(s), len = p.len(s), n = p.xs_offset[s + 1] - p.xs_offset[s];
+    float factor[32];
+    for (int j = 0; j < per; ++j) factor[j] = p.seg_scale[s] * (j == per - 1 ? 1.0f : std::ldexp(1.0f, -j * slot));
+    const double code_offset = per == 1 ? 0.0 : std::ldexp(1.0, static_cast<int>(p.width(s)) - 1);
+    float* dst = xs + p.xs_offset[s] * mb;
+    for (int64_t m = 0; m < mb; ++m) {
+      const float* xm = x + (m0 + m) * K + k0;
+      double sum = 0.0;  // double: the offset term then adds no rounding error of its own worth counting
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = i < len ? xm[i] : 0.0f;  // codes past the segment's end are 0 in the words too
+        dst[i * mb + m] = v * factor[i % per];
+        sum += static_cast<double>(v) * p.seg_scale[s];
+      }
+      offsets[s * mb + m] = static_cast<float>(code_offset * sum);
+    }
+  }
+}
+
+void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const float* bias) {
+  // Batch chunks of at most kMaxChunk rows, as even as possible (12 -> 6 + 6, not 8 + 4).
+  const int64_t chunks = (M + kMaxChunk - 1) / kMaxChunk;
+  std::vector<int64_t> chunk_start(chunks + 1);
+  for (int64_t c = 0; c <= chunks; ++c) chunk_start[c] = c * M / chunks;
+  const int64_t xs_per_row = p.xs_offset[p.segments];
+  std::vector<float> xs(xs_per_row * M), offsets(p.segments * M);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
+    prescale(p, x, m0, mb, xs.data() + xs_per_row * m0, offsets.data() + p.segments * m0);
+  }
+  const auto& kernel = fused_kernel();
+  // About 64K multiply-adds per task: tiny layers stay on one thread, where waking the pool costs more.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kLanes * p.in_features * M));
+  at::parallel_for(0, p.tiles, grain, [&](int64_t first, int64_t last) {
+    for (int64_t c = 0; c < chunks; ++c) {  // the tiles' words stay in cache from one chunk to the next
+      const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
+      const FusedArgs args{&p, xs.data() + xs_per_row * m0, offsets.data() + p.segments * m0,
+                           y + m0 * p.out_features, p.out_features, bias};
+      kernel[mb](args, first, last);
+    }
+  });
+}
+
+// ---- dequantization: one tile's codes times their scales, into a float buffer ------------
+
+// Slots J.. of word t: code * scale (exact: scales are powers of two). K_MAJOR writes the 8 lanes
+// of column k to dst[k * ld + lane] (the large-batch block); otherwise lane r goes to
+// dst[rows[r] * ld + k] (the weight itself, row-major).
+template <int PER, bool K_MAJOR, int J>
+SGSC_ALWAYS_INLINE void dequantize_slots(u8v v, int64_t k, int64_t len, f8 code_offset, f8 scale,
+                                         const int32_t* rows, float* dst, int64_t ld) {
+  if constexpr (J < PER) {
+    if (k + J >= len) return;  // padding codes of the segment's last word
+    f8 code;
+    if constexpr (PER == 1) {
+      code = __builtin_convertvector((i8v)v, f8);
+    } else {
+      const u8v field = (v >> (J * (32 / PER))) & ((uint32_t{1} << (32 / PER)) - 1);
+      code = __builtin_convertvector((i8v)field, f8) - code_offset;
+    }
+    const f8 value = code * scale;
+    if constexpr (K_MAJOR) {
+      std::memcpy(dst + (k + J) * ld, &value, sizeof(value));
+    } else {
+      for (int r = 0; r < kLanes; ++r)
+        if (rows[r] >= 0) dst[rows[r] * ld + k + J] = value[r];
+    }
+    dequantize_slots<PER, K_MAJOR, J + 1>(v, k, len, code_offset, scale, rows, dst, ld);
+  }
+}
+
+template <int PER, bool K_MAJOR>
+SGSC_ALWAYS_INLINE void dequantize_segment(const uint32_t* words, int64_t len, float code_offset, f8 scale,
+                                           const int32_t* rows, float* dst, int64_t ld) {
+  const f8 offset = f8{} + code_offset;
+  for (int64_t t = 0, k = 0; k < len; ++t, k += PER) {
+    dequantize_slots<PER, K_MAJOR, 0>(load8(words + kLanes * t), k, len, offset, scale, rows, dst, ld);
+  }
+}
+
+// Tile t's codes times their scales into dst, whose column 0 is the layer's column 0.
+template <bool K_MAJOR>
+SGSC_ALWAYS_INLINE void dequantize_tile_body(const Plan& p, int64_t t, float* dst, int64_t ld) {
+  f8 lane_scale;
+  std::memcpy(&lane_scale, p.row_scale + kLanes * t, sizeof(lane_scale));
+  const int32_t* rows = p.rows + kLanes * t;
+  for (int64_t i = p.tile_ptr[t]; i < p.tile_ptr[t + 1]; ++i) {
+    const int64_t s = p.tile_seg[2 * i];
+    const uint32_t* w = p.words + p.tile_seg[2 * i + 1];
+    const float offset = std::ldexp(1.0f, static_cast<int>(p.width(s)) - 1);
+    const f8 scale = lane_scale * p.seg_scale[s];
+    float* d = K_MAJOR ? dst + p.k0(s) * ld : dst + p.k0(s);
+    const int64_t len = p.len(s);
+    switch (codes_per_word(p.width(s))) {
+      case 32: dequantize_segment<32, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 16: dequantize_segment<16, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 10: dequantize_segment<10, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 8: dequantize_segment<8, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 6: dequantize_segment<6, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 5: dequantize_segment<5, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 4: dequantize_segment<4, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 3: dequantize_segment<3, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 2: dequantize_segment<2, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      default: dequantize_segment<1, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+    }
+  }
+}
+
+using DequantizeFn = void (*)(const Plan&, int64_t, float*, int64_t);
+
+template <bool K_MAJOR>
+void dequantize_tile_portable(const Plan& p, int64_t t, float* dst, int64_t ld) {
+  dequantize_tile_body<K_MAJOR>(p, t, dst, ld);
+}
+
+#ifdef SGSC_PACKED_AVX2
+template <bool K_MAJOR>
+__attribute__((target("avx2,fma"))) void dequantize_tile_avx2(const Plan& p, int64_t t, float* dst, int64_t ld) {
+  dequantize_tile_body<K_MAJOR>(p, t, dst, ld);
+}
+#endif
+
+template <bool K_MAJOR>
+DequantizeFn dequantize_kernel() {
+#ifdef SGSC_PACKED_AVX2
+  if (cpu_has_avx2_fma()) return dequantize_tile_avx2<K_MAJOR>;
+#endif
+  return dequantize_tile_portable<K_MAJOR>;
+}
+
+void dequantize_into(const Plan& p, float* out) {
+  // Pruned rows, padding and columns of pruned input groups are zeros.
+  std::fill(out, out + p.out_features * p.in_features, 0.0f);
+  const DequantizeFn kernel = dequantize_kernel<false>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, kLanes * p.in_features));
+  at::parallel_for(0, p.tiles, grain, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) kernel(p, t, out, p.in_features);
+  });
+}
+
+// Larger batches: blocks of kBlockTiles tiles dequantized K-major into one reused buffer, multiplied
+// by at::mm, their columns scattered to the tiles' output rows.
+void blocked_linear(const Plan& p, const at::Tensor& x, at::Tensor& y, const float* bias) {
+  const int64_t M = x.size(0), K = p.in_features, ld = kLanes * kBlockTiles;
+  auto block = at::zeros({K, ld}, x.options());
+  auto product = at::empty({M, ld}, x.options());
+  float* buf = block.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const DequantizeFn kernel = dequantize_kernel<true>();
+  for (int64_t first = 0; first < p.tiles; first += kBlockTiles) {
+    const int64_t last = std::min(p.tiles, first + kBlockTiles);
+    if (!p.covers_all_columns) block.zero_();
+    at::parallel_for(first, last, 1, [&](int64_t a, int64_t b) {
+      for (int64_t t = a; t < b; ++t) kernel(p, t, buf + kLanes * (t - first), ld);
+    });
+    at::mm_out(product, x, block);
+    const float* prod = product.data_ptr<float>();
+    for (int64_t t = first; t < last; ++t) {
+      for (int r = 0; r < kLanes; ++r) {
+        const int32_t row = p.rows[kLanes * t + r];
+        if (row < 0) continue;
+        const float b = bias ? bias[row] : 0.0f;
+        const int64_t column = kLanes * (t - first) + r;
+        for (int64_t m = 0; m < M; ++m) yp[m * p.out_features + row] = prod[m * ld + column] + b;
+      }
+    }
+  }
+}
+
+// ---- ops -----------------------------------------------------------------------------------
+
+at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& words, const at::Tensor& seg_table,
+                             const at::Tensor& seg_scale, const at::Tensor& tile_table, const at::Tensor& tile_ptr,
+                             const at::Tensor& rows, const at::Tensor& row_scale, int64_t out_features,
+                             const std::optional<at::Tensor>& bias) {
+  check_tensor(x, at::kFloat, 2, "x", "packed_linear");
+  const Plan p = make_plan(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
+                           x.size(1), "packed_linear");
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    check_tensor(*bias, at::kFloat, 1, "bias", "packed_linear");
+    TORCH_CHECK_VALUE(bias->size(0) == out_features, "sgsc.packed_linear: bias must have ", out_features,
+                      " elements, got ", bias->size(0));
+    bias_ptr = bias->data_ptr<float>();
+  }
+  const int64_t M = x.size(0);
+  // Rows no tile covers (pruned) are the bias alone.
+  // (A fresh tensor: for M == 1 an expanded bias is already "contiguous" and would alias it.)
+  auto y = at::empty({M, out_features}, x.options());
+  if (bias_ptr) y.copy_(bias->unsqueeze(0).expand({M, out_features}));
+  else y.zero_();
+  if (M == 0 || p.tiles == 0) return y;
+  if (M <= kFusedRows) {
+    fused_linear(p, x.data_ptr<float>(), M, y.data_ptr<float>(), bias_ptr);
+  } else {
+    blocked_linear(p, x, y, bias_ptr);
+  }
+  return y;
+}
+
+at::Tensor packed_dequantize_cpu(const at::Tensor& words, const at::Tensor& seg_table, const at::Tensor& seg_scale,
+                                 const at::Tensor& tile_table, const at::Tensor& tile_ptr, const at::Tensor& rows,
+                                 const at::Tensor& row_scale, int64_t out_features, int64_t in_features) {
+  const Plan p = make_plan(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
+                           in_features, "packed_dequantize");
+  auto out = at::empty({out_features, in_features}, seg_scale.options());
+  dequantize_into(p, out.data_ptr<float>());
+  return out;
+}
+
+void packed_dequantize_out_cpu(const at::Tensor& words, const at::Tensor& seg_table, const at::Tensor& seg_scale,
+                               const at::Tensor& tile_table, const at::Tensor& tile_ptr, const at::Tensor& rows,
+                               const at::Tensor& row_scale, int64_t out_features, int64_t in_features, at::Tensor out) {
+  const Plan p = make_plan(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
+                           in_features, "packed_dequantize_out");
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "sgsc.packed_dequantize_out: out must be float32, got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.numel() == out_features * in_features && out.is_contiguous(),
+                    "sgsc.packed_dequantize_out: out must be contiguous with ", out_features * in_features,
+                    " elements, got shape ", out.sizes());
+  dequantize_into(p, out.data_ptr<float>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
+  m.impl("packed_linear", &packed_linear_cpu);
+  m.impl("packed_dequantize", &packed_dequantize_cpu);
+  m.impl("packed_dequantize_out", &packed_dequantize_out_cpu);
+}
+
+}  // namespace sgsc

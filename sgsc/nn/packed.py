@@ -1,0 +1,221 @@
+"""Packed runtime modules: layers that run from their integer codes, holding nothing of float32 size.
+
+- :class:`PackedLinear`: ``F.linear`` from bit-packed codes (:func:`sgsc.ops.packed_linear`, fused kernels).
+- :class:`PackedConv2d`: dequantizes its weight per call into one buffer shared by every packed
+  convolution on the device (it grows to the largest layer), then ``F.conv2d``.
+- :func:`packed_module`: the packed layer for one quantized layer's codes (what a loader calls).
+- :func:`pack_model`: every QLinear/QConv2d of a trained model replaced in place.
+- :func:`resident_bytes`, :func:`packed_file_bytes`: what the packed weights keep in memory, and the
+  dense bit-packed size of the same codes (the file's), for the overhead ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgsc.nn.convert import replace_submodule
+from sgsc.nn.layers import QConv2d, QLinear, quantized_layers
+from sgsc.ops import packed as packed_ops
+from sgsc.ops import reference
+
+_BUFFERS = packed_ops.TENSOR_NAMES
+
+
+class _PackedBase(nn.Module):
+    """Holds a :class:`sgsc.ops.PackedWeight` as buffers (so ``.to(device)`` and ``state_dict`` see them)."""
+
+    out_features: int
+    in_features: int
+    file_bytes: int  # the codes' dense bit-packed size (sgsc.ops.pack's layout), the overhead yardstick
+
+    def _set_weight(self, weight: packed_ops.PackedWeight, bias: torch.Tensor | None, file_bytes: int) -> None:
+        for name, tensor in zip(_BUFFERS, weight.tensors()):
+            self.register_buffer(name, tensor)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.out_features, self.in_features, self.file_bytes = weight.out_features, weight.in_features, file_bytes
+
+    @property
+    def packed_weight(self) -> packed_ops.PackedWeight:
+        return packed_ops.PackedWeight(*(getattr(self, name) for name in _BUFFERS),
+                                       out_features=self.out_features, in_features=self.in_features)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Resident bytes of the packed weight (words and tables; the bias is not counted)."""
+        return self.packed_weight.nbytes
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight, exactly ``code * scale`` (for checks; the forward never builds it for Linear)."""
+        return packed_ops.packed_dequantize(self.packed_weight)
+
+
+class PackedLinear(_PackedBase):
+    """``nn.Linear`` whose weight stays bit-packed: ``y = x W^T + b`` computed from the codes.
+
+    Inputs must be float32 (activations stay float); inference only (no gradient to the codes).
+    """
+
+    def __init__(self, weight: packed_ops.PackedWeight, bias: torch.Tensor | None = None, *, file_bytes: int = 0):
+        super().__init__()
+        self._set_weight(weight, bias, file_bytes)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   group_by: str = "output") -> PackedLinear:
+        """From int ``codes`` ``(out_features, in_features)`` and per-group ``scales`` (see :func:`sgsc.ops.pack_weight`)."""
+        weight = packed_ops.pack_weight(codes, scales, group_by)
+        return cls(weight, bias, file_bytes=packed_ops.file_bytes(codes, scales, group_by))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_ops.packed_linear(x, self.packed_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _Workspace:
+    """One float32 buffer per device, grown to the largest weight asked for: every packed convolution
+    dequantizes into it, so a model holds one dequantized layer at a time."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, torch.Tensor] = {}
+
+    def take(self, numel: int, device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get(device)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            self._buffers[device] = buffer
+        return buffer[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
+WORKSPACE = _Workspace()
+
+
+class PackedConv2d(_PackedBase):
+    """``nn.Conv2d`` whose weight stays bit-packed; each call dequantizes it into the shared :data:`WORKSPACE`.
+
+    The buffer is reused by the next packed convolution, so the forward is not re-entrant across
+    threads; where autograd would save the weight for a backward pass, a fresh tensor is used instead.
+    """
+
+    def __init__(self, weight: packed_ops.PackedWeight, bias: torch.Tensor | None, *, in_channels: int,
+                 kernel_size, stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
+                 file_bytes: int = 0):
+        super().__init__()
+        self._set_weight(weight, bias, file_bytes)
+        self.in_channels, self.out_channels = in_channels, weight.out_features
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
+        self.dilation, self.groups, self.padding_mode = dilation, groups, padding_mode
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, codes: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> PackedConv2d:
+        """``conv``'s hyper-parameters with its weight's int ``codes`` (any shape of ``out_channels`` rows)."""
+        rows = codes.reshape(conv.out_channels, -1)
+        return cls(packed_ops.pack_weight(rows, scales, "output"), bias, in_channels=conv.in_channels,
+                   kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                   groups=conv.groups, padding_mode=conv.padding_mode,
+                   file_bytes=packed_ops.file_bytes(rows, scales, "output"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        keeps_weight = torch.is_grad_enabled() and x.requires_grad  # autograd would save the buffer
+        out = None if keeps_weight else WORKSPACE.take(self.out_features * self.in_features, x.device)
+        weight = packed_ops.packed_dequantize(self.packed_weight, out=out).reshape(shape)
+        if self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in range(2)]
+            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, self.bias, self.stride, 0,
+                            self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}")
+
+
+def packed_module(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> PackedLinear | PackedConv2d:
+    """The packed layer for ``layer``'s integer codes.
+
+    ``layer`` is a QLinear/QConv2d (on the meta device is fine: only its hyper-parameters, ``group_by``
+    and grouped layout are read) or a plain nn.Linear/nn.Conv2d (output-row groups). ``codes`` are the
+    int ``(G, L)`` codes in the layer's grouped layout (``sgsc.export.codec.decode``'s output reshaped
+    to ``(G, -1)``), ``scales`` the float32 ``(G,)`` scales. ``bias`` defaults to ``layer.bias``.
+    """
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"layer must be a QLinear, QConv2d, nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+    if not isinstance(codes, torch.Tensor) or not isinstance(scales, torch.Tensor):
+        raise TypeError("codes and scales must be tensors")
+    groups = scales.numel()
+    if codes.numel() != layer.weight.numel() or (groups and codes.reshape(groups, -1).shape[0] != groups):
+        raise ValueError(f"codes must hold the layer's {layer.weight.numel()} codes in {groups} groups, "
+                         f"got shape {tuple(codes.shape)}")
+    if bias is None and layer.bias is not None:
+        if layer.bias.is_meta:
+            raise ValueError("layer.bias is on the meta device: load the plain state first or pass bias")
+        bias = layer.bias
+    grouped = codes.reshape(groups, -1) if groups else codes.reshape(0, 0)
+    if isinstance(layer, nn.Conv2d):
+        return PackedConv2d.from_conv(layer, grouped, scales, bias)
+    group_by = getattr(layer, "group_by", "output")
+    if group_by == "input":
+        matrix = layer.ungrouped(grouped)  # (G, O * I / G) -> (O, I)
+    else:
+        matrix = grouped.reshape(layer.out_features, layer.in_features)
+    return PackedLinear.from_codes(matrix, scales, bias, group_by=group_by)
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module) -> nn.Module:
+    """Replace every QLinear/QConv2d of ``model`` by its packed layer, in place; returns ``model`` in eval mode.
+
+    Other quantized layers (QConv1d, QEmbedding) have no packed runtime yet and are left as they are.
+
+    The codes are eq. (1)'s (``sgsc.ops.reference.integer_codes``, what the exporter writes), so the
+    packed model computes with exactly the weights of the exported one.
+    """
+    for name, layer in list(quantized_layers(model)):
+        if not isinstance(layer, (QLinear, QConv2d)):
+            continue  # conv1d and embedding layers have no packed runtime yet: they keep computing quantized
+        if layer.quant_groups == 0 or layer.weight.numel() == 0:
+            codes = torch.zeros(layer.quant_groups, 0, dtype=torch.int32)
+            scales = torch.ones(layer.quant_groups)
+        else:
+            codes, scales = reference.integer_codes(layer.grouped(layer.weight.detach()), layer.bits.detach(),
+                                                    layer.exponent.detach(), layer.rounding)
+        device = layer.weight.device
+        packed = packed_module(layer, codes.cpu(), scales.cpu().float(), layer.bias)
+        replace_submodule(model, name, packed.to(device))
+    return model.eval()
+
+
+def _packed_modules(model: nn.Module):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return [m for m in model.modules() if isinstance(m, _PackedBase)]
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes the packed weights of ``model`` keep resident (codes and layout tables; biases and the
+    shared convolution buffer, :data:`WORKSPACE`, not included)."""
+    return sum(m.weight_nbytes for m in _packed_modules(model))
+
+
+def workspace_bytes(model: nn.Module) -> int:
+    """Bytes of the one buffer ``model``'s packed convolutions share: the largest of their float32 weights."""
+    return max((4 * m.out_features * m.in_features for m in _packed_modules(model) if isinstance(m, PackedConv2d)),
+               default=0)
+
+
+def packed_file_bytes(model: nn.Module) -> int:
+    """The same codes' dense bit-packed size (each group at its minimal width, as in the file)."""
+    return sum(m.file_bytes for m in _packed_modules(model))
+
+
+__all__ = ["PackedConv2d", "PackedLinear", "WORKSPACE", "pack_model", "packed_file_bytes", "packed_module",
+           "resident_bytes", "workspace_bytes"]
