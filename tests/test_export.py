@@ -185,10 +185,18 @@ def test_export_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
 # ---- damage ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def packed_file(tmp_path):
-    path = tmp_path / "m.sgsc"
+@pytest.fixture(scope="session")
+def _packed_bytes(tmp_path_factory) -> bytes:
+    """One export per test run: the tests below damage a copy of these bytes."""
+    path = tmp_path_factory.mktemp("packed") / "m.sgsc"
     export.export_packed(_trained_cnn(), path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def packed_file(tmp_path, _packed_bytes):
+    path = tmp_path / "m.sgsc"
+    path.write_bytes(_packed_bytes)
     return path
 
 

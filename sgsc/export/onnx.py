@@ -349,6 +349,20 @@ def strip_debug_info(proto) -> None:
         node.name = ""
     del proto.graph.value_info[:]
     del proto.graph.metadata_props[:]
+    _shorten_intermediate_names(proto)
+
+
+def _shorten_intermediate_names(proto) -> None:
+    """Rename the values that flow between nodes to short ids, in place; graph inputs, outputs and
+    initializers keep their names. The exporter's names (module paths and op names) were about a
+    tenth of a small model's file."""
+    keep = {v.name for v in (*proto.graph.input, *proto.graph.output)} | {i.name for i in proto.graph.initializer}
+    renamed: dict[str, str] = {}
+    for node in proto.graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name and name not in keep:
+                    names[i] = renamed.setdefault(name, f"t{len(renamed):x}")
 
 
 def _narrow_gather_indices(proto) -> None:
