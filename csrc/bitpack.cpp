@@ -83,6 +83,7 @@ Layout make_layout(const at::Tensor& widths, int64_t group_len, const char* op) 
   const int64_t* w = w64.data_ptr<int64_t>();
   layout.offset[0] = 0;
   for (int64_t g = 0; g < layout.groups; ++g) {
+    // the width limit and the stream size are sgsc.ops.spec's MAX_WIDTH and stream_bytes
     TORCH_CHECK_VALUE(w[g] >= 0 && w[g] <= 32, "sgsc.", op, ": widths must be in [0, 32], got ", w[g],
                       " at group ", g);
     layout.width[g] = static_cast<int>(w[g]);

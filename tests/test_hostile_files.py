@@ -1,4 +1,4 @@
-"""Files crafted with valid checksums (issue 22): every one loads cleanly or fails with PackedFileError,
+"""Files crafted with valid checksums: every one loads cleanly or fails with PackedFileError,
 within a memory and time bound; `sgsc inspect` and `load_packed` agree; the CLI prints one line."""
 
 from __future__ import annotations
