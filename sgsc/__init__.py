@@ -36,6 +36,7 @@ _PUBLIC = {
     "export_onnx": "sgsc.export",
     "export_packed": "sgsc.export",
     "load_packed": "sgsc.export",
+    "save_packed": "sgsc.export",
     "read_header": "sgsc.export",
     "summarize": "sgsc.export",
     "PackedFileError": "sgsc.export",

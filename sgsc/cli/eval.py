@@ -9,7 +9,7 @@ import time
 import torch
 
 from sgsc import export
-from sgsc.cli.inspect import MAX_BYTES_HELP, weight_bytes
+from sgsc.cli.inspect import MAX_BYTES_HELP, MODEL_HELP, architecture, weight_bytes
 from sgsc.export.reader import RUNTIMES
 from sgsc.train.config import DATA_NAMES, TrainConfig
 from sgsc.train.task import evaluate, load_data
@@ -38,9 +38,13 @@ def _eval(args) -> int:
     except RuntimeError as exc:  # torch's error for a device string it cannot parse
         raise ValueError(f"--device {args.device!r}: {exc}") from None
     header = export.read_header(args.file)
+    user_model = architecture(args.model)  # before the data set is read, as are the checks below
+    if "model" not in header and user_model is None:
+        raise ValueError(f"{args.file}: the file records a model outside the zoo: pass --model pkg.module:factory")
     data = _data_for(args, header)
     started = time.perf_counter()
-    model = export.load_packed(args.file, device=device, runtime=args.runtime, max_bytes=args.max_bytes)
+    model = export.load_packed(args.file, device=device, runtime=args.runtime, max_bytes=args.max_bytes,
+                               model=user_model)
     loaded_in = time.perf_counter() - started
     result = {split: evaluate(model, getattr(data, split)) for split in ("val", "test")}
     file_bytes = os.path.getsize(args.file)
@@ -67,5 +71,6 @@ def register(subparsers) -> None:
                         help="float: dequantized float layers; packed: layers that compute from the bit-packed "
                              "codes, memory at about the file's size (default: %(default)s)")
     parser.add_argument("--max-bytes", type=int, help=MAX_BYTES_HELP)
+    parser.add_argument("--model", metavar="PKG.MODULE:FACTORY", help=MODEL_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     parser.set_defaults(func=_eval)

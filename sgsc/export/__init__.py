@@ -2,8 +2,10 @@
 
 - :mod:`~sgsc.export.codec`: one layer's codes as bytes, each group dense or sparse;
 - :mod:`~sgsc.export.format`: names, versions, header checks, where each layer sits;
-- :mod:`~sgsc.export.architecture`: the architecture a file names, rebuilt on the meta device;
-- :mod:`~sgsc.export.writer`: ``export_packed``, ``packed_size``;
+- :mod:`~sgsc.export.record`: the architecture record of a file for any model (format version 4);
+- :mod:`~sgsc.export.architecture`: the architecture of a file on the meta device: a zoo model rebuilt, or
+  the user's float architecture quantized and cut to the file's record;
+- :mod:`~sgsc.export.writer`: ``save_packed`` (alias ``export_packed``);
 - :mod:`~sgsc.export.reader`: ``load_packed``, ``read_header``;
 - :mod:`~sgsc.export.inspect`: ``summarize``, ``format_summary`` (`sgsc inspect`);
 - :mod:`~sgsc.export.onnx`: ``export_onnx``, the model as ONNX with integer weights (the ``[onnx]`` extra),
@@ -16,7 +18,8 @@ Imports :mod:`sgsc.ops` and :mod:`sgsc.nn` only.
 from sgsc.export.format import CODES, FORMAT_NAME, FORMAT_VERSION, HEADER_CRC_TENSOR, PackedFileError
 from sgsc.export.inspect import LayerSummary, PackedSummary, format_summary, summarize
 from sgsc.export.reader import float_layer, load_packed, read_header
-from sgsc.export.writer import build_packed_state, export_packed, integer_codes
+from sgsc.export.record import ArchitectureMismatch
+from sgsc.export.writer import build_packed_state, export_packed, integer_codes, save_packed
 
 
 def __getattr__(name: str):
@@ -28,6 +31,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ArchitectureMismatch",
     "CODES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -43,5 +47,6 @@ __all__ = [
     "integer_codes",
     "load_packed",
     "read_header",
+    "save_packed",
     "summarize",
 ]

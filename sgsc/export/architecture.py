@@ -1,12 +1,19 @@
-"""The architecture a packed file names, rebuilt on the meta device: shapes and dtypes, no storage."""
+"""The architecture of a packed file on the meta device (shapes and dtypes, no storage): a zoo model
+rebuilt from its config, or the user's own architecture quantized and cut to the file's record."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from sgsc.export.format import dtype_name, layer_slots
+from sgsc.export.record import ArchitectureMismatch, Record, first_mismatch, record_of
+from sgsc.nn import quantize_model, quantized_layers
+from sgsc.nn.layers import QUANTIZED_TYPES, QCausalSelfAttention
+from sgsc.nn.pruning import shrink_parameter
 from sgsc.nn.zoo import build_model
 
 
@@ -69,3 +76,140 @@ def dtype_exceptions(model: nn.Module, rebuilt: nn.Module) -> dict[str, str]:
     """State-dict entries whose dtype is not the one the rebuilt architecture has (usually none)."""
     theirs = rebuilt.state_dict()
     return {key: dtype_name(value.dtype) for key, value in model.state_dict().items() if value.dtype != theirs[key].dtype}
+
+
+# ---- any model: the user's float architecture made into the one a file records --------------------
+
+
+def _to_meta(model: nn.Module) -> None:
+    """Parameters and persistent buffers moved to the meta device in place, ties kept; the file supplies
+    their values. Non-persistent buffers (a causal mask, rotary tables) stay: no file holds them."""
+    moved: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in moved:
+                    moved[id(param)] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+                module._parameters[name] = moved[id(param)]
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = moved.setdefault(id(buffer), buffer.to("meta"))
+
+
+def _unpruned_groups(model: nn.Module, record: Record) -> dict[str, int]:
+    """Each recorded layer's group count before pruning: pruning removes whole groups, so a group spans as
+    many channels as in the file, and the unpruned layer's channels give the count."""
+    groups = {}
+    for layer in record.layers:
+        module = dict(model.named_modules()).get(layer.name)
+        weight = getattr(module, "weight", None)
+        pruned = record.state[layer.key("weight")][0][0 if layer.group_by == "output" else 1]
+        if isinstance(weight, torch.Tensor) and weight.dim() > 1 and layer.groups:
+            span = pruned // layer.groups
+            channels = weight.shape[0 if layer.group_by == "output" else 1]
+            if channels % span == 0 and channels:
+                groups[layer.name] = channels // span
+    return groups
+
+
+def _unrecorded(model: nn.Module, record: Record) -> list[str]:
+    """The modules to leave in float: those with no recorded layer at or under them (named at the top)."""
+    recorded = {""}
+    for layer in record.layers:
+        parts = layer.name.split(".") if layer.name else []
+        recorded.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    skip = []
+    for name, module in model.named_modules():
+        if name in recorded:
+            prefix = f"{name}." if name else ""
+            skip.extend(prefix + child for child, _ in module.named_children() if prefix + child not in recorded)
+    return skip
+
+
+def _cut(module: nn.Module, name: str, dim: int, size: int) -> None:
+    """Keep the first ``size`` entries of ``module.<name>`` along ``dim`` (the file supplies every value)."""
+    shrink_parameter(module, name, dim, torch.arange(size), None)
+
+
+def _cut_quantizer(layer: nn.Module, channels: int, axis: int) -> None:
+    if isinstance(layer, QUANTIZED_TYPES) and layer.group_by == ("output" if axis == 0 else "input"):
+        span = layer.weight.shape[axis] // layer.quant_groups
+        if channels % span:
+            raise ValueError(f"module: cutting {channels} channels would split a quantization group of {span}")
+        _cut(layer, "bits", 0, channels // span)
+        _cut(layer, "exponent", 0, channels // span)
+
+
+def cut_to_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Replay a physical pruning: cut each prunable module to the shapes ``shapes`` gives its state entries.
+
+    The modules and attributes are those :func:`sgsc.nn.graph_pruning.prune_zero_bit_units` cuts:
+    linear and ungrouped conv rows (with their quantization groups) and columns, depthwise conv
+    channels, BatchNorm entries, and the heads of a ``QCausalSelfAttention``. Which channels remain does
+    not matter, as the file supplies every value: each module keeps its first ones. Coupled dimensions
+    agree because every entry gets the shape it had in the model that was saved. A module whose shapes
+    are not smaller along those axes is left as it is, for the caller's comparison to report.
+    """
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            size = shapes.get(prefix + "running_mean", (module.num_features,))[0]
+            if size < module.num_features:
+                for part in ("weight", "bias", "running_mean", "running_var"):
+                    _cut(module, part, 0, size)
+                module.num_features = size
+            continue
+        conv = isinstance(module, nn.modules.conv._ConvNd)
+        if not (isinstance(module, nn.Linear) or conv) or (prefix + "weight") not in shapes:
+            continue
+        target, weight = shapes[prefix + "weight"], module.weight
+        if len(target) != weight.dim():
+            continue
+        depthwise = conv and module.groups == module.in_channels == module.out_channels and module.groups > 1
+        if conv and module.groups > 1 and not depthwise:
+            continue  # grouped convolutions are never pruned
+        try:
+            if target[0] < weight.shape[0]:
+                _cut_quantizer(module, target[0], 0)
+                _cut(module, "weight", 0, target[0])
+                _cut(module, "bias", 0, target[0])
+                if depthwise:
+                    module.in_channels = module.groups = target[0]
+            if not depthwise and target[1] < weight.shape[1]:
+                _cut_quantizer(module, target[1], 1)
+                _cut(module, "weight", 1, target[1])
+        except ValueError as exc:
+            raise ValueError(f"{name or '<model>'}: {exc}") from None
+        if conv:
+            module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+        else:
+            module.out_features, module.in_features = module.weight.shape
+    for module in model.modules():
+        if isinstance(module, QCausalSelfAttention):
+            module.n_heads, module.n_embd = module.q_proj.out_features // module.head_dim, module.out_proj.out_features
+
+
+def prepare_architecture(model: nn.Module, record: Record) -> nn.Module:
+    """``model`` (a float architecture, changed in place) on the meta device, quantized as ``record``
+    says and cut to its shapes; raises :class:`ArchitectureMismatch` naming the first difference."""
+    _to_meta(model)
+    roundings = {layer.rounding for layer in record.layers}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers quantize_model leaves in float are reported as mismatches below
+        try:
+            model = quantize_model(model, skip=_unrecorded(model, record), groups=_unpruned_groups(model, record),
+                                   rounding=roundings.pop() if len(roundings) == 1 else "nearest")
+        except (ValueError, TypeError) as exc:
+            raise ArchitectureMismatch(f"the architecture cannot be quantized as the file records: {exc}") from None
+    layers = dict(quantized_layers(model))
+    for layer in record.layers:  # the rounding changes no loaded value; it is restored for completeness
+        if layer.name in layers:
+            layers[layer.name].rounding = layer.rounding
+    try:
+        cut_to_shapes(model, {key: shape for key, (shape, _) in record.state.items()})
+    except ValueError as exc:
+        raise ArchitectureMismatch(f"the file's pruning does not apply to the architecture: {exc}") from None
+    mismatch = first_mismatch(record, record_of(model))
+    if mismatch is not None:
+        raise ArchitectureMismatch(mismatch)
+    return model

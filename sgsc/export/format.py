@@ -19,9 +19,12 @@ from sgsc.nn import quantized_layers
 from sgsc.ops.spec import MAX_WIDTH  # noqa: F401 - the widest group a file stores
 
 FORMAT_NAME = "sgsc-packed"
-FORMAT_VERSION = 3
-# version 3 added sparse groups; a version 2 file is a version 3 file without them
-READABLE_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+# version 3 added sparse groups; a version 2 file is a version 3 file without them. Version 4 added the
+# architecture record, which describes any model; a zoo model's file uses nothing version 4 added and is
+# still written as version 3 (older readers read it, and its bytes did not change).
+READABLE_VERSIONS = (2, 3, 4)
+ZOO_VERSION = 3
 CODES, WIDTHS, SCALES = "codes", "widths", "scales"
 STATE_PREFIX = "state."
 HEADER_CRC_TENSOR = "header.crc32"
@@ -108,6 +111,9 @@ STORED_DTYPES = ("U8", "I64", "F16", "BF16", "F32", "F64")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REQUIRED_KEYS = ("format", "version", "model", "config", "crc32")
 OPTIONAL_KEYS = ("dtypes", "data")
+# version 4: the architecture record replaces the registry name and config, and gives every dtype itself
+RECORD_REQUIRED_KEYS = ("format", "version", "architecture", "crc32")
+RECORD_OPTIONAL_KEYS = ("data",)
 DATA_KEYS = ("name", "seed", "dir")  # "dir" only in files written before it was dropped; ignored
 MAX_DATA_NAME = 64
 SEED_RANGE = range(2**32)
@@ -195,15 +201,17 @@ def check_header(path: Path, header: object) -> None:
     if type(version) is not int or version not in READABLE_VERSIONS:
         raise _fail(path, f"format version {version!r} is not supported by this sgsc (reads versions "
                           f"{', '.join(map(str, READABLE_VERSIONS))})")
-    missing = [key for key in REQUIRED_KEYS if key not in header]
+    required, optional = (RECORD_REQUIRED_KEYS, RECORD_OPTIONAL_KEYS) if version == 4 else (REQUIRED_KEYS, OPTIONAL_KEYS)
+    missing = [key for key in required if key not in header]
     if missing:
         raise _fail(path, f"header lacks {missing}")
-    unknown = sorted(set(header) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    unknown = sorted(set(header) - set(required) - set(optional))
     if unknown:
-        raise _fail(path, f"header has unknown keys {unknown}")
-    if not isinstance(header["model"], str):
+        raise _fail(path, f"header has unknown keys {unknown} (a version {version} header holds "
+                          f"{', '.join(required + optional)})")
+    if not isinstance(header.get("model", ""), str):
         raise _fail(path, f"header 'model' must be a string, got {type(header['model']).__name__}")
-    for key in ("config", "crc32", "dtypes", "data"):
+    for key in ("config", "architecture", "crc32", "dtypes", "data"):
         if not isinstance(header.get(key, {}), dict):
             raise _fail(path, f"header {key!r} must be a JSON object, got {type(header[key]).__name__}")
     bad_crcs = sorted(name for name, crc in header["crc32"].items() if type(crc) is not int or not 0 <= crc < 2**32)

@@ -14,8 +14,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from torch import nn
 
-from sgsc.export import codec, validate
-from sgsc.export.architecture import ArchitectureTooLarge, rebuild_on_meta
+from sgsc.export import codec, record, validate
+from sgsc.export.architecture import ArchitectureTooLarge, prepare_architecture, rebuild_on_meta
 from sgsc.export.format import (
     CODES,
     HEADER_CRC_TENSOR,
@@ -33,7 +33,7 @@ from sgsc.export.format import (
     stored_dtype,
     unreadable,
 )
-from sgsc.nn import QConv2d, QLinear, quantized_layers, replace_submodule
+from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers, replace_submodule
 
 
 @dataclass
@@ -42,12 +42,13 @@ class PackedFile:
 
     header: dict
     tensors: dict[str, torch.Tensor]
-    architecture: nn.Module  # on the meta device: the loader fills it with the file's tensors
+    architecture: nn.Module | None  # a zoo model on the meta device, which the loader fills; None for a record
     slots: list[LayerSlot]
     state_dtypes: dict[str, torch.dtype]  # plain state-dict entry -> its stored dtype, in stream order
     state_shapes: dict[str, tuple[int, ...]]
     code_spans: list[slice] = dataclasses.field(default_factory=list)  # each layer's bytes of ``codes``, once checked
     weight_dtypes: list[torch.dtype] = dataclasses.field(default_factory=list)  # each layer's dequantized dtype
+    record: record.Record | None = None  # a version 4 file's architecture record
 
 
 def _read_container(path: Path, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -89,7 +90,10 @@ def read_packed(path: Path, max_bytes: int | None = None, data: bytes | None = N
     data = read_file(path) if data is None else data
     max_bytes = validate.default_max_bytes(len(data)) if max_bytes is None else max_bytes
     header, tensors = _read_container(path, data)
-    packed_file = _describe(path, header, tensors, _rebuild(path, header, len(data)))
+    if "architecture" in header:  # nothing to build: the record gives every shape
+        packed_file = _describe_record(header, tensors, record.parse(path, header["architecture"]))
+    else:
+        packed_file = _describe(path, header, tensors, _rebuild(path, header, len(data)))
     validate.check_footprint(path, packed_file.slots, packed_file.weight_dtypes, {
         key: (packed_file.state_shapes[key], dtype) for key, dtype in packed_file.state_dtypes.items()
     }, max_bytes)
@@ -115,6 +119,15 @@ def _describe(path: Path, header: dict, tensors: dict[str, torch.Tensor], rebuil
         stored_dtype(path, header, f"{slot.name}.weight" if slot.name else "weight", layers[slot.name].weight.dtype)
         for slot in packed_file.slots
     ]
+    return packed_file
+
+
+def _describe_record(header: dict, tensors: dict[str, torch.Tensor], recorded: record.Record) -> PackedFile:
+    """What a version 4 file's record says each stream holds."""
+    plain = recorded.plain()
+    packed_file = PackedFile(header, tensors, None, recorded.slots(), {key: dtype for key, (_, dtype) in plain.items()},
+                             {key: shape for key, (shape, _) in plain.items()}, record=recorded)
+    packed_file.weight_dtypes = [recorded.state[layer.key("weight")][1] for layer in recorded.stored_layers()]
     return packed_file
 
 
@@ -234,35 +247,79 @@ def _assign_state(model: nn.Module, state) -> None:
                 if isinstance(current, nn.Parameter) else value)
 
 
-def float_layer(layer: QLinear | QConv2d, weight: torch.Tensor) -> nn.Module:
+def _plain_twin(layer: nn.Module) -> nn.Module:
+    """The plain nn layer with ``layer``'s hyper-parameters, on the meta device."""
+    if isinstance(layer, (QConv1d, QConv2d)):
+        conv = nn.Conv1d if isinstance(layer, QConv1d) else nn.Conv2d
+        return conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                    layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+    if isinstance(layer, QEmbedding):
+        return nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
+                            scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, device="meta")
+    return nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+
+
+def float_layer(layer: QLinear | QConv1d | QConv2d | QEmbedding, weight: torch.Tensor) -> nn.Module:
     """A plain nn layer with ``layer``'s hyper-parameters and bias, holding ``weight`` (frozen)."""
-    if isinstance(layer, QConv2d):
-        plain = nn.Conv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta",
-        )
-    else:
-        plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+    plain = _plain_twin(layer)
     plain.weight = nn.Parameter(weight, requires_grad=False)
-    if layer.bias is not None:
+    if getattr(layer, "bias", None) is not None:
         plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     return plain
+
+
+def _loaded_float_layer(layer: nn.Module, weight: nn.Parameter) -> nn.Module:
+    """:func:`float_layer` for a model being loaded: the Parameters are taken over, not copied, so tied
+    weights (and a bias shared with another layer) stay one Parameter."""
+    plain = _plain_twin(layer)
+    plain.weight = weight
+    if getattr(layer, "bias", None) is not None:
+        plain.bias = layer.bias.requires_grad_(False)
+    return plain
+
+
+def _replace_everywhere(model: nn.Module, layer: nn.Module, new: nn.Module) -> None:
+    """``new`` at every name ``layer`` has in ``model`` (a module may be registered at several)."""
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if module is layer:
+            replace_submodule(model, name, new)
+
+
+def _tie_plain_state(model: nn.Module, recorded: record.Record) -> None:
+    """Each tied plain entry made the same tensor as the entry it is tied to, as in the saved model."""
+    quantized = {layer.key(part) for layer in recorded.layers for part in record.QUANTIZER_PARTS}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for key, owner in recorded.tied.items():
+        if key not in quantized:
+            module, _, name = key.rpartition(".")
+            owner_module, _, owner_name = owner.rpartition(".")
+            setattr(modules[module], name, getattr(modules[owner_module], owner_name))
 
 
 RUNTIMES = ("float", "packed")
 
 
 def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, runtime: str = "float",
-                max_bytes: int | None = None) -> nn.Module:
+                max_bytes: int | None = None, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a runnable model from a packed file, in eval mode, on ``device``.
 
-    ``runtime="float"``: quantized layers come back as plain ``nn.Linear``/``nn.Conv2d`` holding the
-    exact dequantized weights, so in eval mode the outputs equal those of the exported model bit for
-    bit on the same device, and inference runs without the quantizer. ``runtime="packed"``: they come
-    back as :class:`~sgsc.nn.packed.PackedLinear`/``PackedConv2d`` holding the integer codes bit-packed
-    at each group's width (memory about the file's size), computing from them; outputs equal the float
-    runtime's to fp32 summation order. A model exported in another dtype than float32 runs only on
-    the float runtime.
+    A zoo model's file names its architecture. Any other file records it by shapes and needs
+    ``model``: the float architecture the saved model was made from, as built before
+    ``quantize_model`` and any physical pruning. It is changed in place and returned: quantized as
+    the file records (group counts, grouping, rounding), cut to the file's pruned shapes, and filled
+    with the file's tensors; an architecture that does not match raises
+    :class:`~sgsc.export.record.ArchitectureMismatch` (a ``ValueError``) naming the first mismatch.
+
+    ``runtime="float"``: quantized layers come back as plain ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/
+    ``nn.Embedding`` layers holding the exact dequantized weights (layers that shared a weight share
+    it again), so in eval mode the outputs equal those of the exported model bit for bit on the same
+    device, and inference runs without the quantizer. ``runtime="packed"``: QLinear/QConv2d layers
+    come back as :class:`~sgsc.nn.packed.PackedLinear`/``PackedConv2d`` holding the integer codes
+    bit-packed at each group's width (memory about the file's size), computing from them; outputs
+    equal the float runtime's to fp32 summation order. Other quantized layers, a QMultiheadAttention's
+    projections (it computes from their weights) and layers sharing a weight with one stay on the
+    float runtime. A model exported in another dtype than float32 runs
+    only on the float runtime.
 
     Every value is checked first (docs/FORMAT.md, "Validation a reader performs"): a file that fails
     raises :class:`PackedFileError`. So does one whose model would need more than ``max_bytes`` of
@@ -271,38 +328,85 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (the float architecture) or None, got {type(model).__name__}")
     path = Path(path)
     device = torch.device(device)
-    packed_file = read_packed(path, max_bytes)
-    header = packed_file.header
-    # the architecture from read_packed holds no storage: assigning the file's tensors is the only write
-    model = packed_file.architecture
+    packed_file = read_packed(path, max_bytes)  # every check on the file before the architecture is touched
+    # the architecture holds no storage: assigning the file's tensors is the only write
+    model = _architecture(path, packed_file, model)
     _assign_state(model, ((key, value.clone()) for key, value in _plain_entries(packed_file)))
+    if packed_file.record is not None:
+        _tie_plain_state(model, packed_file.record)
     layers = dict(quantized_layers(model))
-    if runtime == "float":
-        for slot, grouped in dequantized_weights(path, packed_file, device):
-            layer = layers[slot.name]
-            replace_submodule(model, slot.name, float_layer(layer, layer.ungrouped(grouped)))
-    else:
-        _use_packed_layers(path, packed_file, model, layers)
+    # QMultiheadAttention hands its projections' weights to F.multi_head_attention_forward: they stay float
+    packable = {name for name, layer in layers.items() if isinstance(layer, PACKED_RUNTIME_TYPES)
+                and not isinstance(model.get_submodule(name.rpartition(".")[0]), QMultiheadAttention)}
+    for name, new in _runtime_layers(path, packed_file, layers, runtime, device, packable):
+        _replace_everywhere(model, layers[name], new)
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left_on_meta:  # an architecture with state the file does not hold; never silently garbage
-        raise PackedFileError(f"{path}: model {header['model']!r} has tensors the file does not hold: {left_on_meta}")
+        raise PackedFileError(f"{path}: the model has tensors the file does not hold: {left_on_meta}")
     return model.to(device).eval()
 
 
-def _use_packed_layers(path: Path, packed_file: PackedFile, model: nn.Module, layers: dict) -> None:
-    """Each quantized layer replaced by its packed runtime layer, built from the codes one layer at a time."""
-    from sgsc.nn.packed import packed_module  # the packed runtime's kernels load only when asked for
+def _architecture(path: Path, packed_file: PackedFile, model: nn.Module | None) -> nn.Module:
+    """The meta-device architecture to fill: the zoo's rebuild, or ``model`` made into the file's record."""
+    if packed_file.record is None:
+        if model is not None:
+            raise ValueError(f"{path}: the file names zoo model {packed_file.header['model']!r}, which it rebuilds "
+                             "itself; model= is for files of other architectures")
+        return packed_file.architecture
+    if model is None:
+        raise ValueError(f"{path}: the file records an architecture of its own (no zoo model): pass model=, the "
+                         "float architecture it was saved from, as built before quantize_model and pruning")
+    try:
+        return prepare_architecture(model, packed_file.record)
+    except record.ArchitectureMismatch as exc:
+        raise record.ArchitectureMismatch(f"{path}: the architecture passed as model= does not match the file: "
+                                          f"{exc}") from None
 
+
+def _tied_layers(packed_file: PackedFile) -> dict[str, list[str]]:
+    """Each stored layer's name -> the layers that share its weight (and codes)."""
+    tied: dict[str, list[str]] = {slot.name: [] for slot in packed_file.slots}
+    recorded = packed_file.record
+    for layer in recorded.layers if recorded is not None else ():
+        owner = recorded.tied.get(layer.key("weight"))
+        if owner is not None:
+            tied[owner.removesuffix("weight").removesuffix(".")].append(layer.name)
+    return tied
+
+
+PACKED_RUNTIME_TYPES = (QLinear, QConv2d)
+
+
+def _runtime_layers(path: Path, packed_file: PackedFile, layers: dict, runtime: str, device: torch.device,
+                    packable: set[str]):
+    """``(name, replacement)`` of every quantized layer, decoded one stored layer at a time.
+
+    Layers sharing a weight get float layers sharing one Parameter, or packed layers of the same codes.
+    """
+    tied = _tied_layers(packed_file)
     for (slot, packed, widths, scales), dtype in zip(packed_layers(packed_file), packed_file.weight_dtypes):
-        if dtype != torch.float32:
-            raise ValueError(f"{path}: layer {slot.name!r} was exported in {dtype}; the packed runtime computes "
-                             "in float32 only: load it with runtime='float'")
-        codes = _layer_codes(path, slot, packed, widths, torch.device("cpu"))
-        if codes.numel():  # the largest weight of each group must be a finite float32, as the float runtime checks
-            validate.check_weight_values(path, slot.name, codes.abs().amax(1).float() * scales)
-        replace_submodule(model, slot.name, packed_module(layers[slot.name], codes, scales.float()))
+        names = [slot.name, *tied[slot.name]]
+        if runtime == "packed" and packable.issuperset(names):
+            from sgsc.nn.packed import packed_module  # the packed runtime's kernels load only when asked for
+
+            if dtype != torch.float32:
+                raise ValueError(f"{path}: layer {slot.name!r} was exported in {dtype}; the packed runtime computes "
+                                 "in float32 only: load it with runtime='float'")
+            codes = _layer_codes(path, slot, packed, widths, torch.device("cpu"))
+            if codes.numel():  # the largest weight of each group must be a finite float32, as the float runtime checks
+                validate.check_weight_values(path, slot.name, codes.abs().amax(1).float() * scales)
+            for name in names:
+                yield name, packed_module(layers[name], codes, scales.float())
+        else:
+            on = device if runtime == "float" else torch.device("cpu")
+            grouped = _dequantized_weight(path, slot, packed, widths, scales, dtype, on)
+            weight = nn.Parameter(layers[slot.name].ungrouped(grouped), requires_grad=False)
+            for name in names:
+                yield name, _loaded_float_layer(layers[name], weight)
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -326,4 +430,7 @@ def read_header(path: str | os.PathLike) -> dict:
             raw = handle.read(8)
             if len(raw) == 8:
                 stored_crc = torch.tensor([int.from_bytes(raw, "little", signed=True)])
-    return checked_header(path, index.get("__metadata__") or {}, stored_crc)
+    header = checked_header(path, index.get("__metadata__") or {}, stored_crc)
+    if "architecture" in header:
+        record.parse(path, header["architecture"])
+    return header

@@ -24,12 +24,14 @@ from sgsc.export.format import (
     MAX_WIDTH,
     SCALES,
     WIDTHS,
+    ZOO_VERSION,
     PackedFileError,
     check_data_record,
     crc32,
     plain_state,
     state_stream,
 )
+from sgsc.export.record import problems, record_of
 from sgsc.nn import QConv2d, QLinear, quantized_layers
 from sgsc.nn.zoo import model_name
 from sgsc.ops import reference
@@ -68,35 +70,53 @@ def _concat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([part.reshape(-1) for part in parts]) if parts else torch.empty(0, dtype=dtype)
 
 
-def build_packed_state(model: nn.Module, data: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and JSON header of ``model``'s packed file, all on the CPU.
-
-    ``data`` (optional) records what the model was trained on, ``{"name": "digits", "seed": 0}``, so
-    `sgsc eval` can score it on the same split. A ``"dir"`` key is dropped: a file names no paths,
-    as a file that chose which paths its reader opens would be a hazard.
-    """
-    name, config = model_name(model), dataclasses.asdict(model.config)
-    rebuilt = rebuild_on_meta(name, config)
-    check_matches_architecture(model, rebuilt)
+def _streams(model: nn.Module, layer_names: list[str], plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``codes``, ``widths``, ``scales`` of the named quantized layers, and a ``state.<dtype>`` stream per dtype."""
+    layers = dict(quantized_layers(model))
     packed, widths, scales = [], [], []
-    for layer_name, layer in quantized_layers(model):
-        for parts, part in zip((packed, widths, scales), _pack_layer(layer_name, layer)):
+    for layer_name in layer_names:
+        for parts, part in zip((packed, widths, scales), _pack_layer(layer_name, layers[layer_name])):
             parts.append(part)
     tensors = {CODES: _concat(packed, torch.uint8), WIDTHS: _concat(widths, torch.uint8), SCALES: _concat(scales, torch.float32)}
     state: dict[str, list[torch.Tensor]] = {}
-    for value in plain_state(model).values():
+    for value in plain.values():
         state.setdefault(state_stream(value.dtype), []).append(value.detach().cpu())
     tensors.update({stream: _concat(parts, parts[0].dtype) for stream, parts in state.items()})
-    header = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "model": name,
-        "config": config,
-        "crc32": {stream: crc32(tensor) for stream, tensor in tensors.items()},
-    }
-    dtypes = dtype_exceptions(model, rebuilt)
-    if dtypes:
-        header["dtypes"] = dtypes
+    return tensors
+
+
+def build_packed_state(model: nn.Module, data: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and JSON header of ``model``'s packed file, all on the CPU.
+
+    A zoo model's file names it and its config (version 3); any other model's file holds its
+    architecture record (version 4, :mod:`sgsc.export.record`). ``data`` (optional) records what
+    the model was trained on, ``{"name": "digits", "seed": 0}``, so `sgsc eval` can score it on the
+    same split. A ``"dir"`` key is dropped: a file names no paths, as a file that chose which paths
+    its reader opens would be a hazard.
+    """
+    try:
+        name = model_name(model)
+    except TypeError:  # not a zoo model: its file records the architecture itself
+        name = None
+    if name is not None:
+        config = dataclasses.asdict(model.config)
+        rebuilt = rebuild_on_meta(name, config)
+        check_matches_architecture(model, rebuilt)
+        tensors = _streams(model, [layer_name for layer_name, _ in quantized_layers(model)], plain_state(model))
+        header = {"format": FORMAT_NAME, "version": ZOO_VERSION, "model": name, "config": config,
+                  "crc32": {stream: crc32(tensor) for stream, tensor in tensors.items()}}
+        dtypes = dtype_exceptions(model, rebuilt)
+        if dtypes:
+            header["dtypes"] = dtypes
+    else:
+        record = record_of(model)
+        problem = problems(record)
+        if problem is not None:
+            raise ValueError(f"cannot export this model: {problem}")
+        state = model.state_dict()
+        tensors = _streams(model, [layer.name for layer in record.stored_layers()], {key: state[key] for key in record.plain()})
+        header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "architecture": record.to_json(),
+                  "crc32": {stream: crc32(tensor) for stream, tensor in tensors.items()}}
     if data is not None:
         if not isinstance(data, dict):
             raise TypeError(f"data must be a dict such as {{'name': 'digits', 'seed': 0}}, got {type(data).__name__}")
@@ -115,12 +135,17 @@ def _serialize(model: nn.Module, data: dict | None) -> bytes:
     return safetensors_save(tensors, metadata={"sgsc": header_json})
 
 
-def export_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | None = None):
-    """Write ``model`` (an sgsc zoo model) as a packed file at ``path``, atomically.
+def save_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | None = None):
+    """Write ``model`` as a packed file at ``path``, atomically: any architecture, no registry.
 
+    A zoo model's file names it and its config; any other model's file records its quantized layers,
+    the shape and dtype of every state-dict entry (so a physically pruned model is described
+    exactly) and its tied tensors, and loads with ``load_packed(path, model=<its float architecture>)``.
     ``data`` optionally records the training data (see :func:`build_packed_state`). Returns the
     :class:`~sgsc.export.inspect.PackedSummary` of what was written.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     from sgsc.export.inspect import summarize_bytes  # inspection reads files; writing does not need it otherwise
 
     payload = _serialize(model, data)
@@ -132,3 +157,6 @@ def export_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | Non
         raise ValueError(f"cannot export this model: {exc}") from None
     atomic_write(path, payload)
     return summary
+
+
+export_packed = save_packed  # the name the zoo, the trainer and files written since version 1 know
