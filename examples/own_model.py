@@ -5,6 +5,8 @@ Fashion-MNIST when ``shared/data/fashion-mnist`` (or ``$SGSC_DATA_DIR``) holds i
 scikit-learn's 8x8 digits. Nothing here is sgsc's zoo: the model is quantized with
 ``sgsc.quantize_model``, the preservation set is chosen with ``sgsc.train.preservation.build``, and
 ``SelfCompression`` adds the size penalty and the safety checks to an ordinary PyTorch loop.
+Without a loop of your own, ``sgsc.train.compress(model, (x, y), preserve=0.05, steps=..., gamma=...)``
+runs the same algorithm in the zoo trainer's loop (seeded batches, checkpoints, resume, DDP).
 
     python examples/own_model.py                 # about a minute on one CPU thread
     python examples/own_model.py --single-adam   # the old recipe: one Adam at 1e-3 for everything

@@ -42,6 +42,7 @@ _PUBLIC = {
     "PackedFileError": "sgsc.export",
     "TrainConfig": "sgsc.train",
     "SelfCompression": "sgsc.train",
+    "compress": "sgsc.train",
 }
 _SUBPACKAGES = ("ops", "nn", "export", "train", "experiments", "cli")
 

@@ -18,12 +18,14 @@ from sgsc.cli.train import config_from_args
 from sgsc.nn import quantized_layers
 from sgsc.nn.zoo import build_model
 from sgsc.train import (
+    Policy,
     RunState,
     TrainConfig,
-    apply_decision,
     bits_snapshot,
-    decide,
+    carry_out,
+    default_pruner,
     evaluate,
+    judge,
     load_checkpoint,
     load_data,
     make_optimizer,
@@ -103,10 +105,11 @@ def test_restore_raises_bits_when_preservation_accuracy_drops(compressed, value)
     healthy = evaluate(result["model"], preserved)["accuracy"]
     state = RunState(step=7, best=healthy, snapshot=snapshot)
 
-    decision = decide(model, config, state, preserved, language=False)
+    policy = Policy(config.threshold, config.restore, config.prune, pruner=default_pruner(model))
+    decision = judge(model, state, evaluate(model, preserved)["accuracy"], policy)
     assert decision.metric < healthy - config.threshold
     assert decision.restore == {"blocks.0.0": list(range(first_conv.quant_groups))}
-    event = apply_decision(model, optimizer, state, decision, language=False)
+    event = carry_out(model, optimizer, state, decision, higher_is_better=True, pruner=policy.pruner)
     assert event["restored"] == first_conv.quant_groups
     assert torch.equal(first_conv.bits.detach(), snapshot["blocks.0.0"])
     assert torch.equal(optimizer.state[first_conv.bits]["exp_avg"], torch.zeros_like(first_conv.bits))
@@ -121,7 +124,8 @@ def test_unsafe_baseline_does_not_restore(compressed):
     model, snapshot = _broken_copy(result, 1.0)
     baseline = unsafe(config)
     assert baseline.lambda_ == 0 and baseline.restore is False and baseline.gamma == config.gamma
-    decision = decide(model, baseline, RunState(best=1.0, snapshot=snapshot), preserved, language=False)
+    policy = Policy(baseline.threshold, baseline.restore, baseline.prune, pruner=default_pruner(model))
+    decision = judge(model, RunState(best=1.0, snapshot=snapshot), evaluate(model, preserved)["accuracy"], policy)
     assert decision.restore is None
 
 

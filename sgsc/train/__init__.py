@@ -7,23 +7,22 @@
 - :mod:`~sgsc.train.safety`: restore and prune, with the run's typed state;
 - :mod:`~sgsc.train.selfcompress`: ``SelfCompression``, Algorithm 1 inside the caller's own loop;
 - :mod:`~sgsc.train.batches`, :mod:`~sgsc.train.distributed`, :mod:`~sgsc.train.checkpoint`;
-- :mod:`~sgsc.train.loop`: ``train``, the loop itself; :mod:`~sgsc.train.plots`: its figures.
+- :mod:`~sgsc.train.loop`: ``compress``, the loop itself, and ``train``, the zoo's client of it;
+  :mod:`~sgsc.train.plots`: its figures.
 
 Imports :mod:`sgsc.ops`, :mod:`sgsc.nn` and :mod:`sgsc.export` (to write the run's packed file).
 """
 
 from sgsc.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from sgsc.train.config import DATA_NAMES, LR_SCHEDULES, TrainConfig, unsafe
-from sgsc.train.loop import make_optimizer, train
+from sgsc.train.loop import compress, make_optimizer, train
 from sgsc.train.safety import (
     Decision,
     Policy,
     Pruner,
     RunState,
-    apply_decision,
     bits_snapshot,
     carry_out,
-    decide,
     default_pruner,
     judge,
 )
@@ -40,10 +39,9 @@ __all__ = [
     "RunState",
     "SelfCompression",
     "TrainConfig",
-    "apply_decision",
     "bits_snapshot",
     "carry_out",
-    "decide",
+    "compress",
     "default_pruner",
     "evaluate",
     "judge",

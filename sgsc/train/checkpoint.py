@@ -45,13 +45,19 @@ def set_rng_state(saved: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state: RunState, config: TrainConfig) -> None:
-    """Write everything a bit-exact resume needs, atomically (temp file, then ``os.replace``)."""
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state: RunState, config: dict) -> None:
+    """Write everything a bit-exact resume needs, atomically (temp file, then ``os.replace``).
+
+    ``config`` is the run's settings (plain values), checked on resume. A zoo model's architecture
+    is recorded so :func:`model_from_checkpoint` can rebuild it; any other model is resumed by
+    loading the state into a model the caller builds.
+    """
+    name, architecture = _architecture(model)
     record = {
         "format": CHECKPOINT_FORMAT,
-        "config": dataclasses.asdict(config),
-        "model_name": model_name(model),
-        "model_config": dataclasses.asdict(model.config),
+        "config": config,
+        "model_name": name,
+        "model_config": architecture,
         "model_state": model.state_dict(),
         "optimizer_state": optimizer.state_dict(),
         "state": state.to_record(),
@@ -59,6 +65,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state:
         "world_size": rank_world()[1],  # the data order depends on it: resume on as many processes
     }
     atomic_write(path, lambda handle: torch.save(record, handle))
+
+
+def _architecture(model: nn.Module) -> tuple[str | None, dict | None]:
+    try:
+        name = model_name(model)
+    except TypeError:  # not a zoo model: nothing to rebuild it from
+        return None, None
+    return name, dataclasses.asdict(model.config)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -73,7 +87,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def model_from_checkpoint(record: dict, device: torch.device | str = "cpu") -> nn.Module:
-    """The (possibly pruned) model a checkpoint holds, rebuilt from its config."""
+    """The (possibly pruned) model a checkpoint holds, rebuilt from its config (zoo models only)."""
+    if record.get("model_name") is None:
+        raise ValueError("the checkpoint holds a model from outside sgsc's zoo, which cannot be rebuilt from it; "
+                         "build the model and load_state_dict(record['model_state']) into it")
     model = build_model(record["model_name"], record["model_config"])
     model.load_state_dict(record["model_state"])
     freeze_empty_layers(model)
@@ -81,12 +98,18 @@ def model_from_checkpoint(record: dict, device: torch.device | str = "cpu") -> n
 
 
 def check_resumable(config: TrainConfig, saved: dict, path: Path) -> None:
-    current = dataclasses.asdict(config)
+    """Refuse to resume ``saved`` (a checkpoint's config) under a ``config`` that would change its trajectory."""
     # a field a checkpoint predates ran at its default: new fields default to the old behaviour
-    saved = {**dataclasses.asdict(TrainConfig()), **saved}
-    free = RESUMABLE_CHANGES if config.lr_schedule == "constant" else tuple(k for k in RESUMABLE_CHANGES if k != "steps")
+    check_settings(dataclasses.asdict(config), {**dataclasses.asdict(TrainConfig()), **saved}, path)
+
+
+def check_settings(current: dict, saved: dict, path: Path) -> None:
+    """Refuse a resume whose ``current`` settings differ from the ``saved`` ones outside
+    :data:`~sgsc.train.config.RESUMABLE_CHANGES`; settings ``saved`` lacks are not compared."""
+    free = RESUMABLE_CHANGES if current.get("lr_schedule") == "constant" else tuple(
+        k for k in RESUMABLE_CHANGES if k != "steps")
     # a decaying schedule is a function of the run's length, so a longer resume would change its past
-    differ = [k for k in current if k not in free and json.dumps(current[k]) != json.dumps(saved.get(k))]
+    differ = [k for k in current if k not in free and k in saved and json.dumps(current[k]) != json.dumps(saved[k])]
     if differ:
-        detail = ", ".join(f"{k}={saved.get(k)!r} in the checkpoint, {current[k]!r} now" for k in differ)
+        detail = ", ".join(f"{k}={saved[k]!r} in the checkpoint, {current[k]!r} now" for k in differ)
         raise ValueError(f"resume: {path} was written by a different config ({detail})")

@@ -12,13 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sgsc.train.config import TrainConfig
 
+def setup_distributed(device: str = "auto") -> tuple[bool, torch.device]:
+    """Join the process group torchrun describes; returns (whether we created it, device).
 
-def setup_distributed(config: TrainConfig) -> tuple[bool, torch.device]:
-    """Join the process group torchrun describes; returns (whether we created it, device)."""
+    ``device`` is ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` (this rank's GPU).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     created = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")

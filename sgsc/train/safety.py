@@ -9,9 +9,8 @@ restore can still bring it back) and the bits are snapshotted. A model no pruner
 zero-bit groups masked (they compute exact zeros and cost no bits), and the check reports them.
 
 :func:`judge` only reads the model (it runs on rank 0 under DDP and its :class:`Decision` is
-broadcast); :func:`carry_out` carries it out on every rank. Neither needs a ``TrainConfig`` (the
-switches are a :class:`Policy`), so any loop can use them (:mod:`sgsc.train.selfcompress`);
-:func:`decide` and :func:`apply_decision` are the trainer's form, reading its ``TrainConfig``.
+broadcast); :func:`carry_out` carries it out on every rank. The switches are a :class:`Policy`;
+:class:`~sgsc.train.selfcompress.SelfCompression` is their one caller in the library.
 """
 
 from __future__ import annotations
@@ -21,12 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from sgsc.nn import pruning, quantized_layers, storage_bits
 from sgsc.nn.pruning import Units, common_units
-from sgsc.train.config import TrainConfig
-from sgsc.train.task import evaluate
 
 Snapshot = dict[str, torch.Tensor]  # layer name -> its bits at the last safe check (CPU, float32)
 
@@ -90,11 +86,6 @@ class Policy:
     higher_is_better: bool = True
     pruner: Pruner | None = None
 
-    @classmethod
-    def from_config(cls, config: TrainConfig, language: bool, model: nn.Module) -> Policy:
-        """The trainer's policy: ``config``'s switches, loss for a language model, the model's default pruner."""
-        return cls(config.threshold, config.restore, config.prune, not language, default_pruner(model))
-
 
 @dataclass
 class Decision:
@@ -107,12 +98,6 @@ class Decision:
     restore: dict[str, list[int]] | None = None
     prune: Units = field(default_factory=dict)
     masked: dict[str, list[int]] | None = None
-
-
-def preservation_metric(model: nn.Module, preserved: TensorDataset, language: bool) -> float:
-    """What the safety check watches: accuracy on the preservation set, or loss for a language model."""
-    result = evaluate(model, preserved)
-    return result["loss"] if language else result["accuracy"]
 
 
 def bits_snapshot(model: nn.Module) -> Snapshot:
@@ -207,18 +192,3 @@ def carry_out(model: nn.Module, optimizer: torch.optim.Optimizer, state: RunStat
         event["pruned"] = pruner.prune(model, optimizer, decision.prune) if decision.prune else {}
     state.snapshot = bits_snapshot(model)
     return event
-
-
-# ---- the trainer's form: the policy read from its TrainConfig --------------------------------
-
-
-def decide(model: nn.Module, config: TrainConfig, state: RunState, preserved: TensorDataset | None,
-           language: bool) -> Decision:
-    """:func:`judge` with ``config``'s policy, measuring the metric on ``preserved`` (rank 0)."""
-    metric = preservation_metric(model, preserved, language) if preserved is not None else None
-    return judge(model, state, metric, Policy.from_config(config, language, model))
-
-
-def apply_decision(model: nn.Module, optimizer, state: RunState, decision: Decision, language: bool) -> dict:
-    """:func:`carry_out` for the trainer: loss or accuracy by ``language``, the model's :func:`default_pruner`."""
-    return carry_out(model, optimizer, state, decision, higher_is_better=not language, pruner=default_pruner(model))

@@ -34,7 +34,7 @@ from sgsc.nn import average_bits, quantized_layers
 from sgsc.train.batches import batch, seeded_generator
 from sgsc.train.distributed import from_rank0, rank_world
 from sgsc.train.safety import Policy, Pruner, RunState, bits_snapshot, carry_out, default_pruner, judge
-from sgsc.train.task import evaluate, mean_abs_weight
+from sgsc.train.task import evaluate, mean_abs_weight, mean_loss
 from sgsc.train.task import task_loss as cross_entropy
 
 # built-in preservation metrics (sgsc.train.evaluate's keys) -> whether higher is better
@@ -86,45 +86,53 @@ def _preserved_set(preserve) -> TensorDataset | None:
     """
     if preserve is None:
         return None
-    if isinstance(preserve, (tuple, list)):
-        if len(preserve) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in preserve):
-            raise TypeError("preserve given as a pair must be (inputs, targets) tensors with a batch dimension")
-        inputs, targets = preserve
-        if len(inputs) != len(targets):
-            raise ValueError(f"preserve has {len(inputs)} inputs but {len(targets)} targets")
-        data = TensorDataset(inputs, targets)
-    elif isinstance(preserve, TensorDataset) and len(preserve.tensors) == 2:
-        data = preserve
-    elif isinstance(preserve, (Dataset, DataLoader)):
-        data = _read_all(preserve if isinstance(preserve, DataLoader) else DataLoader(preserve, batch_size=256))
-    else:
-        raise TypeError(
-            "preserve must be None, a Dataset or DataLoader of (input, target) pairs, or an (inputs, targets) "
-            f"pair of tensors, got {type(preserve).__name__}"
-        )
+    data = tensor_pairs("preserve", preserve)
     if len(data) == 0:
         raise ValueError("preserve is empty; pass None for unsafe self-compression")
     return data
 
 
-def _read_all(loader: DataLoader) -> TensorDataset:
+def tensor_pairs(name: str, value) -> TensorDataset:
+    """``value`` (a Dataset or DataLoader of ``(input, target)`` pairs, or an ``(inputs, targets)`` pair of
+    tensors) as one TensorDataset, read whole; errors name the argument ``name``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in value):
+            raise TypeError(f"{name} given as a pair must be (inputs, targets) tensors with a batch dimension")
+        inputs, targets = value
+        if len(inputs) != len(targets):
+            raise ValueError(f"{name} has {len(inputs)} inputs but {len(targets)} targets")
+        return TensorDataset(inputs, targets)
+    if isinstance(value, TensorDataset) and len(value.tensors) == 2:
+        return value
+    if isinstance(value, (Dataset, DataLoader)):
+        return _read_all(name, value if isinstance(value, DataLoader) else DataLoader(value, batch_size=256))
+    raise TypeError(
+        f"{name} must be a Dataset or DataLoader of (input, target) pairs, or an (inputs, targets) "
+        f"pair of tensors, got {type(value).__name__}"
+    )
+
+
+def _read_all(name: str, loader: DataLoader) -> TensorDataset:
     inputs, targets = [], []
     for item in loader:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, torch.Tensor) for t in item)):
-            raise TypeError(f"preserve must yield (input, target) tensor pairs, got a {type(item).__name__}")
+            raise TypeError(f"{name} must yield (input, target) tensor pairs, got a {type(item).__name__}")
         inputs.append(item[0])
         targets.append(item[1])
     if not inputs:
-        raise ValueError("preserve is empty; pass None for unsafe self-compression")
+        raise ValueError(f"{name} is empty")
     return TensorDataset(torch.cat(inputs), torch.cat(targets))
 
 
-def _metric(metric: str | Metric, higher_is_better: bool | None) -> tuple[Metric, bool]:
+def _metric(metric: str | Metric, higher_is_better: bool | None, task_loss=None) -> tuple[Metric, bool]:
+    """The safety metric and its direction; ``"loss"`` is the mean of a custom ``task_loss``, where given."""
     if isinstance(metric, str):
         if metric not in METRICS:
             raise ValueError(f"metric must be a callable or one of {tuple(METRICS)}, got {metric!r}")
         if higher_is_better is not None and higher_is_better != METRICS[metric]:
             raise ValueError(f"higher_is_better={higher_is_better} contradicts metric={metric!r}; leave it None")
+        if metric == "loss" and task_loss is not None:
+            return (lambda model, data: mean_loss(model, data, task_loss)), False
         return (lambda model, data: evaluate(model, data)[metric]), METRICS[metric]
     if not callable(metric):
         raise TypeError(f"metric must be a callable or one of {tuple(METRICS)}, got {type(metric).__name__}")
@@ -171,7 +179,7 @@ class SelfCompression:
     ``gamma`` weighs the average bits, ``alpha`` the mean ``|w|`` and ``lambda_`` the task loss on a
     preservation batch of ``preservation_batch`` examples, drawn from ``seed`` and the step.
     Every ``k`` steps the safety check measures ``metric`` on the whole set (``"accuracy"``,
-    ``"loss"`` (the cross-entropy of :func:`sgsc.train.evaluate`), or ``metric(model, preserved)``
+    ``"loss"`` (the mean ``task_loss``: by default the cross-entropy of :func:`sgsc.train.evaluate`), or ``metric(model, preserved)``
     with ``higher_is_better`` given); when it is more than ``threshold`` worse than the best seen
     it restores the groups lowered since the last safe check (``restore``), else it removes the
     units that stayed at zero bits (``prune``) with ``pruner``: by default :mod:`sgsc.nn.pruning` for
@@ -214,7 +222,7 @@ class SelfCompression:
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss must be a callable (logits, targets) -> loss, got {type(task_loss).__name__}")
         self.task_loss = task_loss if task_loss is not None else cross_entropy
-        self._metric, higher = _metric(metric, higher_is_better)
+        self._metric, higher = _metric(metric, higher_is_better, task_loss)
         if pruner is not None and not isinstance(pruner, Pruner):
             raise TypeError(f"pruner must be an sgsc.train.safety.Pruner or None, got {type(pruner).__name__}")
         self.policy = Policy(
@@ -240,24 +248,35 @@ class SelfCompression:
         """Adam param groups: weights at ``lr``, bits and exponents at ``quant_lr`` (and ``exponent_lr``)."""
         return param_groups(self.model, lr, self.quant_lr, self.exponent_lr)
 
-    def penalty(self) -> torch.Tensor:
-        """``gamma * average_bits + alpha * mean|w| + lambda_ * preservation loss``, to add to the task loss.
+    def penalty(self, preservation_output: torch.Tensor | None = None) -> torch.Tensor:
+        """``lambda_ * preservation loss + gamma * average_bits + alpha * mean|w|``, to add to the task loss.
 
-        Terms with a zero weight are not computed; the preservation loss (a forward pass on a
-        batch of the preservation set) needs ``preserve``. The detached terms are kept in
-        :attr:`terms` (``"size"``, ``"l1"``, ``"preservation"``) for logging.
+        Terms with a zero weight are not computed; the preservation loss needs ``preserve``, and runs
+        the model on :meth:`preservation_inputs` unless ``preservation_output`` (the model's output on
+        them, from the caller's own forward) is given. The detached terms are kept in :attr:`terms`
+        (``"preservation"``, ``"size"``, ``"l1"``) for logging.
         """
-        terms, weights = {}, {}
-        if self.gamma > 0:
-            terms["size"], weights["size"] = average_bits(self.model), self.gamma
-        if self.alpha > 0:
-            terms["l1"], weights["l1"] = mean_abs_weight(self.model), self.alpha
-        if self.lambda_ > 0 and self.preserved is not None:
-            terms["preservation"], weights["preservation"] = self._preservation_loss(), self.lambda_
-        self.terms = {name: value.detach() for name, value in terms.items()}
-        if not terms:
-            return torch.zeros((), device=_device(self.model))
-        return sum(weights[name] * value for name, value in terms.items())
+        return self._add_terms(None, preservation_output)
+
+    def objective(self, task_loss: torch.Tensor, preservation_output: torch.Tensor | None = None) -> torch.Tensor:
+        """``task_loss + penalty(preservation_output)``, added one term at a time in that order.
+
+        The order fixes the rounding: :func:`sgsc.compress` minimises and logs this sum.
+        """
+        return self._add_terms(task_loss, preservation_output)
+
+    def preservation_inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This step's preservation batch ``(inputs, targets)``, None when the penalty has no such term.
+
+        A pure function of ``(seed, step, rank)``. A loop may run it through the model together with
+        its training batch (one forward: DDP allows one per backward) and pass the outputs to
+        :meth:`penalty` or :meth:`objective`.
+        """
+        if self.lambda_ == 0 or self.preserved is None:
+            return None
+        generator = seeded_generator(self.seed, self.state.step, rank_world()[0], 1)
+        pick = torch.randint(0, len(self.preserved), (self.preservation_batch,), generator=generator)
+        return batch(self.preserved, pick, _device(self.model))
 
     def step(self, optimizer: torch.optim.Optimizer) -> dict | None:
         """Count a training step; every ``k``-th runs the safety check and returns its event, else None.
@@ -307,12 +326,25 @@ class SelfCompression:
             raise ValueError(f"metric must return a finite number, got {value!r}")
         return float(value)
 
-    def _preservation_loss(self) -> torch.Tensor:
-        # the trainer's stream: the batch is a function of (seed, step, rank) alone
-        generator = seeded_generator(self.seed, self.state.step, rank_world()[0], 1)
-        pick = torch.randint(0, len(self.preserved), (self.preservation_batch,), generator=generator)
-        inputs, targets = batch(self.preserved, pick, _device(self.model))
-        return self.task_loss(self.model(inputs), targets)
+    def _add_terms(self, total: torch.Tensor | None, preservation_output: torch.Tensor | None) -> torch.Tensor:
+        self.terms = {}
+        drawn = self.preservation_inputs()
+        if drawn is None and preservation_output is not None:
+            raise ValueError("preservation_output given, but the penalty has no preservation term "
+                             "(preserve is None or lambda_ is 0)")
+        if drawn is not None:
+            inputs, targets = drawn
+            output = self.model(inputs) if preservation_output is None else preservation_output
+            total = self._add(total, "preservation", self.lambda_, self.task_loss(output, targets))
+        if self.gamma > 0:
+            total = self._add(total, "size", self.gamma, average_bits(self.model))
+        if self.alpha > 0:
+            total = self._add(total, "l1", self.alpha, mean_abs_weight(self.model))
+        return total if total is not None else torch.zeros((), device=_device(self.model))
+
+    def _add(self, total: torch.Tensor | None, name: str, weight: float, value: torch.Tensor) -> torch.Tensor:
+        self.terms[name] = value.detach()
+        return weight * value if total is None else total + weight * value
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         # restore edits the bits' Adam moments and pruning swaps Parameters in the optimizer: both

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,3 +90,21 @@ def evaluate(model: nn.Module, data: TensorDataset | tuple[torch.Tensor, torch.T
     finally:
         model.train(was_training)
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: TensorDataset, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              batch_size: int = 512) -> float:
+    """The mean of ``loss(model(x), y)`` over ``data``'s batches, weighted by their length, in eval mode."""
+    x_all, y_all = data.tensors
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for start in range(0, len(x_all), batch_size):
+            x, y = x_all[start : start + batch_size].to(device), y_all[start : start + batch_size].to(device)
+            total += float(loss(model(x), y)) * len(x)
+    finally:
+        model.train(was_training)
+    return total / max(len(x_all), 1)

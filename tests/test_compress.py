@@ -1,0 +1,184 @@
+"""sgsc.compress on models outside the zoo: bits fall, resume is bit-exact, a custom loss and metric
+steer the checks, bad input is refused by name before anything is written, and DDP ranks agree."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from own_models import TinyLM, TinyResNet, counting_sequences
+from torch import nn
+
+import sgsc
+from sgsc.train import compress, evaluate, load_checkpoint
+from sgsc.train.data import load_vision
+from sgsc.train.task import mean_loss
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*stay masked")]
+
+
+def _quantize(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LM's attention and embeddings stay float, as quantize_model says
+        return sgsc.quantize_model(model)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_vision(name="digits")
+    return data.train.tensors, data.test.tensors
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return _quantize(TinyResNet())
+
+
+def _evals(history):
+    return [r for r in history if r["kind"] == "eval"]
+
+
+def test_bits_fall_on_a_model_outside_the_zoo(digits, tmp_path):
+    (x, y), test = digits
+    model = _resnet()
+    result = compress(model, (x, y), preserve=0.05, steps=120, warmup_steps=40, gamma=0.3, quant_lr=0.2, lr=3e-3,
+                      k=20, threshold=0.05, eval_data=test, eval_every=40, out_dir=tmp_path, progress=False)
+    evals = _evals(result["history"])
+    print(f"\nbits {evals[0]['bits']:.2f} -> {result['average_bits']:.2f}, "
+          f"accuracy {evals[0]['val_accuracy']:.3f} -> {result['val_accuracy']:.3f}")
+    assert result["model"] is model
+    assert [r["step"] for r in evals] == [40, 80, 120] and evals[0]["bits"] > 7.9  # warm-up leaves the bits
+    assert result["average_bits"] < 6.0 and result["bytes"] < evals[0]["bytes"]
+    assert result["val_accuracy"] == evaluate(model, test)["accuracy"] > 0.3  # chance is 0.1
+    assert result["val_accuracy"] >= evals[0]["val_accuracy"] - 0.05  # the safety checks hold it
+    checks = [r for r in result["history"] if r["kind"] == "check"]
+    assert [r["step"] for r in checks] == [60, 80, 100, 120]  # every k steps once compression starts
+    assert len(result["preservation"]) == round(0.05 * len(x))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == result["history"]
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["model_name"] is None and saved["state"]["step"] == 120 and saved["config"]["gamma"] == 0.3
+    assert json.loads((tmp_path / "preservation.json").read_text())["indices"] == result["preservation"]
+
+
+def test_resume_from_a_mid_run_checkpoint_is_bit_exact(digits, tmp_path):
+    (x, y), test = digits
+
+    def run(out, steps, resume=False):
+        return compress(_resnet(), (x, y), preserve=0.05, steps=steps, warmup_steps=10, gamma=0.3, quant_lr=0.2,
+                        k=10, threshold=0.0, eval_data=test, eval_every=15, out_dir=out, checkpoint_every=20,
+                        resume=resume, progress=False)
+
+    straight = run(tmp_path / "straight", 50)
+    run(tmp_path / "split", 30)  # stops after its step-20 checkpoint and a final one at 30
+    assert any("restored" in r for r in straight["history"])  # threshold 0: the checks act
+    resumed = run(tmp_path / "split", 50, resume=True)
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["history"] == straight["history"] and resumed["preservation"] == straight["preservation"]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == straight["history"]
+    with pytest.raises(ValueError, match=r"gamma=0\.3 in the checkpoint, 0\.5 now"):
+        compress(_resnet(), (x, y), preserve=0.05, steps=60, warmup_steps=10, gamma=0.5, quant_lr=0.2, k=10,
+                 threshold=0.0, eval_every=15, out_dir=tmp_path / "split", resume=True, progress=False)
+
+
+def _smoothed(logits, targets):
+    """A custom task loss: label-smoothed cross-entropy over the scored (non-padding) tokens."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, label_smoothing=0.1)
+
+
+def test_a_custom_task_loss_and_loss_metric_steer_a_language_model():
+    x, y = counting_sequences(600)
+    held = counting_sequences(100, seed=1)
+    torch.manual_seed(0)
+    model = _quantize(TinyLM())
+    keep = list(range(0, 600, 10))
+    result = compress(model, (x, y), preserve=keep, steps=90, gamma=0.05, quant_lr=0.1, lr=1e-2, k=30,
+                      threshold=10.0, task_loss=_smoothed, metric="loss", eval_data={"held": held},
+                      eval_every=30, progress=False)
+    checks = [r for r in result["history"] if r["kind"] == "check"]
+    assert [r["step"] for r in checks] == [30, 60, 90] and not any("restored" in r for r in checks)
+    # the check measures the mean custom loss on the preserved examples (lower is better)
+    assert checks[-1]["metric"] == mean_loss(model, torch.utils.data.TensorDataset(x[keep], y[keep]), _smoothed)
+    assert checks[-1]["best"] == min(r["metric"] for r in checks[:-1])
+    evals = _evals(result["history"])
+    assert set(evals[0]) >= {"held_loss", "bits"} and "held_accuracy" not in evals[0]  # scored by loss only
+    assert result["held_loss"] == mean_loss(model, torch.utils.data.TensorDataset(*held), _smoothed)
+    assert result["held_loss"] < evals[0]["held_loss"] < math.log(11)  # it learns: below uniform over 11 tokens
+    assert result["preservation"] == keep and result["average_bits"] < 7.5
+
+
+# each case changes one argument of a valid call (a lambda of the digits' tensors, where it needs data)
+@pytest.mark.parametrize(
+    ("name", "value", "error", "message"),
+    [
+        ("model", lambda x, y: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), ValueError, "quantize_model"),
+        ("preserve", lambda x, y: list(range(300)), ValueError, "preserve holds indices outside the 200 examples"),
+        ("preserve", lambda x, y: (x[:300], y[:300]), ValueError, "preserve has 300 examples, more than the 200"),
+        ("preserve", 1.5, ValueError, "preserve as a fraction"),
+        ("preserve", "some", TypeError, "preserve must be"),
+        ("batch_size", 256, ValueError, "batch_size 256 x 1 processes exceeds the 200 training examples"),
+        ("train_data", "digits", TypeError, "train_data must be"),
+        ("eval_data", lambda x, y: (x[:5], y[:4]), ValueError, "eval_data has 5 inputs but 4 targets"),
+        ("gamma", -1.0, ValueError, "gamma"),
+        ("k", 0, ValueError, "k must be"),
+        ("lr_schedule", "linear", ValueError, "lr_schedule"),
+        ("metric", "f1", ValueError, "metric"),
+        ("task_loss", "mse", TypeError, "task_loss"),
+        ("resume", True, FileNotFoundError, "checkpoint not found"),
+    ],
+)
+def test_bad_input_names_the_argument_and_writes_nothing(digits, tmp_path, name, value, error, message):
+    (x, y), _ = digits
+    arguments = {"model": _resnet(), "train_data": (x[:200], y[:200]), "preserve": 0.1, "batch_size": 32,
+                 "steps": 5, "gamma": 0.1, "out_dir": tmp_path / "run", "progress": False}
+    arguments[name] = value(x, y) if callable(value) else value
+    with pytest.raises(error, match=message):
+        compress(**arguments)
+    assert not (tmp_path / "run").exists()
+
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    x, y = load_vision(name="digits").train.tensors
+    model = _resnet()
+    with torch.no_grad():  # zero-bit groups: reported as masked at every check, on both ranks
+        model.layer1.conv1.bits[[0, 2]] = 0
+    result = compress(model, (x, y), preserve=0.1, steps=24, warmup_steps=4, k=8, eval_every=8, gamma=0.3,
+                      quant_lr=0.2, batch_size=32, threshold=0.0, out_dir=out, progress=False, device="cpu")
+    checks = [r for r in result["history"] if r["kind"] == "check"]
+    torch.save({"state": model.state_dict(), "checks": checks, "preservation": result["preservation"]},
+               os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_two_processes_compress_a_model_outside_the_zoo_in_lockstep(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert ranks[0]["checks"] == ranks[1]["checks"] and len(ranks[0]["checks"]) == 3  # rank 0's decisions, on both
+    masked = [r["masked"] for r in ranks[0]["checks"] if "masked" in r]
+    assert masked and all(m["layer1.conv1"][:2] == [0, 2] for m in masked)
+    assert ranks[0]["preservation"] == ranks[1]["preservation"]
+    params = {name for name, _ in _resnet().named_parameters()}
+    for name in params:  # parameters, not BatchNorm running stats: those see each rank's own batches
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["world_size"] == WORLD
