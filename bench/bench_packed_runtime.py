@@ -1,9 +1,9 @@
-"""Packed runtime (issue 19): ``y = x W^T`` from bit-packed codes against float32 ``F.linear``.
+"""Packed runtime: ``y = x W^T`` from bit-packed codes against float32 ``F.linear``.
 
 Providers, side by side in one run on the same layer (default 4096 x 4096, 2 threads):
 
 * ``float32``: ``F.linear`` with the dequantized float32 weight (the baseline of every ratio);
-* ``ours-cpp``: ``sgsc.ops.packed_linear`` on CPU (fused kernel up to 16 rows, dequantize + mm above);
+* ``ours-cpp``: ``sgsc.ops.packed_linear`` on CPU (the fused unpack-and-multiply kernel, every batch);
 * ``reference``: ``sgsc.ops.reference.packed_linear`` (dequantize in plain PyTorch, then ``F.linear``);
 * ``ours-triton``: the registered CUDA op, when a GPU is present;
 * ``ort-matmulnbits``: onnxruntime's ``com.microsoft::MatMulNBits`` (4 bits, blocks of 32), if onnx and

@@ -19,9 +19,15 @@
 //   column groups: segments are the column groups, their scale (seg_scale) folds into the
 //   pre-scaled x, and row_scale is 1.
 //
-// Batches of up to kFusedRows rows run the fused kernel: per tile, 8 rows x MB batch rows of fp32
-// accumulators. Larger batches dequantize blocks of tiles into one reused K-major buffer and hand
-// it to at::mm (the BLAS is faster than any fused loop once the weights are reused 16+ times).
+// Every batch runs the fused kernel: per tile, 8 rows x MB batch rows of fp32 accumulators, the
+// batch cut into chunks of MB = 8, 4, 2, 1 rows (only those four widths are compiled: the compile
+// time grows with every instance). Each tile's words (8 rows x K codes, 16 KiB at 4 bits and K = 4096)
+// stay in L1 while every chunk of a panel of kPanelRows batch rows passes over them, so the weights
+// are read from memory once per panel, and the codes are never written out as floats. (An earlier
+// path dequantized 512-row blocks for at::mm: 64 MiB written and read back per call for a 4096^2
+// layer, plus a parallel region per block; on the shared 2-core host it ran at 0.44-0.9x float32.)
+// Tiles go to threads in small blocks from a shared counter (steal_blocks): on a loaded machine a
+// thread that lost its core does less of the work, and nobody waits for it at a barrier.
 //
 // The inner loops use GCC vector extensions, compiled twice: for AVX2+FMA (chosen at run time with
 // __builtin_cpu_supports, as csrc/bitpack.cpp does for its AVX2 unpack) and for the baseline ISA.
@@ -34,6 +40,9 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,11 +57,10 @@
 namespace sgsc {
 namespace {
 
-constexpr int kLanes = 8;           // rows per tile: one 256-bit vector of fp32 accumulators
-constexpr int kMaxChunk = 8;        // batch rows per pass of the fused kernel (accumulators in registers)
-constexpr int64_t kFusedRows = 16;  // largest batch the fused kernel serves; above it, dequantize + at::mm
-constexpr int64_t kBlockTiles = 64; // tiles per dequantized block of the large-batch path (512 rows): few
-                                    // blocks, so few parallel regions (each a barrier, costly on a shared CPU)
+constexpr int kLanes = 8;            // rows per tile: one 256-bit vector of fp32 accumulators
+constexpr int kMaxChunk = 8;         // batch rows per pass of the fused kernel (8 x 8 accumulators: 8 of 16 ymm)
+constexpr int64_t kPanelRows = 64;   // batch rows whose pre-scaled x (1 MiB at K = 4096) one parallel region serves
+constexpr int64_t kStealTiles = 4;   // tiles (or prescale rows) a thread takes from the shared counter at a time
 
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8v __attribute__((vector_size(32)));
@@ -267,74 +275,107 @@ bool cpu_has_avx2_fma() {
 }
 #endif
 
-template <int... MB>
-std::array<FusedFn, kMaxChunk + 1> fused_table(std::integer_sequence<int, MB...>) {
+// fused_kernel(mb) runs the fused kernel for a chunk of mb in {1, 2, 4, 8} batch rows.
+FusedFn fused_kernel(int64_t mb) {
+  static const std::array<FusedFn, 4> table = [] {
 #ifdef SGSC_PACKED_AVX2
-  if (cpu_has_avx2_fma()) return {nullptr, fused_tiles_avx2<MB + 1>...};
+    if (cpu_has_avx2_fma())
+      return std::array<FusedFn, 4>{fused_tiles_avx2<1>, fused_tiles_avx2<2>, fused_tiles_avx2<4>, fused_tiles_avx2<8>};
 #endif
-  return {nullptr, fused_tiles_portable<MB + 1>...};
+    return std::array<FusedFn, 4>{fused_tiles_portable<1>, fused_tiles_portable<2>, fused_tiles_portable<4>,
+                                  fused_tiles_portable<8>};
+  }();
+  return table[mb == 8 ? 3 : mb == 4 ? 2 : mb == 2 ? 1 : 0];
 }
 
-// fused_kernel()[mb] runs the fused kernel for a chunk of mb batch rows.
-const std::array<FusedFn, kMaxChunk + 1>& fused_kernel() {
-  static const auto table = fused_table(std::make_integer_sequence<int, kMaxChunk>{});
-  return table;
+// Segment s's pre-scaled x of one batch row xm, written every `stride` floats (batch-row-minor), and
+// its offset term 2^(W-1) * sum of the segment's scaled x.
+float prescale_row(const Plan& p, int64_t s, const float* xm, float* dst, int64_t stride) {
+  const int per = codes_per_word(p.width(s)), slot = 32 / per;
+  const int64_t len = p.len(s), full_words = len / per, n = p.xs_offset[s + 1] - p.xs_offset[s];
+  float factor[32];
+  for (int j = 0; j < per; ++j) factor[j] = p.seg_scale[s] * (j == per - 1 ? 1.0f : std::ldexp(1.0f, -j * slot));
+  xm += p.k0(s);
+  for (int64_t w = 0; w < full_words; ++w)
+    for (int j = 0; j < per; ++j) dst[(w * per + j) * stride] = xm[w * per + j] * factor[j];
+  for (int64_t i = full_words * per; i < n; ++i)  // codes past the segment's end are 0 in the words too
+    dst[i * stride] = i < len ? xm[i] * factor[i % per] : 0.0f;
+  // Double, so the offset term adds no rounding error worth counting; four partial sums, so the adds
+  // do not wait on each other. seg_scale is a power of two: scaling the sum equals summing scaled x.
+  double sum[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t i = 0; i < len; ++i) sum[i & 3] += xm[i];
+  const double code_offset = per == 1 ? 0.0 : std::ldexp(1.0, static_cast<int>(p.width(s)) - 1);
+  return static_cast<float>(code_offset * p.seg_scale[s] * ((sum[0] + sum[1]) + (sum[2] + sum[3])));
 }
 
-// Pre-scaled x of batch rows [m0, m0 + mb) for every segment, and each segment's offset term.
-void prescale(const Plan& p, const float* x, int64_t m0, int64_t mb, float* xs, float* offsets) {
-  const int64_t K = p.in_features;
-  for (int64_t s = 0; s < p.segments; ++s) {
-    const int per = codes_per_word(p.width(s));
-    const int slot = 32 / per;
-    const int64_t k0 = p.k0(s), len = p.len(s), n = p.xs_offset[s + 1] - p.xs_offset[s];
-    float factor[32];
-    for (int j = 0; j < per; ++j) factor[j] = p.seg_scale[s] * (j == per - 1 ? 1.0f : std::ldexp(1.0f, -j * slot));
-    const double code_offset = per == 1 ? 0.0 : std::ldexp(1.0, static_cast<int>(p.width(s)) - 1);
-    float* dst = xs + p.xs_offset[s] * mb;
-    for (int64_t m = 0; m < mb; ++m) {
-      const float* xm = x + (m0 + m) * K + k0;
-      double sum = 0.0;  // double: the offset term then adds no rounding error of its own worth counting
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = i < len ? xm[i] : 0.0f;  // codes past the segment's end are 0 in the words too
-        dst[i * mb + m] = v * factor[i % per];
-        sum += static_cast<double>(v) * p.seg_scale[s];
-      }
-      offsets[s * mb + m] = static_cast<float>(code_offset * sum);
+// Runs body(first, last) over [0, items) in blocks of kStealTiles, taken from a shared counter by the
+// calling thread and by helper tasks on ATen's inter-op pool. The call returns once every block is
+// done, never waiting for a helper to start or finish idle: with at::parallel_for, whose end is a
+// barrier, a helper that had lost its core to another process held every batch-1 call until the
+// scheduler gave it back (8 ms instead of 1.5 ms on the loaded 2-core host). A helper that starts
+// late finds the counter past the end and touches nothing but the shared counters it co-owns.
+template <typename Body>
+void steal_blocks(int64_t items, int64_t work_per_item, const Body& body) {
+  // About 64K multiply-adds per thread at least: tiny layers stay on one thread, where a helper costs more.
+  const int64_t threads =
+      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, items * work_per_item / (1 << 16)));
+  if (threads <= 1 || at::in_parallel_region()) return body(0, items);
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  const Body* work = &body;  // dereferenced only by a thread holding a block, i.e. before this call returns
+  auto run = [counters, items, work] {
+    for (int64_t first = counters->next.fetch_add(kStealTiles); first < items;
+         first = counters->next.fetch_add(kStealTiles)) {
+      const int64_t last = std::min(items, first + kStealTiles);
+      (*work)(first, last);
+      counters->done.fetch_add(last - first, std::memory_order_release);
     }
-  }
+  };
+  for (int64_t h = 1; h < threads; ++h) at::launch(run);
+  run();
+  while (counters->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
 void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const float* bias) {
-  // Batch chunks of at most kMaxChunk rows, as even as possible (12 -> 6 + 6, not 8 + 4).
-  const int64_t chunks = (M + kMaxChunk - 1) / kMaxChunk;
-  std::vector<int64_t> chunk_start(chunks + 1);
-  for (int64_t c = 0; c <= chunks; ++c) chunk_start[c] = c * M / chunks;
-  const int64_t xs_per_row = p.xs_offset[p.segments];
-  std::vector<float> xs(xs_per_row * M), offsets(p.segments * M);
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
-    prescale(p, x, m0, mb, xs.data() + xs_per_row * m0, offsets.data() + p.segments * m0);
+  const int64_t xs_per_row = p.xs_offset[p.segments], panel = std::min(M, kPanelRows);
+  std::vector<float> xs(xs_per_row * panel), offsets(p.segments * panel);
+  std::vector<int64_t> chunk_start;
+  for (int64_t p0 = 0; p0 < M; p0 += panel) {
+    const int64_t rows = std::min(panel, M - p0);
+    // Chunks of 8 rows, the rest as 4 + 2 + 1: each chunk size is one compiled instance.
+    chunk_start.assign(1, 0);
+    for (int64_t size = kMaxChunk; size >= 1; size /= 2)
+      while (rows - chunk_start.back() >= size) chunk_start.push_back(chunk_start.back() + size);
+    const int64_t chunks = static_cast<int64_t>(chunk_start.size()) - 1;
+    // Chunk c's pre-scaled x starts at xs[xs_per_row * m0]: segment s at xs_offset[s] * mb, row-minor.
+    const int64_t items = p.segments * rows;
+    steal_blocks(items, p.in_features, [&](int64_t first, int64_t last) {
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t s = item / rows, r = item % rows;
+        const int64_t c = std::upper_bound(chunk_start.begin(), chunk_start.end(), r) - chunk_start.begin() - 1;
+        const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
+        offsets[p.segments * m0 + s * mb + (r - m0)] = prescale_row(
+            p, s, x + (p0 + r) * p.in_features, xs.data() + xs_per_row * m0 + p.xs_offset[s] * mb + (r - m0), mb);
+      }
+    });
+    steal_blocks(p.tiles, kLanes * p.in_features * rows, [&](int64_t first, int64_t last) {
+      for (int64_t c = 0; c < chunks; ++c) {  // the tiles' words stay in cache from one chunk to the next
+        const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
+        const FusedArgs args{&p, xs.data() + xs_per_row * m0, offsets.data() + p.segments * m0,
+                             y + (p0 + m0) * p.out_features, p.out_features, bias};
+        fused_kernel(mb)(args, first, last);
+      }
+    });
   }
-  const auto& kernel = fused_kernel();
-  // About 64K multiply-adds per task: tiny layers stay on one thread, where waking the pool costs more.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kLanes * p.in_features * M));
-  at::parallel_for(0, p.tiles, grain, [&](int64_t first, int64_t last) {
-    for (int64_t c = 0; c < chunks; ++c) {  // the tiles' words stay in cache from one chunk to the next
-      const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
-      const FusedArgs args{&p, xs.data() + xs_per_row * m0, offsets.data() + p.segments * m0,
-                           y + m0 * p.out_features, p.out_features, bias};
-      kernel[mb](args, first, last);
-    }
-  });
 }
 
 // ---- dequantization: one tile's codes times their scales, into a float buffer ------------
 
-// Slots J.. of word t: code * scale (exact: scales are powers of two). K_MAJOR writes the 8 lanes
-// of column k to dst[k * ld + lane] (the large-batch block); otherwise lane r goes to
-// dst[rows[r] * ld + k] (the weight itself, row-major).
-template <int PER, bool K_MAJOR, int J>
+// Slots J.. of word t: code * scale (exact: scales are powers of two); lane r goes to
+// dst[rows[r] * ld + k], the weight itself, row-major.
+template <int PER, int J>
 SGSC_ALWAYS_INLINE void dequantize_slots(u8v v, int64_t k, int64_t len, f8 code_offset, f8 scale,
                                          const int32_t* rows, float* dst, int64_t ld) {
   if constexpr (J < PER) {
@@ -347,27 +388,22 @@ SGSC_ALWAYS_INLINE void dequantize_slots(u8v v, int64_t k, int64_t len, f8 code_
       code = __builtin_convertvector((i8v)field, f8) - code_offset;
     }
     const f8 value = code * scale;
-    if constexpr (K_MAJOR) {
-      std::memcpy(dst + (k + J) * ld, &value, sizeof(value));
-    } else {
-      for (int r = 0; r < kLanes; ++r)
-        if (rows[r] >= 0) dst[rows[r] * ld + k + J] = value[r];
-    }
-    dequantize_slots<PER, K_MAJOR, J + 1>(v, k, len, code_offset, scale, rows, dst, ld);
+    for (int r = 0; r < kLanes; ++r)
+      if (rows[r] >= 0) dst[rows[r] * ld + k + J] = value[r];
+    dequantize_slots<PER, J + 1>(v, k, len, code_offset, scale, rows, dst, ld);
   }
 }
 
-template <int PER, bool K_MAJOR>
+template <int PER>
 SGSC_ALWAYS_INLINE void dequantize_segment(const uint32_t* words, int64_t len, float code_offset, f8 scale,
                                            const int32_t* rows, float* dst, int64_t ld) {
   const f8 offset = f8{} + code_offset;
   for (int64_t t = 0, k = 0; k < len; ++t, k += PER) {
-    dequantize_slots<PER, K_MAJOR, 0>(load8(words + kLanes * t), k, len, offset, scale, rows, dst, ld);
+    dequantize_slots<PER, 0>(load8(words + kLanes * t), k, len, offset, scale, rows, dst, ld);
   }
 }
 
 // Tile t's codes times their scales into dst, whose column 0 is the layer's column 0.
-template <bool K_MAJOR>
 SGSC_ALWAYS_INLINE void dequantize_tile_body(const Plan& p, int64_t t, float* dst, int64_t ld) {
   f8 lane_scale;
   std::memcpy(&lane_scale, p.row_scale + kLanes * t, sizeof(lane_scale));
@@ -377,82 +413,47 @@ SGSC_ALWAYS_INLINE void dequantize_tile_body(const Plan& p, int64_t t, float* ds
     const uint32_t* w = p.words + p.tile_seg[2 * i + 1];
     const float offset = std::ldexp(1.0f, static_cast<int>(p.width(s)) - 1);
     const f8 scale = lane_scale * p.seg_scale[s];
-    float* d = K_MAJOR ? dst + p.k0(s) * ld : dst + p.k0(s);
+    float* d = dst + p.k0(s);
     const int64_t len = p.len(s);
     switch (codes_per_word(p.width(s))) {
-      case 32: dequantize_segment<32, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      case 16: dequantize_segment<16, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      case 10: dequantize_segment<10, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      case 8: dequantize_segment<8, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      case 6: dequantize_segment<6, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      case 5: dequantize_segment<5, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      case 4: dequantize_segment<4, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      case 3: dequantize_segment<3, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      case 2: dequantize_segment<2, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
-      default: dequantize_segment<1, K_MAJOR>(w, len, offset, scale, rows, d, ld); break;
+      case 32: dequantize_segment<32>(w, len, offset, scale, rows, d, ld); break;
+      case 16: dequantize_segment<16>(w, len, offset, scale, rows, d, ld); break;
+      case 10: dequantize_segment<10>(w, len, offset, scale, rows, d, ld); break;
+      case 8: dequantize_segment<8>(w, len, offset, scale, rows, d, ld); break;
+      case 6: dequantize_segment<6>(w, len, offset, scale, rows, d, ld); break;
+      case 5: dequantize_segment<5>(w, len, offset, scale, rows, d, ld); break;
+      case 4: dequantize_segment<4>(w, len, offset, scale, rows, d, ld); break;
+      case 3: dequantize_segment<3>(w, len, offset, scale, rows, d, ld); break;
+      case 2: dequantize_segment<2>(w, len, offset, scale, rows, d, ld); break;
+      default: dequantize_segment<1>(w, len, offset, scale, rows, d, ld); break;
     }
   }
 }
 
 using DequantizeFn = void (*)(const Plan&, int64_t, float*, int64_t);
 
-template <bool K_MAJOR>
-void dequantize_tile_portable(const Plan& p, int64_t t, float* dst, int64_t ld) {
-  dequantize_tile_body<K_MAJOR>(p, t, dst, ld);
-}
+void dequantize_tile_portable(const Plan& p, int64_t t, float* dst, int64_t ld) { dequantize_tile_body(p, t, dst, ld); }
 
 #ifdef SGSC_PACKED_AVX2
-template <bool K_MAJOR>
 __attribute__((target("avx2,fma"))) void dequantize_tile_avx2(const Plan& p, int64_t t, float* dst, int64_t ld) {
-  dequantize_tile_body<K_MAJOR>(p, t, dst, ld);
+  dequantize_tile_body(p, t, dst, ld);
 }
 #endif
 
-template <bool K_MAJOR>
 DequantizeFn dequantize_kernel() {
 #ifdef SGSC_PACKED_AVX2
-  if (cpu_has_avx2_fma()) return dequantize_tile_avx2<K_MAJOR>;
+  if (cpu_has_avx2_fma()) return dequantize_tile_avx2;
 #endif
-  return dequantize_tile_portable<K_MAJOR>;
+  return dequantize_tile_portable;
 }
 
 void dequantize_into(const Plan& p, float* out) {
   // Pruned rows, padding and columns of pruned input groups are zeros.
   std::fill(out, out + p.out_features * p.in_features, 0.0f);
-  const DequantizeFn kernel = dequantize_kernel<false>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, kLanes * p.in_features));
-  at::parallel_for(0, p.tiles, grain, [&](int64_t first, int64_t last) {
+  const DequantizeFn kernel = dequantize_kernel();
+  steal_blocks(p.tiles, kLanes * p.in_features, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) kernel(p, t, out, p.in_features);
   });
-}
-
-// Larger batches: blocks of kBlockTiles tiles dequantized K-major into one reused buffer, multiplied
-// by at::mm, their columns scattered to the tiles' output rows.
-void blocked_linear(const Plan& p, const at::Tensor& x, at::Tensor& y, const float* bias) {
-  const int64_t M = x.size(0), K = p.in_features, ld = kLanes * kBlockTiles;
-  auto block = at::zeros({K, ld}, x.options());
-  auto product = at::empty({M, ld}, x.options());
-  float* buf = block.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const DequantizeFn kernel = dequantize_kernel<true>();
-  for (int64_t first = 0; first < p.tiles; first += kBlockTiles) {
-    const int64_t last = std::min(p.tiles, first + kBlockTiles);
-    if (!p.covers_all_columns) block.zero_();
-    at::parallel_for(first, last, 1, [&](int64_t a, int64_t b) {
-      for (int64_t t = a; t < b; ++t) kernel(p, t, buf + kLanes * (t - first), ld);
-    });
-    at::mm_out(product, x, block);
-    const float* prod = product.data_ptr<float>();
-    for (int64_t t = first; t < last; ++t) {
-      for (int r = 0; r < kLanes; ++r) {
-        const int32_t row = p.rows[kLanes * t + r];
-        if (row < 0) continue;
-        const float b = bias ? bias[row] : 0.0f;
-        const int64_t column = kLanes * (t - first) + r;
-        for (int64_t m = 0; m < M; ++m) yp[m * p.out_features + row] = prod[m * ld + column] + b;
-      }
-    }
-  }
 }
 
 // ---- ops -----------------------------------------------------------------------------------
@@ -478,11 +479,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& words, const
   if (bias_ptr) y.copy_(bias->unsqueeze(0).expand({M, out_features}));
   else y.zero_();
   if (M == 0 || p.tiles == 0) return y;
-  if (M <= kFusedRows) {
-    fused_linear(p, x.data_ptr<float>(), M, y.data_ptr<float>(), bias_ptr);
-  } else {
-    blocked_linear(p, x, y, bias_ptr);
-  }
+  fused_linear(p, x.data_ptr<float>(), M, y.data_ptr<float>(), bias_ptr);
   return y;
 }
 

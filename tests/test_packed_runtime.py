@@ -1,4 +1,4 @@
-"""The packed runtime (issue 19): sgsc::packed_linear / packed_dequantize on CPU (C++) and in the
+"""The packed runtime: sgsc::packed_linear / packed_dequantize on CPU (C++) and in the
 Triton interpreter against the reference twins, PackedLinear/PackedConv2d, pack_model, packed_module.
 
 Tolerance: outputs are compared with a float64 product of the exact dequantized weight. The fused
@@ -105,14 +105,17 @@ def test_cpu_matches_reference_on_awkward_shapes(widths, per_group, other, batch
     check_close(reference.packed_linear(x, *weight.tensors(), n_out, bias), x, codes, scales, group_by, bias)
 
 
-@pytest.mark.parametrize("batch", [1, 4, 16, 64])
+# 7 = chunks of 4 + 2 + 1; 64 = one full panel of 8 chunks; 77 and 150 cross panels of 64 batch rows.
+@pytest.mark.parametrize("batch", [1, 4, 7, 16, 64, 77, 150])
 @pytest.mark.parametrize("group_by", ["output", "input"])
 def test_larger_layer_every_thread(batch, group_by):
     widths = [1, 2, 3, 4, 5, 6, 7, 8, 0, 11, 20, 32, 4, 4, 2, 3]
     codes, scales = random_layer(16 * 9, 16 * 13, widths, group_by, 7)
+    weight = ops.pack_weight(codes, scales, group_by)
     x = torch.randn(batch, 16 * 13)
-    y = ops.packed_linear(x, ops.pack_weight(codes, scales, group_by))
+    y = ops.packed_linear(x, weight)
     check_close(y, x, codes, scales, group_by)
+    assert torch.equal(ops.packed_dequantize(weight), dense_weight(codes, scales, group_by).float())
 
 
 def test_worked_example_bytes():

@@ -38,8 +38,7 @@ error is at most about ``(K + 2) * eps * scale * 2^W * sum_k |x_k|`` per output 
 bound of an fp32 dot product of length K whose terms are at most ``scale * 2^W * |x_k|``. ``W`` is
 the width the codes are stored at: the column group's, or the tile's (the widest of its 8 rows,
 which differs from a row's own width only in the few tiles where the sorted widths change).
-Batches above 16 rows dequantize exactly and multiply with ``at::mm`` (that bound with
-``|code| <= 2^(W-1)``).
+Every batch size runs that kernel (in chunks of 8, 4, 2 and 1 batch rows), so the bound holds for all.
 """
 
 from __future__ import annotations
@@ -340,9 +339,9 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
     """``F.linear(x, W, bias)`` with ``W`` the dequantized ``weight``, computed from its packed codes.
 
     ``x`` is float32 ``(..., in_features)`` on ``weight``'s device, any strides (it is made contiguous
-    like ``F.linear`` would read it); ``bias`` float32 ``(out_features,)`` or None. On CPU, batches of
-    up to 16 rows run a fused unpack-and-multiply kernel that never writes ``W``; larger batches
-    dequantize 512 rows at a time into one reused buffer and multiply it. On CUDA, a Triton kernel.
+    like ``F.linear`` would read it); ``bias`` float32 ``(out_features,)`` or None. On CPU, a fused
+    unpack-and-multiply kernel that never writes ``W``, for every batch size (each tile's codes are
+    read from memory once per 64 batch rows). On CUDA, a Triton kernel.
     The result equals ``F.linear(x, W, bias)`` within the fp32 bound in this module's docstring.
     """
     _check_weight(weight)
