@@ -7,7 +7,8 @@ ONNX file's (torch.onnx.export of load_packed's model, stripped of the same debu
 median latencies (with the 10th-90th percentile spread) at batch 1 and 256 of onnxruntime on the
 integer file (default session, and with ``session.qdq_matmulnbits_accuracy_level=1``, which keeps
 onnxruntime from computing fused 4-bit MatMuls with int8-quantized activations), onnxruntime on the
-float file, and sgsc's own float runtime (load_packed in PyTorch), side by side in one run. Writes
+float file, and sgsc's own runtimes (load_packed's float layers, and its packed layers computing from the
+codes), side by side in one run. Writes
 bench/results/onnx-<host>-<commit>.json.
 """
 
@@ -62,6 +63,7 @@ def bench(packed: Path, threads: int, repeats: int, workdir: Path) -> dict:
     header = read_header(packed)
     example = zoo_example_input(header["model"], header["config"])
     model = load_packed(packed)
+    packed_model = load_packed(packed, runtime="packed")
     int_path, float_path = workdir / f"{packed.parent.name}.int.onnx", workdir / f"{packed.parent.name}.float.onnx"
     export_onnx(packed, int_path, example)
     _float_onnx(model, example, float_path)
@@ -81,6 +83,7 @@ def bench(packed: Path, threads: int, repeats: int, workdir: Path) -> dict:
         row = {name: _timed(lambda s=s: s.run(None, feed), repeats) for name, s in providers.items()}
         with torch.inference_mode():
             row["sgsc-load_packed"] = _timed(lambda: model(x), repeats)
+            row["sgsc-packed-runtime"] = _timed(lambda: packed_model(x), repeats)
         result["latency"][batch] = row
     return result
 

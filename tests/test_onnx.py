@@ -9,6 +9,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+import sgsc  # noqa: E402
 from sgsc.export import export_packed, load_packed  # noqa: E402
 from sgsc.export.onnx import export_onnx, onnx_integer_type, zoo_example_input  # noqa: E402
 from sgsc.nn import QLinear, quantized_layers  # noqa: E402
@@ -180,3 +181,36 @@ def test_cli_exports_a_packed_file(exported, tmp_path, capsys):
     with torch.no_grad():
         expected = load_packed(out / "model.sgsc")(x).numpy()
     assert _relative_error(_run(tmp_path / "cli.onnx", x), expected) < RELATIVE_BOUND
+
+
+# ---- models outside the zoo ----------------------------------------------------------------------
+
+
+def _float32_session(path):
+    """onnxruntime with its 4-bit MatMul fusion computing in float32: the default quantizes activations to int8."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", ["TinyResNet", "TinyMobileNet", "TinyLM"])
+def test_models_outside_the_zoo_export_with_integer_weights(name, tmp_path):
+    """Conv1d/Conv2d/Linear/Embedding/MultiheadAttention layers of a user's model, some groups pruned."""
+    import own_models
+
+    torch.manual_seed(0)
+    model = sgsc.quantize_model(getattr(own_models, name)(), init_bits=5).eval()
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            layer.bits[::3] = 0.0  # pruned groups: stored as nothing
+    example = torch.randn(2, 1, 28, 28) if name != "TinyLM" else torch.randint(0, 10, (2, 8))
+    path = tmp_path / f"{name}.onnx"
+    summary = export_onnx(model, path, example)
+    assert all(layer.dropped for layer in summary.layers)
+    session = _float32_session(path)
+    for batch in (1, 5):
+        x = example[:1].expand(batch, *example.shape[1:]).contiguous()
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()

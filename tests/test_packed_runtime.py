@@ -326,7 +326,8 @@ def _zoo_file(tmp_path, name: str, config: dict):
 
 @pytest.mark.parametrize(("name", "config"), [("paper_cnn", {"channels": [8, 16]}),
                                               ("paper_cnn", {"channels": [8, 16], "head_groups": "channel"}),
-                                              ("char_decoder", {})])
+                                              ("char_decoder", {}),
+                                              ("char_decoder", {"n_heads": [0, 4], "mlp_hidden": [0, 32]})])
 def test_load_packed_on_the_packed_runtime_computes_what_the_float_runtime_does(tmp_path, name, config):
     from sgsc import export
 

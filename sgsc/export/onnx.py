@@ -38,7 +38,7 @@ from sgsc._deps import require
 from sgsc._io import atomic_write
 from sgsc.export import codec
 from sgsc.export.writer import integer_codes
-from sgsc.nn import QConv2d, QLinear, quantized_layers
+from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
 from sgsc.ops.spec import MAX_WIDTH
 
 # opset 21 brings INT4 (and per-axis/blocked DequantizeLinear of it), opset 25 INT2.
@@ -173,24 +173,64 @@ class _IntegerWeight(nn.Module):
         return weight if tuple(weight.shape) == self.shape else weight.reshape(self.shape)
 
 
+def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
+    return None if bias is None else nn.Parameter(bias.detach().cpu().clone(), requires_grad=False)
+
+
 class _IntegerLinear(nn.Module):
     """``x @ W^T + b`` with ``W^T`` dequantized in ``(in, out)`` layout: what ``MatMul`` reads, no transpose."""
 
     def __init__(self, weight: _IntegerWeight, bias: torch.Tensor | None):
         super().__init__()
         self.weight = weight
-        self.bias = None if bias is None else nn.Parameter(bias.detach().cpu().clone(), requires_grad=False)
+        self.bias = _frozen(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.matmul(x, self.weight())
         return y if self.bias is None else y + self.bias
 
 
-class _IntegerConv2d(nn.Module):
-    def __init__(self, layer: QConv2d, weight: _IntegerWeight, bias: torch.Tensor | None):
+class _IntegerEmbedding(nn.Module):
+    """An embedding table dequantized in the graph: ``Gather`` reads the ``DequantizeLinear`` output."""
+
+    def __init__(self, layer: QEmbedding, weight: _IntegerWeight):
         super().__init__()
+        self.weight, self.padding_idx = weight, layer.padding_idx
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight(), self.padding_idx)
+
+
+class _IntegerMultiheadAttention(nn.Module):
+    """QMultiheadAttention's forward over integer projections (its ``projections`` is the one difference)."""
+
+    def __init__(self, attention: QMultiheadAttention, in_weight: _IntegerWeight, out_weight: _IntegerWeight):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = attention.embed_dim, attention.num_heads, attention.head_dim
+        self.dropout, self.batch_first, self.add_zero_attn = attention.dropout, attention.batch_first, attention.add_zero_attn
+        self.in_weight, self.out_weight = in_weight, out_weight
+        self.in_bias, self.out_bias = _frozen(attention.in_proj.bias), _frozen(attention.out_proj.bias)
+
+    def projections(self):
+        return self.in_weight(), self.in_bias, self.out_weight(), self.out_bias
+
+    forward = QMultiheadAttention.forward
+    # what nn.TransformerEncoderLayer reads of its attention, as QMultiheadAttention provides it
+    _qkv_same_embed_dim = QMultiheadAttention._qkv_same_embed_dim
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        return self.in_bias
+
+
+class _IntegerConv2d(nn.Module):
+    """A convolution (1-D or 2-D, as ``layer``) over a weight dequantized in the graph."""
+
+    def __init__(self, layer: QConv1d | QConv2d, weight: _IntegerWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.convolve = F.conv2d if isinstance(layer, QConv2d) else F.conv1d
         self.weight = weight
-        self.bias = None if bias is None else nn.Parameter(bias.detach().cpu().clone(), requires_grad=False)
+        self.bias = _frozen(bias)
         self.stride, self.dilation, self.groups = layer.stride, layer.dilation, layer.groups
         # as nn.Conv2d._conv_forward: a padding mode other than zeros pads explicitly, then convolves unpadded
         self.padding = layer.padding if layer.padding_mode == "zeros" else 0
@@ -200,7 +240,7 @@ class _IntegerConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.explicit_pad is not None:
             x = F.pad(x, self.explicit_pad[0], mode=self.explicit_pad[1])
-        return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.convolve(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 @dataclass
@@ -231,40 +271,69 @@ def _plan(model: nn.Module) -> list[_LayerPlan]:
         codes, scales = codes.cpu(), scales.cpu()
         widths = codec.minimal_widths(codes)
         _check_widths(name, widths)
-        plans.append(_LayerPlan(name, layer, codes, scales, widths, layer.bias))
+        plans.append(_LayerPlan(name, layer, codes, scales, widths, getattr(layer, "bias", None)))  # embeddings have none
     if not plans:
         raise ValueError(
-            f"model ({type(model).__name__}) has no quantized layers (QLinear/QConv2d), so there are no integer "
+            f"model ({type(model).__name__}) has no quantized layers, so there are no integer "
             "weights to export; export a compressed model (sgsc.nn.quantize_model, a checkpoint) "
             "or a packed file's path, or use torch.onnx.export for a float model"
         )
     return plans
 
 
+def _rows_weight(plan: _LayerPlan, opset: int) -> _IntegerWeight:
+    """The weight in its own ``(out, ...)`` layout, its groups along the axis they run on."""
+    layer = plan.layer
+    codes = layer.ungrouped(plan.codes)
+    axis = 0 if layer.group_by == "output" else 1
+    return _IntegerWeight(_grouped_layout(codes, axis, layer.quant_groups), plan.scales, plan.widths, axis,
+                          tuple(codes.shape), opset)
+
+
+def _describe(plan: _LayerPlan, weight: _IntegerWeight) -> OnnxLayer:
+    return OnnxLayer(plan.name, list(plan.layer.weight.shape), plan.layer.quant_groups, weight.stored, weight.dropped)
+
+
 def _integer_module(plan: _LayerPlan, opset: int) -> tuple[nn.Module, OnnxLayer]:
     layer = plan.layer
     codes = layer.ungrouped(plan.codes)  # the weight's shape
-    if isinstance(layer, QConv2d):
-        weight = _IntegerWeight(_grouped_layout(codes, 0, layer.quant_groups), plan.scales, plan.widths, 0,
-                                tuple(codes.shape), opset)
+    if isinstance(layer, QEmbedding):
+        weight = _rows_weight(plan, opset)
+        module = _IntegerEmbedding(layer, weight)
+    elif isinstance(layer, (QConv1d, QConv2d)):
+        weight = _rows_weight(plan, opset)
         module = _IntegerConv2d(layer, weight, plan.bias)
     else:
         axis = 1 if layer.group_by == "output" else 0  # of the transposed (in, out) weight
         weight = _IntegerWeight(_grouped_layout(codes.t(), axis, layer.quant_groups), plan.scales, plan.widths,
                                 axis, (layer.in_features, layer.out_features), opset)
         module = _IntegerLinear(weight, plan.bias)
-    return module, OnnxLayer(plan.name, list(layer.weight.shape), layer.quant_groups, weight.stored, weight.dropped)
+    return module, _describe(plan, weight)
 
 
 def _integer_twin(model: nn.Module, plans: list[_LayerPlan], opset: int):
-    """A CPU copy of ``model`` in eval mode with each quantized layer replaced by its integer module."""
+    """A CPU copy of ``model`` in eval mode with each quantized layer replaced by its integer module.
+
+    A QMultiheadAttention is replaced whole, its two projections' codes in their own layouts, since
+    ``F.multi_head_attention_forward`` reads the weights rather than calling the projections.
+    """
     from sgsc.nn import replace_submodule
 
-    # deepcopy with the quantized layers left out: their float weights are never needed again
-    memo = {id(model.get_submodule(plan.name)): nn.Identity() for plan in plans}
+    by_name = {plan.name: plan for plan in plans}
+    attentions = {name: module for name, module in model.named_modules() if isinstance(module, QMultiheadAttention)}
+    replaced = list(attentions) + [name for name in by_name if name.rpartition(".")[0] not in attentions]
+    # deepcopy with the replaced modules left out: their float weights are never needed again
+    memo = {id(model.get_submodule(name)): nn.Identity() for name in replaced}
     twin = copy.deepcopy(model, memo).cpu().eval()
     described = []
+    for name, attention in attentions.items():
+        in_plan, out_plan = by_name[f"{name}.in_proj"], by_name[f"{name}.out_proj"]
+        in_weight, out_weight = _rows_weight(in_plan, opset), _rows_weight(out_plan, opset)
+        replace_submodule(twin, name, _IntegerMultiheadAttention(attention, in_weight, out_weight))
+        described += [_describe(in_plan, in_weight), _describe(out_plan, out_weight)]
     for plan in plans:
+        if plan.name.rpartition(".")[0] in attentions:
+            continue
         module, description = _integer_module(plan, opset)
         replace_submodule(twin, plan.name, module)
         described.append(description)

@@ -327,6 +327,11 @@ class QMultiheadAttention(nn.Module):
         new.out_proj._init_quantizer(mha.num_heads, init_bits, rounding, "input")
         return new.train(mha.training)
 
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``(in_proj weight, its bias, out_proj weight, its bias)`` as the forward computes with them; an
+        exporter's twin of this module swaps this method and keeps the forward."""
+        return _weight_of(self.in_proj), self.in_proj.bias, _weight_of(self.out_proj), self.out_proj.bias
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -334,9 +339,10 @@ class QMultiheadAttention(nn.Module):
         batched = query.dim() == 3
         if self.batch_first and batched:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        in_weight, in_bias, out_weight, out_bias = self.projections()
         output, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, _weight_of(self.in_proj), self.in_proj.bias,
-            None, None, self.add_zero_attn, self.dropout, _weight_of(self.out_proj), self.out_proj.bias,
+            query, key, value, self.embed_dim, self.num_heads, in_weight, in_bias,
+            None, None, self.add_zero_attn, self.dropout, out_weight, out_bias,
             training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
             attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
         )

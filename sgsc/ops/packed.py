@@ -43,6 +43,7 @@ Every batch size runs that kernel (in chunks of 8, 4, 2 and 1 batch rows), so th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -356,7 +357,8 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
             raise ValueError(f"bias must have shape ({weight.out_features},) on {weight.device}, "
                              f"got {tuple(bias.shape)} on {bias.device}")
         bias = bias.contiguous()
-    flat = x.reshape(-1, weight.in_features).contiguous()
+    # reshape(-1, 0) cannot infer the rows of a layer with no inputs (a fully pruned MLP's output layer)
+    flat = x.reshape(math.prod(x.shape[:-1]), weight.in_features).contiguous()
     y = torch.ops.sgsc.packed_linear(flat, *weight.tensors(), weight.out_features, bias)
     return y.reshape(*x.shape[:-1], weight.out_features)
 
