@@ -1,7 +1,8 @@
-"""`sgsc experiment vision|language|report`: the paper's tables, measured, and RESULTS.md rendered from them.
+"""`sgsc experiment vision|language|resnet|report`: the paper's tables, measured, and RESULTS.md rendered from them.
 
 `vision` is Table I (:mod:`sgsc.experiments.vision`), `language` Table II
-(:mod:`sgsc.experiments.language`), `report` renders RESULTS.md from the JSON files they write. The
+(:mod:`sgsc.experiments.language`), `resnet` the ResNet-20 table (any-model, public API)
+(:mod:`sgsc.experiments.resnet`), `report` renders RESULTS.md from the JSON files they write. The
 experiments are imported when their command runs.
 """
 
@@ -116,8 +117,9 @@ def _run_vision(args: argparse.Namespace) -> int:
 
 def _add_report(subparsers) -> None:
     parser = subparsers.add_parser("report", help="render RESULTS.md from the experiments' JSON files",
-                                   description="Render RESULTS.md from <results>/vision.json and "
-                                   "<results>/language.json (whichever exist); nothing is typed by hand.")
+                                   description="Render RESULTS.md from <results>/vision.json, "
+                                   "<results>/language.json and <results>/resnet.json (whichever exist); nothing "
+                                   "is typed by hand.")
     parser.add_argument("--results", default="results", help="directory of the JSON files (default: %(default)s)")
     parser.add_argument("-o", "--output", default="RESULTS.md", help="markdown file to write (default: %(default)s)")
     parser.set_defaults(func=_run_report)
@@ -163,12 +165,62 @@ def _add_language(subparsers) -> None:
     parser.set_defaults(func=_run_language)
 
 
+def _add_resnet(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "resnet",
+        help="ResNet-20 on Fashion-MNIST through the public API: float, unsafe, SGSC, PTQ int8/int4, 2-bit QAT",
+        description="Train a float ResNet-20 per seed, then unsafe self-compression, SGSC and 2-bit QAT from its "
+        "snapshot and PTQ of the final model; prune, save, load back and measure each; write <out>/resnet.json. "
+        "Resumable: methods whose <out>/resnet-seed<N>/<method>.json exists are read back, not rerun.",
+    )
+    parser.add_argument("--quick", action="store_true", help="digits, a small ResNet, tens of steps: a smoke test")
+    parser.add_argument("--data-dir", help="directory of the Fashion-MNIST IDX files")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1)")
+    parser.add_argument("--steps", type=positive_int, help="steps of unsafe, SGSC and QAT from the float snapshot")
+    parser.add_argument("--float-steps", type=positive_int, help="float steps before the snapshot")
+    parser.add_argument("--gamma", type=float, help="size-term weight of SGSC and unsafe")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads per process (default: %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="processes running seeds at once; latency is timed afterwards in one "
+                        "(default: %(default)s)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--out", default="results", help="output directory (default: %(default)s)")
+    parser.set_defaults(func=_run_resnet)
+
+
+def resnet_settings(args: argparse.Namespace):
+    """The ResNetSettings the parsed flags describe: the preset, with every given flag on top."""
+    from sgsc.experiments import resnet
+
+    keys = ("data_dir", "seeds", "steps", "float_steps", "gamma")
+    overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    if args.data_dir is not None:
+        overrides["data"] = "fashion-mnist"  # the IDX files of --data-dir, also under --quick
+    overrides["progress"] = args.progress
+    return resnet.quick_settings(**overrides) if args.quick else resnet.ResNetSettings(**overrides)
+
+
+def _run_resnet(args: argparse.Namespace) -> int:
+    from sgsc.experiments import resnet
+
+    torch.set_num_threads(args.threads)
+    result = resnet.run(resnet_settings(args), args.out, workers=args.workers)
+    t = result["targets"]
+    print(f"wrote {Path(args.out) / resnet.RESULT_FILE}")
+    print(f"SGSC - float: {t['accuracy_gap_points']:+.2f} points at {t['pct_of_float']:.2f}% of the float32 bytes "
+          f"(targets: >= -0.5 points {'met' if t['accuracy_met'] else 'MISSED'}, <= 6% "
+          f"{'met' if t['size_met'] else 'MISSED'})")
+    return 0
+
+
 def register(subparsers) -> None:
-    """Add `sgsc experiment` with its `vision`, `language` and `report` subcommands."""
+    """Add `sgsc experiment` with its `vision`, `language`, `resnet` and `report` subcommands."""
     parser = subparsers.add_parser("experiment", help="reproduce the paper's tables and render RESULTS.md",
                                    description="Reproduce the paper's tables side by side with the usual "
                                    "alternatives, and render RESULTS.md from the results.")
     experiments = parser.add_subparsers(dest="experiment", required=True)
     _add_vision(experiments)
     _add_language(experiments)
+    _add_resnet(experiments)
     _add_report(experiments)

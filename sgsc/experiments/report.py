@@ -1,8 +1,9 @@
 """RESULTS.md, rendered only from the experiments' JSON files (`sgsc experiment report`).
 
-Every number comes from ``<results>/vision.json`` or ``<results>/language.json``, together with the
-machine and device it was measured on, the seeds, steps and hyper-parameters, and the command that
-reproduces it. The language section is rendered by :func:`sgsc.experiments.language.markdown`.
+Every number comes from ``<results>/vision.json``, ``<results>/language.json`` or
+``<results>/resnet.json``, together with the machine and device it was measured on, the seeds, steps and
+hyper-parameters, and the command that reproduces it. The language section is rendered by :func:`sgsc.experiments.language.markdown`, the ResNet-20
+section by :func:`sgsc.experiments.resnet.markdown`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import os
 from pathlib import Path
 
 from sgsc._io import atomic_write
-from sgsc.experiments import language, vision_report
+from sgsc.experiments import language, resnet, vision_report
 
 VISION_FILE = "vision.json"
 TUNING_FILE = "vision_tuning.json"
 LANGUAGE_FILE = "language.json"
+RESNET_FILE = resnet.RESULT_FILE
 
 
 
@@ -36,10 +38,10 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
     if not results_dir.is_dir():
         raise FileNotFoundError(f"results directory not found: {results_dir}")
     vision_path, language_path = results_dir / VISION_FILE, results_dir / LANGUAGE_FILE
-    tuning_path = results_dir / TUNING_FILE
-    if not any(path.is_file() for path in (vision_path, language_path, tuning_path)):
-        raise FileNotFoundError(f"{results_dir} holds none of {VISION_FILE}, {LANGUAGE_FILE}, {TUNING_FILE}; run "
-                                "`sgsc experiment vision` or `sgsc experiment language` first")
+    tuning_path, resnet_path = results_dir / TUNING_FILE, results_dir / RESNET_FILE
+    if not any(path.is_file() for path in (vision_path, language_path, tuning_path, resnet_path)):
+        raise FileNotFoundError(f"{results_dir} holds none of {VISION_FILE}, {LANGUAGE_FILE}, {TUNING_FILE}, "
+                                f"{RESNET_FILE}; run `sgsc experiment vision`, `language` or `resnet` first")
     sections = [
         "# Results",
         "",
@@ -54,6 +56,8 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
         sections.append(vision_report.tuning_markdown(_read(tuning_path)))
     if language_path.is_file():
         sections.append(language.markdown(_read(language_path)))
+    if resnet_path.is_file():
+        sections.append(resnet.markdown(_read(resnet_path)))
     return "\n".join(sections).rstrip("\n") + "\n"
 
 

@@ -138,3 +138,32 @@ def choose(rows: list[dict], float_val: float, float_bytes: int, tolerance: floa
         best = max(small or rows, key=lambda r: r["val_accuracy"])
     return {**best, "pct_of_float": 100.0 * best["file_bytes"] / float_bytes, "within_tolerance": bool(good),
             "within_size": 100.0 * best["file_bytes"] / float_bytes <= max_pct}
+
+
+# ---- ResNet-20 ------------------------------------------------------------------------------
+
+# SGSC within this many points of float test accuracy, at this % of the float32 bytes, and ahead of
+# PTQ int4 and 2-bit QAT at equal (within EQUAL_SIZE) or smaller size
+RESNET_ACCURACY_POINTS = 0.5
+RESNET_SIZE_PERCENT = 6.0
+RESNET_RIVALS = ("ptq_int4", "qat_2")
+
+
+def resnet_targets(table: dict) -> dict:
+    """Issue 18's ResNet-20 targets on the means over seeds of :func:`sgsc.experiments.resnet.summarize`'s table."""
+    sgsc, float_ = table["sgsc"], table["float"]
+    accuracy, float_accuracy = sgsc["test_accuracy"]["mean"], float_["test_accuracy"]["mean"]
+    gap = 100.0 * (accuracy - float_accuracy)
+    versus = {}
+    for name in RESNET_RIVALS:
+        other = table[name]
+        ratio = sgsc["file_bytes"]["mean"] / other["file_bytes"]["mean"]
+        points = 100.0 * (accuracy - other["test_accuracy"]["mean"])
+        versus[name] = {"accuracy": other["test_accuracy"]["mean"], "bytes": other["file_bytes"]["mean"],
+                        "size_ratio": ratio, "accuracy_points": points,
+                        "met": ratio <= 1 + EQUAL_SIZE and points > 0}
+    return {"float_accuracy": float_accuracy, "sgsc_accuracy": accuracy, "accuracy_gap_points": gap,
+            "accuracy_met": round(gap, 9) >= -RESNET_ACCURACY_POINTS,
+            "sgsc_bytes": sgsc["file_bytes"]["mean"], "float_bytes": float_["file_bytes"]["mean"],
+            "pct_of_float": sgsc["pct_of_float"]["mean"],
+            "size_met": sgsc["pct_of_float"]["mean"] <= RESNET_SIZE_PERCENT, "versus": versus}
