@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from sgsc.experiments import targets
 from sgsc.nn.zoo import HEAD_GROUPS
 from sgsc.ops.spec import ROUNDING_MODES
 from sgsc.train.config import LR_SCHEDULES
@@ -107,12 +108,16 @@ def _run_vision(args: argparse.Namespace) -> int:
               f"({100 * choice['val_accuracy']:.2f}% val at {choice['pct_of_float']:.1f}% of the float bytes)")
         return 0
     result = vision.run(vision_settings(args), args.out, workers=args.workers)
-    targets = result["targets"]
     print(f"wrote {Path(args.out) / vision.RESULT_FILE} and {Path(args.out) / vision.PLOT_FILE}")
-    print(f"SGSC - float: {targets['accuracy_gap_points']:+.2f} points at {targets['pct_of_float']:.1f}% of the "
-          f"float32 bytes (targets: >= -0.3 points {'met' if targets['accuracy_met'] else 'MISSED'}, <= 10% "
-          f"{'met' if targets['size_met'] else 'MISSED'})")
+    _print_targets(result["targets"], targets.VISION_ACCURACY_POINTS, targets.VISION_SIZE_PERCENT)
     return 0
+
+
+def _print_targets(verdict: dict, points: float, percent: float) -> None:
+    """One line: SGSC's distance from float and its size, against the experiment's targets."""
+    print(f"SGSC - float: {verdict['accuracy_gap_points']:+.2f} points at {verdict['pct_of_float']:.2f}% of the "
+          f"float32 bytes (targets: >= -{points:g} points {'met' if verdict['accuracy_met'] else 'MISSED'}, "
+          f"<= {percent:g}% {'met' if verdict['size_met'] else 'MISSED'})")
 
 
 def _add_report(subparsers) -> None:
@@ -206,11 +211,8 @@ def _run_resnet(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     result = resnet.run(resnet_settings(args), args.out, workers=args.workers)
-    t = result["targets"]
     print(f"wrote {Path(args.out) / resnet.RESULT_FILE}")
-    print(f"SGSC - float: {t['accuracy_gap_points']:+.2f} points at {t['pct_of_float']:.2f}% of the float32 bytes "
-          f"(targets: >= -0.5 points {'met' if t['accuracy_met'] else 'MISSED'}, <= 6% "
-          f"{'met' if t['size_met'] else 'MISSED'})")
+    _print_targets(result["targets"], targets.RESNET_ACCURACY_POINTS, targets.RESNET_SIZE_PERCENT)
     return 0
 
 
