@@ -20,3 +20,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """scikit-learn's digits as ``((train x, train y), (test x, test y))``: small data any test may train on."""
+    from sgsc.train.data import load_vision
+
+    data = load_vision(name="digits")
+    return data.train.tensors, data.test.tensors

@@ -24,29 +24,17 @@ from sgsc.train.task import mean_loss
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*stay masked")]
 
 
-def _quantize(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the LM's attention and embeddings stay float, as quantize_model says
-        return sgsc.quantize_model(model)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    data = load_vision(name="digits")
-    return data.train.tensors, data.test.tensors
-
-
 def _resnet():
     torch.manual_seed(0)
-    return _quantize(TinyResNet())
+    return sgsc.quantize_model(TinyResNet())
 
 
 def _evals(history):
     return [r for r in history if r["kind"] == "eval"]
 
 
-def test_bits_fall_on_a_model_outside_the_zoo(digits, tmp_path):
-    (x, y), test = digits
+def test_bits_fall_on_a_model_outside_the_zoo(digits_split, tmp_path):
+    (x, y), test = digits_split
     model = _resnet()
     result = compress(model, (x, y), preserve=0.05, steps=120, warmup_steps=40, gamma=0.3, quant_lr=0.2, lr=3e-3,
                       k=20, threshold=0.05, eval_data=test, eval_every=40, out_dir=tmp_path, progress=False)
@@ -68,8 +56,8 @@ def test_bits_fall_on_a_model_outside_the_zoo(digits, tmp_path):
     assert json.loads((tmp_path / "preservation.json").read_text())["indices"] == result["preservation"]
 
 
-def test_resume_from_a_mid_run_checkpoint_is_bit_exact(digits, tmp_path):
-    (x, y), test = digits
+def test_resume_from_a_mid_run_checkpoint_is_bit_exact(digits_split, tmp_path):
+    (x, y), test = digits_split
 
     def run(out, steps, resume=False):
         return compress(_resnet(), (x, y), preserve=0.05, steps=steps, warmup_steps=10, gamma=0.3, quant_lr=0.2,
@@ -99,7 +87,7 @@ def test_a_custom_task_loss_and_loss_metric_steer_a_language_model():
     x, y = counting_sequences(600)
     held = counting_sequences(100, seed=1)
     torch.manual_seed(0)
-    model = _quantize(TinyLM())
+    model = sgsc.quantize_model(TinyLM())
     keep = list(range(0, 600, 10))
     result = compress(model, (x, y), preserve=keep, steps=90, gamma=0.05, quant_lr=0.1, lr=1e-2, k=30,
                       threshold=10.0, task_loss=_smoothed, metric="loss", eval_data={"held": held},
@@ -136,8 +124,8 @@ def test_a_custom_task_loss_and_loss_metric_steer_a_language_model():
         ("resume", True, FileNotFoundError, "checkpoint not found"),
     ],
 )
-def test_bad_input_names_the_argument_and_writes_nothing(digits, tmp_path, name, value, error, message):
-    (x, y), _ = digits
+def test_bad_input_names_the_argument_and_writes_nothing(digits_split, tmp_path, name, value, error, message):
+    (x, y), _ = digits_split
     arguments = {"model": _resnet(), "train_data": (x[:200], y[:200]), "preserve": 0.1, "batch_size": 32,
                  "steps": 5, "gamma": 0.1, "out_dir": tmp_path / "run", "progress": False}
     arguments[name] = value(x, y) if callable(value) else value

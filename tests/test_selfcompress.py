@@ -18,21 +18,8 @@ from sgsc.nn import QConv2d, QLinear
 from sgsc.nn.zoo import PaperCNN, PaperCNNConfig
 from sgsc.train import Pruner, SelfCompression, evaluate
 from sgsc.train.batches import seeded_generator
-from sgsc.train.data import load_vision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _quantize(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the LM's attention and embeddings stay float, as quantize_model says
-        return sgsc.quantize_model(model)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    data = load_vision(name="digits")
-    return data.train.tensors, data.test.tensors
 
 
 def _train(model, comp, x, y, steps, *, lr=3e-3, batch=32, seed=0, optimizer=None):
@@ -51,13 +38,13 @@ def _train(model, comp, x, y, steps, *, lr=3e-3, batch=32, seed=0, optimizer=Non
 
 
 @pytest.fixture(scope="module")
-def trained_resnet(digits):
+def trained_resnet(digits_split):
     """A quantized TinyResNet trained without compression, and its preservation set."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    (x, y), _ = digits
+    (x, y), _ = digits_split
     torch.manual_seed(0)
-    model = _quantize(TinyResNet())
+    model = sgsc.quantize_model(TinyResNet())
     _train(model, SelfCompression(model, gamma=0.0, prune=False), x, y, 150)
     torch.set_num_threads(threads)
     return model, (x[:100], y[:100])
@@ -75,15 +62,15 @@ def _bits(model) -> float:
 
 @pytest.mark.filterwarnings("ignore:.*stay masked")  # the models have no pruner; tested below
 @pytest.mark.parametrize("case", ["resnet", "mobilenet", "transformer"])
-def test_bits_fall_under_the_size_term_with_safety_on(digits, case):
+def test_bits_fall_under_the_size_term_with_safety_on(digits_split, case):
     torch.manual_seed(0)
     if case == "transformer":
         model, (x, y), (test_x, test_y) = TinyLM(), counting_sequences(600), counting_sequences(100, seed=1)
         metric, higher = "loss", False
     else:
-        model, ((x, y), (test_x, test_y)) = {"resnet": TinyResNet, "mobilenet": TinyMobileNet}[case](), digits
+        model, ((x, y), (test_x, test_y)) = {"resnet": TinyResNet, "mobilenet": TinyMobileNet}[case](), digits_split
         metric, higher = "accuracy", True
-    model = _quantize(model)
+    model = sgsc.quantize_model(model)
     comp = SelfCompression(model, (x[:100], y[:100]), gamma=0.05, k=25, threshold=0.05, quant_lr=0.1, metric=metric)
     _train(model, comp, x, y, 150)
     print(f"\n{case}: {_bits(model):.2f} bits, {evaluate(model, (test_x, test_y))}")
@@ -153,8 +140,8 @@ def test_zero_bit_groups_of_an_unprunable_model_stay_masked_and_are_reported_onc
     assert {name: p.shape for name, p in model.named_parameters()} == shapes
 
 
-def test_a_zoo_model_is_pruned_physically_with_the_optimizer_state_cut(digits):
-    (x, y), _ = digits
+def test_a_zoo_model_is_pruned_physically_with_the_optimizer_state_cut(digits_split):
+    (x, y), _ = digits_split
     x8 = x[:, :, :8, :8]
     torch.manual_seed(0)
     model = PaperCNN(PaperCNNConfig(image_size=8, channels=[4, 8]))
@@ -226,7 +213,7 @@ def test_penalty_equals_its_formula(trained_resnet):
 
 def test_the_preservation_loss_of_a_sequence_model_skips_padding():
     torch.manual_seed(0)
-    model = _quantize(TinyLM()).eval()
+    model = sgsc.quantize_model(TinyLM()).eval()
     x, y = counting_sequences(30)
     comp = SelfCompression(model, (x, y), gamma=0.0, lambda_=1.0, metric="loss", preservation_batch=8)
     pick = torch.randint(0, 30, (8,), generator=seeded_generator(0, 0, 0, 1))
