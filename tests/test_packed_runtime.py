@@ -22,6 +22,7 @@ from sgsc.nn import QConv2d, QLinear
 from sgsc.nn.packed import PackedConv2d, PackedLinear, pack_model, packed_file_bytes, packed_module, resident_bytes
 from sgsc.ops import packed as packed_ops
 from sgsc.ops import reference
+from sgsc.ops.spec import minimal_widths
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
@@ -69,7 +70,7 @@ def bound(x, codes, scales, group_by):
         magnitude = (stored * row_scale).unsqueeze(1).expand(codes.shape)
     else:
         grouped = codes.reshape(codes.shape[0], groups, -1).transpose(0, 1).reshape(groups, -1)
-        top = torch.exp2(packed_ops.group_widths(grouped).double())  # 2^W of each group
+        top = torch.exp2(minimal_widths(grouped).double())  # 2^W of each group
         magnitude = (top * scales.double()).repeat_interleave(codes.shape[1] // groups).unsqueeze(0).expand(codes.shape)
     return (k + 2) * EPS * (x.double().abs() @ magnitude.T) + 1e-30
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sgsc import ops
-from sgsc.ops.spec import MAX_WIDTH, stream_bytes
+from sgsc.ops.spec import MAX_WIDTH, minimal_widths, stream_bytes  # noqa: F401 - minimal_widths: part of the codec's API
 
 SPARSE_FLAG = 0x80
 WIDTH_BITS = 0x3F
@@ -35,19 +35,6 @@ class CodecError(ValueError):
 def _mask_bytes(group_len: int) -> int:
     """A sparse group's bitmask: one bit per code."""
     return stream_bytes(1, group_len)
-
-
-def minimal_widths(codes: torch.Tensor) -> torch.Tensor:
-    """Smallest two's-complement width per row of ``codes`` that holds all of its values (0 for all-zero rows)."""
-    if codes.numel() == 0:
-        return torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
-    high = codes.amax(dim=1).clamp_min(0)
-    low = (-codes.amin(dim=1) - 1).clamp_min(0)  # -2^(w-1) <= min  <=>  bit_length(-min - 1) <= w - 1
-    magnitude = torch.maximum(high, low)
-    thresholds = 2 ** torch.arange(63, device=codes.device, dtype=torch.int64)
-    bit_length = (magnitude.unsqueeze(1) >= thresholds).sum(dim=1)
-    nonzero = (codes != 0).any(dim=1)
-    return torch.where(nonzero, bit_length + 1, torch.zeros_like(bit_length))
 
 
 def split_width_bytes(width_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

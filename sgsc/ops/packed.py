@@ -52,7 +52,7 @@ from sgsc.ops import native as _native
 from sgsc.ops import reference
 from sgsc.ops.functional import _check_tensor
 from sgsc.ops.library import _triton_module
-from sgsc.ops.spec import MAX_WIDTH, stream_bytes
+from sgsc.ops.spec import MAX_WIDTH, minimal_widths, stream_bytes
 
 LANES = 8  # rows per tile
 GROUP_BY = ("output", "input")
@@ -106,16 +106,6 @@ _TENSOR_DTYPES = (torch.int32, torch.int64, torch.float32, torch.int64, torch.in
 # ---- building the layout --------------------------------------------------------------------
 
 
-def group_widths(grouped_codes: torch.Tensor) -> torch.Tensor:
-    """Smallest two's-complement width holding each row of ``(G, L)`` codes (0 for an all-zero row), int64."""
-    if grouped_codes.numel() == 0:
-        return torch.zeros(grouped_codes.shape[0], dtype=torch.int64)
-    codes = grouped_codes.to(torch.int64)
-    magnitude = torch.maximum(codes.amax(dim=1).clamp_min(0), (-codes.amin(dim=1) - 1).clamp_min(0))
-    bit_length = torch.where(magnitude > 0, torch.floor(torch.log2(magnitude.double().clamp_min(1))).long() + 1, 0)
-    return torch.where((codes != 0).any(dim=1), bit_length + 1, torch.zeros_like(bit_length))
-
-
 def _pack_words(codes: torch.Tensor, width: int, live: torch.Tensor) -> torch.Tensor:
     """``(tiles, 8, n)`` int64 codes at ``width`` -> int32 words ``(tiles, n_words, 8)``, lane-minor.
 
@@ -163,7 +153,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_by: str = "outp
         grouped = codes.reshape(groups, -1)
     else:
         grouped = codes.reshape(out_features, groups, -1).transpose(0, 1).reshape(groups, -1)
-    widths = group_widths(grouped)
+    widths = minimal_widths(grouped)
     if int(widths.max()) > MAX_WIDTH:
         g = int(widths.argmax())
         raise ValueError(f"codes of group {g} need {int(widths[g])} bits, more than {MAX_WIDTH}")
@@ -250,7 +240,7 @@ def file_bytes(codes: torch.Tensor, scales: torch.Tensor, group_by: str = "outpu
         return 0
     codes = codes.detach().cpu()
     grouped = codes.reshape(groups, -1) if group_by == "output" else codes.reshape(codes.shape[0], groups, -1).transpose(0, 1).reshape(groups, -1)
-    return int(stream_bytes(group_widths(grouped), grouped.shape[1]).sum())
+    return int(stream_bytes(minimal_widths(grouped), grouped.shape[1]).sum())
 
 
 # ---- fake kernels ----------------------------------------------------------------------------
