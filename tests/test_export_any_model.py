@@ -7,6 +7,7 @@ must give the trained model's outputs bit for bit in eval mode. Zoo files keep t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
@@ -103,6 +104,32 @@ def test_a_pruned_cnn_loads_into_its_unpruned_architecture_bit_for_bit(tmp_path,
     packed = sgsc.load_packed(path, model=factory(), runtime="packed")
     with torch.no_grad():
         torch.testing.assert_close(packed(x), loaded(x), rtol=1e-5, atol=1e-5)
+
+
+def _batchnorm_variants():
+    """BatchNorm without running statistics and without an affine weight: both cut on load too."""
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6, track_running_stats=False), nn.ReLU(),
+                         nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+                         nn.Conv2d(4, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5))
+
+
+def test_batchnorm_without_statistics_or_affine_weight_is_pruned_exactly_and_reloads(tmp_path):
+    pytest.importorskip("torch_pruning")
+    model = _trained(_batchnorm_variants, _images)
+    _zero_bits(model, {"0": [1, 4], "3": [2]})
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():  # the test's own silencing: the affine entries, and the mean where there is no weight
+        reference[1].weight[[1, 4]] = reference[1].bias[[1, 4]] = 0.0
+        reference[4].running_mean[2] = 0.0
+    _prune(model, _images())
+    assert (model[1].num_features, model[4].num_features, model[4].running_mean.shape) == (4, 3, (3,))
+    x = _images(16, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-5, atol=1e-5)
+    sgsc.save_packed(model, tmp_path / "bn.sgsc")
+    loaded = sgsc.load_packed(tmp_path / "bn.sgsc", model=_batchnorm_variants())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 def _lm():

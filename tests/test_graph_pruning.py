@@ -223,6 +223,26 @@ def test_resnet_internal_channels_go_with_bn_and_next_conv_and_adam_state_follow
     assert {c.layer for c in report.changes} == {"stages.1.0.conv1", "stages.1.0.bn1", "stages.1.0.conv2"}
 
 
+def test_the_rows_of_a_head_that_ends_the_model_stay_and_only_limits_the_groups():
+    model = _quantized(ResNet())
+    x = _images()
+    _zero_bits(model.fc, [4])  # a logit: removing it would shift every class after it
+    _zero_bits(model.stages[1][0].conv1, [2, 5])
+    reference = copy.deepcopy(model)
+    _silence(reference.stages[1][0].conv1, [5], reference.stages[1][0].bn1)
+
+    report = prune_zero_bit_units(model, x, only={"stages.1.0.conv1": [5], "fc": [4]})
+
+    assert [(k.layer, k.indices, k.reason) for k in report.kept] == [("fc", [4], "feeds the model output")]
+    assert model.fc.out_features == 10 and model.stages[1][0].conv1.out_channels == 15  # group 2: not listed
+    assert [(c.layer, c.groups) for c in report.changes if c.groups] == [("stages.1.0.conv1", [5])]
+    _assert_same_outputs(model, reference, x)
+    with pytest.raises(ValueError, match="only names 'nope', which is not a quantized layer"):
+        prune_zero_bit_units(model, x, only={"nope": [0]})
+    with pytest.raises(ValueError, match=r"only\['fc'\] holds group indices outside the layer's 10 groups"):
+        prune_zero_bit_units(model, x, only={"fc": [10]})
+
+
 def test_resnet_residual_channel_with_a_live_producer_is_kept_and_reported():
     model = _quantized(ResNet())
     # stage 0's residual stream: stem conv, stage0 block0 conv2, block1 conv2 (identity shortcuts)

@@ -12,8 +12,7 @@ from torch.overrides import TorchFunctionMode
 from sgsc.export.format import dtype_name, layer_slots
 from sgsc.export.record import ArchitectureMismatch, Record, first_mismatch, record_of
 from sgsc.nn import quantize_model, quantized_layers
-from sgsc.nn.layers import QUANTIZED_TYPES, QCausalSelfAttention
-from sgsc.nn.pruning import shrink_parameter
+from sgsc.nn.replay import cut_to_shapes
 from sgsc.nn.zoo import build_model
 
 
@@ -124,69 +123,6 @@ def _unrecorded(model: nn.Module, record: Record) -> list[str]:
             prefix = f"{name}." if name else ""
             skip.extend(prefix + child for child, _ in module.named_children() if prefix + child not in recorded)
     return skip
-
-
-def _cut(module: nn.Module, name: str, dim: int, size: int) -> None:
-    """Keep the first ``size`` entries of ``module.<name>`` along ``dim`` (the file supplies every value)."""
-    shrink_parameter(module, name, dim, torch.arange(size), None)
-
-
-def _cut_quantizer(layer: nn.Module, channels: int, axis: int) -> None:
-    if isinstance(layer, QUANTIZED_TYPES) and layer.group_by == ("output" if axis == 0 else "input"):
-        span = layer.weight.shape[axis] // layer.quant_groups
-        if channels % span:
-            raise ValueError(f"module: cutting {channels} channels would split a quantization group of {span}")
-        _cut(layer, "bits", 0, channels // span)
-        _cut(layer, "exponent", 0, channels // span)
-
-
-def cut_to_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Replay a physical pruning: cut each prunable module to the shapes ``shapes`` gives its state entries.
-
-    The modules and attributes are those :func:`sgsc.nn.graph_pruning.prune_zero_bit_units` cuts:
-    linear and ungrouped conv rows (with their quantization groups) and columns, depthwise conv
-    channels, BatchNorm entries, and the heads of a ``QCausalSelfAttention``. Which channels remain does
-    not matter, as the file supplies every value: each module keeps its first ones. Coupled dimensions
-    agree because every entry gets the shape it had in the model that was saved. A module whose shapes
-    are not smaller along those axes is left as it is, for the caller's comparison to report.
-    """
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-            size = shapes.get(prefix + "running_mean", (module.num_features,))[0]
-            if size < module.num_features:
-                for part in ("weight", "bias", "running_mean", "running_var"):
-                    _cut(module, part, 0, size)
-                module.num_features = size
-            continue
-        conv = isinstance(module, nn.modules.conv._ConvNd)
-        if not (isinstance(module, nn.Linear) or conv) or (prefix + "weight") not in shapes:
-            continue
-        target, weight = shapes[prefix + "weight"], module.weight
-        if len(target) != weight.dim():
-            continue
-        depthwise = conv and module.groups == module.in_channels == module.out_channels and module.groups > 1
-        if conv and module.groups > 1 and not depthwise:
-            continue  # grouped convolutions are never pruned
-        try:
-            if target[0] < weight.shape[0]:
-                _cut_quantizer(module, target[0], 0)
-                _cut(module, "weight", 0, target[0])
-                _cut(module, "bias", 0, target[0])
-                if depthwise:
-                    module.in_channels = module.groups = target[0]
-            if not depthwise and target[1] < weight.shape[1]:
-                _cut_quantizer(module, target[1], 1)
-                _cut(module, "weight", 1, target[1])
-        except ValueError as exc:
-            raise ValueError(f"{name or '<model>'}: {exc}") from None
-        if conv:
-            module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
-        else:
-            module.out_features, module.in_features = module.weight.shape
-    for module in model.modules():
-        if isinstance(module, QCausalSelfAttention):
-            module.n_heads, module.n_embd = module.q_proj.out_features // module.head_dim, module.out_proj.out_features
 
 
 def prepare_architecture(model: nn.Module, record: Record) -> nn.Module:

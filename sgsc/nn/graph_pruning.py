@@ -24,7 +24,8 @@ with the reason.
 **Silencing.** A zero-bit row outputs its bias, and BatchNorm turns that into a shift; a constant
 cannot be folded into a following padded conv (it differs at the border), so, as in
 :mod:`sgsc.nn.pruning`, the removed channels are first *silenced*: the zero-bit producers' bias
-entries and the coupled BatchNorm ``weight``/``bias`` entries are set to zero. The pruned model then
+entries and the coupled BatchNorm ``weight``/``bias`` entries (``running_mean`` without an affine
+weight) are set to zero. The pruned model then
 computes exactly what that silenced masked model computes, in train and eval mode. With
 ``silence=False`` nothing is zeroed and only sets whose constants are already zero go.
 
@@ -79,6 +80,7 @@ class LayerChange:
     removed: dict[str, list[int]]  # "output channels" / "input channels" / "heads" -> indices removed
     parameters_before: int
     parameters_after: int
+    groups: list[int] = field(default_factory=list)  # a quantized layer's quantization groups removed
 
 
 @dataclass
@@ -315,13 +317,53 @@ def _is_depthwise(conv: nn.Module) -> bool:
     return conv.groups == conv.out_channels == conv.in_channels and conv.out_channels > 1
 
 
+# ---- which groups count as zero-bit ------------------------------------------------------
+
+
+class _DeadGroups:
+    """Which quantization groups count as zero-bit: ``bits <= 0``, and only those ``only`` lists when given
+    (layer name -> group indices). A zero-bit group left out is treated as live, which is always exact."""
+
+    def __init__(self, model: nn.Module, only: Mapping[str, Sequence[int]] | None) -> None:
+        self.only = None if only is None else _checked_only(model, only)
+
+    def __call__(self, layer: nn.Module) -> torch.Tensor:
+        zero = (layer.bits.detach() <= 0).cpu()
+        if self.only is None:
+            return zero
+        allowed = torch.zeros_like(zero)
+        allowed[self.only.get(layer, [])] = True
+        return zero & allowed
+
+
+def _checked_only(model: nn.Module, only) -> dict[nn.Module, list[int]]:
+    if not isinstance(only, Mapping):
+        raise TypeError(f"only must be a mapping of layer name -> group indices, got {type(only).__name__}")
+    layers = dict(quantized_layers(model))
+    checked = {}
+    for name, groups in only.items():
+        if name not in layers:
+            raise ValueError(f"only names {name!r}, which is not a quantized layer of the model")
+        count = layers[name].quant_groups
+        if isinstance(groups, (str, bytes)) or not all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
+            raise TypeError(f"only[{name!r}] must be a sequence of group indices, got {groups!r}")
+        if any(not 0 <= g < count for g in groups):
+            raise ValueError(f"only[{name!r}] holds group indices outside the layer's {count} groups: {list(groups)}")
+        checked[layers[name]] = sorted(set(groups))
+    return checked
+
+
+ALL_ZERO_BIT = _DeadGroups(nn.Module(), None)  # every group at bits <= 0
+
+
 # ---- tracing --------------------------------------------------------------------------------
 
 
 class _Trace:
     """Run torch-pruning's trace, leaving the model's modes and ``requires_grad`` flags as they were."""
 
-    def __init__(self, model: nn.Module, example_inputs, optimizer) -> None:
+    def __init__(self, model: nn.Module, example_inputs, optimizer, dead: _DeadGroups = ALL_ZERO_BIT) -> None:
+        self.dead = dead
         graph = _Graph(optimizer)
         modes = {module: module.training for module in model.modules()}
         frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -389,19 +431,18 @@ _MULTIPLICATIVE = {"mul", "mm", "addmm", "bmm"}  # mm/addmm: a linear layer's pr
 _STRUCTURAL = (_ops._ReshapeOp, _ops._ConcatOp, _ops._SplitOp, _ops._SliceOp, _ops._ExpandOp, _ops._UnbindOp)
 
 
-def _zero_bit_rows(layer: nn.Module) -> torch.Tensor | None:
-    """Bool per output row of a conv/linear: its group has ``bits <= 0``; None when the rows carry no
+def _zero_bit_rows(layer: nn.Module, dead: _DeadGroups) -> torch.Tensor | None:
+    """Bool per output row of a conv/linear: its group is zero-bit; None when the rows carry no
     bits (a float layer, input groups; an embedding's rows are tokens, not the channels it outputs)."""
     if not isinstance(layer, (QLinear, _QConv)) or layer.group_by != "output" or layer.quant_groups == 0:
         return None
-    rows = layer.weight.shape[0]
-    return (layer.bits.detach() <= 0).cpu().repeat_interleave(rows // layer.quant_groups)
+    return dead(layer).repeat_interleave(layer.weight.shape[0] // layer.quant_groups)
 
 
-def _zero_bit_columns(layer: nn.Module) -> torch.Tensor | None:
+def _zero_bit_columns(layer: nn.Module, dead: _DeadGroups) -> torch.Tensor | None:
     if not isinstance(layer, QLinear) or layer.group_by != "input" or layer.quant_groups == 0:
         return None
-    return (layer.bits.detach() <= 0).cpu().repeat_interleave(layer.weight.shape[1] // layer.quant_groups)
+    return dead(layer).repeat_interleave(layer.weight.shape[1] // layer.quant_groups)
 
 
 
@@ -463,7 +504,7 @@ class _Analysis:
             return f"coupled to parameter {name}"
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, QCausalSelfAttention)):
             layer = _layer_of(module, into=False)
-            rows, idxs = _zero_bit_rows(layer), sorted(member.out)
+            rows, idxs = _zero_bit_rows(layer, self.trace.dead), sorted(member.out)
             if rows is None or not idxs or not bool(rows[idxs].all()):
                 return f"coupled to a live channel of {name}"
             if not self.silence and layer.bias is not None and bool(layer.bias.detach()[idxs].any()):
@@ -509,7 +550,9 @@ class _Analysis:
         members = self.members[root]
         for node in members:  # structural reasons first: they hold whatever the bits are
             module, name = node.module, self.trace.name(node)
-            if isinstance(module, _ops._OutputOp):
+            # torch-pruning adds an output node only when the output comes from an op; a model ending
+            # in a layer (a classifier's head) leaves that layer without consumers
+            if isinstance(module, _ops._OutputOp) or (not node.outputs and members[node].out):
                 return "feeds the model output"
             if isinstance(module, nn.Parameter):
                 return f"coupled to parameter {name}"
@@ -528,7 +571,7 @@ class _Analysis:
             if isinstance(module, _ops._ElementWiseOp) and any(f[0] is None for f in next_functions):
                 return f"combined at {_op_name(node)} with a tensor the graph cannot see (a model input or a buffer)"
         for node, member in members.items():  # every layer that keeps computing must read zeros
-            if member.into and not _masked_columns(node.module, member.into):
+            if member.into and not _masked_columns(node.module, member.into, self.trace.dead):
                 for n in self._activations(node):
                     reason = self.nonzero_reason(root, n) if n in members else f"reads {self.trace.name(n)}"
                     if reason is not None:
@@ -541,10 +584,10 @@ class _Analysis:
         for node, member in self.members[root].items():
             if not self._is_layer(node.module):
                 continue
-            rows = _zero_bit_rows(_layer_of(node.module, into=False))
+            rows = _zero_bit_rows(_layer_of(node.module, into=False), self.trace.dead)
             if rows is not None and member.out and bool(rows[sorted(member.out)].all()):
                 units.append((node.module, "output channels", sorted(member.out)))
-            if member.into and _masked_columns(node.module, member.into):
+            if member.into and _masked_columns(node.module, member.into, self.trace.dead):
                 units.append((node.module, "input columns", sorted(member.into)))
         return units
 
@@ -588,7 +631,7 @@ class _Analysis:
                     targets.append((module, sorted(member.out)))
                 elif self._is_layer(module) and member.out:
                     layer = _layer_of(module, into=False)
-                    rows = _zero_bit_rows(layer)
+                    rows = _zero_bit_rows(layer, self.trace.dead)
                     if rows is not None and bool(rows[sorted(member.out)].all()):
                         targets.append((layer, sorted(member.out)))
         return targets
@@ -604,9 +647,9 @@ def _bn_shifts(bn: nn.Module, idxs: list[int]) -> bool:
     return bool((bn.running_mean[idxs] * gamma).any())
 
 
-def _masked_columns(module, idxs) -> bool:
+def _masked_columns(module, idxs, dead: _DeadGroups) -> bool:
     """Whether a layer reads these input channels through zero-bit input groups only."""
-    columns = _zero_bit_columns(module) if isinstance(module, nn.Module) else None
+    columns = _zero_bit_columns(module, dead) if isinstance(module, nn.Module) else None
     return columns is not None and bool(columns[sorted(idxs)].all())
 
 
@@ -672,18 +715,18 @@ def _merged(kept: list[KeptUnits]) -> list[KeptUnits]:
     return [KeptUnits(layer, kind, sorted(idx), reason) for (layer, kind, reason), idx in by_reason.items()]
 
 
-def _plan_heads(model: nn.Module, names: dict, kept: list[KeptUnits]) -> list[tuple[QCausalSelfAttention, list[int]]]:
+def _plan_heads(model: nn.Module, trace: _Trace, kept: list[KeptUnits]) -> list[tuple[QCausalSelfAttention, list[int]]]:
     """Heads to remove (a zero-bit v group, as the zoo pruner decides) and heads that stay."""
-    plans = []
+    plans, names, dead = [], trace.names, trace.dead
     for module in model.modules():
         if isinstance(module, QMultiheadAttention):
-            heads = (module.in_proj.bits.detach() <= 0).reshape(3, module.num_heads).any(0).nonzero().flatten().tolist()
+            heads = dead(module.in_proj).reshape(3, module.num_heads).any(0).nonzero().flatten().tolist()
             if heads:
                 kept.append(KeptUnits(names[module], "heads", heads,
                                       "QMultiheadAttention's heads must tile embed_dim, so it cannot drop one"))
         elif isinstance(module, QCausalSelfAttention) and module.n_heads:
-            dead_v = (module.v_proj.bits.detach() <= 0).nonzero().flatten().tolist()
-            dead_qk = ((module.q_proj.bits.detach() <= 0) | (module.k_proj.bits.detach() <= 0)).nonzero().flatten().tolist()
+            dead_v = dead(module.v_proj).nonzero().flatten().tolist()
+            dead_qk = (dead(module.q_proj) | dead(module.k_proj)).nonzero().flatten().tolist()
             if sorted(set(dead_qk) - set(dead_v)):
                 kept.append(KeptUnits(names[module], "heads", sorted(set(dead_qk) - set(dead_v)),
                                       "only q/k are zero-bit: the head still adds its (uniformly averaged) values"))
@@ -714,9 +757,13 @@ def _prune_heads(attn: QCausalSelfAttention, heads: list[int], pruner: _LinearPr
 @torch.no_grad()
 def _silence(targets: list[tuple[nn.Module, list[int]]]) -> None:
     for module, idxs in targets:
-        for param in (module.bias, module.weight if isinstance(module, nn.modules.batchnorm._BatchNorm) else None):
-            if param is not None:
-                param[torch.tensor(idxs, dtype=torch.long, device=param.device)] = 0
+        entries = [module.bias]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # without an affine weight, eval mode shifts a zero channel by -mean/std: the mean goes instead
+            entries.append(module.weight if module.weight is not None else module.running_mean)
+        for entry in entries:
+            if entry is not None:
+                entry[torch.tensor(idxs, dtype=torch.long, device=entry.device)] = 0
 
 
 def _own_parameters(model: nn.Module) -> dict[str, int]:
@@ -729,6 +776,7 @@ def prune_zero_bit_units(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     silence: bool = True,
+    only: Mapping[str, Sequence[int]] | None = None,
 ) -> PruneReport:
     """Physically remove every zero-bit unit of ``model`` that can go exactly, in place.
 
@@ -737,18 +785,20 @@ def prune_zero_bit_units(
     ``optimizer``, when given, gets the new Parameters, and its per-parameter state is cut to match.
     With ``silence`` (the default) the removed channels' constants (bias, BatchNorm shift) are
     zeroed first, and the pruned model equals that silenced masked model in train and eval mode.
+    ``only`` (layer name -> group indices) limits the zero-bit groups to those listed; the others
+    count as live (a safety check prunes only what was zero-bit at two checks in a row).
     Returns a :class:`PruneReport` of what went and which zero-bit units stay, with the reason; see
     the module docstring for the rules. Raises ``ValueError``, leaving the model as it was, when
     torch-pruning cannot trace it.
     """
     _check_arguments(model, example_inputs, optimizer, silence)
-    trace = _Trace(model, example_inputs, optimizer)
+    trace = _Trace(model, example_inputs, optimizer, _DeadGroups(model, only))
     names, kept = trace.names, []
     kept.extend(
-        KeptUnits(name, "rows", (layer.bits.detach() <= 0).nonzero().flatten().tolist(), "embedding rows are kept")
-        for name, layer in quantized_layers(model) if isinstance(layer, QEmbedding) and bool((layer.bits.detach() <= 0).any())
+        KeptUnits(name, "rows", trace.dead(layer).nonzero().flatten().tolist(), "embedding rows are kept")
+        for name, layer in quantized_layers(model) if isinstance(layer, QEmbedding) and bool(trace.dead(layer).any())
     )
-    head_plans = _plan_heads(model, names, kept)
+    head_plans = _plan_heads(model, trace, kept)
     graph_plans = _plan_graph(trace, model, silence, kept)
 
     before = _own_parameters(model)
@@ -756,7 +806,10 @@ def prune_zero_bit_units(
     linear = trace.graph.sgsc_pruners["linear"]
     for attn, heads in head_plans:
         removed[names[attn]]["heads"] = heads
-        _prune_heads(attn, heads, linear)
+        channels = _prune_heads(attn, heads, linear)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            removed[names[proj]]["output channels"] = channels
+        removed[names[attn.out_proj]]["input channels"] = channels
     for plan in graph_plans:  # silence everything first: the plans' indices refer to the unpruned model
         _silence(plan.silence)
     for plan in graph_plans:
@@ -771,10 +824,20 @@ def prune_zero_bit_units(
     freeze_empty_layers(model)
     after = _own_parameters(model)
 
-    changes = [LayerChange(name, removed.get(name, {}), before[name], after.get(name, 0))
+    changes = [LayerChange(name, removed.get(name, {}), before[name], after.get(name, 0),
+                           _removed_groups(model.get_submodule(name), removed.get(name, {})))
                for name in before if before[name] != after.get(name, 0) or name in removed]
     return PruneReport(changes, _merged(kept), sum(before.values()), sum(after.values()))
 
+
+def _removed_groups(module: nn.Module, removed: dict[str, list[int]]) -> list[int]:
+    """The quantization groups a layer lost, from the channels it lost along its grouping axis
+    (whole groups go, so a group spans as many channels after the cut as before)."""
+    if not isinstance(module, QUANTIZED_TYPES) or isinstance(module, QEmbedding) or not module.quant_groups:
+        return []
+    axis, kind = (0, "output channels") if module.group_by == "output" else (1, "input channels")
+    span = module.weight.shape[axis] // module.quant_groups
+    return sorted({index // span for index in removed.get(kind, [])})
 
 
 # ---- one bit depth per coupled set ----------------------------------------------------------
@@ -803,7 +866,7 @@ def coupled_producers(model: nn.Module, example_inputs: torch.Tensor | Sequence 
             visited.add(module)
             aligned = list(item.idxs) == list(item.root_idxs)
             if (isinstance(module, QLinear) or isinstance(module, _QConv) and module.groups == 1) and aligned \
-                    and _zero_bit_rows(module) is not None and module.quant_groups == module.weight.shape[0]:
+                    and _zero_bit_rows(module, ALL_ZERO_BIT) is not None and module.quant_groups == module.weight.shape[0]:
                 producers.append(trace.names[module])
         if len(set(producers)) > 1:
             sets.append(sorted(set(producers)))
