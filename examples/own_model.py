@@ -110,6 +110,7 @@ def main() -> None:
           f"test accuracy {before:.4f} at {sgsc.model_bits_report(model)['average_bits']:.2f} bits")
 
     # 3. self-compression in the same loop: one penalty term and one call per step
+    parameters = sum(p.numel() for p in model.parameters())
     comp = SelfCompression(model, preserve=(x[keep], y[keep]), gamma=args.gamma, k=50, threshold=0.02)
     if args.single_adam:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -121,16 +122,25 @@ def main() -> None:
         optimizer.step()
         event = comp.step(optimizer)
         if event is not None:
-            what = "restored" if "restored" in event else "masked"
-            groups = event[what] if what == "restored" else sum(len(g) for g in event[what].values())
             print(f"step {event['step']:4d}: preservation accuracy {event['metric']:.3f} (best {event['best']:.3f}), "
-                  f"{float(comp.terms['size']):.2f} bits, {what} {groups} groups")
+                  f"{float(comp.terms['size']):.2f} bits, {describe(event)}")
 
     report = sgsc.model_bits_report(model)
     after = evaluate(model, data.test)["accuracy"]
     print(f"test accuracy {before:.4f} -> {after:.4f}; {report['average_bits']:.2f} bits per weight, "
-          f"{report['pruned_groups']} zero-bit groups, weights {report['compression_ratio']:.1f}x smaller than "
-          f"float32; {time.perf_counter() - started:.0f} s")
+          f"{parameters} -> {sum(p.numel() for p in model.parameters())} parameters, "
+          f"{report['pruned_groups']} zero-bit groups left (masked), weights {report['compression_ratio']:.1f}x smaller "
+          f"than float32; {time.perf_counter() - started:.0f} s")
+
+
+def describe(event: dict) -> str:
+    """A safety check's outcome: bits restored, or units pruned (and zero-bit ones that had to stay)."""
+    if "restored" in event:
+        return f"restored {event['restored']} groups"
+    count = lambda units: sum(len(groups) for groups in units.values())  # noqa: E731
+    if "masked" in event:  # torch-pruning is not installed
+        return f"{count(event['masked'])} zero-bit groups masked"
+    return f"pruned {count(event['pruned'])} groups, kept {count(event.get('kept', {}))}"
 
 
 if __name__ == "__main__":

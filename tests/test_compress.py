@@ -21,7 +21,7 @@ from sgsc.train import compress, evaluate, load_checkpoint
 from sgsc.train.data import load_vision
 from sgsc.train.task import mean_loss
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*stay masked")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _resnet():
@@ -56,17 +56,28 @@ def test_bits_fall_on_a_model_outside_the_zoo(digits_split, tmp_path):
     assert json.loads((tmp_path / "preservation.json").read_text())["indices"] == result["preservation"]
 
 
+def _resnet_with_dead_channels():
+    """Two channels at zero bits from the start: the first safety check after the warm-up prunes them."""
+    model = _resnet()
+    with torch.no_grad():
+        model.layer1.conv1.bits[[0, 2]] = -1.0
+    return model
+
+
 def test_resume_from_a_mid_run_checkpoint_is_bit_exact(digits_split, tmp_path):
     (x, y), test = digits_split
 
-    def run(out, steps, resume=False):
-        return compress(_resnet(), (x, y), preserve=0.05, steps=steps, warmup_steps=10, gamma=0.3, quant_lr=0.2,
+    def run(out, steps, resume=False):  # a fresh unpruned model each time: resume cuts it to the checkpoint
+        return compress(_resnet_with_dead_channels(), (x, y), preserve=0.05, steps=steps, warmup_steps=10, gamma=0.3, quant_lr=0.2,
                         k=10, threshold=0.0, eval_data=test, eval_every=15, out_dir=out, checkpoint_every=20,
                         resume=resume, progress=False)
 
     straight = run(tmp_path / "straight", 50)
     run(tmp_path / "split", 30)  # stops after its step-20 checkpoint and a final one at 30
     assert any("restored" in r for r in straight["history"])  # threshold 0: the checks act
+    first_prune = next(r for r in straight["history"] if r.get("pruned"))
+    assert first_prune["pruned"]["layer1.conv1"] == [0, 2] and first_prune["step"] <= 20  # before the checkpoints
+    assert straight["model"].layer1.conv1.out_channels == 2
     resumed = run(tmp_path / "split", 50, resume=True)
     a, b = straight["model"].state_dict(), resumed["model"].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -149,9 +160,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     x, y = load_vision(name="digits").train.tensors
-    model = _resnet()
-    with torch.no_grad():  # zero-bit groups: reported as masked at every check, on both ranks
-        model.layer1.conv1.bits[[0, 2]] = 0
+    model = _resnet_with_dead_channels()  # pruned at a check, on both ranks alike
     result = compress(model, (x, y), preserve=0.1, steps=24, warmup_steps=4, k=8, eval_every=8, gamma=0.3,
                       quant_lr=0.2, batch_size=32, threshold=0.0, out_dir=out, progress=False, device="cpu")
     checks = [r for r in result["history"] if r["kind"] == "check"]
@@ -163,8 +172,9 @@ def test_two_processes_compress_a_model_outside_the_zoo_in_lockstep(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["checks"] == ranks[1]["checks"] and len(ranks[0]["checks"]) == 3  # rank 0's decisions, on both
-    masked = [r["masked"] for r in ranks[0]["checks"] if "masked" in r]
-    assert masked and all(m["layer1.conv1"][:2] == [0, 2] for m in masked)
+    pruned = [r["pruned"] for r in ranks[0]["checks"] if r.get("pruned")]
+    assert pruned and pruned[0]["layer1.conv1"] == [0, 2]
+    assert ranks[0]["state"]["layer1.conv1.weight"].shape[0] == 2
     assert ranks[0]["preservation"] == ranks[1]["preservation"]
     params = {name for name, _ in _resnet().named_parameters()}
     for name in params:  # parameters, not BatchNorm running stats: those see each rank's own batches

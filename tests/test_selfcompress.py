@@ -60,7 +60,6 @@ def _bits(model) -> float:
 # ---- compression works on any architecture ---------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:.*stay masked")  # the models have no pruner; tested below
 @pytest.mark.parametrize("case", ["resnet", "mobilenet", "transformer"])
 def test_bits_fall_under_the_size_term_with_safety_on(digits_split, case):
     torch.manual_seed(0)
@@ -124,7 +123,71 @@ def test_without_a_preservation_set_nothing_is_restored(trained_resnet):
     assert torch.equal(model.fc.bits.detach(), torch.ones_like(model.fc.bits))
 
 
-def test_zero_bit_groups_of_an_unprunable_model_stay_masked_and_are_reported_once(trained_resnet):
+def _silenced_copy(model):
+    """The masked model as the graph pruner leaves it: layer1.conv1's channels 0 and 2 zero-bit, and the
+    BatchNorm entries after them zeroed (their constant shift would otherwise reach conv2)."""
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.layer1.conv1.bits[[0, 2]] = -1.0
+        masked.fc.bits[7] = -1.0
+        masked.layer1.bn1.weight[[0, 2]] = 0.0
+        masked.layer1.bn1.bias[[0, 2]] = 0.0
+    return masked.eval()
+
+
+def test_a_users_model_is_pruned_physically_and_its_file_loads_into_a_fresh_architecture(trained_resnet, tmp_path):
+    model, preserve = copy.deepcopy(trained_resnet[0]), trained_resnet[1]
+    with torch.no_grad():
+        model.layer1.conv1.bits[[0, 2]] = -1.0
+        model.fc.bits[7] = -1.0  # a logit: it feeds the output, so it stays (masked)
+    comp = SelfCompression(model, preserve, gamma=0.03, k=1, threshold=1.0)
+    optimizer = torch.optim.Adam(comp.param_groups(1e-3))
+    width = model.layer1.conv1.out_channels
+    model(preserve[0][:8])  # a training step's forward: the pruner traces the model on its inputs
+    masked = _silenced_copy(model)
+
+    event = comp.step(optimizer)
+
+    assert event["pruned"] == {"layer1.conv1": [0, 2]} and event["kept"] == {"fc": [7]}
+    assert model.layer1.conv1.weight.shape[0] == model.layer1.bn1.num_features == width - 2
+    assert model.layer1.conv2.weight.shape[1] == width - 2 and model.layer1.conv1.bits.shape == (width - 2,)
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()}
+    for param in held:
+        assert all(v.shape == param.shape for v in optimizer.state[param].values() if v.dim())
+    x = preserve[0][:32]
+    with torch.no_grad():
+        expected = masked(x)
+        torch.testing.assert_close(model.eval()(x), expected, rtol=1e-5, atol=1e-5)
+    assert comp.step(optimizer)["pruned"] == {}  # nothing new: fc's group still cannot go
+
+    sgsc.save_packed(model, tmp_path / "own.sgsc")
+    restored = sgsc.load_packed(tmp_path / "own.sgsc", model=TinyResNet())
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x))
+
+
+def test_pruning_traces_the_given_example_inputs_or_asks_for_them(trained_resnet):
+    model, preserve = copy.deepcopy(trained_resnet[0]), trained_resnet[1]
+    with torch.no_grad():
+        model.layer2.conv1.bits[1] = -1.0
+    comp = SelfCompression(model, preserve, gamma=0.03, k=1, threshold=1.0)
+    optimizer = torch.optim.Adam(comp.param_groups(1e-3))
+    with torch.no_grad():
+        model(preserve[0][:4])  # an evaluation is not a training step
+    with pytest.raises(ValueError, match="has not run one yet; pass example_inputs="):
+        comp.step(optimizer)
+    assert model.layer2.conv1.out_channels == 8  # nothing cut
+
+    given = SelfCompression(model, preserve, gamma=0.03, k=1, threshold=1.0, example_inputs=preserve[0][:2])
+    assert given.step(torch.optim.Adam(given.param_groups(1e-3)))["pruned"] == {"layer2.conv1": [1]}
+    assert model.layer2.conv1.out_channels == 7
+
+
+def test_without_torch_pruning_zero_bit_groups_stay_masked_and_are_reported_once(trained_resnet, monkeypatch):
+    import sgsc.train.selfcompress as selfcompress
+
+    monkeypatch.setattr(selfcompress, "default_pruner", lambda model, example_inputs: None)
     model, preserve = copy.deepcopy(trained_resnet[0]), trained_resnet[1]
     comp = SelfCompression(model, preserve, gamma=0.03, k=1, threshold=1.0)
     optimizer = torch.optim.Adam(comp.param_groups(1e-3))
@@ -132,7 +195,7 @@ def test_zero_bit_groups_of_an_unprunable_model_stay_masked_and_are_reported_onc
         model.layer1.conv1.bits[[0, 2]] = 0.0
         model.fc.bits[7] = -0.5
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    with pytest.warns(UserWarning, match="3 zero-bit groups stay masked") as caught:
+    with pytest.warns(UserWarning, match=r"torch-pruning is not installed, so the 3 zero-bit groups") as caught:
         first, second = comp.step(optimizer), comp.step(optimizer)
     assert len([w for w in caught if "stay masked" in str(w.message)]) == 1
     assert first["masked"] == second["masked"] == {"layer1.conv1": [0, 2], "fc": [7]}

@@ -24,6 +24,7 @@ from sgsc.train.safety import (
     bits_snapshot,
     carry_out,
     default_pruner,
+    graph_pruner,
     judge,
 )
 from sgsc.train.selfcompress import SelfCompression, param_groups
@@ -44,6 +45,7 @@ __all__ = [
     "compress",
     "default_pruner",
     "evaluate",
+    "graph_pruner",
     "judge",
     "load_checkpoint",
     "load_data",

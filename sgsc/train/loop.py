@@ -45,6 +45,7 @@ from sgsc import export
 from sgsc._deps import require
 from sgsc._io import atomic_write
 from sgsc.nn import average_bits, quantized_layers
+from sgsc.nn.replay import cut_to_shapes
 from sgsc.nn.size import estimated_file_bytes
 from sgsc.nn.zoo import model_name
 from sgsc.train import preservation
@@ -340,6 +341,9 @@ def _read_checkpoint(out: Path, config: dict, world: int) -> dict:
 
 
 def _load_model_state(model: nn.Module, saved: dict) -> None:
+    """Load the checkpoint's model state; a run that pruned saved smaller tensors, so the model (as the
+    caller built it) is first cut to their shapes, as a packed file's loader does."""
+    cut_to_shapes(model, {key: tuple(value.shape) for key, value in saved.items()})
     mine = model.state_dict()
     differ = sorted(set(saved) ^ set(mine)) + [k for k in saved if k in mine and saved[k].shape != mine[k].shape]
     if differ:
@@ -361,10 +365,11 @@ def _loop(model: nn.Module, train: TensorDataset, eval_sets: dict, spec: _Preser
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
     model.to(device)
+    if resumed is not None:  # before the optimizer: the model may be cut to the checkpoint's shapes
+        _load_model_state(model, resumed["model_state"])
     optimizer = torch.optim.Adam(param_groups(model, s.lr, s.quant_lr, s.exponent_lr))
     state, comp = RunState(), None
     if resumed is not None:
-        _load_model_state(model, resumed["model_state"])
         optimizer.load_state_dict(resumed["optimizer_state"])
         state = RunState.from_record(resumed["state"])
         set_rng_state(resumed["rng"])

@@ -5,8 +5,10 @@ model). If it is more than ``threshold`` worse than the best value seen since co
 groups whose storage width fell since the last safe check get their bits back (:func:`restore_groups`).
 Otherwise the check is safe: the units whose bits have been zero since the previous safe check are
 removed physically by the model's :class:`Pruner` (a unit thus survives one check at zero bits, where
-restore can still bring it back) and the bits are snapshotted. A model no pruner supports keeps its
-zero-bit groups masked (they compute exact zeros and cost no bits), and the check reports them.
+restore can still bring it back) and the bits are snapshotted: the zoo's two models by
+:mod:`sgsc.nn.pruning`, any other by :func:`graph_pruner` (torch-pruning's dependency graph), which
+reports the zero-bit groups it had to keep. Without a pruner (torch-pruning not installed) the zero-bit
+groups stay masked (they compute exact zeros and cost no bits), and the check reports them.
 
 :func:`judge` only reads the model (it runs on rank 0 under DDP and its :class:`Decision` is
 broadcast); :func:`carry_out` carries it out on every rank. The switches are a :class:`Policy`;
@@ -15,8 +17,10 @@ broadcast); :func:`carry_out` carries it out on every rank. The switches are a :
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,9 +72,33 @@ class Pruner:
 ZOO_PRUNER = Pruner(pruning.dead_units, pruning.prune)
 
 
-def default_pruner(model: nn.Module) -> Pruner | None:
-    """:mod:`sgsc.nn.pruning` for the zoo's PaperCNN and CharDecoder (the models it supports), else None."""
-    return ZOO_PRUNER if pruning.supports(model) else None
+def graph_pruner(example_inputs: Callable[[], Any]) -> Pruner:
+    """A :class:`Pruner` for any architecture, on :func:`sgsc.nn.graph_pruning.prune_zero_bit_units`.
+
+    Units are layer name -> zero-bit quantization groups; ``prune`` removes those of them that can go
+    exactly (with everything coupled) and returns the groups it removed. ``example_inputs()`` gives
+    what torch-pruning traces the model with (a tensor, a sequence of positional inputs or a mapping
+    of keyword inputs).
+    """
+
+    def prune(model: nn.Module, optimizer: torch.optim.Optimizer | None, units: Units) -> Units:
+        from sgsc.nn.graph_pruning import prune_zero_bit_units
+
+        report = prune_zero_bit_units(model, example_inputs(), optimizer, only=units)
+        return {change.layer: change.groups for change in report.changes if change.groups}
+
+    return Pruner(zero_bit_groups, prune)
+
+
+def default_pruner(model: nn.Module, example_inputs: Callable[[], Any] | None = None) -> Pruner | None:
+    """:mod:`sgsc.nn.pruning` for the zoo's PaperCNN and CharDecoder, :func:`graph_pruner` on
+    ``example_inputs`` for any other model, or None when torch-pruning (``sgsc[train]``) is not installed."""
+    if pruning.supports(model):
+        return ZOO_PRUNER
+    if example_inputs is None:
+        raise TypeError(f"default_pruner: {type(model).__name__} is not a zoo model, so example_inputs (a callable "
+                        "returning the inputs to trace it with) is needed")
+    return graph_pruner(example_inputs) if importlib.util.find_spec("torch_pruning") is not None else None
 
 
 @dataclass(frozen=True)
@@ -91,7 +119,7 @@ class Policy:
 class Decision:
     """A safety check's outcome: ``restore`` (layer -> groups) when the metric dropped, else ``prune`` (units).
 
-    ``masked`` (layer -> groups) replaces ``prune`` when pruning is on but no pruner supports the model.
+    ``masked`` (layer -> groups) replaces ``prune`` when pruning is on but the run has no pruner.
     """
 
     metric: float | None
@@ -148,11 +176,13 @@ def restore_groups(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot:
     return count
 
 
-def zero_bit_groups(model: nn.Module) -> dict[str, list[int]]:
-    """Every quantized layer's groups at ``bits <= 0`` (layer name -> group indices): what computes zeros."""
+def zero_bit_groups(model: nn.Module, bits: Snapshot | None = None) -> dict[str, list[int]]:
+    """Every quantized layer's groups at ``bits <= 0`` (layer name -> group indices): what computes zeros.
+
+    ``bits`` (a :func:`bits_snapshot`) judges instead of the layers' own bits."""
     groups = {}
     for name, layer in quantized_layers(model):
-        dead = (layer.bits.detach() <= 0).nonzero().flatten().tolist()
+        dead = ((layer.bits if bits is None else bits[name]).detach() <= 0).nonzero().flatten().tolist()
         if dead:
             groups[name] = dead
     return groups
@@ -190,5 +220,8 @@ def carry_out(model: nn.Module, optimizer: torch.optim.Optimizer, state: RunStat
         event["masked"] = decision.masked
     else:
         event["pruned"] = pruner.prune(model, optimizer, decision.prune) if decision.prune else {}
+        kept = {unit: sorted(set(idx) - set(event["pruned"].get(unit, ()))) for unit, idx in decision.prune.items()}
+        if any(kept.values()):  # e.g. coupled to a live channel: sgsc.nn.graph_pruning's report says why
+            event["kept"] = {unit: idx for unit, idx in kept.items() if idx}
     state.snapshot = bits_snapshot(model)
     return event

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 
 import torch
@@ -183,8 +183,9 @@ class SelfCompression:
     with ``higher_is_better`` given); when it is more than ``threshold`` worse than the best seen
     it restores the groups lowered since the last safe check (``restore``), else it removes the
     units that stayed at zero bits (``prune``) with ``pruner``: by default :mod:`sgsc.nn.pruning` for
-    the models it supports, none for others, whose zero-bit groups then stay masked and are
-    reported. ``task_loss(logits, targets)`` defaults to cross-entropy over the last dimension with
+    the zoo's models and :func:`~sgsc.train.safety.graph_pruner` for any other, which traces the model
+    on ``example_inputs`` (default: the inputs of its latest forward with autograd on, i.e. a training
+    step's). ``task_loss(logits, targets)`` defaults to cross-entropy over the last dimension with
     targets of -1 unscored (sequence padding). ``quant_lr`` and ``exponent_lr`` are the rates
     :meth:`param_groups` gives bits and exponents.
     """
@@ -209,6 +210,7 @@ class SelfCompression:
         preservation_batch: int = 32,
         seed: int = 0,
         pruner: Pruner | None = None,
+        example_inputs: torch.Tensor | Sequence | Mapping | None = None,
     ) -> None:
         self.model = _check_model(model)
         self.gamma = _number("gamma", gamma, low=0)
@@ -225,14 +227,11 @@ class SelfCompression:
         self._metric, higher = _metric(metric, higher_is_better, task_loss)
         if pruner is not None and not isinstance(pruner, Pruner):
             raise TypeError(f"pruner must be an sgsc.train.safety.Pruner or None, got {type(pruner).__name__}")
-        self.policy = Policy(
-            threshold=_number("threshold", threshold, low=0),
-            restore=_flag("restore", restore),
-            prune=_flag("prune", prune),
-            higher_is_better=higher,
-            pruner=pruner if pruner is not None else default_pruner(model),
-        )
+        threshold, restore, prune = _number("threshold", threshold, low=0), _flag("restore", restore), _flag("prune", prune)
         self.preserved = _preserved_set(preserve)
+        if pruner is None and prune:  # last: the default for a user's model hooks into it
+            pruner = default_pruner(model, TracedInputs(model, example_inputs))
+        self.policy = Policy(threshold, restore, prune, higher, pruner)
         self.terms: dict[str, torch.Tensor] = {}
         self._warned_masked = False
         # the first safety reference: the model as it is handed over
@@ -283,8 +282,10 @@ class SelfCompression:
 
         The event holds ``step``, ``metric``, ``best`` and ``restored`` (groups given back their
         bits, Adam's first moment zeroed), or ``pruned`` (units removed; ``optimizer``'s param
-        groups and state are cut to match), or, for a model no pruner supports, ``masked`` (layer ->
-        zero-bit groups that stay in place).
+        groups and state are cut to match; for a model outside the zoo, layer -> quantization groups)
+        with ``kept`` (units at zero bits at both checks that could not go exactly, e.g. coupled to a
+        live channel; :func:`sgsc.nn.graph_pruning.prune_zero_bit_units` reports why), or, without a
+        pruner, ``masked`` (layer -> zero-bit groups that stay in place).
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -363,11 +364,39 @@ class SelfCompression:
         self._warned_masked = True
         count = sum(len(groups) for groups in masked.values())
         warnings.warn(
-            f"sgsc.SelfCompression: no pruner supports {type(self.model).__name__}, so its {count} zero-bit "
-            "groups stay masked (exact zeros, no bits in the size term, but their memory and compute remain); "
-            "checks report them as event['masked']; pass pruner= to remove them physically",
+            f"sgsc.SelfCompression: torch-pruning is not installed, so the {count} zero-bit groups of "
+            f"{type(self.model).__name__} stay masked (exact zeros, no bits in the size term, but their memory and "
+            "compute remain); checks report them as event['masked']; pip install 'sgsc[train]' to remove them",
             stacklevel=3,
         )
+
+
+class TracedInputs:
+    """What the graph pruner traces the model with: ``given``, else the inputs of the model's latest
+    forward run with autograd on (a training step's, recorded by a forward pre-hook)."""
+
+    def __init__(self, model: nn.Module, given: torch.Tensor | Sequence | Mapping | None) -> None:
+        if given is not None and not isinstance(given, (torch.Tensor, Sequence, Mapping)):
+            raise TypeError(f"example_inputs must be a tensor, a sequence or a mapping of inputs, got {type(given).__name__}")
+        self.given, self.latest = given, None
+        if given is None:
+            model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():
+            self.latest = (args, kwargs)
+
+    def __call__(self) -> torch.Tensor | Sequence | Mapping:
+        if self.given is not None:
+            return self.given
+        if self.latest is None:
+            raise ValueError("SelfCompression: pruning traces the model on the inputs of a training step, and the "
+                             "model has not run one yet; pass example_inputs=")
+        args, kwargs = self.latest
+        if args and kwargs:
+            raise ValueError("SelfCompression: the model was called with positional and keyword inputs, which "
+                             "the graph pruner cannot replay; pass example_inputs=")
+        return kwargs or args
 
 
 def _device(model: nn.Module) -> torch.device:
