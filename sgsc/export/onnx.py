@@ -464,12 +464,15 @@ def export_onnx(
     example_input: torch.Tensor,
     *,
     opset: int | None = None,
+    architecture: nn.Module | None = None,
 ) -> OnnxSummary:
     """Write ``model`` as an ONNX file at ``path`` (atomically) whose quantized weights are integers.
 
     ``model`` is a model with ``QLinear``/``QConv2d`` layers (codes from
     :func:`~sgsc.export.integer_codes`), or the path of a packed file (the codes and scales it
-    stores). ``example_input`` is one input batch to trace with. The file's batch dimension is
+    stores). A packed file of a model outside the zoo (format version 4) needs ``architecture``: the
+    float architecture it was saved from, as :func:`~sgsc.export.load_packed`'s ``model=`` takes it
+    (copied, left untouched). ``example_input`` is one input batch to trace with. The file's batch dimension is
     dynamic (a char decoder's time dimension too, up to its block size); its input is named
     ``input``, its output ``output``. onnxruntime computes, in float32, what the model computes in
     eval mode (and :func:`~sgsc.export.load_packed` gives), up to the rounding of its own summation
@@ -486,10 +489,14 @@ def export_onnx(
         raise ValueError("example_input must have a batch dimension, got a 0-d tensor")
     onnx = require("onnx", "onnx")
     require("onnxscript", "onnx")
+    if architecture is not None and not isinstance(architecture, nn.Module):
+        raise TypeError(f"architecture must be an nn.Module or None, got {type(architecture).__name__}")
     if isinstance(model, nn.Module):
+        if architecture is not None:
+            raise ValueError("architecture= is for a packed file's path; a model in memory is exported as it is")
         plans = _plan(model)
     else:
-        model, plans = _from_packed(Path(model))
+        model, plans = _from_packed(Path(model), architecture)
     needed = _minimal_opset(plans)
     if opset is None:
         opset = needed
@@ -522,32 +529,51 @@ def export_onnx(
 
 
 @torch.no_grad()
-def _from_packed(path: Path) -> tuple[nn.Module, list[_LayerPlan]]:
+def _from_packed(path: Path, architecture: nn.Module | None = None) -> tuple[nn.Module, list[_LayerPlan]]:
     """``load_packed``'s model and, per quantized layer, the file's codes and scales.
 
     The loaded weights are ``float32(r) * scale`` per group (docs/FORMAT.md) and the file's ``scales``
-    stream holds each group's scale, so ``round(weight / scale)`` gives the codes back; they are
-    checked to reproduce the loaded weights bit for bit. The architecture the header names supplies
-    each layer's grouping.
+    stream holds each stored layer's scales, so ``round(weight / scale)`` gives the codes back; they are
+    checked to reproduce the loaded weights bit for bit. The quantized architecture on the meta device
+    supplies each layer's grouping: the zoo model the header names, or ``architecture`` made into the
+    file's record. A layer tied to an earlier one (a tied head) has that layer's codes and scales.
     """
     from safetensors import safe_open
 
     from sgsc.export import load_packed, read_header
-    from sgsc.export.architecture import rebuild_on_meta
-    from sgsc.export.format import SCALES
+    from sgsc.export.architecture import prepare_architecture, rebuild_on_meta
+    from sgsc.export.format import SCALES, layer_slots
+    from sgsc.export.record import parse
 
-    loaded = load_packed(path)
     header = read_header(path)
+    if "model" in header:
+        if architecture is not None:
+            raise ValueError(f"{path}: the file names zoo model {header['model']!r}, which it rebuilds itself; "
+                             "architecture= is for files of other architectures")
+        loaded = load_packed(path)
+        quantized = rebuild_on_meta(header["model"], header["config"])
+        slots, tied = layer_slots(quantized), {}
+    else:
+        if architecture is None:
+            raise ValueError(f"{path}: the file records an architecture of its own (no zoo model): pass "
+                             "architecture=, the float architecture it was saved from, as load_packed's model=")
+        loaded = load_packed(path, model=copy.deepcopy(architecture))  # checks the architecture against the file
+        recorded = parse(path, header["architecture"])
+        quantized = prepare_architecture(copy.deepcopy(architecture), recorded)
+        slots, tied = recorded.slots(), recorded.tied
+    slot_of = {slot.name: slot for slot in slots}
     with safe_open(str(path), framework="pt") as handle:
         all_scales = handle.get_tensor(SCALES)
-    plans, offset = [], 0
-    for name, layer in quantized_layers(rebuild_on_meta(header["model"], header["config"])):
+    plans = []
+    for name, layer in quantized_layers(quantized):
+        weight_key = f"{name}.weight" if name else "weight"
+        owner = tied.get(weight_key, weight_key).removesuffix("weight").removesuffix(".")
         plain = loaded.get_submodule(name)
-        scales = all_scales[offset:offset + layer.quant_groups]
-        offset += layer.quant_groups
+        scales = all_scales[slot_of[owner].group_span()]
         grouped = layer.grouped(plain.weight.float())
         codes = torch.round(grouped / scales.unsqueeze(1)).to(torch.int64)
         if not torch.equal(codes.to(torch.float32) * scales.unsqueeze(1), grouped):
             raise ValueError(f"{path}: layer {name!r}: the loaded weights are not the file's codes times its scales")
-        plans.append(_LayerPlan(name, layer, codes, scales, codec.minimal_widths(codes), plain.bias))
+        plans.append(_LayerPlan(name, layer, codes, scales, codec.minimal_widths(codes),
+                                getattr(plain, "bias", None)))  # embeddings have none
     return loaded, plans
