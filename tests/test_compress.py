@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from own_models import TinyLM, TinyResNet, counting_sequences
+from own_models import TinyLM, TinyMobileNet, TinyResNet, counting_sequences
 from torch import nn
 
 import sgsc
@@ -87,6 +87,35 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_exact(digits_split, tmp_path):
     with pytest.raises(ValueError, match=r"gamma=0\.3 in the checkpoint, 0\.5 now"):
         compress(_resnet(), (x, y), preserve=0.05, steps=60, warmup_steps=10, gamma=0.5, quant_lr=0.2, k=10,
                  threshold=0.0, eval_every=15, out_dir=tmp_path / "split", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("case", ["resnet", "mobilenet", "transformer"])
+def test_channels_pruned_during_training_are_counted_and_the_file_loads_into_a_fresh_model(digits_split, tmp_path,
+                                                                                           case):
+    (x, y), _ = digits_split
+    factory = {"resnet": TinyResNet, "mobilenet": TinyMobileNet, "transformer": TinyLM}[case]
+    data = counting_sequences(600) if case == "transformer" else (x, y)
+    torch.manual_seed(0)
+    model = sgsc.quantize_model(factory())
+    groups_before = {name: layer.quant_groups for name, layer in sgsc.quantized_layers(model)}
+    params_before = sum(p.numel() for p in model.parameters())
+    # unsafe self-compression with a gamma large enough to zero channels of these tiny nets
+    result = compress(model, data, preserve=None, lambda_=0.0, restore=False, steps=200, warmup_steps=100,
+                      gamma=0.2, quant_lr=0.3, k=20, batch_size=32, progress=False)
+
+    removed = {}
+    for event in result["history"]:
+        for layer, groups in event.get("pruned", {}).items():
+            removed[layer] = removed.get(layer, 0) + len(groups)
+    assert removed, "the run must prune something"
+    for name, layer in sgsc.quantized_layers(model):  # each layer lost exactly the groups the events name
+        assert groups_before[name] - layer.quant_groups == removed.get(name, 0), name
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    sgsc.save_packed(model, tmp_path / "own.sgsc")
+    loaded = sgsc.load_packed(tmp_path / "own.sgsc", model=factory())
+    probe = data[0][:16]
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), model.eval()(probe))
 
 
 def _smoothed(logits, targets):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from own_models import TinyLM, TinyMobileNet, TinyResNet, counting_sequences
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sgsc
@@ -182,6 +183,31 @@ def test_pruning_traces_the_given_example_inputs_or_asks_for_them(trained_resnet
     given = SelfCompression(model, preserve, gamma=0.03, k=1, threshold=1.0, example_inputs=preserve[0][:2])
     assert given.step(torch.optim.Adam(given.param_groups(1e-3)))["pruned"] == {"layer2.conv1": [1]}
     assert model.layer2.conv1.out_channels == 7
+
+
+class NumpyGate(nn.Module):
+    """A custom layer that leaves torch for numpy: torch-pruning cannot trace through it."""
+
+    def forward(self, x):
+        return torch.from_numpy(x.detach().numpy() * 0.5)
+
+
+def test_a_model_torch_pruning_cannot_trace_is_warned_about_once_and_trains_on_masked():
+    torch.manual_seed(0)
+    model = sgsc.quantize_model(nn.Sequential(nn.Linear(4, 8), NumpyGate(), nn.ReLU(), nn.Linear(8, 3)))
+    with torch.no_grad():
+        model[0].bits[[1, 5]] = -1.0
+    comp = SelfCompression(model, None, gamma=0.01, k=1)
+    optimizer = torch.optim.Adam(comp.param_groups(1e-3))
+    x = torch.randn(16, 4)
+    with pytest.warns(UserWarning, match="stay masked for the rest of the run, since torch-pruning cannot trace") as caught:
+        for _ in range(3):
+            model(x).sum().backward()  # the gate cuts the graph: only the head learns, as the user built it
+            optimizer.step()
+            event = comp.step(optimizer)
+    assert len([w for w in caught if "stay masked" in str(w.message)]) == 1
+    assert event["pruned"] == {} and event["kept"]["0"] == [1, 5]
+    assert model[0].out_features == 8
 
 
 def test_without_torch_pruning_zero_bit_groups_stay_masked_and_are_reported_once(trained_resnet, monkeypatch):

@@ -266,7 +266,8 @@ def preservation_indices(model: nn.Module, x: torch.Tensor, y: torch.Tensor, set
 
 def _history_counts(history: list[dict]) -> dict:
     checks = [r for r in history if r.get("kind") == "check"]
-    return {"checks": len(checks), "restores": sum(1 for r in checks if r.get("restored"))}
+    return {"checks": len(checks), "restores": sum(1 for r in checks if r.get("restored")),
+            "groups_pruned_in_training": sum(len(g) for r in checks for g in r.get("pruned", {}).values())}
 
 
 # ---- measuring one model --------------------------------------------------------------------
@@ -490,7 +491,9 @@ def _pruning_notes(result: dict) -> list[str]:
             p = seed["methods"][name]["pruning"]
             kept = sum(k["count"] for k in p["kept"])
             reasons = sorted({k["reason"] for k in p["kept"]})
-            parts.append(f"seed {seed['seed']}: {p['zero_bit_groups']} zero-bit groups, parameters (with bits and "
+            in_training = seed["methods"][name].get("groups_pruned_in_training", 0)
+            parts.append(f"seed {seed['seed']}: {in_training} groups removed by the checks during training, then "
+                         f"{p['zero_bit_groups']} zero-bit groups at the end, parameters (with bits and "
                          f"exponents) {p['parameters_before']} -> {p['parameters_after']}, "
                          f"{len(p['removed'])} layers cut, "
                          f"{kept} zero-bit units kept masked" + (f" ({'; '.join(reasons)})" if reasons else ""))
@@ -575,7 +578,8 @@ def markdown(result: dict) -> str:
         "time includes SGSC's preservation scoring; seeds ran in parallel processes on a shared CPU, so times are "
         "indicative.",
         "",
-        "Physical pruning (`prune_zero_bit_units` before saving):",
+        "Physical pruning (by the safety checks during training, then `prune_zero_bit_units` before saving; the "
+        "parameter counts are those of the final pass):",
         "",
         *_pruning_notes(result),
         "",

@@ -69,6 +69,10 @@ from sgsc.nn.pruning import fold_into_bias, freeze_empty_layers, keep_index, shr
 tp = require("torch_pruning", "train")
 _ops = tp.ops
 
+class UntraceableModel(ValueError):
+    """torch-pruning cannot follow the model's graph (a custom layer outside autograd, inputs it cannot run on)."""
+
+
 # ---- report ---------------------------------------------------------------------------------
 
 
@@ -375,7 +379,7 @@ class _Trace:
             with torch.enable_grad():
                 graph.build_dependency(model, example_inputs, customized_pruners=graph.unit_pruners, verbose=False)
         except Exception as exc:
-            raise ValueError(f"example_inputs: torch-pruning could not trace the model on them: {exc}") from exc
+            raise UntraceableModel(f"example_inputs: torch-pruning could not trace the model on them: {exc}") from exc
         finally:
             for hook in hooks:
                 hook.remove()
@@ -396,7 +400,7 @@ class _Trace:
                    if m in ran and m not in inside_units and m not in self.graph.module2node
                    and (self.graph.sgsc_pruner_of(m) is not None or isinstance(m, QUANTIZED_TYPES))]
         if missing:
-            raise ValueError(
+            raise UntraceableModel(
                 f"torch-pruning cannot trace the model: layers {missing} ran but their outputs do not reach the "
                 "model's outputs through autograd (a custom layer that detaches, uses torch.no_grad or leaves torch?); "
                 "nothing was pruned"
@@ -788,8 +792,8 @@ def prune_zero_bit_units(
     ``only`` (layer name -> group indices) limits the zero-bit groups to those listed; the others
     count as live (a safety check prunes only what was zero-bit at two checks in a row).
     Returns a :class:`PruneReport` of what went and which zero-bit units stay, with the reason; see
-    the module docstring for the rules. Raises ``ValueError``, leaving the model as it was, when
-    torch-pruning cannot trace it.
+    the module docstring for the rules. Raises :class:`UntraceableModel` (a ``ValueError``), leaving
+    the model as it was, when torch-pruning cannot trace it.
     """
     _check_arguments(model, example_inputs, optimizer, silence)
     trace = _Trace(model, example_inputs, optimizer, _DeadGroups(model, only))

@@ -18,6 +18,7 @@ broadcast); :func:`carry_out` carries it out on every rank. The switches are a :
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,13 +79,23 @@ def graph_pruner(example_inputs: Callable[[], Any]) -> Pruner:
     Units are layer name -> zero-bit quantization groups; ``prune`` removes those of them that can go
     exactly (with everything coupled) and returns the groups it removed. ``example_inputs()`` gives
     what torch-pruning traces the model with (a tensor, a sequence of positional inputs or a mapping
-    of keyword inputs).
+    of keyword inputs). A model torch-pruning cannot trace is warned about once and then pruned no
+    more: its zero-bit groups stay masked, and the checks report them as kept.
     """
 
-    def prune(model: nn.Module, optimizer: torch.optim.Optimizer | None, units: Units) -> Units:
-        from sgsc.nn.graph_pruning import prune_zero_bit_units
+    untraceable: list[str] = []
 
-        report = prune_zero_bit_units(model, example_inputs(), optimizer, only=units)
+    def prune(model: nn.Module, optimizer: torch.optim.Optimizer | None, units: Units) -> Units:
+        from sgsc.nn.graph_pruning import UntraceableModel, prune_zero_bit_units
+
+        if untraceable:
+            return {}
+        try:
+            report = prune_zero_bit_units(model, example_inputs(), optimizer, only=units)
+        except UntraceableModel as exc:  # hours into a run, masking is better than a crash: say it once
+            untraceable.append(str(exc))
+            warnings.warn(f"sgsc: zero-bit groups stay masked for the rest of the run, since {exc}", stacklevel=4)
+            return {}
         return {change.layer: change.groups for change in report.changes if change.groups}
 
     return Pruner(zero_bit_groups, prune)
