@@ -49,6 +49,7 @@ from sgsc.nn.replay import cut_to_shapes
 from sgsc.nn.size import estimated_file_bytes
 from sgsc.nn.zoo import model_name
 from sgsc.train import preservation
+from sgsc.train.arguments import Metric, flag, integer, metric_of, number, quantized_model, tensor_pairs
 from sgsc.train.batches import batch, batch_indices, subset
 from sgsc.train.checkpoint import (
     CHECKPOINT,
@@ -62,17 +63,7 @@ from sgsc.train.checkpoint import (
 from sgsc.train.config import LR_SCHEDULES, TrainConfig
 from sgsc.train.distributed import from_rank0, rank_world, setup_distributed, wrap_ddp
 from sgsc.train.safety import Pruner, RunState
-from sgsc.train.selfcompress import (
-    Metric,
-    SelfCompression,
-    _check_model,
-    _flag,
-    _integer,
-    _metric,
-    _number,
-    param_groups,
-    tensor_pairs,
-)
+from sgsc.train.selfcompress import SelfCompression, param_groups
 from sgsc.train.task import Data, evaluate, load_data, mean_loss, new_model
 from sgsc.train.task import task_loss as cross_entropy
 
@@ -124,17 +115,17 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("steps", "warmup_steps", "checkpoint_every", "seed"):
-            _integer(name, getattr(self, name), low=0)
+            integer(name, getattr(self, name), low=0)
         for name in ("batch_size", "k", "preservation_batch", "eval_every"):
-            _integer(name, getattr(self, name), low=1)
+            integer(name, getattr(self, name), low=1)
         for name in ("gamma", "alpha", "lambda_", "threshold"):
-            _number(name, getattr(self, name), low=0)
+            number(name, getattr(self, name), low=0)
         for name in ("lr", "quant_lr"):
-            _number(name, getattr(self, name), low=0, strict=True)
+            number(name, getattr(self, name), low=0, strict=True)
         if self.exponent_lr is not None:
-            _number("exponent_lr", self.exponent_lr, low=0, strict=True)
+            number("exponent_lr", self.exponent_lr, low=0, strict=True)
         for name in ("restore", "prune", "resume", "progress"):
-            _flag(name, getattr(self, name))
+            flag(name, getattr(self, name))
         for name, value, allowed in (("lr_schedule", self.lr_schedule, LR_SCHEDULES),
                                      ("preservation_method", self.preservation_method, preservation.METHODS),
                                      ("device", self.device, DEVICES)):
@@ -500,10 +491,10 @@ def compress(
     ``weight_bytes`` and the final ``<name>_loss``/``<name>_accuracy``. Bad arguments raise before
     anything is trained or written, naming the argument.
     """
-    _check_model(model)
+    quantized_model(model)
     if task_loss is not None and not callable(task_loss):
         raise TypeError(f"task_loss must be a callable (outputs, targets) -> loss, got {type(task_loss).__name__}")
-    _metric(metric, higher_is_better, task_loss)  # checks metric and higher_is_better
+    metric_of(metric, higher_is_better, task_loss)  # checks metric and higher_is_better
     if pruner is not None and not isinstance(pruner, Pruner):
         raise TypeError(f"pruner must be an sgsc.train.safety.Pruner or None, got {type(pruner).__name__}")
     if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):

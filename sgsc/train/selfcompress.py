@@ -31,51 +31,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from sgsc.nn import average_bits, quantized_layers
+from sgsc.train.arguments import Metric, flag, integer, metric_of, number, quantized_model, tensor_pairs
 from sgsc.train.batches import batch, seeded_generator
 from sgsc.train.distributed import from_rank0, rank_world
 from sgsc.train.safety import Policy, Pruner, RunState, bits_snapshot, carry_out, default_pruner, judge
-from sgsc.train.task import evaluate, mean_abs_weight, mean_loss
+from sgsc.train.task import mean_abs_weight
 from sgsc.train.task import task_loss as cross_entropy
 
-# built-in preservation metrics (sgsc.train.evaluate's keys) -> whether higher is better
-METRICS = {"accuracy": True, "loss": False}
-
-Metric = Callable[[nn.Module, TensorDataset], float]
-
-
-# ---- argument checks ------------------------------------------------------------------------
-
-
-def _number(name: str, value, *, low: float, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or (value <= low if strict else value < low):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
-    return value
-
-
-def _check_model(model) -> nn.Module:
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise TypeError("model must be the module inside DistributedDataParallel (ddp.module), not the wrapper")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not any(layer.weight.numel() for _, layer in quantized_layers(model)):
-        raise ValueError("model has no quantized layers with weights; call sgsc.quantize_model(model) first")
-    return model
+# ---- arguments ------------------------------------------------------------------------------
 
 
 def _preserved_set(preserve) -> TensorDataset | None:
@@ -92,55 +55,6 @@ def _preserved_set(preserve) -> TensorDataset | None:
     return data
 
 
-def tensor_pairs(name: str, value) -> TensorDataset:
-    """``value`` (a Dataset or DataLoader of ``(input, target)`` pairs, or an ``(inputs, targets)`` pair of
-    tensors) as one TensorDataset, read whole; errors name the argument ``name``."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in value):
-            raise TypeError(f"{name} given as a pair must be (inputs, targets) tensors with a batch dimension")
-        inputs, targets = value
-        if len(inputs) != len(targets):
-            raise ValueError(f"{name} has {len(inputs)} inputs but {len(targets)} targets")
-        return TensorDataset(inputs, targets)
-    if isinstance(value, TensorDataset) and len(value.tensors) == 2:
-        return value
-    if isinstance(value, (Dataset, DataLoader)):
-        return _read_all(name, value if isinstance(value, DataLoader) else DataLoader(value, batch_size=256))
-    raise TypeError(
-        f"{name} must be a Dataset or DataLoader of (input, target) pairs, or an (inputs, targets) "
-        f"pair of tensors, got {type(value).__name__}"
-    )
-
-
-def _read_all(name: str, loader: DataLoader) -> TensorDataset:
-    inputs, targets = [], []
-    for item in loader:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, torch.Tensor) for t in item)):
-            raise TypeError(f"{name} must yield (input, target) tensor pairs, got a {type(item).__name__}")
-        inputs.append(item[0])
-        targets.append(item[1])
-    if not inputs:
-        raise ValueError(f"{name} is empty")
-    return TensorDataset(torch.cat(inputs), torch.cat(targets))
-
-
-def _metric(metric: str | Metric, higher_is_better: bool | None, task_loss=None) -> tuple[Metric, bool]:
-    """The safety metric and its direction; ``"loss"`` is the mean of a custom ``task_loss``, where given."""
-    if isinstance(metric, str):
-        if metric not in METRICS:
-            raise ValueError(f"metric must be a callable or one of {tuple(METRICS)}, got {metric!r}")
-        if higher_is_better is not None and higher_is_better != METRICS[metric]:
-            raise ValueError(f"higher_is_better={higher_is_better} contradicts metric={metric!r}; leave it None")
-        if metric == "loss" and task_loss is not None:
-            return (lambda model, data: mean_loss(model, data, task_loss)), False
-        return (lambda model, data: evaluate(model, data)[metric]), METRICS[metric]
-    if not callable(metric):
-        raise TypeError(f"metric must be a callable or one of {tuple(METRICS)}, got {type(metric).__name__}")
-    if higher_is_better is None:
-        raise ValueError("higher_is_better must be given with a metric callable: is a larger value better?")
-    return metric, _flag("higher_is_better", higher_is_better)
-
-
 # ---- optimiser groups -----------------------------------------------------------------------
 
 
@@ -152,8 +66,8 @@ def param_groups(model: nn.Module, lr: float, quant_lr: float = 0.05, exponent_l
     ``"weights"`` (``lr``) and ``"quantizers"`` (``quant_lr``), or ``"bits"`` (``quant_lr``) and
     ``"exponents"`` (``exponent_lr``) when ``exponent_lr`` is given.
     """
-    lr = _number("lr", lr, low=0, strict=True)
-    quant_lr = _number("quant_lr", quant_lr, low=0, strict=True)
+    lr = number("lr", lr, low=0, strict=True)
+    quant_lr = number("quant_lr", quant_lr, low=0, strict=True)
     layers = [layer for _, layer in quantized_layers(model)]
     bits, exponents = {id(layer.bits) for layer in layers}, {id(layer.exponent) for layer in layers}
     params = list(model.parameters())
@@ -164,7 +78,7 @@ def param_groups(model: nn.Module, lr: float, quant_lr: float = 0.05, exponent_l
     weights = group("weights", {id(p) for p in params} - bits - exponents, lr)
     if exponent_lr is None:
         return [weights, group("quantizers", bits | exponents, quant_lr)]
-    exponent_lr = _number("exponent_lr", exponent_lr, low=0, strict=True)
+    exponent_lr = number("exponent_lr", exponent_lr, low=0, strict=True)
     return [weights, group("bits", bits, quant_lr), group("exponents", exponents, exponent_lr)]
 
 
@@ -212,22 +126,22 @@ class SelfCompression:
         pruner: Pruner | None = None,
         example_inputs: torch.Tensor | Sequence | Mapping | None = None,
     ) -> None:
-        self.model = _check_model(model)
-        self.gamma = _number("gamma", gamma, low=0)
-        self.alpha = _number("alpha", alpha, low=0)
-        self.lambda_ = _number("lambda_", lambda_, low=0)
-        self.k = _integer("k", k, low=1)
-        self.quant_lr = _number("quant_lr", quant_lr, low=0, strict=True)
-        self.exponent_lr = None if exponent_lr is None else _number("exponent_lr", exponent_lr, low=0, strict=True)
-        self.preservation_batch = _integer("preservation_batch", preservation_batch, low=1)
-        self.seed = _integer("seed", seed, low=0)
+        self.model = quantized_model(model)
+        self.gamma = number("gamma", gamma, low=0)
+        self.alpha = number("alpha", alpha, low=0)
+        self.lambda_ = number("lambda_", lambda_, low=0)
+        self.k = integer("k", k, low=1)
+        self.quant_lr = number("quant_lr", quant_lr, low=0, strict=True)
+        self.exponent_lr = None if exponent_lr is None else number("exponent_lr", exponent_lr, low=0, strict=True)
+        self.preservation_batch = integer("preservation_batch", preservation_batch, low=1)
+        self.seed = integer("seed", seed, low=0)
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss must be a callable (logits, targets) -> loss, got {type(task_loss).__name__}")
         self.task_loss = task_loss if task_loss is not None else cross_entropy
-        self._metric, higher = _metric(metric, higher_is_better, task_loss)
+        self._metric, higher = metric_of(metric, higher_is_better, task_loss)
         if pruner is not None and not isinstance(pruner, Pruner):
             raise TypeError(f"pruner must be an sgsc.train.safety.Pruner or None, got {type(pruner).__name__}")
-        threshold, restore, prune = _number("threshold", threshold, low=0), _flag("restore", restore), _flag("prune", prune)
+        threshold, restore, prune = number("threshold", threshold, low=0), flag("restore", restore), flag("prune", prune)
         self.preserved = _preserved_set(preserve)
         if pruner is None and prune:  # last: the default for a user's model hooks into it
             pruner = default_pruner(model, TracedInputs(model, example_inputs))
