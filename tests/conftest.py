@@ -5,6 +5,7 @@ The variable must be set before anything imports triton, which is why it lives h
 """
 
 import os
+import socket
 
 import pytest
 import torch
@@ -29,3 +30,11 @@ def digits_split():
 
     data = load_vision(name="digits")
     return data.train.tensors, data.test.tensors
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's torch.distributed rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import warnings
 
 import pytest
@@ -177,11 +176,6 @@ def test_bad_input_names_the_argument_and_writes_nothing(digits_split, tmp_path,
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -197,8 +191,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_two_processes_compress_a_model_outside_the_zoo_in_lockstep(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_two_processes_compress_a_model_outside_the_zoo_in_lockstep(tmp_path, free_port):
+    mp.spawn(_worker, args=(free_port, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["checks"] == ranks[1]["checks"] and len(ranks[0]["checks"]) == 3  # rank 0's decisions, on both
     pruned = [r["pruned"] for r in ranks[0]["checks"] if r.get("pruned")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,11 +15,6 @@ from sgsc.train import TrainConfig, load_checkpoint, train
 
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -40,8 +34,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                os.path.join(out, f"rank{rank}.pt"))
 
 
-def test_two_processes_agree_on_weights_bits_and_pruning(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_two_processes_agree_on_weights_bits_and_pruning(tmp_path, free_port):
+    mp.spawn(_worker, args=(free_port, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["channels"] == ranks[1]["channels"] == [6, 13]
     assert ranks[0]["checks"] == ranks[1]["checks"]  # rank 0's decisions, taken by both
@@ -54,9 +48,9 @@ def test_two_processes_agree_on_weights_bits_and_pruning(tmp_path):
     assert not any(tmp_path.glob(".checkpoint.pt.*.tmp"))
 
 
-def test_torchrun_runs_the_cli_with_ddp(tmp_path):
+def test_torchrun_runs_the_cli_with_ddp(tmp_path, free_port):
     out = tmp_path / "run"
-    port = _free_port()
+    port = free_port
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={port}"]
     command = [*launcher, "-m", "sgsc", "train", "--steps", "12", "--warmup-steps", "4", "-k", "4", "--eval-every", "6",
                "--batch-size", "32", "--model-config", '{"channels": [4, 8]}', "--threads", "1", "--no-progress",
