@@ -218,6 +218,23 @@ def test_bad_arguments_name_the_argument():
         torch.ops.sgsc.packed_linear(x, *weight.tensors()[:5], bad_rows, weight.row_scale, 12, None)
 
 
+def test_a_packed_layer_checks_its_weight_again_after_a_buffer_changes():
+    weight = small_weight()
+    layer = PackedLinear(weight)
+    x = torch.randn(2, 10)
+    expected = ops.packed_linear(x, weight)
+    assert torch.equal(layer(x), expected) and torch.equal(layer(x), expected)  # checked once, then trusted
+    layer.words = weight.words.long()  # replaced
+    with pytest.raises(TypeError, match="weight.words must be int32"):
+        layer(x)
+    layer.words = weight.words.clone()
+    assert torch.equal(layer(x), expected)
+    with torch.no_grad():
+        layer.row_scale.as_strided_((layer.row_scale.shape[0], 4), (8, 2))  # changed in place: not contiguous
+    with pytest.raises(ValueError, match="weight.row_scale must be contiguous"):
+        layer(x)
+
+
 def test_non_contiguous_x_is_read_like_f_linear():
     weight = small_weight()
     x = torch.randn(10, 3).T  # (3, 10), strided

@@ -38,8 +38,18 @@ class _PackedBase(nn.Module):
 
     @property
     def packed_weight(self) -> packed_ops.PackedWeight:
-        return packed_ops.PackedWeight(*(getattr(self, name) for name in _BUFFERS),
+        return packed_ops.PackedWeight(*(self._buffers[name] for name in _BUFFERS),
                                        out_features=self.out_features, in_features=self.in_features)
+
+    def checked_layout(self) -> tuple[torch.Tensor, ...]:
+        """The weight's tensors, checked again only when one was replaced or changed in place (``.to()``,
+        ``load_state_dict``): on a small layer the checks cost more than the product."""
+        tensors = tuple(self._buffers[name] for name in _BUFFERS)
+        stamp = tuple((id(t), t._version) for t in tensors)
+        if stamp != getattr(self, "_checked_stamp", None):
+            packed_ops.check_weight(self.packed_weight)
+            self._checked_stamp = stamp
+        return tensors
 
     @property
     def weight_nbytes(self) -> int:
@@ -69,7 +79,8 @@ class PackedLinear(_PackedBase):
         return cls(weight, bias, file_bytes=packed_ops.file_bytes(codes, scales, group_by))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_ops.packed_linear(x, self.packed_weight, self.bias)
+        return packed_ops.linear_on_checked(x, self.checked_layout(), self.out_features, self.in_features,
+                                           self._buffers["bias"])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -315,7 +315,7 @@ if not _native.available():  # library.py has warned once that the CPU ops run o
 # ---- public wrappers ---------------------------------------------------------------------------
 
 
-def _check_weight(weight) -> None:
+def check_weight(weight) -> None:
     if not isinstance(weight, PackedWeight):
         raise TypeError(f"weight must be a sgsc.ops.PackedWeight, got {type(weight).__name__}")
     for name, t, dtype in zip(TENSOR_NAMES, weight.tensors(), _TENSOR_DTYPES):
@@ -335,22 +335,32 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
     read from memory once per 64 batch rows). On CUDA, a Triton kernel.
     The result equals ``F.linear(x, W, bias)`` within the fp32 bound in this module's docstring.
     """
-    _check_weight(weight)
+    check_weight(weight)
+    return linear_on_checked(x, weight.tensors(), weight.out_features, weight.in_features, bias)
+
+
+def linear_on_checked(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], out_features: int, in_features: int,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`packed_linear` on a layout whose ``tensors`` were checked already (a packed layer checks its
+    own once, not on every call: those checks cost more than a small layer's product)."""
+    device = tensors[0].device
     _check_tensor("x", x, (torch.float32,))
-    if x.dim() < 1 or x.shape[-1] != weight.in_features:
-        raise ValueError(f"x must have shape (..., {weight.in_features}), got {tuple(x.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"x must be on weight's device {weight.device}, got {x.device}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"x must be on weight's device {device}, got {x.device}")
     if bias is not None:
         _check_tensor("bias", bias, (torch.float32,))
-        if tuple(bias.shape) != (weight.out_features,) or bias.device != weight.device:
-            raise ValueError(f"bias must have shape ({weight.out_features},) on {weight.device}, "
+        if bias.shape != (out_features,) or bias.device != device:
+            raise ValueError(f"bias must have shape ({out_features},) on {device}, "
                              f"got {tuple(bias.shape)} on {bias.device}")
         bias = bias.contiguous()
+    if x.dim() == 2:
+        return torch.ops.sgsc.packed_linear(x.contiguous(), *tensors, out_features, bias)
     # reshape(-1, 0) cannot infer the rows of a layer with no inputs (a fully pruned MLP's output layer)
-    flat = x.reshape(math.prod(x.shape[:-1]), weight.in_features).contiguous()
-    y = torch.ops.sgsc.packed_linear(flat, *weight.tensors(), weight.out_features, bias)
-    return y.reshape(*x.shape[:-1], weight.out_features)
+    flat = x.reshape(math.prod(x.shape[:-1]), in_features).contiguous()
+    y = torch.ops.sgsc.packed_linear(flat, *tensors, out_features, bias)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def packed_dequantize(weight: PackedWeight, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -359,7 +369,7 @@ def packed_dequantize(weight: PackedWeight, *, out: torch.Tensor | None = None) 
     ``out`` (contiguous float32 with ``out_features * in_features`` elements, any shape, on
     ``weight``'s device) is filled in place and returned: a reused buffer spares the allocation.
     """
-    _check_weight(weight)
+    check_weight(weight)
     if out is None:
         return torch.ops.sgsc.packed_dequantize(*weight.tensors(), weight.out_features, weight.in_features)
     _check_tensor("out", out, (torch.float32,))
