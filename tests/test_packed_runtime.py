@@ -233,6 +233,9 @@ def test_a_packed_layer_checks_its_weight_again_after_a_buffer_changes():
         layer.row_scale.as_strided_((layer.row_scale.shape[0], 4), (8, 2))  # changed in place: not contiguous
     with pytest.raises(ValueError, match="weight.row_scale must be contiguous"):
         layer(x)
+    with torch.inference_mode():  # built from inference tensors, which keep no version counter
+        assert torch.equal(PackedLinear(packed_ops.PackedWeight(*(t.clone() for t in small_weight().tensors()),
+                                                                12, 10))(x), expected)
 
 
 def test_non_contiguous_x_is_read_like_f_linear():
