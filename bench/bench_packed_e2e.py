@@ -55,8 +55,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from bench_packed_runtime import commit
+from bench_pruned_speed import ResNet
 from torch import nn
 
 import sgsc
@@ -70,36 +70,9 @@ RUNTIMES = ("float", "packed")
 # ---- models -----------------------------------------------------------------------------------
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet18(nn.Module):
+def resnet18() -> nn.Module:
     """ResNet-18 (11.2M parameters) with a CIFAR stem: 3x3 conv, stride 1, no max-pool."""
-
-    def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        widths = (64, 128, 256, 512)
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        stages, cin = [], 64
-        for i, width in enumerate(widths):
-            stages.append(nn.Sequential(BasicBlock(cin, width, 1 if i == 0 else 2), BasicBlock(width, width)))
-            cin = width
-        self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(512, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1))
+    return ResNet(widths=(64, 128, 256, 512))
 
 
 WIDE_DECODER = {"n_embd": 512, "n_layer": 4, "head_dim": 64}  # block size 16, as the zoo default
@@ -114,7 +87,7 @@ def build(case: str) -> nn.Module:
     if case == "cnn":
         return PaperCNN()
     if case == "resnet18":
-        return sgsc.quantize_model(ResNet18())
+        return sgsc.quantize_model(resnet18())
     raise ValueError(f"unknown case {case!r}; one of {CASES}")
 
 
@@ -123,7 +96,7 @@ def architecture(case: str) -> nn.Module | None:
     if case != "resnet18":
         return None  # zoo files name their model
     with torch.device("meta"):
-        return ResNet18()
+        return resnet18()
 
 
 def example_input(case: str, batch: int) -> torch.Tensor:

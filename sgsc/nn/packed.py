@@ -227,7 +227,8 @@ def workspace_bytes(model: nn.Module) -> int:
 
 
 def packed_file_bytes(model: nn.Module) -> int:
-    """The same codes' dense bit-packed size (each group at its minimal width, as in the file)."""
+    """The same codes' dense bit-packed size (each group at its minimal width): the file's code bytes,
+    except that a file stores a mostly-zero group sparsely when that is smaller."""
     return sum(m.file_bytes for m in _packed_modules(model))
 
 
