@@ -16,7 +16,7 @@ from sgsc.cli import build_parser
 from sgsc.cli.experiment import resnet_settings
 from sgsc.experiments import report, resnet, targets
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*stay masked")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the --quick preset (digits, 4/8/16 channels, one block per stage) with fewer steps: a few seconds per seed
 TEST = dict(seeds=(0, 1), float_steps=40, steps=20, progress=False)
