@@ -25,6 +25,7 @@ from sgsc import export
 from sgsc.cli import main
 from sgsc.export import HEADER_CRC_TENSOR, ArchitectureMismatch, PackedFileError
 from sgsc.nn import quantized_layers
+from sgsc.nn.packed import PackedEmbedding, PackedLinear
 from sgsc.nn.zoo import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -154,9 +155,14 @@ def test_a_transformer_with_a_tied_head_loads_tied_and_bit_for_bit(tmp_path):
     # the tied table is stored once: codes for one of the two layers
     assert [layer.name for layer in export.summarize(path).layers].count("head") == 0
     packed = sgsc.load_packed(path, model=TinyLM(), runtime="packed")
-    assert packed.head.weight is packed.tok.weight  # tied to an embedding: both stay float
+    # the tied table runs packed on both sides: a lookup and a product from the same codes
+    assert isinstance(packed.tok, PackedEmbedding) and isinstance(packed.pos, PackedEmbedding)
+    assert isinstance(packed.head, PackedLinear) and isinstance(packed.block.self_attn.in_proj, nn.Linear)
+    assert torch.equal(packed.tok.weight, loaded.tok.weight) and torch.equal(packed.head.weight, loaded.head.weight)
     with torch.no_grad():
+        assert torch.equal(packed.tok(idx), loaded.tok(idx))
         torch.testing.assert_close(packed(idx), loaded(idx), rtol=1e-5, atol=1e-5)
+    assert packed.tok.weight_nbytes < loaded.tok.weight.numel() * 4 / 2  # 8-bit codes, 9 bytes a token besides
 
 
 def test_an_architecture_that_does_not_match_names_the_first_mismatch(tmp_path):

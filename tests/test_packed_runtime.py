@@ -13,13 +13,22 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from sgsc import ops
-from sgsc.nn import QConv2d, QLinear
-from sgsc.nn.packed import PackedConv2d, PackedLinear, pack_model, packed_file_bytes, packed_module, resident_bytes
+from sgsc.nn import QConv2d, QEmbedding, QLinear
+from sgsc.nn.packed import (
+    PackedConv2d,
+    PackedEmbedding,
+    PackedLinear,
+    pack_model,
+    packed_file_bytes,
+    packed_module,
+    resident_bytes,
+)
 from sgsc.ops import packed as packed_ops
 from sgsc.ops import reference
 from sgsc.ops.spec import minimal_widths
@@ -325,6 +334,41 @@ def test_resident_bytes_of_a_large_mixed_layer_stay_within_10_percent_of_the_fil
     codes, scales = random_layer(512, 1024, widths, "output", 0)
     model = nn.Sequential(PackedLinear.from_codes(codes, scales))
     assert resident_bytes(model) <= 1.1 * packed_file_bytes(model)
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.integers(0, 32), min_size=1, max_size=6), rows_per_group=st.integers(1, 3),
+       dim=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_packed_embedding_looks_up_exactly_the_quantized_rows(widths, rows_per_group, dim, seed):
+    torch.manual_seed(seed)
+    layer = QEmbedding(len(widths) * rows_per_group, dim, quant_groups=len(widths))
+    with torch.no_grad():
+        layer.bits.copy_(torch.tensor(widths, dtype=torch.float32))
+        layer.weight.mul_(10.0 ** torch.randint(-3, 4, ()).item())
+    idx = torch.randint(0, layer.num_embeddings, (3, 5))
+    packed = pack_model(nn.Sequential(layer))[0]
+    assert isinstance(packed, PackedEmbedding)
+    with torch.no_grad():
+        table = layer.quantized_weight()
+        assert torch.equal(packed(idx), F.embedding(idx, table))  # bit for bit: code * scale, as the float runtime
+        assert torch.equal(packed.weight, table)
+
+
+def test_packed_embedding_holds_the_bits_and_refuses_bad_ids():
+    torch.manual_seed(0)
+    layer = QEmbedding(1000, 64, padding_idx=0, init_bits=4)
+    packed = pack_model(nn.Sequential(layer))[0]
+    assert packed.padding_idx == 0
+    # the codes at 4 bits or less, then per token a width byte, a 4-byte offset and a 4-byte scale
+    assert packed.stream.numel() <= 1000 * 64 * 4 // 8 + 5
+    assert resident_bytes(nn.Sequential(packed)) == packed.stream.numel() + 1000 * (1 + 4 + 4)
+    with pytest.raises(IndexError, match=r"outside \[0, 1000\)"):
+        packed(torch.tensor([1, 1000]))
+    with pytest.raises(IndexError, match="outside"):
+        packed(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="idx must be an integer tensor"):
+        packed(torch.tensor([1.0]))
+    assert packed(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 64)
 
 
 # ---- loading a packed file onto the packed runtime ----------------------------------------------

@@ -33,7 +33,7 @@ from sgsc.export.format import (
     stored_dtype,
     unreadable,
 )
-from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers, replace_submodule
+from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, quantized_layers, replace_submodule
 
 
 @dataclass
@@ -313,10 +313,11 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     ``runtime="float"``: quantized layers come back as plain ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``/
     ``nn.Embedding`` layers holding the exact dequantized weights (layers that shared a weight share
     it again), so in eval mode the outputs equal those of the exported model bit for bit on the same
-    device, and inference runs without the quantizer. ``runtime="packed"``: QLinear/QConv2d layers
-    come back as :class:`~sgsc.nn.packed.PackedLinear`/``PackedConv2d`` holding the integer codes
-    bit-packed at each group's width (memory about the file's size), computing from them; outputs
-    equal the float runtime's to fp32 summation order. Other quantized layers, a QMultiheadAttention's
+    device, and inference runs without the quantizer. ``runtime="packed"``: QLinear/QConv2d/QEmbedding
+    layers come back as :class:`~sgsc.nn.packed.PackedLinear`/``PackedConv2d``/``PackedEmbedding``
+    holding the integer codes bit-packed at each group's width (memory about the file's size),
+    computing from them; outputs match the float runtime's within the fp32 bound of
+    :mod:`sgsc.ops.packed` (embeddings: bit for bit). QConv1d layers, a QMultiheadAttention's
     projections (it computes from their weights) and layers sharing a weight with one stay on the
     float runtime. A model exported in another dtype than float32 runs
     only on the float runtime.
@@ -339,9 +340,11 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     if packed_file.record is not None:
         _tie_plain_state(model, packed_file.record)
     layers = dict(quantized_layers(model))
-    # QMultiheadAttention hands its projections' weights to F.multi_head_attention_forward: they stay float
-    packable = {name for name, layer in layers.items() if isinstance(layer, PACKED_RUNTIME_TYPES)
-                and not isinstance(model.get_submodule(name.rpartition(".")[0]), QMultiheadAttention)}
+    packable = set()
+    if runtime == "packed":
+        from sgsc.nn.packed import packable_layers  # the packed runtime's kernels load only when asked for
+
+        packable = set(packable_layers(model))
     for name, new in _runtime_layers(path, packed_file, layers, runtime, device, packable):
         _replace_everywhere(model, layers[name], new)
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
@@ -376,9 +379,6 @@ def _tied_layers(packed_file: PackedFile) -> dict[str, list[str]]:
         if owner is not None:
             tied[owner.removesuffix("weight").removesuffix(".")].append(layer.name)
     return tied
-
-
-PACKED_RUNTIME_TYPES = (QLinear, QConv2d)
 
 
 def _runtime_layers(path: Path, packed_file: PackedFile, layers: dict, runtime: str, device: torch.device,

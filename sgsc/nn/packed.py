@@ -3,6 +3,8 @@
 - :class:`PackedLinear`: ``F.linear`` from bit-packed codes (:func:`sgsc.ops.packed_linear`, fused kernels).
 - :class:`PackedConv2d`: dequantizes its weight per call into one buffer shared by every packed
   convolution on the device (it grows to the largest layer), then ``F.conv2d``.
+- :class:`PackedEmbedding`: the table as :func:`sgsc.ops.pack`'s stream (each group of rows at its
+  width); a lookup decodes only the rows it returns.
 - :func:`packed_module`: the packed layer for one quantized layer's codes (what a loader calls).
 - :func:`pack_model`: every QLinear/QConv2d of a trained model replaced in place.
 - :func:`resident_bytes`, :func:`packed_file_bytes`: what the packed weights keep in memory, and the
@@ -16,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgsc.nn.convert import replace_submodule
-from sgsc.nn.layers import QConv2d, QLinear, quantized_layers
+from sgsc.nn.layers import QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
+from sgsc.ops import functional, reference
 from sgsc.ops import packed as packed_ops
-from sgsc.ops import reference
+from sgsc.ops.spec import group_offsets, minimal_widths
 
 _BUFFERS = packed_ops.TENSOR_NAMES
 
@@ -63,6 +66,13 @@ class _PackedBase(nn.Module):
         """The float32 weight, exactly ``code * scale`` (for checks; the forward never builds it for Linear)."""
         return packed_ops.packed_dequantize(self.packed_weight)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in ``nn.Linear``/``nn.Conv2d``'s shape, built on every access: for code
+        that reads ``layer.weight`` (a head tied by ``F.linear(h, embedding.weight)``); it costs a float
+        copy for as long as it is held."""
+        return self.dequantized_weight().reshape(self.weight_shape)
+
 
 class PackedLinear(_PackedBase):
     """``nn.Linear`` whose weight stays bit-packed: ``y = x W^T + b`` computed from the codes.
@@ -80,6 +90,10 @@ class PackedLinear(_PackedBase):
         """From int ``codes`` ``(out_features, in_features)`` and per-group ``scales`` (see :func:`sgsc.ops.pack_weight`)."""
         weight = packed_ops.pack_weight(codes, scales, group_by)
         return cls(weight, bias, file_bytes=packed_ops.file_bytes(codes, scales, group_by))
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_ops.linear_on_checked(x, self.checked_layout(), self.out_features, self.in_features,
@@ -136,8 +150,12 @@ class PackedConv2d(_PackedBase):
                    groups=conv.groups, padding_mode=conv.padding_mode,
                    file_bytes=packed_ops.file_bytes(rows, scales, "output"))
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        shape = self.weight_shape
         keeps_weight = torch.is_grad_enabled() and x.requires_grad  # autograd would save the buffer
         out = None if keeps_weight else WORKSPACE.take(self.out_features * self.in_features, x.device)
         weight = packed_ops.packed_dequantize(self.packed_weight, out=out).reshape(shape)
@@ -152,8 +170,87 @@ class PackedConv2d(_PackedBase):
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}")
 
 
+# A code of up to 32 bits starting anywhere in a byte spans at most 5 bytes: the stream is padded by
+# that much, so a lookup reads a fixed window of bytes without bounds checks.
+_WINDOW_BYTES = 5
+
+
+class PackedEmbedding(nn.Module):
+    """``nn.Embedding`` whose table stays bit-packed: each group of rows at its own width, in
+    :func:`sgsc.ops.pack`'s layout, with one power-of-two scale per group.
+
+    A lookup decodes only the rows it returns, ``code * scale`` exactly as the float runtime's table
+    holds them, so outputs are bit for bit those of ``nn.Embedding``. Inference only.
+    """
+
+    def __init__(self, stream: torch.Tensor, widths: torch.Tensor, scales: torch.Tensor, num_embeddings: int,
+                 embedding_dim: int, padding_idx: int | None = None, *, file_bytes: int = 0):
+        super().__init__()
+        groups = widths.numel()
+        if groups == 0 or num_embeddings % groups:
+            raise ValueError(f"widths must hold one width per group of rows, and its {groups} groups must divide "
+                             f"the {num_embeddings} rows")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.rows_per_group, self.file_bytes = num_embeddings // groups, file_bytes
+        offsets = group_offsets(widths, self.rows_per_group * embedding_dim)
+        if offsets[-1] != stream.numel():
+            raise ValueError(f"stream must hold {int(offsets[-1])} bytes for these widths, got {stream.numel()}")
+        self.register_buffer("stream", torch.cat([stream.to(torch.uint8), stream.new_zeros(_WINDOW_BYTES, dtype=torch.uint8)]))
+        self.register_buffer("widths", widths.to(torch.uint8))
+        # byte offsets in int32 where they fit (4 bytes a group instead of 8): a lookup widens them
+        self.register_buffer("offsets", offsets[:-1].to(torch.int32 if stream.numel() < 2**31 else torch.int64))
+        self.register_buffer("scales", scales.detach().to(torch.float32).clone())
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, num_embeddings: int, embedding_dim: int,
+                   padding_idx: int | None = None) -> PackedEmbedding:
+        """From int ``codes`` ``(G, rows_per_group * embedding_dim)`` (rows in order) and ``(G,)`` scales."""
+        codes = codes.to(torch.int32).contiguous()
+        widths = minimal_widths(codes)
+        stream = functional.pack(codes, widths)
+        return cls(stream, widths, scales, num_embeddings, embedding_dim, padding_idx, file_bytes=stream.numel())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table, built on every access (for code that reads ``embedding.weight``, such as a
+        head tied by ``F.linear(h, embedding.weight)``); it costs a float copy for as long as it is held."""
+        codes = functional.unpack(self.stream[:-_WINDOW_BYTES], self.widths, self.rows_per_group, self.embedding_dim)
+        scales = self.scales.repeat_interleave(self.rows_per_group).unsqueeze(1)
+        return codes.to(torch.float32) * scales
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Resident bytes of the packed table: the stream and the per-group widths, offsets and scales."""
+        return sum(t.numel() * t.element_size() for t in (self.stream, self.widths, self.offsets, self.scales))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(f"idx must be an integer tensor of token ids, got {getattr(idx, 'dtype', type(idx).__name__)}")
+        rows = idx.reshape(-1).to(device=self.stream.device, dtype=torch.int64)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_embeddings):
+            raise IndexError(f"idx holds ids outside [0, {self.num_embeddings})")
+        group = rows // self.rows_per_group
+        width = self.widths[group].to(torch.int64).unsqueeze(1)  # (T, 1)
+        first = self.offsets[group].to(torch.int64).unsqueeze(1) * 8 + (
+            rows % self.rows_per_group).unsqueeze(1) * self.embedding_dim * width
+        bit = first + torch.arange(self.embedding_dim, device=rows.device) * width  # (T, D): each code's first bit
+        byte, shift = bit >> 3, bit & 7
+        window = torch.zeros_like(bit)
+        for k in range(_WINDOW_BYTES):
+            window |= self.stream[byte + k].to(torch.int64) << (8 * k)
+        unsigned = (window >> shift) & ((1 << width) - 1)
+        sign = (unsigned >> (width - 1).clamp_min(0)) & (width > 0)  # width 0: a pruned group, all zeros
+        codes = unsigned - (sign << width)
+        out = codes.to(torch.float32) * self.scales[group].unsqueeze(1)
+        return out.reshape(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, groups={self.widths.numel()}" + (
+            f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+
+
 def packed_module(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> PackedLinear | PackedConv2d:
+                  bias: torch.Tensor | None = None) -> PackedLinear | PackedConv2d | PackedEmbedding:
     """The packed layer for ``layer``'s integer codes.
 
     ``layer`` is a QLinear/QConv2d (on the meta device is fine: only its hyper-parameters, ``group_by``
@@ -161,19 +258,21 @@ def packed_module(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
     int ``(G, L)`` codes in the layer's grouped layout (``sgsc.export.codec.decode``'s output reshaped
     to ``(G, -1)``), ``scales`` the float32 ``(G,)`` scales. ``bias`` defaults to ``layer.bias``.
     """
-    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-        raise TypeError(f"layer must be a QLinear, QConv2d, nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+    if not isinstance(layer, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        raise TypeError(f"layer must be a QLinear, QConv2d, QEmbedding or their nn base, got {type(layer).__name__}")
     if not isinstance(codes, torch.Tensor) or not isinstance(scales, torch.Tensor):
         raise TypeError("codes and scales must be tensors")
     groups = scales.numel()
     if codes.numel() != layer.weight.numel() or (groups and codes.reshape(groups, -1).shape[0] != groups):
         raise ValueError(f"codes must hold the layer's {layer.weight.numel()} codes in {groups} groups, "
                          f"got shape {tuple(codes.shape)}")
-    if bias is None and layer.bias is not None:
+    if bias is None and getattr(layer, "bias", None) is not None:
         if layer.bias.is_meta:
             raise ValueError("layer.bias is on the meta device: load the plain state first or pass bias")
         bias = layer.bias
     grouped = codes.reshape(groups, -1) if groups else codes.reshape(0, 0)
+    if isinstance(layer, nn.Embedding):
+        return PackedEmbedding.from_codes(grouped, scales, layer.num_embeddings, layer.embedding_dim, layer.padding_idx)
     if isinstance(layer, nn.Conv2d):
         return PackedConv2d.from_conv(layer, grouped, scales, bias)
     group_by = getattr(layer, "group_by", "output")
@@ -184,18 +283,27 @@ def packed_module(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
     return PackedLinear.from_codes(matrix, scales, bias, group_by=group_by)
 
 
+def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized layers the packed runtime can replace (name -> layer): QLinear, QConv2d and
+    QEmbedding, except a QMultiheadAttention's projections, whose weights it hands to
+    ``F.multi_head_attention_forward`` (they stay quantized, or float on a loaded model)."""
+    attention = {name for name, module in model.named_modules() if isinstance(module, QMultiheadAttention)}
+    return {name: layer for name, layer in quantized_layers(model)
+            if isinstance(layer, (QLinear, QConv2d, QEmbedding)) and name.rpartition(".")[0] not in attention}
+
+
 @torch.no_grad()
 def pack_model(model: nn.Module) -> nn.Module:
     """Replace every QLinear/QConv2d of ``model`` by its packed layer, in place; returns ``model`` in eval mode.
 
-    Other quantized layers (QConv1d, QEmbedding) have no packed runtime yet and are left as they are.
+    The layers are :func:`packable_layers`'; QConv1d layers and attention projections stay as they
+    are. An embedding tied to a linear layer (a tied head) becomes a PackedEmbedding and a
+    PackedLinear holding the same codes.
 
     The codes are eq. (1)'s (``sgsc.ops.reference.integer_codes``, what the exporter writes), so the
     packed model computes with exactly the weights of the exported one.
     """
-    for name, layer in list(quantized_layers(model)):
-        if not isinstance(layer, (QLinear, QConv2d)):
-            continue  # conv1d and embedding layers have no packed runtime yet: they keep computing quantized
+    for name, layer in packable_layers(model).items():
         if layer.quant_groups == 0 or layer.weight.numel() == 0:
             codes = torch.zeros(layer.quant_groups, 0, dtype=torch.int32)
             scales = torch.ones(layer.quant_groups)
@@ -203,7 +311,7 @@ def pack_model(model: nn.Module) -> nn.Module:
             codes, scales = reference.integer_codes(layer.grouped(layer.weight.detach()), layer.bits.detach(),
                                                     layer.exponent.detach(), layer.rounding)
         device = layer.weight.device
-        packed = packed_module(layer, codes.cpu(), scales.cpu().float(), layer.bias)
+        packed = packed_module(layer, codes.cpu(), scales.cpu().float(), getattr(layer, "bias", None))
         replace_submodule(model, name, packed.to(device))
     return model.eval()
 
@@ -211,7 +319,7 @@ def pack_model(model: nn.Module) -> nn.Module:
 def _packed_modules(model: nn.Module):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, _PackedBase)]
+    return [m for m in model.modules() if isinstance(m, (_PackedBase, PackedEmbedding))]
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -232,5 +340,5 @@ def packed_file_bytes(model: nn.Module) -> int:
     return sum(m.file_bytes for m in _packed_modules(model))
 
 
-__all__ = ["PackedConv2d", "PackedLinear", "WORKSPACE", "pack_model", "packed_file_bytes", "packed_module",
+__all__ = ["PackedConv2d", "PackedEmbedding", "PackedLinear", "WORKSPACE", "pack_model", "packable_layers", "packed_file_bytes", "packed_module",
            "resident_bytes", "workspace_bytes"]
