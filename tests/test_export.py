@@ -126,6 +126,7 @@ def test_codes_match_the_forward_kernel_exactly(head_groups):
 def test_minimal_widths_are_the_smallest_that_hold_the_codes():
     codes = torch.tensor([[0, 0], [0, -1], [1, 0], [-2, 1], [3, -4], [-5, 0], [2**30, 0], [-(2**31), 2**31 - 1]])
     assert codec.minimal_widths(codes).tolist() == [0, 1, 2, 2, 3, 4, 32, 32]
+    assert codec.minimal_widths(codes.to(torch.int32)).tolist() == [0, 1, 2, 2, 3, 4, 32, 32]  # -(-2^31) in int32
 
 
 def test_exported_width_can_be_below_the_learned_bits(tmp_path):

@@ -43,9 +43,9 @@ def minimal_widths(codes: torch.Tensor) -> torch.Tensor:
     """Smallest two's-complement width per row of ``codes`` that holds all of its values (0 for all-zero rows)."""
     if codes.numel() == 0:
         return torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
-    codes = codes.to(torch.int64)  # -(-2^31) overflows int32
-    high = codes.amax(dim=1).clamp_min(0)
-    low = (-codes.amin(dim=1) - 1).clamp_min(0)  # -2^(w-1) <= min  <=>  bit_length(-min - 1) <= w - 1
+    # widened after the reductions (-(-2^31) overflows int32), so no int64 copy of the codes is made
+    high = codes.amax(dim=1).to(torch.int64).clamp_min(0)
+    low = (-codes.amin(dim=1).to(torch.int64) - 1).clamp_min(0)  # -2^(w-1) <= min  <=>  bit_length(-min - 1) <= w - 1
     magnitude = torch.maximum(high, low)
     thresholds = 2 ** torch.arange(63, device=codes.device, dtype=torch.int64)
     bit_length = (magnitude.unsqueeze(1) >= thresholds).sum(dim=1)
