@@ -81,6 +81,7 @@ struct Plan {
   const float* row_scale = nullptr;   // (T, 8)
   std::vector<int64_t> xs_offset;     // (S + 1,): where each segment's pre-scaled x starts, in codes
   bool covers_all_columns = true;     // every tile's segments cover [0, K): no zero fill needed
+  bool covers_all_rows = false;       // every output row is one tile lane: the kernel writes all of y
 
   int64_t k0(int64_t s) const { return seg[3 * s]; }
   int64_t len(int64_t s) const { return seg[3 * s + 1] - seg[3 * s]; }
@@ -138,6 +139,8 @@ Plan make_plan(const at::Tensor& words, const at::Tensor& seg_table, const at::T
   }
   TORCH_CHECK_VALUE(T == 0 || (p.tile_ptr[0] == 0 && p.tile_ptr[T] == TS), "sgsc.", op,
                     ": tile_ptr must run from 0 to the ", TS, " rows of tile_table");
+  std::vector<uint8_t> seen(out_features, 0);
+  int64_t covered_rows = 0;
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK_VALUE(p.tile_ptr[t] <= p.tile_ptr[t + 1], "sgsc.", op, ": tile_ptr must be non-decreasing, it falls at tile ", t);
     int64_t covered = 0;
@@ -153,8 +156,14 @@ Plan make_plan(const at::Tensor& words, const at::Tensor& seg_table, const at::T
       const int32_t row = p.rows[kLanes * t + r];
       TORCH_CHECK_VALUE(row >= -1 && row < out_features, "sgsc.", op, ": rows[", t, ", ", r, "] = ", row,
                         " is not an output row (or -1) of ", out_features);
+      if (row >= 0) {
+        TORCH_CHECK_VALUE(!seen[row], "sgsc.", op, ": output row ", row, " appears in two tile lanes");
+        seen[row] = 1;
+        ++covered_rows;
+      }
     }
   }
+  p.covers_all_rows = covered_rows == out_features;
   return p;
 }
 
@@ -473,11 +482,14 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& words, const
     bias_ptr = bias->data_ptr<float>();
   }
   const int64_t M = x.size(0);
-  // Rows no tile covers (pruned) are the bias alone.
+  // Rows no tile covers (pruned) are the bias alone; when the tiles cover every row the kernel writes
+  // all of y, and filling it first would cost a second pass (most of a small layer's call).
   // (A fresh tensor: for M == 1 an expanded bias is already "contiguous" and would alias it.)
   auto y = at::empty({M, out_features}, x.options());
-  if (bias_ptr) y.copy_(bias->unsqueeze(0).expand({M, out_features}));
-  else y.zero_();
+  if (!p.covers_all_rows || p.tiles == 0) {
+    if (bias_ptr) y.copy_(bias->unsqueeze(0).expand({M, out_features}));
+    else y.zero_();
+  }
   if (M == 0 || p.tiles == 0) return y;
   fused_linear(p, x.data_ptr<float>(), M, y.data_ptr<float>(), bias_ptr);
   return y;

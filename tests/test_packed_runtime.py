@@ -225,6 +225,10 @@ def test_bad_arguments_name_the_argument():
     bad_rows[0, 0] = 99
     with pytest.raises(ValueError, match="is not an output row"):
         torch.ops.sgsc.packed_linear(x, *weight.tensors()[:5], bad_rows, weight.row_scale, 12, None)
+    twice = weight.rows.clone()
+    twice[0, 1] = twice[0, 0]  # y is not pre-filled when the lanes cover every row: a repeat must not pass
+    with pytest.raises(ValueError, match=f"output row {int(twice[0, 0])} appears in two tile lanes"):
+        torch.ops.sgsc.packed_linear(x, *weight.tensors()[:5], twice, weight.row_scale, 12, None)
 
 
 def test_a_packed_layer_checks_its_weight_again_after_a_buffer_changes():
