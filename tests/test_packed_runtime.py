@@ -128,6 +128,15 @@ def test_larger_layer_every_thread(batch, group_by):
     assert torch.equal(ops.packed_dequantize(weight), dense_weight(codes, scales, group_by).float())
 
 
+def test_packing_in_small_steps_gives_the_same_layout(monkeypatch):
+    codes, scales = random_layer(40, 24, [3, 0, 7, 17, 32], "output", 3)
+    whole = ops.pack_weight(codes, scales)
+    monkeypatch.setattr(packed_ops, "_STAGING_CODES", 8 * 24)  # one tile of 8 rows per step
+    stepped = ops.pack_weight(codes.to(torch.int32), scales)
+    assert all(torch.equal(a, b) for a, b in zip(whole.tensors(), stepped.tensors()))
+    assert torch.equal(ops.packed_dequantize(stepped), codes.float() * scales.repeat_interleave(8).unsqueeze(1))
+
+
 def test_worked_example_bytes():
     """The example of sgsc/ops/packed.py's docstring, byte for byte."""
     codes = torch.tensor([[-4, 1, 0], [3, 0, -1]])

@@ -106,17 +106,22 @@ _TENSOR_DTYPES = (torch.int32, torch.int64, torch.float32, torch.int64, torch.in
 # ---- building the layout --------------------------------------------------------------------
 
 
+# Codes a packing step widens to int64 at a time: the staging tensors stay a few MiB for any layer,
+# so loading a file peaks near the packed size, not at several times the float weights.
+_STAGING_CODES = 1 << 20
+
+
 def _pack_words(codes: torch.Tensor, width: int, live: torch.Tensor) -> torch.Tensor:
-    """``(tiles, 8, n)`` int64 codes at ``width`` -> int32 words ``(tiles, n_words, 8)``, lane-minor.
+    """``(tiles, 8, n)`` integer codes at ``width`` -> int32 words ``(tiles, n_words, 8)``, lane-minor.
 
     Lanes where ``live`` (``(tiles, 8)``) is False are padding and store zero words."""
     per = codes_per_word(width)
     tiles, lanes, n = codes.shape
     n_words = -(-n // per)
     if per == 1:
-        return codes.to(torch.int32).transpose(1, 2).contiguous()
+        return torch.where(live.unsqueeze(2), codes, 0).to(torch.int32).transpose(1, 2).contiguous()
     u = torch.zeros(tiles, lanes, n_words * per, dtype=torch.int64)
-    u[:, :, :n] = torch.where(live.unsqueeze(2), codes + (1 << (width - 1)), 0)
+    u[:, :, :n] = torch.where(live.unsqueeze(2), codes.to(torch.int64) + (1 << (width - 1)), 0)
     slot = 32 // per
     shifts = torch.arange(per, dtype=torch.int64) * slot
     words = (u.reshape(tiles, lanes, n_words, per) << shifts).sum(dim=3)
@@ -146,7 +151,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_by: str = "outp
     if (groups == 0 and axis_len != 0) or (groups and axis_len % groups):
         raise ValueError(f"scales has {groups} groups, which do not divide the {axis_len} "
                          f"{'rows' if group_by == 'output' else 'columns'} of codes")
-    codes, scales = codes.detach().cpu().to(torch.int64), scales.detach().cpu()
+    codes, scales = codes.detach().cpu(), scales.detach().cpu()  # int32 stays int32: _pack_words widens in steps
     if groups == 0 or codes.numel() == 0:
         return _assemble([], [], [], [], [], [], out_features, in_features)
     if group_by == "output":
@@ -174,16 +179,18 @@ def _pack_output_groups(codes: torch.Tensor, widths: torch.Tensor, scales: torch
     lanes[: order.numel()] = order
     lanes = lanes.reshape(n_tiles, LANES)
     tile_width = row_width[lanes[:, 0]]  # the widest row of each tile (rows sorted widest first)
-    padded = torch.cat([codes, codes.new_zeros(1, in_features)])  # row -1 reads zeros
+    step = max(1, _STAGING_CODES // (LANES * max(in_features, 1)))  # tiles packed at a time
     seg_table, words, tile_table, offset = [], [], [], 0
     for width in tile_width.unique(sorted=True).flip(0).tolist():  # tiles of one width are consecutive
-        tiles = (tile_width == width).nonzero().flatten()
-        block = _pack_words(padded[lanes[tiles]], width, lanes[tiles] >= 0)  # (tiles, n_words, 8)
         seg = len(seg_table)
         seg_table.append([0, in_features, width])
-        tile_table += [[seg, offset + i * block[0].numel()] for i in range(tiles.numel())]
-        offset += block.numel()
-        words.append(block.reshape(-1))
+        tiles = (tile_width == width).nonzero().flatten()
+        for first in range(0, tiles.numel(), step):
+            rows = lanes[tiles[first:first + step]]  # (t, 8), -1 for padding lanes
+            block = _pack_words(codes[rows.clamp_min(0)], width, rows >= 0)  # (t, n_words, 8)
+            tile_table += [[seg, offset + i * block[0].numel()] for i in range(rows.shape[0])]
+            offset += block.numel()
+            words.append(block.reshape(-1))
     scale = torch.where(lanes >= 0, row_scale[lanes.clamp_min(0)], torch.zeros(()))
     ptr = list(range(n_tiles + 1))
     return _assemble(words, seg_table, [1.0] * len(seg_table), tile_table, ptr, lanes, out_features, in_features, scale)
