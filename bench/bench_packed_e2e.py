@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_packed_runtime import commit
+from bench_bitpack import commit
 from bench_pruned_speed import ResNet
 from torch import nn
 

@@ -25,24 +25,16 @@ import importlib.util
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_bitpack import commit
 
 from sgsc import ops
 from sgsc.ops import packed as packed_ops
 from sgsc.ops import reference
-
-
-def commit() -> str:
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return git.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn, repeats: int, sync=lambda: None) -> dict:

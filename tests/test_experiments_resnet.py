@@ -116,3 +116,10 @@ def test_cli_flags_reach_the_settings():
     assert not settings.progress and args.func.__name__ == "_run_resnet"
     full = resnet_settings(build_parser().parse_args(["experiment", "resnet", "--data-dir", "d"]))
     assert full.data_dir == "d" and full.steps == resnet.ResNetSettings().steps
+
+
+@pytest.mark.parametrize("workers", [0, True, 1.5])
+def test_a_bad_worker_count_is_refused_before_anything_is_written(tmp_path, workers):
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        resnet.run(resnet.quick_settings(**TEST), tmp_path / "out", workers=workers)
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,13 @@ from concurrent.futures import ProcessPoolExecutor
 from sgsc._deps import require
 
 
+def checked_workers(workers) -> int:
+    """``workers``, an experiment's process count, or a ``ValueError`` naming it."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    return workers
+
+
 def run_jobs(function: Callable, jobs: Sequence[tuple], workers: int, progress: bool = False) -> list:
     """``[function(*job) for job in jobs]``, with ``workers > 1`` spread over that many processes.
 

@@ -47,7 +47,7 @@ from torch import nn
 import sgsc
 from sgsc.experiments import baselines
 from sgsc.experiments.common import device_name, git_commit, latencies_ms, mean_std, metadata, write_json
-from sgsc.experiments.pool import run_jobs
+from sgsc.experiments.pool import checked_workers, run_jobs
 from sgsc.experiments.targets import RESNET_ACCURACY_POINTS, RESNET_SIZE_PERCENT, resnet_targets
 from sgsc.train import evaluate, preservation
 from sgsc.train.data import load_vision
@@ -436,8 +436,7 @@ def run(settings: ResNetSettings, out: str | Path = "results", workers: int = 1)
     """Run the ResNet-20 table (resuming finished methods) and write ``<out>/resnet.json``."""
     if not isinstance(settings, ResNetSettings):
         raise TypeError(f"settings must be a ResNetSettings, got {type(settings).__name__}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    workers = checked_workers(workers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started, commit, threads = time.perf_counter(), git_commit(), torch.get_num_threads()

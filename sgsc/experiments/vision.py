@@ -46,7 +46,7 @@ from sgsc.experiments.common import (
     write_json,
     zlib_bytes,
 )
-from sgsc.experiments.pool import run_jobs
+from sgsc.experiments.pool import checked_workers, run_jobs
 from sgsc.experiments.robustness import EPSILONS, NOISE_LEVELS, Perturber, robustness
 from sgsc.experiments.targets import sweep_prefix, vision_targets
 from sgsc.nn.zoo import HEAD_GROUPS
@@ -476,8 +476,7 @@ def run(settings: VisionSettings, out: str | Path = "results", workers: int = 1)
     """
     if not isinstance(settings, VisionSettings):
         raise TypeError(f"settings must be a VisionSettings, got {type(settings).__name__}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    workers = checked_workers(workers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started, commit = time.perf_counter(), git_commit()
