@@ -80,6 +80,12 @@ struct Plan {
   const int32_t* rows = nullptr;      // (T, 8): output row of each lane, -1 for padding
   const float* row_scale = nullptr;   // (T, 8)
   std::vector<int64_t> xs_offset;     // (S + 1,): where each segment's pre-scaled x starts, in codes
+  // Per segment: slot j's factor on x, seg_scale * 2^(-j * SLOT) (the top slot's 2^0), at [32 * s + j];
+  // 2^(W-1) * seg_scale, the offset term's factor on the sum of x; and the first segment over the
+  // same columns (output groups: every width spans [0, K), so one sum of x serves them all).
+  std::vector<float> slot_factor;
+  std::vector<double> offset_factor;
+  std::vector<int64_t> same_columns_as;
   bool covers_all_columns = true;     // every tile's segments cover [0, K): no zero fill needed
   bool covers_all_rows = false;       // every output row is one tile lane: the kernel writes all of y
 
@@ -94,6 +100,22 @@ void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const 
   TORCH_CHECK_VALUE(t.dim() == dim, "sgsc.", op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.device().is_cpu(), "sgsc.", op, ": ", name, " must be on the CPU, got ", t.device());
   TORCH_CHECK_VALUE(t.is_contiguous(), "sgsc.", op, ": ", name, " must be contiguous");
+}
+
+void set_segment_factors(Plan& p) {
+  const int64_t S = p.segments;
+  p.slot_factor.assign(32 * S, 0.0f);
+  p.offset_factor.assign(S, 0.0);
+  p.same_columns_as.assign(S, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    const int per = codes_per_word(p.width(s)), slot = 32 / per;
+    for (int j = 0; j < per; ++j)
+      p.slot_factor[32 * s + j] = p.seg_scale[s] * (j == per - 1 ? 1.0f : std::ldexp(1.0f, -j * slot));
+    p.offset_factor[s] = per == 1 ? 0.0 : std::ldexp(1.0, static_cast<int>(p.width(s)) - 1) * p.seg_scale[s];
+    p.same_columns_as[s] = s > 0 && p.seg[3 * s] == p.seg[3 * (s - 1)] && p.seg[3 * s + 1] == p.seg[3 * (s - 1) + 1]
+                               ? p.same_columns_as[s - 1]
+                               : s;
+  }
 }
 
 Plan make_plan(const at::Tensor& words, const at::Tensor& seg_table, const at::Tensor& seg_scale,
@@ -137,6 +159,7 @@ Plan make_plan(const at::Tensor& words, const at::Tensor& seg_table, const at::T
                       "] is not [k0, k1, width] with 0 <= k0 <= k1 <= ", in_features, " and width in [1, 32]");
     p.xs_offset[s + 1] = p.xs_offset[s] + p.words_of(s) * codes_per_word(p.width(s));
   }
+  set_segment_factors(p);
   TORCH_CHECK_VALUE(T == 0 || (p.tile_ptr[0] == 0 && p.tile_ptr[T] == TS), "sgsc.", op,
                     ": tile_ptr must run from 0 to the ", TS, " rows of tile_table");
   std::vector<uint8_t> seen(out_features, 0);
@@ -297,24 +320,40 @@ FusedFn fused_kernel(int64_t mb) {
   return table[mb == 8 ? 3 : mb == 4 ? 2 : mb == 2 ? 1 : 0];
 }
 
-// Segment s's pre-scaled x of one batch row xm, written every `stride` floats (batch-row-minor), and
-// its offset term 2^(W-1) * sum of the segment's scaled x.
-float prescale_row(const Plan& p, int64_t s, const float* xm, float* dst, int64_t stride) {
-  const int per = codes_per_word(p.width(s)), slot = 32 / per;
+// Segment s's pre-scaled x of MB batch rows (x0: the first, rows ld floats apart), batch-row-minor:
+// dst[i * MB + m] = x[m][k0 + i] * factor[i % PER], zeros past the segment's end (where the words hold
+// zero codes too). Writing MB floats at a time keeps the stores sequential.
+template <int MB>
+void prescale_rows(const Plan& p, int64_t s, const float* x0, int64_t ld, float* dst) {
+  const int per = codes_per_word(p.width(s));
   const int64_t len = p.len(s), full_words = len / per, n = p.xs_offset[s + 1] - p.xs_offset[s];
-  float factor[32];
-  for (int j = 0; j < per; ++j) factor[j] = p.seg_scale[s] * (j == per - 1 ? 1.0f : std::ldexp(1.0f, -j * slot));
-  xm += p.k0(s);
+  const float* factor = p.slot_factor.data() + 32 * s;
+  x0 += p.k0(s);
   for (int64_t w = 0; w < full_words; ++w)
-    for (int j = 0; j < per; ++j) dst[(w * per + j) * stride] = xm[w * per + j] * factor[j];
-  for (int64_t i = full_words * per; i < n; ++i)  // codes past the segment's end are 0 in the words too
-    dst[i * stride] = i < len ? xm[i] * factor[i % per] : 0.0f;
-  // Double, so the offset term adds no rounding error worth counting; four partial sums, so the adds
-  // do not wait on each other. seg_scale is a power of two: scaling the sum equals summing scaled x.
+    for (int j = 0; j < per; ++j) {
+      const int64_t i = w * per + j;
+      for (int m = 0; m < MB; ++m) dst[i * MB + m] = x0[m * ld + i] * factor[j];
+    }
+  for (int64_t i = full_words * per; i < n; ++i)
+    for (int m = 0; m < MB; ++m) dst[i * MB + m] = i < len ? x0[m * ld + i] * factor[i % per] : 0.0f;
+}
+
+void prescale_chunk(const Plan& p, int64_t s, const float* x0, int64_t mb, float* dst) {
+  switch (mb) {
+    case 8: return prescale_rows<8>(p, s, x0, p.in_features, dst);
+    case 4: return prescale_rows<4>(p, s, x0, p.in_features, dst);
+    case 2: return prescale_rows<2>(p, s, x0, p.in_features, dst);
+    default: return prescale_rows<1>(p, s, x0, p.in_features, dst);
+  }
+}
+
+// Sum of segment s's columns of one batch row, in double so that the offset term adds no rounding
+// error worth counting; four partial sums, so the adds do not wait on each other.
+double column_sum(const Plan& p, int64_t s, const float* xm) {
   double sum[4] = {0.0, 0.0, 0.0, 0.0};
-  for (int64_t i = 0; i < len; ++i) sum[i & 3] += xm[i];
-  const double code_offset = per == 1 ? 0.0 : std::ldexp(1.0, static_cast<int>(p.width(s)) - 1);
-  return static_cast<float>(code_offset * p.seg_scale[s] * ((sum[0] + sum[1]) + (sum[2] + sum[3])));
+  xm += p.k0(s);
+  for (int64_t i = 0, len = p.len(s); i < len; ++i) sum[i & 3] += xm[i];
+  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
 }
 
 // Runs body(first, last) over [0, items) in blocks of kStealTiles, taken from a shared counter by the
@@ -350,6 +389,7 @@ void steal_blocks(int64_t items, int64_t work_per_item, const Body& body) {
 void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const float* bias) {
   const int64_t xs_per_row = p.xs_offset[p.segments], panel = std::min(M, kPanelRows);
   std::vector<float> xs(xs_per_row * panel), offsets(p.segments * panel);
+  std::vector<double> sums(p.segments * panel);
   std::vector<int64_t> chunk_start;
   for (int64_t p0 = 0; p0 < M; p0 += panel) {
     const int64_t rows = std::min(panel, M - p0);
@@ -358,15 +398,22 @@ void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const floa
     for (int64_t size = kMaxChunk; size >= 1; size /= 2)
       while (rows - chunk_start.back() >= size) chunk_start.push_back(chunk_start.back() + size);
     const int64_t chunks = static_cast<int64_t>(chunk_start.size()) - 1;
-    // Chunk c's pre-scaled x starts at xs[xs_per_row * m0]: segment s at xs_offset[s] * mb, row-minor.
-    const int64_t items = p.segments * rows;
-    steal_blocks(items, p.in_features, [&](int64_t first, int64_t last) {
+    // The offset term 2^(W-1) * sum of the segment's scaled x (seg_scale is a power of two: scaling the
+    // sum equals summing scaled x), one sum per distinct column range and batch row.
+    steal_blocks(p.segments * rows, p.in_features, [&](int64_t first, int64_t last) {
       for (int64_t item = first; item < last; ++item) {
         const int64_t s = item / rows, r = item % rows;
-        const int64_t c = std::upper_bound(chunk_start.begin(), chunk_start.end(), r) - chunk_start.begin() - 1;
+        if (p.same_columns_as[s] == s) sums[s * rows + r] = column_sum(p, s, x + (p0 + r) * p.in_features);
+      }
+    });
+    // Chunk c's pre-scaled x starts at xs[xs_per_row * m0]: segment s at xs_offset[s] * mb, row-minor.
+    steal_blocks(p.segments * chunks, p.in_features * kMaxChunk, [&](int64_t first, int64_t last) {
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t s = item / chunks, c = item % chunks;
         const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
-        offsets[p.segments * m0 + s * mb + (r - m0)] = prescale_row(
-            p, s, x + (p0 + r) * p.in_features, xs.data() + xs_per_row * m0 + p.xs_offset[s] * mb + (r - m0), mb);
+        prescale_chunk(p, s, x + (p0 + m0) * p.in_features, mb, xs.data() + xs_per_row * m0 + p.xs_offset[s] * mb);
+        for (int64_t m = 0; m < mb; ++m)
+          offsets[p.segments * m0 + s * mb + m] = static_cast<float>(p.offset_factor[s] * sums[p.same_columns_as[s] * rows + m0 + m]);
       }
     });
     steal_blocks(p.tiles, kLanes * p.in_features * rows, [&](int64_t first, int64_t last) {
