@@ -386,10 +386,27 @@ void steal_blocks(int64_t items, int64_t work_per_item, const Body& body) {
   while (counters->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
+// Scratch of up to kScratchFloats floats kept by each calling thread from one call to the next: a
+// small layer's call then allocates nothing (fresh pages of a new buffer cost more than its product).
+// Larger panels take a buffer of their own, freed on return, so what stays resident is bounded.
+constexpr int64_t kScratchFloats = 1 << 18;  // 1 MiB per thread that calls the op
+
+float* scratch(std::vector<float>& own, int64_t floats) {
+  thread_local std::vector<float> kept;
+  std::vector<float>& buffer = floats <= kScratchFloats ? kept : own;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const float* bias) {
   const int64_t xs_per_row = p.xs_offset[p.segments], panel = std::min(M, kPanelRows);
-  std::vector<float> xs(xs_per_row * panel), offsets(p.segments * panel);
-  std::vector<double> sums(p.segments * panel);
+  // One buffer: the pre-scaled x (xs_per_row * panel floats), the offset terms (S * panel) and, from an
+  // even float index (8-byte aligned), the sums of x (S * panel doubles, two floats each).
+  const int64_t sums_at = ((xs_per_row + p.segments) * panel + 1) / 2 * 2;
+  std::vector<float> own;
+  float* const xs = scratch(own, sums_at + 2 * p.segments * panel);
+  float* const offsets = xs + xs_per_row * panel;
+  double* const sums = reinterpret_cast<double*>(xs + sums_at);
   std::vector<int64_t> chunk_start;
   for (int64_t p0 = 0; p0 < M; p0 += panel) {
     const int64_t rows = std::min(panel, M - p0);
@@ -411,7 +428,7 @@ void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const floa
       for (int64_t item = first; item < last; ++item) {
         const int64_t s = item / chunks, c = item % chunks;
         const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
-        prescale_chunk(p, s, x + (p0 + m0) * p.in_features, mb, xs.data() + xs_per_row * m0 + p.xs_offset[s] * mb);
+        prescale_chunk(p, s, x + (p0 + m0) * p.in_features, mb, xs + xs_per_row * m0 + p.xs_offset[s] * mb);
         for (int64_t m = 0; m < mb; ++m)
           offsets[p.segments * m0 + s * mb + m] = static_cast<float>(p.offset_factor[s] * sums[p.same_columns_as[s] * rows + m0 + m]);
       }
@@ -419,7 +436,7 @@ void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const floa
     steal_blocks(p.tiles, kLanes * p.in_features * rows, [&](int64_t first, int64_t last) {
       for (int64_t c = 0; c < chunks; ++c) {  // the tiles' words stay in cache from one chunk to the next
         const int64_t m0 = chunk_start[c], mb = chunk_start[c + 1] - m0;
-        const FusedArgs args{&p, xs.data() + xs_per_row * m0, offsets.data() + p.segments * m0,
+        const FusedArgs args{&p, xs + xs_per_row * m0, offsets + p.segments * m0,
                              y + (p0 + m0) * p.out_features, p.out_features, bias};
         fused_kernel(mb)(args, first, last);
       }

@@ -240,20 +240,24 @@ def test_bad_arguments_name_the_argument():
         torch.ops.sgsc.packed_linear(x, *weight.tensors()[:5], twice, weight.row_scale, 12, None)
 
 
-def test_a_packed_layer_checks_its_weight_again_after_a_buffer_changes():
+@pytest.mark.parametrize("native_checks", [True, False], ids=["cpu-op-checks", "python-checks-once"])
+def test_a_packed_layer_checks_its_weight_again_after_a_buffer_changes(monkeypatch, native_checks):
+    # On CPU the C++ op checks the layout on every call; where it does not (CUDA), the layer checks it
+    # in Python once, and again only after a buffer is replaced or changed in place.
+    monkeypatch.setattr(packed_ops, "NATIVE_CPU_CHECKS", native_checks)
     weight = small_weight()
     layer = PackedLinear(weight)
     x = torch.randn(2, 10)
     expected = ops.packed_linear(x, weight)
-    assert torch.equal(layer(x), expected) and torch.equal(layer(x), expected)  # checked once, then trusted
+    assert torch.equal(layer(x), expected) and torch.equal(layer(x), expected)
     layer.words = weight.words.long()  # replaced
-    with pytest.raises(TypeError, match="weight.words must be int32"):
+    with pytest.raises(TypeError, match="words must be int32" if not native_checks else "words must be Int"):
         layer(x)
     layer.words = weight.words.clone()
     assert torch.equal(layer(x), expected)
     with torch.no_grad():
         layer.row_scale.as_strided_((layer.row_scale.shape[0], 4), (8, 2))  # changed in place: not contiguous
-    with pytest.raises(ValueError, match="weight.row_scale must be contiguous"):
+    with pytest.raises(ValueError, match="row_scale must be contiguous"):
         layer(x)
     with torch.inference_mode():  # built from inference tensors, which keep no version counter
         assert torch.equal(PackedLinear(packed_ops.PackedWeight(*(t.clone() for t in small_weight().tensors()),

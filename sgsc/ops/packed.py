@@ -309,6 +309,10 @@ def _packed_dequantize_out_cuda(*args):
     out.copy_(reference.packed_dequantize(*layout).reshape(out.shape))
 
 
+# The C++ CPU op checks every layout tensor and index itself on each call (a corrupt layout is an error,
+# never a wild read); the reference that stands in for it without the extension does not.
+NATIVE_CPU_CHECKS = _native.available()
+
 if not _native.available():  # library.py has warned once that the CPU ops run on the reference
     torch.library.register_kernel("sgsc::packed_linear", "cpu", reference.packed_linear)
     torch.library.register_kernel("sgsc::packed_dequantize", "cpu", reference.packed_dequantize)
@@ -350,10 +354,10 @@ def linear_on_checked(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], out_fe
                       bias: torch.Tensor | None) -> torch.Tensor:
     """:func:`packed_linear` on a layout whose ``tensors`` were checked already (a packed layer checks its
     own once, not on every call: those checks cost more than a small layer's product)."""
-    device = tensors[0].device
     _check_tensor("x", x, (torch.float32,))
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+    device = tensors[0].device
     if x.device != device:
         raise ValueError(f"x must be on weight's device {device}, got {x.device}")
     if bias is not None:
@@ -365,9 +369,9 @@ def linear_on_checked(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], out_fe
     if x.dim() == 2:
         return torch.ops.sgsc.packed_linear(x.contiguous(), *tensors, out_features, bias)
     # reshape(-1, 0) cannot infer the rows of a layer with no inputs (a fully pruned MLP's output layer)
-    flat = x.reshape(math.prod(x.shape[:-1]), in_features).contiguous()
-    y = torch.ops.sgsc.packed_linear(flat, *tensors, out_features, bias)
-    return y.reshape(*x.shape[:-1], out_features)
+    rows = -1 if in_features else math.prod(x.shape[:-1])
+    y = torch.ops.sgsc.packed_linear(x.reshape(rows, in_features).contiguous(), *tensors, out_features, bias)
+    return y.view(*x.shape[:-1], out_features)
 
 
 def packed_dequantize(weight: PackedWeight, *, out: torch.Tensor | None = None) -> torch.Tensor:
