@@ -86,8 +86,9 @@ struct Plan {
   std::vector<float> slot_factor;
   std::vector<double> offset_factor;
   std::vector<int64_t> same_columns_as;
-  bool covers_all_columns = true;     // every tile's segments cover [0, K): no zero fill needed
+  bool covers_all_columns = true;     // every tile's segments run end to end over [0, K)
   bool covers_all_rows = false;       // every output row is one tile lane: the kernel writes all of y
+  std::vector<uint8_t> row_in_tile;   // (N,): 1 where a tile lane names the row
 
   int64_t k0(int64_t s) const { return seg[3 * s]; }
   int64_t len(int64_t s) const { return seg[3 * s + 1] - seg[3 * s]; }
@@ -162,19 +163,20 @@ Plan make_plan(const at::Tensor& words, const at::Tensor& seg_table, const at::T
   set_segment_factors(p);
   TORCH_CHECK_VALUE(T == 0 || (p.tile_ptr[0] == 0 && p.tile_ptr[T] == TS), "sgsc.", op,
                     ": tile_ptr must run from 0 to the ", TS, " rows of tile_table");
-  std::vector<uint8_t> seen(out_features, 0);
+  std::vector<uint8_t>& seen = p.row_in_tile;
+  seen.assign(out_features, 0);
   int64_t covered_rows = 0;
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK_VALUE(p.tile_ptr[t] <= p.tile_ptr[t + 1], "sgsc.", op, ": tile_ptr must be non-decreasing, it falls at tile ", t);
-    int64_t covered = 0;
+    int64_t next_column = 0;  // the segments cover [0, K) exactly when each starts where the last ended
     for (int64_t i = p.tile_ptr[t]; i < p.tile_ptr[t + 1]; ++i) {
       const int64_t s = p.tile_seg[2 * i], offset = p.tile_seg[2 * i + 1];
       TORCH_CHECK_VALUE(s >= 0 && s < S, "sgsc.", op, ": tile_table row ", i, " names segment ", s, " of ", S);
       TORCH_CHECK_VALUE(offset >= 0 && offset + kLanes * p.words_of(s) <= words.numel(), "sgsc.", op,
                         ": tile_table row ", i, " reads words past the end of words (", words.numel(), ")");
-      covered += p.len(s);
+      next_column = p.k0(s) == next_column ? p.seg[3 * s + 1] : -1;
     }
-    p.covers_all_columns = p.covers_all_columns && covered == in_features;
+    p.covers_all_columns = p.covers_all_columns && next_column == in_features;
     for (int r = 0; r < kLanes; ++r) {
       const int32_t row = p.rows[kLanes * t + r];
       TORCH_CHECK_VALUE(row >= -1 && row < out_features, "sgsc.", op, ": rows[", t, ", ", r, "] = ", row,
@@ -446,33 +448,65 @@ void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const floa
 
 // ---- dequantization: one tile's codes times their scales, into a float buffer ------------
 
-// Slots J.. of word t: code * scale (exact: scales are powers of two); lane r goes to
-// dst[rows[r] * ld + k], the weight itself, row-major.
-template <int PER, int J>
-SGSC_ALWAYS_INLINE void dequantize_slots(u8v v, int64_t k, int64_t len, f8 code_offset, f8 scale,
-                                         const int32_t* rows, float* dst, int64_t ld) {
-  if constexpr (J < PER) {
-    if (k + J >= len) return;  // padding codes of the segment's last word
-    f8 code;
-    if constexpr (PER == 1) {
-      code = __builtin_convertvector((i8v)v, f8);
-    } else {
-      const u8v field = (v >> (J * (32 / PER))) & ((uint32_t{1} << (32 / PER)) - 1);
-      code = __builtin_convertvector((i8v)field, f8) - code_offset;
-    }
-    const f8 value = code * scale;
-    for (int r = 0; r < kLanes; ++r)
-      if (rows[r] >= 0) dst[rows[r] * ld + k + J] = value[r];
-    dequantize_slots<PER, J + 1>(v, k, len, code_offset, scale, rows, dst, ld);
+// Column k of a segment's 8 lanes, code * scale.
+template <int PER>
+SGSC_ALWAYS_INLINE f8 dequantize_column(const uint32_t* words, int64_t k, f8 code_offset, f8 scale) {
+  const u8v v = load8(words + kLanes * (k / PER));
+  if constexpr (PER == 1) {
+    return __builtin_convertvector((i8v)v, f8) * scale;
+  } else {
+    constexpr int slot = 32 / PER;
+    const u8v field = (v >> static_cast<uint32_t>((k % PER) * slot)) & ((uint32_t{1} << slot) - 1);
+    return (__builtin_convertvector((i8v)field, f8) - code_offset) * scale;
   }
 }
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SGSC_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
+#ifdef SGSC_HAS_SHUFFLEVECTOR
+// c[j][r] -> c[r][j]: 8 columns of 8 lanes become 8 rows of 8 columns, so each row is one 32-byte
+// store instead of eight scalar ones (the unpack / shuffle / 128-bit-permute transpose).
+SGSC_ALWAYS_INLINE void transpose8x8(f8 (&c)[8]) {
+  f8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(c[i], c[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(c[i], c[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    c[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    c[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+#endif
 
 template <int PER>
 SGSC_ALWAYS_INLINE void dequantize_segment(const uint32_t* words, int64_t len, float code_offset, f8 scale,
                                            const int32_t* rows, float* dst, int64_t ld) {
   const f8 offset = f8{} + code_offset;
-  for (int64_t t = 0, k = 0; k < len; ++t, k += PER) {
-    dequantize_slots<PER, 0>(load8(words + kLanes * t), k, len, offset, scale, rows, dst, ld);
+  int64_t k = 0;
+#ifdef SGSC_HAS_SHUFFLEVECTOR
+  for (; k + 8 <= len; k += 8) {  // blocks of 8 columns, each row written as one vector
+    f8 block[8];
+    for (int j = 0; j < 8; ++j) block[j] = dequantize_column<PER>(words, k + j, offset, scale);
+    transpose8x8(block);
+    for (int r = 0; r < kLanes; ++r)
+      if (rows[r] >= 0) std::memcpy(dst + rows[r] * ld + k, &block[r], sizeof(f8));
+  }
+#endif
+  for (; k < len; ++k) {  // the last columns one at a time
+    const f8 value = dequantize_column<PER>(words, k, offset, scale);
+    for (int r = 0; r < kLanes; ++r)
+      if (rows[r] >= 0) dst[rows[r] * ld + k] = value[r];
   }
 }
 
@@ -521,8 +555,15 @@ DequantizeFn dequantize_kernel() {
 }
 
 void dequantize_into(const Plan& p, float* out) {
-  // Pruned rows, padding and columns of pruned input groups are zeros.
-  std::fill(out, out + p.out_features * p.in_features, 0.0f);
+  // Pruned rows and columns of pruned input groups are zeros; when the tiles write every column of
+  // their rows, only the rows no tile names need filling (a whole fill doubled the writes).
+  const int64_t K = p.in_features;
+  if (!p.covers_all_columns) {
+    std::fill(out, out + p.out_features * K, 0.0f);
+  } else if (!p.covers_all_rows) {
+    for (int64_t row = 0; row < p.out_features; ++row)
+      if (!p.row_in_tile[row]) std::fill(out + row * K, out + (row + 1) * K, 0.0f);
+  }
   const DequantizeFn kernel = dequantize_kernel();
   steal_blocks(p.tiles, kLanes * p.in_features, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) kernel(p, t, out, p.in_features);
