@@ -161,8 +161,12 @@ class PackedConv2d(_PackedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = self.weight_shape
         keeps_weight = torch.is_grad_enabled() and x.requires_grad  # autograd would save the buffer
-        out = None if keeps_weight else WORKSPACE.take(self.out_features * self.in_features, x.device)
-        weight = packed_ops.packed_dequantize(self.packed_weight, out=out).reshape(shape)
+        layout, sizes = self.checked_layout(), (self.out_features, self.in_features)
+        if keeps_weight:
+            weight = torch.ops.sgsc.packed_dequantize(*layout, *sizes).view(shape)
+        else:
+            weight = WORKSPACE.take(sizes[0] * sizes[1], x.device).view(shape)
+            torch.ops.sgsc.packed_dequantize_out(*layout, *sizes, weight)
         if self.padding_mode != "zeros":
             pad = [p for p in reversed(self.padding) for _ in range(2)]
             return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, self.bias, self.stride, 0,
