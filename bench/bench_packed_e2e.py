@@ -13,6 +13,8 @@ data), written once with ``sgsc.save_packed`` to a temporary directory, and load
   may flip a near-tie argmax: then the first differing step is reported).
 * ``decoder-wide``: the same loop on a wider CharDecoder (4 blocks, 512 wide, MLP 2048, block size 16):
   the same rows per linear, 8-64x larger weights.
+* ``decoder-xl``: the same loop at 2048 wide (2 blocks, MLP 8192: 100M weights, 400 MB in float32),
+  weights no cache holds, as in a language model served from memory.
 * ``cnn``: the zoo's PaperCNN (1x28x28, channels 32/64), batch 1 and 256.
 * ``resnet18``: a ResNet-18 built here from plain ``nn`` modules (BasicBlock x [2, 2, 2, 2], widths
   64-512, BatchNorm, 1x1 downsampling shortcuts) with a CIFAR-style stem (3x3 conv, no max-pool) on
@@ -64,7 +66,7 @@ from sgsc.nn import packed as packed_nn
 from sgsc.nn import quantized_layers
 from sgsc.nn.zoo import CharDecoder, CharDecoderConfig, PaperCNN, PaperCNNConfig
 
-CASES = ("decoder", "decoder-wide", "cnn", "resnet18")
+CASES = ("decoder", "decoder-wide", "decoder-xl", "cnn", "resnet18")
 RUNTIMES = ("float", "packed")
 
 # ---- models -----------------------------------------------------------------------------------
@@ -76,14 +78,16 @@ def resnet18() -> nn.Module:
 
 
 WIDE_DECODER = {"n_embd": 512, "n_layer": 4, "head_dim": 64}  # block size 16, as the zoo default
+# 2048 wide, 2 blocks: 100M weights, 400 MB in float32, too large for any cache (the regime of the
+# 4096x4096 layer of bench_packed_runtime.py, where reading fewer bytes pays).
+XL_DECODER = {"n_embd": 2048, "n_layer": 2, "head_dim": 128}
+DECODER_CONFIGS = {"decoder": {}, "decoder-wide": WIDE_DECODER, "decoder-xl": XL_DECODER}
 
 
 def build(case: str) -> nn.Module:
     """The quantized model of ``case`` (random weights), before its bit depths are spread."""
-    if case == "decoder":
-        return CharDecoder()
-    if case == "decoder-wide":
-        return CharDecoder(CharDecoderConfig(**WIDE_DECODER))
+    if case in DECODER_CONFIGS:
+        return CharDecoder(CharDecoderConfig(**DECODER_CONFIGS[case]))
     if case == "cnn":
         return PaperCNN()
     if case == "resnet18":
@@ -102,7 +106,7 @@ def architecture(case: str) -> nn.Module | None:
 def example_input(case: str, batch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(batch)
     if case.startswith("decoder"):
-        config = CharDecoderConfig(**WIDE_DECODER) if case == "decoder-wide" else CharDecoderConfig()
+        config = CharDecoderConfig(**DECODER_CONFIGS[case])
         return torch.randint(0, config.vocab_size, (batch, config.block_size), generator=gen)
     if case == "cnn":
         return torch.randn(batch, 1, 28, 28, generator=gen)

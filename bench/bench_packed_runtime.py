@@ -5,7 +5,9 @@ Providers, side by side in one run on the same layer (default 4096 x 4096, 2 thr
 * ``float32``: ``F.linear`` with the dequantized float32 weight (the baseline of every ratio);
 * ``ours-cpp``: ``sgsc.ops.packed_linear`` on CPU (the fused unpack-and-multiply kernel, every batch);
 * ``reference``: ``sgsc.ops.reference.packed_linear`` (dequantize in plain PyTorch, then ``F.linear``);
-* ``ours-triton``: the registered CUDA op, when a GPU is present;
+* ``ours-triton`` (``--device cuda``): the registered CUDA op, against float32 ``F.linear`` on the GPU
+  and ``copy``, a device-to-device copy of the packed words: ours' GB/s (packed bytes read) as a
+  share of the copy's (bytes read and written) is the "% of copy" column;
 * ``ort-matmulnbits``: onnxruntime's ``com.microsoft::MatMulNBits`` (4 bits, blocks of 32), if onnx and
   onnxruntime are installed; skipped otherwise.
 
@@ -16,6 +18,7 @@ bit-packed size of the same codes (the file's). Writes ``bench/results/packed_ru
 
     python bench/bench_packed_runtime.py
     python bench/bench_packed_runtime.py --size 1024 --batches 1,16,64 --threads 1
+    python bench/bench_packed_runtime.py --device cuda --size 16384   # larger than the GPU's L2
 """
 
 from __future__ import annotations
@@ -99,9 +102,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU")
     device = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
 
     results = []
@@ -110,40 +116,46 @@ def main() -> None:
         weight = ops.pack_weight(codes, scales, "output")
         dense = (codes.float() * scales.unsqueeze(1)).contiguous()
         file_bytes = packed_ops.file_bytes(codes, scales, "output")
-        ort = ort_matmulnbits(dense, args.threads) if kind == "uniform4" else None
+        ort = ort_matmulnbits(dense, args.threads) if kind == "uniform4" and not cuda else None
+        if cuda:
+            weight, dense = packed_ops.to_device(weight, "cuda"), dense.cuda()
+            copy_target = torch.empty_like(weight.words)
         for batch in [int(b) for b in args.batches.split(",")]:
-            x = torch.randn(batch, args.size, generator=torch.Generator().manual_seed(batch))
+            x = torch.randn(batch, args.size, generator=torch.Generator().manual_seed(batch)).to(args.device)
             providers = {
                 "float32": (lambda: F.linear(x, dense), dense.numel() * 4),
-                "ours-cpp": (lambda: ops.packed_linear(x, weight), weight.nbytes),
+                "ours-triton" if cuda else "ours-cpp": (lambda: ops.packed_linear(x, weight), weight.nbytes),
             }
-            if batch <= 16 and args.size <= 1024:  # the reference is a Python loop over tiles: slow at 4096
+            if cuda:
+                providers["copy"] = (lambda: copy_target.copy_(weight.words), 2 * weight.words.numel() * 4)
+            elif batch <= 16 and args.size <= 1024:  # the reference is a Python loop over tiles: slow at 4096
                 providers["reference"] = (lambda: reference.packed_linear(x, *weight.tensors(), args.size), weight.nbytes)
             if ort is not None:
                 x_np = x.numpy()
                 providers["ort-matmulnbits"] = (lambda: ort(x_np), args.size * args.size // 2)
-            if cuda:
-                w_cuda, x_cuda = packed_ops.to_device(weight, "cuda"), x.cuda()
-                providers["ours-triton"] = (lambda: ops.packed_linear(x_cuda, w_cuda), weight.nbytes)
-            float_median = None
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            float_median, row = None, {}
             for name, (fn, nbytes) in providers.items():
-                sync = torch.cuda.synchronize if name == "ours-triton" else (lambda: None)
                 stats = timed(fn, args.repeats, sync)
                 float_median = stats["median_s"] if name == "float32" else float_median
-                results.append({"layer": kind, "mean_bits": mean_bits, "batch": batch, "provider": name, **stats,
-                                "gb_per_s": nbytes / stats["median_s"] / 1e9,
-                                "speedup_vs_float32": float_median / stats["median_s"],
-                                "resident_bytes": weight.nbytes if name.startswith("ours") else None,
-                                "file_bytes": file_bytes})
+                row[name] = {"layer": kind, "mean_bits": mean_bits, "batch": batch, "provider": name, **stats,
+                             "gb_per_s": nbytes / stats["median_s"] / 1e9,
+                             "speedup_vs_float32": float_median / stats["median_s"],
+                             "resident_bytes": weight.nbytes if name.startswith("ours") else None,
+                             "file_bytes": file_bytes}
+            if cuda:
+                row["ours-triton"]["share_of_copy"] = row["ours-triton"]["gb_per_s"] / row["copy"]["gb_per_s"]
+            results += row.values()
 
     print(f"{args.size}x{args.size}, {args.threads} threads, {device}")
     print(f"{'layer':<9} {'bits':>5} {'batch':>5} {'provider':<16} {'median ms':>10} {'min-max ms':>17} {'GB/s':>7} "
-          f"{'x float32':>9} {'resident/file':>13}")
+          f"{'x float32':>9} {'resident/file':>13} {'% of copy':>9}")
     for r in results:
         resident = f"{r['resident_bytes'] / r['file_bytes']:13.3f}" if r["resident_bytes"] else f"{'':>13}"
+        share = f"{100 * r['share_of_copy']:8.0f}%" if "share_of_copy" in r else ""
         print(f"{r['layer']:<9} {r['mean_bits']:5.2f} {r['batch']:5d} {r['provider']:<16} {1e3 * r['median_s']:10.3f} "
               f"{1e3 * r['min_s']:8.3f}-{1e3 * r['max_s']:<8.3f} {r['gb_per_s']:7.2f} {r['speedup_vs_float32']:9.2f} "
-              f"{resident}")
+              f"{resident} {share}")
     if not any(r["provider"] == "ort-matmulnbits" for r in results):
         print("ort-matmulnbits: skipped (onnx and onnxruntime are not both installed)")
 

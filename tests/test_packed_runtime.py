@@ -184,11 +184,12 @@ def test_triton_matches_reference(group_by, batch):
     weight = ops.pack_weight(codes, scales, group_by)
     x = torch.randn(batch, n_in)
     bias = torch.randn(n_out)
-    y = kernels.packed_linear(x, *weight.tensors(), n_out, bias)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # TRITON_INTERPRET runs CPU tensors
+    on_device = packed_ops.to_device(weight, device)
+    y = kernels.packed_linear(x.to(device), *on_device.tensors(), n_out, bias.to(device)).cpu()
     check_close(y, x, codes, scales, group_by, bias)
-    if torch.cuda.is_available():
-        w_cuda = packed_ops.to_device(weight, "cuda")
-        check_close(ops.packed_linear(x.cuda(), w_cuda, bias.cuda()).cpu(), x, codes, scales, group_by, bias)
+    if device == "cuda":
+        check_close(ops.packed_linear(x.cuda(), on_device, bias.cuda()).cpu(), x, codes, scales, group_by, bias)
 
 
 # ---- argument checks, opcheck, torch.compile ---------------------------------------------------
