@@ -1,4 +1,5 @@
-// CPU kernels of sgsc::pack and sgsc::unpack: integer codes stored with a bit width per group.
+// CPU kernels of sgsc::pack, sgsc::unpack and sgsc::unpack_dequantize(_out): integer codes stored with
+// a bit width per group, and (the packed runtime's) their float32 values code * scale[group].
 //
 // The schemas and the layout's documentation (with a worked example) live in sgsc/ops.py. In short:
 // group g's stream starts at byte offset[g] = sum over h < g of ceil(width[h] * L / 8); code i of
@@ -79,8 +80,14 @@ Layout make_layout(const at::Tensor& widths, int64_t group_len, const char* op) 
   layout.chunks_per_group = std::max<int64_t>(1, (group_len + kChunk - 1) / kChunk);
   layout.width.resize(layout.groups);
   layout.offset.resize(layout.groups + 1);
-  auto w64 = widths.to(at::kLong).contiguous();
-  const int64_t* w = w64.data_ptr<int64_t>();
+  // uint8 widths (the packed runtime's) are read in place; other dtypes through one int64 copy
+  std::vector<int64_t> w(layout.groups);
+  if (dtype == at::kByte && widths.is_contiguous()) {
+    std::copy_n(widths.data_ptr<uint8_t>(), layout.groups, w.begin());
+  } else {
+    auto w64 = widths.to(at::kLong).contiguous();
+    std::copy_n(w64.data_ptr<int64_t>(), layout.groups, w.begin());
+  }
   layout.offset[0] = 0;
   for (int64_t g = 0; g < layout.groups; ++g) {
     // the width limit and the stream size are sgsc.ops.spec's MAX_WIDTH and stream_bytes
@@ -352,12 +359,68 @@ void unpack_out_cpu(const at::Tensor& packed, const at::Tensor& widths, int64_t 
   unpack_into(packed, layout, out);
 }
 
+// ---- unpack_dequantize: code * scale[group] as float32, straight from the stream ---------------
+
+// Each task unpacks its codes into a per-thread int32 buffer of kChunk codes (64 KiB, in cache) and
+// writes them to out as floats: the int32 codes are never a tensor of their own, so the packed
+// runtime's workspace is the float weight alone. Each value is float(code) * scale rounded once, as
+// the float runtime computes it (exact for power-of-two scales and codes of up to 24 bits).
+void unpack_dequantize_into(const at::Tensor& packed, const Layout& layout, const at::Tensor& scales, float* out) {
+  if (layout.groups * layout.group_len == 0) return;
+  auto stream = packed.contiguous();
+  const uint8_t* src = stream.data_ptr<uint8_t>();
+  const uint8_t* end = src + stream.numel();
+  const float* scale = scales.data_ptr<float>();
+  at::parallel_for(0, layout.tasks(), layout.grain(), [&](int64_t first, int64_t last) {
+    thread_local std::vector<int32_t> codes;
+    codes.resize(kChunk);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t g = layout.group(task), n = layout.codes(task);
+      unpack_table[layout.width[g]](src + layout.first_byte(task), end, codes.data(), n);
+      float* dst = out + g * layout.group_len + layout.first_code(task);
+      const float s = scale[g];
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(codes[i]) * s;
+    }
+  });
+}
+
+Layout unpack_dequantize_layout(const at::Tensor& packed, const at::Tensor& widths, const at::Tensor& scales,
+                                int64_t rows_per_group, int64_t row_len) {
+  Layout layout = unpack_layout(packed, widths, rows_per_group, row_len);
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "sgsc.unpack_dequantize: scales must be float32, got ",
+                   scales.scalar_type());
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == layout.groups && scales.is_contiguous(),
+                    "sgsc.unpack_dequantize: scales must be contiguous with one scale per group (", layout.groups,
+                    "), got shape ", scales.sizes());
+  return layout;
+}
+
+at::Tensor unpack_dequantize_cpu(const at::Tensor& packed, const at::Tensor& widths, const at::Tensor& scales,
+                                 int64_t rows_per_group, int64_t row_len) {
+  const Layout layout = unpack_dequantize_layout(packed, widths, scales, rows_per_group, row_len);
+  auto out = at::empty({layout.groups * rows_per_group, row_len}, packed.options().dtype(at::kFloat));
+  unpack_dequantize_into(packed, layout, scales, out.data_ptr<float>());
+  return out;
+}
+
+void unpack_dequantize_out_cpu(const at::Tensor& packed, const at::Tensor& widths, const at::Tensor& scales,
+                               int64_t rows_per_group, int64_t row_len, at::Tensor out) {
+  const Layout layout = unpack_dequantize_layout(packed, widths, scales, rows_per_group, row_len);
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.numel() == layout.groups * layout.group_len,
+                    "sgsc.unpack_dequantize: out must be float32 with ", layout.groups * layout.group_len,
+                    " elements, got ", out.scalar_type(), " of shape ", out.sizes());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "sgsc.unpack_dequantize: out must be contiguous");
+  unpack_dequantize_into(packed, layout, scales, out.data_ptr<float>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
   m.impl("pack", &pack_cpu);
   m.impl("unpack", &unpack_cpu);
   m.impl("unpack_out", &unpack_out_cpu);
+  m.impl("unpack_dequantize", &unpack_dequantize_cpu);
+  m.impl("unpack_dequantize_out", &unpack_dequantize_out_cpu);
 }
 
 }  // namespace sgsc

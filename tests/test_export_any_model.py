@@ -25,7 +25,7 @@ from sgsc import export
 from sgsc.cli import main
 from sgsc.export import HEADER_CRC_TENSOR, ArchitectureMismatch, PackedFileError
 from sgsc.nn import quantized_layers
-from sgsc.nn.packed import PackedEmbedding, PackedLinear
+from sgsc.nn.packed import PackedEmbedding, PackedStreamLinear
 from sgsc.nn.zoo import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -157,7 +157,7 @@ def test_a_transformer_with_a_tied_head_loads_tied_and_bit_for_bit(tmp_path):
     packed = sgsc.load_packed(path, model=TinyLM(), runtime="packed")
     # the tied table runs packed on both sides: a lookup and a product from the same codes
     assert isinstance(packed.tok, PackedEmbedding) and isinstance(packed.pos, PackedEmbedding)
-    assert isinstance(packed.head, PackedLinear) and isinstance(packed.block.self_attn.in_proj, nn.Linear)
+    assert isinstance(packed.head, PackedStreamLinear) and isinstance(packed.block.self_attn.in_proj, nn.Linear)
     assert torch.equal(packed.tok.weight, loaded.tok.weight) and torch.equal(packed.head.weight, loaded.head.weight)
     with torch.no_grad():
         assert torch.equal(packed.tok(idx), loaded.tok(idx))

@@ -1,5 +1,6 @@
 """The packed runtime: sgsc::packed_linear / packed_dequantize on CPU (C++) and in the
-Triton interpreter against the reference twins, PackedLinear/PackedConv2d, pack_model, packed_module.
+Triton interpreter against the reference twins, sgsc::unpack_dequantize, PackedLinear /
+PackedStreamLinear / PackedConv2d / PackedEmbedding, pack_model, packed_module.
 
 Tolerance: outputs are compared with a float64 product of the exact dequantized weight. The fused
 CPU kernel sums ``u * x`` (``u = code + 2^(W-1)``) in fp32 and subtracts ``2^(W-1) * sum x``, so
@@ -24,6 +25,7 @@ from sgsc.nn.packed import (
     PackedConv2d,
     PackedEmbedding,
     PackedLinear,
+    PackedStreamLinear,
     pack_model,
     packed_file_bytes,
     packed_module,
@@ -311,8 +313,10 @@ def test_pack_model_matches_the_quantized_model():
     with torch.no_grad():
         expected = model(x)
         pack_model(model)
+        # column groups take the fused kernel's tiles; a small layer of output groups keeps its stream
         assert isinstance(model[0], PackedConv2d) and isinstance(model[4], PackedLinear)
-        assert all(isinstance(m, (PackedConv2d, PackedLinear, nn.ReLU, nn.Flatten)) for m in model)
+        assert isinstance(model[6], PackedStreamLinear)
+        assert all(isinstance(m, (PackedConv2d, PackedLinear, PackedStreamLinear, nn.ReLU, nn.Flatten)) for m in model)
         assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
     assert 0 < packed_file_bytes(model) <= resident_bytes(model)
 
@@ -344,6 +348,70 @@ def test_conv_uses_the_shared_buffer_unless_autograd_needs_the_weight():
     x.requires_grad_()
     packed(x).sum().backward()  # the weight autograd saved is its own tensor, not the shared buffer
     assert x.grad is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(widths=st.lists(st.integers(0, 32), min_size=1, max_size=6), rows_per_group=st.integers(1, 3),
+       row_len=st.integers(1, 37), seed=st.integers(0, 2**16))
+def test_unpack_dequantize_is_code_times_scale_exactly(widths, rows_per_group, row_len, seed):
+    codes, scales = random_layer(len(widths) * rows_per_group, row_len, widths, "output", seed)
+    grouped = codes.reshape(len(widths), -1).to(torch.int32)
+    widths_t = torch.tensor(widths, dtype=torch.uint8)
+    stream = ops.pack(grouped, widths_t)
+    expected = codes.float() * scales.repeat_interleave(rows_per_group).unsqueeze(1)  # float(code): RN, as the op
+    got = torch.ops.sgsc.unpack_dequantize(stream, widths_t, scales, rows_per_group, row_len)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    out = torch.full((expected.numel(),), float("nan"))
+    torch.ops.sgsc.unpack_dequantize_out(stream, widths_t, scales, rows_per_group, row_len, out)
+    assert torch.equal(out.view_as(expected), expected)
+
+
+def test_unpack_dequantize_refuses_bad_arguments_and_passes_opcheck():
+    widths = torch.tensor([3, 0, 5], dtype=torch.uint8)
+    stream = ops.pack(torch.tensor([[1, -2], [0, 0], [-16, 13]], dtype=torch.int32), widths)
+    scales = torch.tensor([0.5, 1.0, 0.25])
+    with pytest.raises(TypeError, match="scales must be float32"):
+        torch.ops.sgsc.unpack_dequantize(stream, widths, scales.double(), 1, 2)
+    with pytest.raises(ValueError, match="one scale per group"):
+        torch.ops.sgsc.unpack_dequantize(stream, widths, scales[:2], 1, 2)
+    with pytest.raises(ValueError, match="packed must hold 3 bytes"):
+        torch.ops.sgsc.unpack_dequantize(stream[:1], widths, scales, 1, 2)
+    with pytest.raises(ValueError, match="out must be float32 with 6 elements"):
+        torch.ops.sgsc.unpack_dequantize_out(stream, widths, scales, 1, 2, torch.empty(5))
+    assert torch.equal(torch.ops.sgsc.unpack_dequantize(stream, widths, scales, 1, 2),
+                       torch.tensor([[0.5, -1.0], [0.0, 0.0], [-4.0, 3.25]]))
+    empty = torch.ops.sgsc.unpack_dequantize(torch.zeros(0, dtype=torch.uint8), widths, scales, 0, 2)
+    assert empty.shape == (0, 2)
+    torch.library.opcheck(torch.ops.sgsc.unpack_dequantize.default, (stream, widths, scales, 1, 2))
+    torch.library.opcheck(torch.ops.sgsc.unpack_dequantize_out.default,
+                          (stream, widths, scales, 1, 2, torch.empty(3, 2)))
+
+
+def test_small_linear_layers_keep_the_file_stream_and_large_ones_the_fused_tiles():
+    from sgsc.nn.packed import STREAM_LINEAR_MAX_CODES, WORKSPACE, workspace_bytes
+
+    small = trained_like(QLinear(40, 24, quant_groups=6), 5)
+    large = trained_like(QLinear(STREAM_LINEAR_MAX_CODES // 64 + 1, 64), 6)
+    for layer, kind in ((small, PackedStreamLinear), (large, PackedLinear)):
+        codes, scales = reference.integer_codes(layer.grouped(layer.weight.detach()), layer.bits, layer.exponent,
+                                                "nearest")
+        packed = packed_module(layer, codes.to(torch.int32), scales)
+        assert isinstance(packed, kind)
+        x = torch.randn(5, layer.in_features)
+        with torch.no_grad():
+            assert torch.allclose(packed(x), layer(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(packed.weight, layer.quantized_weight().detach())
+    # the stream form holds the file's bytes plus a width byte and a float32 scale per group
+    stream = packed_module(small, *reference.integer_codes(small.grouped(small.weight.detach()), small.bits,
+                                                           small.exponent, "nearest"))
+    assert resident_bytes(nn.Sequential(stream)) == packed_file_bytes(nn.Sequential(stream)) + 6 * (1 + 4)
+    assert workspace_bytes(nn.Sequential(stream)) == 4 * 24 * 40 <= WORKSPACE.nbytes()
+    x = torch.randn(3, 40, requires_grad=True)
+    stream(x).sum().backward()  # autograd saves a weight of its own, not the shared buffer
+    assert x.grad is not None
+    compiled = torch.compile(nn.Sequential(stream, nn.ReLU()), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), torch.relu(stream(x)))
 
 
 def test_resident_bytes_of_a_large_mixed_layer_stay_within_10_percent_of_the_file():
@@ -417,7 +485,7 @@ def test_load_packed_on_the_packed_runtime_computes_what_the_float_runtime_does(
     model, path = _zoo_file(tmp_path, name, config)
     float_model = export.load_packed(path)
     packed = export.load_packed(path, runtime="packed")
-    layers = [m for m in packed.modules() if isinstance(m, (PackedLinear, PackedConv2d))]
+    layers = [m for m in packed.modules() if isinstance(m, (PackedLinear, PackedStreamLinear, PackedConv2d))]
     assert len(layers) == sum(1 for m in model.modules() if isinstance(m, (QLinear, QConv2d)))
     assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in packed.modules())  # no float weight left
     x = torch.randn(3, 1, 28, 28) if name == "paper_cnn" else torch.randint(0, 27, (2, 16))

@@ -314,8 +314,9 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     ``nn.Embedding`` layers holding the exact dequantized weights (layers that shared a weight share
     it again), so in eval mode the outputs equal those of the exported model bit for bit on the same
     device, and inference runs without the quantizer. ``runtime="packed"``: QLinear/QConv2d/QEmbedding
-    layers come back as :class:`~sgsc.nn.packed.PackedLinear`/``PackedConv2d``/``PackedEmbedding``
-    holding the integer codes bit-packed at each group's width (memory about the file's size),
+    layers come back as :class:`~sgsc.nn.packed.PackedLinear` (``PackedStreamLinear`` when small),
+    ``PackedConv2d`` and ``PackedEmbedding`` holding the integer codes bit-packed at each group's width
+    (memory about the file's size),
     computing from them; outputs match the float runtime's within the fp32 bound of
     :mod:`sgsc.ops.packed` (embeddings: bit for bit). QConv1d layers, a QMultiheadAttention's
     projections (it computes from their weights) and layers sharing a weight with one stay on the

@@ -1,8 +1,11 @@
 """Packed runtime modules: layers that run from their integer codes, holding nothing of float32 size.
 
 - :class:`PackedLinear`: ``F.linear`` from bit-packed codes (:func:`sgsc.ops.packed_linear`, fused kernels).
-- :class:`PackedConv2d`: dequantizes its weight per call into one buffer shared by every packed
-  convolution on the device (it grows to the largest layer), then ``F.conv2d``.
+- :class:`PackedConv2d`, :class:`PackedStreamLinear`: keep the file's own stream (:func:`sgsc.ops.pack`:
+  each group at its width, nothing else but a width and a scale per group) and dequantize it per call
+  into one buffer shared by every such layer on the device (it grows to the largest), then
+  ``F.conv2d`` / ``F.linear``. Small linear layers take this form: the fused kernel's tiles cost them
+  more memory (padding lanes, per-row tables) than they save time.
 - :class:`PackedEmbedding`: the table as :func:`sgsc.ops.pack`'s stream (each group of rows at its
   width); a lookup decodes only the rows it returns.
 - :func:`packed_module`: the packed layer for one quantized layer's codes (what a loader calls).
@@ -12,6 +15,8 @@
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,11 @@ from sgsc.ops import packed as packed_ops
 from sgsc.ops.spec import group_offsets, minimal_widths
 
 _BUFFERS = packed_ops.TENSOR_NAMES
+# Linear layers of at most this many codes (256 KiB of float32 weight) keep the file's stream and
+# dequantize per call (PackedStreamLinear): at this size a call costs its fixed overhead either way,
+# and the fused kernel's tiles (8 lanes, padding and per-row tables) would hold 1.3-1.9x the file's
+# bytes (the zoo's 64-wide decoder, the paper CNN's head).
+STREAM_LINEAR_MAX_CODES = 1 << 16
 
 
 class _PackedBase(nn.Module):
@@ -108,18 +118,29 @@ class PackedLinear(_PackedBase):
 
 
 class _Workspace:
-    """One float32 buffer per device, grown to the largest weight asked for: every packed convolution
-    dequantizes into it, so a model holds one dequantized layer at a time."""
+    """One float32 buffer per device, grown to the largest weight asked for: every stream layer (packed
+    convolutions, small linears) dequantizes into it, so a model holds one dequantized layer at a time."""
 
     def __init__(self) -> None:
         self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._views: dict[tuple, torch.Tensor] = {}  # (device, shape) -> view of the current buffer
 
     def take(self, numel: int, device: torch.device) -> torch.Tensor:
         buffer = self._buffers.get(device)
         if buffer is None or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=torch.float32, device=device)
             self._buffers[device] = buffer
+            self._views = {key: view for key, view in self._views.items() if key[0] != device}  # of the old one
         return buffer[:numel]
+
+    def view(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The buffer's first elements as a tensor of ``shape``: a layer's view is made once (a packed layer
+        runs on every token, and slicing and viewing cost more than a small layer's dequantization)."""
+        view = self._views.get((device, shape))
+        if view is None:
+            view = self.take(math.prod(shape), device).view(shape)
+            self._views[(device, shape)] = view
+        return view
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
@@ -128,45 +149,106 @@ class _Workspace:
 WORKSPACE = _Workspace()
 
 
-class PackedConv2d(_PackedBase):
+class _StreamLayer(nn.Module):
+    """A weight kept as :func:`sgsc.ops.pack`'s stream (the file's bytes) with, per group of output rows,
+    a width byte and a float32 scale; ``sgsc::unpack_dequantize`` rebuilds the float32 weight when the
+    layer runs."""
+
+    out_features: int
+    in_features: int  # codes per output row
+    file_bytes: int
+
+    def _set_stream(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                    out_features: int) -> None:
+        """``codes``: int ``(G, L)``, group ``g`` the rows ``[g * O / G, (g + 1) * O / G)`` in order."""
+        groups = scales.numel()
+        if groups == 0 or out_features % groups or codes.numel() % out_features:
+            raise ValueError(f"scales must hold one scale per group of rows, and its {groups} groups must divide "
+                             f"the {out_features} rows of the {codes.numel()} codes")
+        codes = codes.reshape(groups, -1).to(torch.int32).contiguous()
+        widths = minimal_widths(codes).to(torch.uint8)
+        self.register_buffer("stream", functional.pack(codes, widths))
+        self.register_buffer("widths", widths)
+        self.register_buffer("scales", scales.detach().to(torch.float32).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.out_features, self.in_features = out_features, codes.numel() // out_features
+        self.rows_per_group, self.file_bytes = out_features // groups, self.stream.numel()
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Resident bytes of the packed weight: the stream, a width byte and a float32 scale per group."""
+        return sum(t.numel() * t.element_size() for t in (self.stream, self.widths, self.scales))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 ``(out_features, in_features)`` weight, exactly ``code * scale``, in a fresh tensor."""
+        return torch.ops.sgsc.unpack_dequantize(self.stream, self.widths, self.scales, self.rows_per_group,
+                                                self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in ``nn.Linear``/``nn.Conv2d``'s shape, built on every access."""
+        return self.dequantized_weight().reshape(self.weight_shape)
+
+    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight for one call: in the shared :data:`WORKSPACE`, unless autograd would save it for a
+        backward pass or torch.compile traces the call (then in a tensor of its own)."""
+        if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return self.dequantized_weight().view(self.weight_shape)
+        weight = WORKSPACE.view(self.weight_shape, self.stream.device)
+        torch.ops.sgsc.unpack_dequantize_out(self.stream, self.widths, self.scales, self.rows_per_group,
+                                             self.in_features, weight)
+        return weight
+
+
+class PackedStreamLinear(_StreamLayer):
+    """``nn.Linear`` for small layers: its weight stays as the file's bit-packed stream and is dequantized
+    into the shared :data:`WORKSPACE` on each call, then ``F.linear``. Inference only."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+        super().__init__()
+        self._set_stream(codes, scales, bias, out_features)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight_for(x), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PackedConv2d(_StreamLayer):
     """``nn.Conv2d`` whose weight stays bit-packed; each call dequantizes it into the shared :data:`WORKSPACE`.
 
-    The buffer is reused by the next packed convolution, so the forward is not re-entrant across
-    threads; where autograd would save the weight for a backward pass, a fresh tensor is used instead.
+    The buffer is reused by the next packed layer, so the forward is not re-entrant across threads;
+    where autograd would save the weight for a backward pass, a fresh tensor is used instead.
     """
 
-    def __init__(self, weight: packed_ops.PackedWeight, bias: torch.Tensor | None, *, in_channels: int,
-                 kernel_size, stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
-                 file_bytes: int = 0):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, in_channels: int,
+                 out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                 padding_mode: str = "zeros"):
         super().__init__()
-        self._set_weight(weight, bias, file_bytes)
-        self.in_channels, self.out_channels = in_channels, weight.out_features
+        self._set_stream(codes, scales, bias, out_channels)
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
         self.dilation, self.groups, self.padding_mode = dilation, groups, padding_mode
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, codes: torch.Tensor, scales: torch.Tensor,
                   bias: torch.Tensor | None = None) -> PackedConv2d:
-        """``conv``'s hyper-parameters with its weight's int ``codes`` (any shape of ``out_channels`` rows)."""
-        rows = codes.reshape(conv.out_channels, -1)
-        return cls(packed_ops.pack_weight(rows, scales, "output"), bias, in_channels=conv.in_channels,
+        """``conv``'s hyper-parameters with its weight's int ``codes`` (``(G, L)``, groups of output channels)."""
+        return cls(codes, scales, bias, in_channels=conv.in_channels, out_channels=conv.out_channels,
                    kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                   groups=conv.groups, padding_mode=conv.padding_mode,
-                   file_bytes=packed_ops.file_bytes(rows, scales, "output"))
+                   groups=conv.groups, padding_mode=conv.padding_mode)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = self.weight_shape
-        keeps_weight = torch.is_grad_enabled() and x.requires_grad  # autograd would save the buffer
-        layout, sizes = self.checked_layout(), (self.out_features, self.in_features)
-        if keeps_weight:
-            weight = torch.ops.sgsc.packed_dequantize(*layout, *sizes).view(shape)
-        else:
-            weight = WORKSPACE.take(sizes[0] * sizes[1], x.device).view(shape)
-            torch.ops.sgsc.packed_dequantize_out(*layout, *sizes, weight)
+        weight = self._weight_for(x)
         if self.padding_mode != "zeros":
             pad = [p for p in reversed(self.padding) for _ in range(2)]
             return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, self.bias, self.stride, 0,
@@ -286,6 +368,8 @@ def packed_module(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
     group_by = getattr(layer, "group_by", "output")
     if group_by == "input":
         matrix = layer.ungrouped(grouped)  # (G, O * I / G) -> (O, I)
+    elif groups and 0 < codes.numel() <= STREAM_LINEAR_MAX_CODES:
+        return PackedStreamLinear(grouped, scales, bias, layer.out_features)
     else:
         matrix = grouped.reshape(layer.out_features, layer.in_features)
     return PackedLinear.from_codes(matrix, scales, bias, group_by=group_by)
@@ -327,18 +411,19 @@ def pack_model(model: nn.Module) -> nn.Module:
 def _packed_modules(model: nn.Module):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, (_PackedBase, PackedEmbedding))]
+    return [m for m in model.modules() if isinstance(m, (_PackedBase, _StreamLayer, PackedEmbedding))]
 
 
 def resident_bytes(model: nn.Module) -> int:
     """Bytes the packed weights of ``model`` keep resident (codes and layout tables; biases and the
-    shared convolution buffer, :data:`WORKSPACE`, not included)."""
+    shared dequantization buffer, :data:`WORKSPACE`, not included)."""
     return sum(m.weight_nbytes for m in _packed_modules(model))
 
 
 def workspace_bytes(model: nn.Module) -> int:
-    """Bytes of the one buffer ``model``'s packed convolutions share: the largest of their float32 weights."""
-    return max((4 * m.out_features * m.in_features for m in _packed_modules(model) if isinstance(m, PackedConv2d)),
+    """Bytes of the one buffer ``model``'s stream layers (convolutions, small linears) share: the largest of
+    their float32 weights."""
+    return max((4 * m.out_features * m.in_features for m in _packed_modules(model) if isinstance(m, _StreamLayer)),
                default=0)
 
 
@@ -348,5 +433,5 @@ def packed_file_bytes(model: nn.Module) -> int:
     return sum(m.file_bytes for m in _packed_modules(model))
 
 
-__all__ = ["PackedConv2d", "PackedEmbedding", "PackedLinear", "WORKSPACE", "pack_model", "packable_layers", "packed_file_bytes", "packed_module",
+__all__ = ["PackedConv2d", "PackedEmbedding", "PackedLinear", "PackedStreamLinear", "WORKSPACE", "pack_model", "packable_layers", "packed_file_bytes", "packed_module",
            "resident_bytes", "workspace_bytes"]

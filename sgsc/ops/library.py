@@ -285,6 +285,59 @@ if not _native.available():
         out.copy_(reference.unpack(packed, widths, rows_per_group, row_len).reshape(out.shape))
 
 
+# The packed runtime's dequantization from the stream: float32 code * scales[group], the int32 codes
+# never a tensor of their own (the CPU kernel unpacks a cached chunk at a time). Elsewhere (CUDA, or
+# CPU without the C++ build) it is unpack followed by the multiply.
+torch.library.define(
+    "sgsc::unpack_dequantize",
+    "(Tensor packed, Tensor widths, Tensor scales, int rows_per_group, int row_len) -> Tensor",
+)
+torch.library.define(
+    "sgsc::unpack_dequantize_out",
+    "(Tensor packed, Tensor widths, Tensor scales, int rows_per_group, int row_len, Tensor(a!) out) -> ()",
+)
+
+
+def _check_scales(scales, widths):
+    torch._check(scales.dtype == torch.float32, lambda: f"scales must be float32, got {scales.dtype}")
+    torch._check(scales.dim() == 1 and scales.shape[0] == widths.shape[0],
+                 lambda: f"scales must have one scale per group ({widths.shape[0]}), got shape {tuple(scales.shape)}")
+
+
+@torch.library.register_fake("sgsc::unpack_dequantize")
+def _unpack_dequantize_fake(packed, widths, scales, rows_per_group, row_len):
+    _check_unpack_args(packed, widths, rows_per_group, row_len)
+    _check_scales(scales, widths)
+    return packed.new_empty((widths.shape[0] * rows_per_group, row_len), dtype=torch.float32)
+
+
+@torch.library.register_fake("sgsc::unpack_dequantize_out")
+def _unpack_dequantize_out_fake(packed, widths, scales, rows_per_group, row_len, out):
+    _check_unpack_args(packed, widths, rows_per_group, row_len)
+    _check_scales(scales, widths)
+    torch._check(out.dtype == torch.float32, lambda: f"out must be float32, got {out.dtype}")
+    torch._check(
+        out.numel() == widths.shape[0] * rows_per_group * row_len,
+        lambda: f"out must have {widths.shape[0] * rows_per_group * row_len} elements, got shape {tuple(out.shape)}",
+    )
+
+
+def _unpack_then_scale(packed, widths, scales, rows_per_group, row_len):
+    codes = torch.ops.sgsc.unpack(packed, widths, rows_per_group, row_len)
+    return codes.to(torch.float32) * scales.repeat_interleave(rows_per_group).unsqueeze(1)
+
+
+def _unpack_then_scale_out(packed, widths, scales, rows_per_group, row_len, out):
+    out.copy_(_unpack_then_scale(packed, widths, scales, rows_per_group, row_len).reshape(out.shape))
+
+
+torch.library.register_kernel("sgsc::unpack_dequantize", "cuda", _unpack_then_scale)
+torch.library.register_kernel("sgsc::unpack_dequantize_out", "cuda", _unpack_then_scale_out)
+if not _native.available():
+    torch.library.register_kernel("sgsc::unpack_dequantize", "cpu", _unpack_then_scale)
+    torch.library.register_kernel("sgsc::unpack_dequantize_out", "cpu", _unpack_then_scale_out)
+
+
 # =============================================================================================
 # Sparse groups of the packed format: sgsc::nonzero_select / sgsc::nonzero_expand
 # =============================================================================================
