@@ -31,8 +31,8 @@ from sgsc.nn.packed import (
     packed_module,
     resident_bytes,
 )
+from sgsc.ops import library, reference
 from sgsc.ops import packed as packed_ops
-from sgsc.ops import reference
 from sgsc.ops.spec import minimal_widths
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -364,6 +364,11 @@ def test_unpack_dequantize_is_code_times_scale_exactly(widths, rows_per_group, r
     out = torch.full((expected.numel(),), float("nan"))
     torch.ops.sgsc.unpack_dequantize_out(stream, widths_t, scales, rows_per_group, row_len, out)
     assert torch.equal(out.view_as(expected), expected)
+    # the kernel of CUDA and of a CPU without the C++ build: unpack, then multiply
+    assert torch.equal(library._unpack_then_scale(stream, widths_t, scales, rows_per_group, row_len), expected)
+    if torch.cuda.is_available():
+        on_gpu = torch.ops.sgsc.unpack_dequantize(stream.cuda(), widths_t.cuda(), scales.cuda(), rows_per_group, row_len)
+        assert torch.equal(on_gpu.cpu(), expected)
 
 
 def test_unpack_dequantize_refuses_bad_arguments_and_passes_opcheck():
