@@ -34,8 +34,10 @@ sgsc, warms up (saves, loads and runs tiny models of each kind: imports and one-
 then loads the file and runs one batch-1 forward: ``VmRSS`` after minus before, the peak ``VmHWM``
 (reset before the load), and ``VmRSS`` again after ``malloc_trim(0)``, which returns the heap memory
 glibc keeps from freed temporaries (what is left is live). Ratios are against the file's packed weight bytes
-(``sgsc.summarize(path).packed_bytes``, the codes stream). Writes
-``bench/results/packed_e2e_<device>-<threads>t_<commit>.json``.
+(``sgsc.summarize(path).packed_bytes``, the codes stream), and for the resident weights also against those
+plus the file's per-group widths and float32 scales (``group_metadata_bytes``, 5 bytes a group), which a
+model with one group per row of a narrow layer needs as much as its codes. Writes
+``bench/results/packed_e2e_<device>-<threads>t_<commit>[_<cases>].json`` (the cases when not all of them).
 
     python bench/bench_packed_e2e.py
     python bench/bench_packed_e2e.py --cases cnn,resnet18 --repeats 7 --threads 1
@@ -305,7 +307,8 @@ def measure_memory(case: str, path: Path, models: dict, summary, threads: int) -
         model = models[runtime]
         rows.append({
             "case": case, "runtime": runtime, "file_bytes": summary.file_bytes,
-            "packed_weight_bytes": summary.packed_bytes, "average_bits": summary.average_bits,
+            "packed_weight_bytes": summary.packed_bytes, "group_metadata_bytes": summary.group_metadata_bytes,
+            "average_bits": summary.average_bits,
             "tensor_bytes": tensor_bytes(model), "weight_bytes": weight_bytes(model, runtime),
             "workspace_bytes": packed_nn.workspace_bytes(model) if runtime == "packed" else 0, **rss,
         })
@@ -337,14 +340,15 @@ def report(timing: list[dict], memory: list[dict], header: str) -> str:
     if not memory:
         return "\n".join(lines)
     lines += ["", "| model | runtime | packed weights in file (MB) | weights resident (MB) | x packed | "
-              "workspace (MB) | all tensors (MB) | x packed | RSS growth (MB) | x packed | peak RSS growth (MB) "
-              "| x packed | RSS growth after malloc_trim (MB) | x packed |", "|---" * 14 + "|"]
+              "x packed + widths and scales | workspace (MB) | all tensors (MB) | x packed | RSS growth (MB) | "
+              "x packed | peak RSS growth (MB) | x packed | RSS growth after malloc_trim (MB) | x packed |",
+              "|---" * 15 + "|"]
     for r in memory:
         packed = r["packed_weight_bytes"]
         peak, trimmed = r["peak_growth_bytes"], r["rss_growth_trimmed_bytes"]
         lines.append(
             f"| {r['case']} | {r['runtime']} | {mb(packed)} | {mb(r['weight_bytes'])} | "
-            f"{r['weight_bytes'] / packed:.2f} | "
+            f"{r['weight_bytes'] / packed:.2f} | {r['weight_bytes'] / (packed + r['group_metadata_bytes']):.2f} | "
             f"{mb(r['workspace_bytes'])} | {mb(r['tensor_bytes'])} | {r['tensor_bytes'] / packed:.2f} | "
             f"{mb(r['rss_growth_bytes'])} | {r['rss_growth_bytes'] / packed:.2f} | {mb(peak)} | "
             f"{'-' if peak is None else f'{peak / packed:.2f}'} | {mb(trimmed)} | "
@@ -407,7 +411,8 @@ def main() -> None:
     print(report(timing, memory, header))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"packed_e2e_{device.replace(' ', '_')}-{args.threads}t_{commit()}.json"
+    subset = "" if set(cases) == set(CASES) else "_" + "-".join(cases)  # a run of some cases keeps the others' file
+    path = out_dir / f"packed_e2e_{device.replace(' ', '_')}-{args.threads}t_{commit()}{subset}.json"
     path.write_text(json.dumps({"device": device, "commit": commit(), "torch": torch.__version__,
                                 "load_average_start": load_at_start, "load_average_end": load,
                                 "args": vars(args), "timing": timing, "memory": memory}, indent=2))

@@ -14,7 +14,7 @@ Providers, side by side in one run on the same layer (default 4096 x 4096, 2 thr
 Layers: uniform 4 bits, uniform 2 bits, and a mix of widths drawn uniformly from 1..7 (mean 4) per
 output row. Reports medians with the spread (min-max), GB/s of weight bytes read, the speed-up over
 float32 measured in the same run, and the resident bytes of the packed weight against the dense
-bit-packed size of the same codes (the file's). Writes ``bench/results/packed_runtime_<device>_<commit>.json``.
+bit-packed size of the same codes (the file's). Writes ``bench/results/packed_runtime_<device>-<threads>t_<commit>.json``.
 
     python bench/bench_packed_runtime.py
     python bench/bench_packed_runtime.py --size 1024 --batches 1,16,64 --threads 1
@@ -161,7 +161,7 @@ def main() -> None:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"packed_runtime_{device.replace(' ', '_')}_{commit()}.json"
+    path = out_dir / f"packed_runtime_{device.replace(' ', '_')}-{args.threads}t_{commit()}.json"
     path.write_text(json.dumps({"device": device, "commit": commit(), "args": vars(args), "results": results}, indent=2))
     print(f"\nwrote {path}")
 
