@@ -419,6 +419,17 @@ def test_small_linear_layers_keep_the_file_stream_and_large_ones_the_fused_tiles
         assert torch.equal(compiled(x), torch.relu(stream(x)))
 
 
+def test_layers_with_every_output_row_pruned_pack():
+    # (torch itself refuses to run a convolution with no output channels; a linear layer runs)
+    model = nn.Sequential(QConv2d(3, 0, 3), QLinear(0, 5), nn.ReLU(), QLinear(5, 0))
+    pack_model(model)
+    assert isinstance(model[0], PackedConv2d) and model[0].weight.shape == (0, 3, 3, 3)
+    assert resident_bytes(nn.Sequential(model[0])) == 0
+    with torch.no_grad():
+        assert torch.equal(model[1](torch.zeros(2, 0)), model[1].bias.expand(2, 5))
+        assert model[1:](torch.zeros(2, 0)).shape == (2, 0)
+
+
 def test_resident_bytes_of_a_large_mixed_layer_stay_within_10_percent_of_the_file():
     gen = torch.Generator().manual_seed(0)
     widths = torch.randint(1, 9, (512,), generator=gen).tolist()

@@ -159,20 +159,23 @@ class _StreamLayer(nn.Module):
     file_bytes: int
 
     def _set_stream(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                    out_features: int) -> None:
-        """``codes``: int ``(G, L)``, group ``g`` the rows ``[g * O / G, (g + 1) * O / G)`` in order."""
+                    out_features: int, in_features: int) -> None:
+        """``codes``: int ``(G, L)``, group ``g`` the rows ``[g * O / G, (g + 1) * O / G)`` in order, each
+        row ``in_features`` codes."""
         groups = scales.numel()
-        if groups == 0 or out_features % groups or codes.numel() % out_features:
-            raise ValueError(f"scales must hold one scale per group of rows, and its {groups} groups must divide "
-                             f"the {out_features} rows of the {codes.numel()} codes")
-        codes = codes.reshape(groups, -1).to(torch.int32).contiguous()
+        if codes.numel() != out_features * in_features or (groups == 0) != (out_features == 0) or (
+                groups and out_features % groups):
+            raise ValueError(f"codes must hold {out_features} rows of {in_features} codes in groups of rows, one "
+                             f"per scale, got {codes.numel()} codes and {groups} scales")
+        codes = codes.reshape(groups, -1 if groups else 0).to(torch.int32).contiguous()
         widths = minimal_widths(codes).to(torch.uint8)
-        self.register_buffer("stream", functional.pack(codes, widths))
+        # a layer with no output rows (all pruned) stores nothing, and sgsc.ops.pack needs a group
+        self.register_buffer("stream", functional.pack(codes, widths) if groups else torch.zeros(0, dtype=torch.uint8))
         self.register_buffer("widths", widths)
         self.register_buffer("scales", scales.detach().to(torch.float32).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
-        self.out_features, self.in_features = out_features, codes.numel() // out_features
-        self.rows_per_group, self.file_bytes = out_features // groups, self.stream.numel()
+        self.out_features, self.in_features = out_features, in_features
+        self.rows_per_group, self.file_bytes = out_features // max(groups, 1), self.stream.numel()
 
     @property
     def weight_nbytes(self) -> int:
@@ -181,6 +184,8 @@ class _StreamLayer(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 ``(out_features, in_features)`` weight, exactly ``code * scale``, in a fresh tensor."""
+        if self.out_features == 0:
+            return self.scales.new_zeros(0, self.in_features)
         return torch.ops.sgsc.unpack_dequantize(self.stream, self.widths, self.scales, self.rows_per_group,
                                                 self.in_features)
 
@@ -192,7 +197,7 @@ class _StreamLayer(nn.Module):
     def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """The weight for one call: in the shared :data:`WORKSPACE`, unless autograd would save it for a
         backward pass or torch.compile traces the call (then in a tensor of its own)."""
-        if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or not self.out_features:
             return self.dequantized_weight().view(self.weight_shape)
         weight = WORKSPACE.view(self.weight_shape, self.stream.device)
         torch.ops.sgsc.unpack_dequantize_out(self.stream, self.widths, self.scales, self.rows_per_group,
@@ -204,9 +209,10 @@ class PackedStreamLinear(_StreamLayer):
     """``nn.Linear`` for small layers: its weight stays as the file's bit-packed stream and is dequantized
     into the shared :data:`WORKSPACE` on each call, then ``F.linear``. Inference only."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                 in_features: int):
         super().__init__()
-        self._set_stream(codes, scales, bias, out_features)
+        self._set_stream(codes, scales, bias, out_features, in_features)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -230,7 +236,7 @@ class PackedConv2d(_StreamLayer):
                  out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
                  padding_mode: str = "zeros"):
         super().__init__()
-        self._set_stream(codes, scales, bias, out_channels)
+        self._set_stream(codes, scales, bias, out_channels, in_channels // groups * math.prod(kernel_size))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
         self.dilation, self.groups, self.padding_mode = dilation, groups, padding_mode
@@ -369,7 +375,7 @@ def packed_module(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
     if group_by == "input":
         matrix = layer.ungrouped(grouped)  # (G, O * I / G) -> (O, I)
     elif groups and 0 < codes.numel() <= STREAM_LINEAR_MAX_CODES:
-        return PackedStreamLinear(grouped, scales, bias, layer.out_features)
+        return PackedStreamLinear(grouped, scales, bias, layer.out_features, layer.in_features)
     else:
         matrix = grouped.reshape(layer.out_features, layer.in_features)
     return PackedLinear.from_codes(matrix, scales, bias, group_by=group_by)
