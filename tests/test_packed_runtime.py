@@ -419,6 +419,27 @@ def test_small_linear_layers_keep_the_file_stream_and_large_ones_the_fused_tiles
         assert torch.equal(compiled(x), torch.relu(stream(x)))
 
 
+def test_stream_layers_name_a_bad_input():
+    conv = trained_like(QConv2d(4, 6, 3, padding=1), 12)
+    linear = trained_like(QLinear(10, 7), 13)
+    packed_conv, packed_linear = (packed_module(layer, *reference.integer_codes(
+        layer.grouped(layer.weight.detach()), layer.bits, layer.exponent, "nearest")) for layer in (conv, linear))
+    assert isinstance(packed_linear, PackedStreamLinear)
+    with pytest.raises(TypeError, match="x must be a float32 tensor, got torch.float64"):
+        packed_linear(torch.randn(2, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x must have 10 features in dimension -1, got shape \(2, 9\)"):
+        packed_linear(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="x must be on the layer's device cpu, got meta"):
+        packed_linear(torch.randn(2, 10, device="meta"))
+    with pytest.raises(ValueError, match=r"x must have 4 features in dimension -3, got shape \(2, 3, 5, 5\)"):
+        packed_conv(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="x must have 4 features in dimension -3"):
+        packed_conv(torch.randn(5, 5))
+    unbatched = torch.randn(4, 5, 5)
+    with torch.no_grad():  # an unbatched image is an input like nn.Conv2d's
+        assert torch.equal(packed_conv(unbatched), packed_conv(unbatched[None])[0])
+
+
 def test_layers_with_every_output_row_pruned_pack():
     # (torch itself refuses to run a convolution with no output channels; a linear layer runs)
     model = nn.Sequential(QConv2d(3, 0, 3), QLinear(0, 5), nn.ReLU(), QLinear(5, 0))

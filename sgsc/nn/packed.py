@@ -194,15 +194,28 @@ class _StreamLayer(nn.Module):
         """The dequantized weight in ``nn.Linear``/``nn.Conv2d``'s shape, built on every access."""
         return self.dequantized_weight().reshape(self.weight_shape)
 
-    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight for one call: in the shared :data:`WORKSPACE`, unless autograd would save it for a
-        backward pass or torch.compile traces the call (then in a tensor of its own)."""
+    def _weight_for(self, x: torch.Tensor, features_dim: int) -> torch.Tensor:
+        """The weight for one call on ``x`` (whose dimension ``features_dim`` holds the layer's inputs): in
+        the shared :data:`WORKSPACE`, unless autograd would save it for a backward pass or torch.compile
+        traces the call (then in a tensor of its own)."""
+        self._check_input(x, features_dim)
         if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or not self.out_features:
             return self.dequantized_weight().view(self.weight_shape)
         weight = WORKSPACE.view(self.weight_shape, self.stream.device)
         torch.ops.sgsc.unpack_dequantize_out(self.stream, self.widths, self.scales, self.rows_per_group,
                                              self.in_features, weight)
         return weight
+
+
+    def _check_input(self, x, features_dim: int) -> None:
+        # torch's own errors (RuntimeError, not naming x) would come from deep inside F.linear / F.conv2d
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            raise TypeError(f"x must be a float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        expected = self.in_channels if isinstance(self, PackedConv2d) else self.in_features
+        if x.dim() < -features_dim or x.shape[features_dim] != expected:
+            raise ValueError(f"x must have {expected} features in dimension {features_dim}, got shape {tuple(x.shape)}")
+        if x.device != self.stream.device:
+            raise ValueError(f"x must be on the layer's device {self.stream.device}, got {x.device}")
 
 
 class PackedStreamLinear(_StreamLayer):
@@ -219,7 +232,7 @@ class PackedStreamLinear(_StreamLayer):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight_for(x), self.bias)
+        return F.linear(x, self._weight_for(x, -1), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -254,7 +267,7 @@ class PackedConv2d(_StreamLayer):
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight_for(x)
+        weight = self._weight_for(x, -3)
         if self.padding_mode != "zeros":
             pad = [p for p in reversed(self.padding) for _ in range(2)]
             return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, self.bias, self.stride, 0,
