@@ -440,6 +440,23 @@ def test_stream_layers_name_a_bad_input():
         assert torch.equal(packed_conv(unbatched), packed_conv(unbatched[None])[0])
 
 
+def test_threads_sharing_a_packed_model_each_dequantize_into_their_own_buffer():
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(trained_like(QConv2d(3, 8, 3, padding=1), 14), nn.Flatten(),
+                          trained_like(QLinear(8 * 6 * 6, 20), 15), nn.ReLU(), trained_like(QLinear(20, 30), 16))
+    inputs = [torch.randn(2, 3, 6, 6) for _ in range(8)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+        pack_model(model)
+        alone = [model(x) for x in inputs]
+        with ThreadPoolExecutor(4) as pool:  # every call interleaves with others on the same layers
+            together = list(pool.map(lambda x: [model(x) for _ in range(20)][-1], inputs))
+    assert all(torch.allclose(a, e, rtol=1e-5, atol=1e-5) for a, e in zip(alone, expected))
+    assert all(torch.equal(t, a) for t, a in zip(together, alone))
+
+
 def test_layers_with_every_output_row_pruned_pack():
     # (torch itself refuses to run a convolution with no output channels; a linear layer runs)
     model = nn.Sequential(QConv2d(3, 0, 3), QLinear(0, 5), nn.ReLU(), QLinear(5, 0))

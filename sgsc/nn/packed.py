@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -117,9 +118,12 @@ class PackedLinear(_PackedBase):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class _Workspace:
+class _Workspace(threading.local):
     """One float32 buffer per device, grown to the largest weight asked for: every stream layer (packed
-    convolutions, small linears) dequantizes into it, so a model holds one dequantized layer at a time."""
+    convolutions, small linears) dequantizes into it, so a model holds one dequantized layer at a time.
+
+    Each thread has its own (a ``threading.local``): threads serving one model concurrently never write
+    into a weight another is reading, and a thread's buffers go when it ends."""
 
     def __init__(self) -> None:
         self._buffers: dict[torch.device, torch.Tensor] = {}
@@ -239,10 +243,8 @@ class PackedStreamLinear(_StreamLayer):
 
 
 class PackedConv2d(_StreamLayer):
-    """``nn.Conv2d`` whose weight stays bit-packed; each call dequantizes it into the shared :data:`WORKSPACE`.
-
-    The buffer is reused by the next packed layer, so the forward is not re-entrant across threads;
-    where autograd would save the weight for a backward pass, a fresh tensor is used instead.
+    """``nn.Conv2d`` whose weight stays bit-packed; each call dequantizes it into the shared :data:`WORKSPACE`
+    (the calling thread's), or into a fresh tensor where autograd would save the weight for a backward pass.
     """
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, in_channels: int,
