@@ -53,7 +53,7 @@ def _inspect(args) -> int:
     packed = export.load_packed(args.file, runtime="packed", max_bytes=args.max_bytes)
     float_model = export.load_packed(args.file, max_bytes=args.max_bytes)
     print(f"resident weights when loaded: {weight_bytes(packed)} bytes on the packed runtime (codes and tables, plus "
-          f"{workspace_bytes(packed)} bytes of one dequantization buffer that convolutions and small linear layers "
+          f"{workspace_bytes(packed)} bytes of one dequantization buffer per thread that convolutions and small linear layers "
           f"share), {weight_bytes(float_model)} "
           "bytes on the float runtime")
     return 0
