@@ -4,8 +4,9 @@ A small ResNet (basic blocks, BatchNorm, 1x1 shortcuts) built from plain ``nn`` 
 Fashion-MNIST when ``shared/data/fashion-mnist`` (or ``$SGSC_DATA_DIR``) holds it, else on
 scikit-learn's 8x8 digits. Nothing here is sgsc's zoo: the model is quantized with
 ``sgsc.quantize_model``, the preservation set is chosen with ``sgsc.train.preservation.build``, and
-``SelfCompression`` adds the size penalty and the safety checks to an ordinary PyTorch loop.
-Without a loop of your own, ``sgsc.train.compress(model, (x, y), preserve=0.05, steps=..., gamma=...)``
+``SelfCompression`` adds the size penalty and the safety checks to an ordinary PyTorch loop. The
+result is saved as a packed file and loaded back into a fresh ``SmallResNet`` on the packed runtime,
+which computes from the bit-packed codes. Without a loop of your own, ``sgsc.train.compress(model, (x, y), preserve=0.05, steps=..., gamma=...)``
 runs the same algorithm in the zoo trainer's loop (seeded batches, checkpoints, resume, DDP).
 
     python examples/own_model.py                 # about a minute on one CPU thread
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sgsc
+from sgsc.nn.packed import resident_bytes
 from sgsc.train import SelfCompression, evaluate, param_groups, preservation
 from sgsc.train.data import load_vision
 
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=0.03)
     parser.add_argument("--single-adam", action="store_true", help="one Adam at 1e-3 over every parameter")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/own_model/model.sgsc", help="where the packed file goes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -89,8 +92,9 @@ def main() -> None:
     data = load_vision(*_data_source(args))
     x, y = data.train.tensors
     # 28x28 images start with a stride-2 stem, so the example stays about a minute on one thread
-    model = SmallResNet(data.in_channels, data.num_classes, stem_stride=2 if data.image_size > 16 else 1)
-    model = sgsc.quantize_model(model)  # every Conv2d and Linear now learns its bits per output channel
+    architecture = dict(in_channels=data.in_channels, classes=data.num_classes,
+                        stem_stride=2 if data.image_size > 16 else 1)
+    model = sgsc.quantize_model(SmallResNet(**architecture))  # every Conv2d and Linear now learns its bits per output channel
 
     # 1. plain training, at the rates SelfCompression will use (sgsc.train.param_groups)
     optimizer = torch.optim.Adam(param_groups(model, lr=3e-3))
@@ -131,6 +135,16 @@ def main() -> None:
           f"{parameters} -> {sum(p.numel() for p in model.parameters())} parameters, "
           f"{report['pruned_groups']} zero-bit groups left (masked), weights {report['compression_ratio']:.1f}x smaller "
           f"than float32; {time.perf_counter() - started:.0f} s")
+
+    # 4. deployment: the packed file, loaded into a fresh (unpruned) SmallResNet on the packed runtime
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    summary = sgsc.save_packed(model.eval(), args.out)
+    packed = sgsc.load_packed(args.out, model=SmallResNet(**architecture), runtime="packed")
+    floats = sgsc.load_packed(args.out, model=SmallResNet(**architecture))
+    print(f"{args.out}: {summary.file_bytes} bytes; on the packed runtime test accuracy "
+          f"{evaluate(packed, data.test)['accuracy']:.4f} (float runtime {evaluate(floats, data.test)['accuracy']:.4f}), "
+          f"weights resident {resident_bytes(packed)} bytes against {sum(p.numel() * 4 for p in floats.parameters())} "
+          "bytes of float32 parameters")
 
 
 def describe(event: dict) -> str:
