@@ -6,8 +6,9 @@ scikit-learn's 8x8 digits. Nothing here is sgsc's zoo: the model is quantized wi
 ``sgsc.quantize_model``, the preservation set is chosen with ``sgsc.train.preservation.build``, and
 ``SelfCompression`` adds the size penalty and the safety checks to an ordinary PyTorch loop. The
 result is saved as a packed file and loaded back into a fresh ``SmallResNet`` on the packed runtime,
-which computes from the bit-packed codes. Without a loop of your own, ``sgsc.train.compress(model, (x, y), preserve=0.05, steps=..., gamma=...)``
-runs the same algorithm in the zoo trainer's loop (seeded batches, checkpoints, resume, DDP).
+which computes from the bit-packed codes. Without a loop of your own,
+``sgsc.train.compress(model, (x, y), preserve=0.05, steps=..., gamma=...)`` runs the same algorithm
+in the zoo trainer's loop (seeded batches, checkpoints, resume, DDP).
 
     python examples/own_model.py                 # about a minute on one CPU thread
     python examples/own_model.py --single-adam   # the old recipe: one Adam at 1e-3 for everything
@@ -94,7 +95,8 @@ def main() -> None:
     # 28x28 images start with a stride-2 stem, so the example stays about a minute on one thread
     architecture = dict(in_channels=data.in_channels, classes=data.num_classes,
                         stem_stride=2 if data.image_size > 16 else 1)
-    model = sgsc.quantize_model(SmallResNet(**architecture))  # every Conv2d and Linear now learns its bits per output channel
+    # every Conv2d and Linear now learns its bits per output channel
+    model = sgsc.quantize_model(SmallResNet(**architecture))
 
     # 1. plain training, at the rates SelfCompression will use (sgsc.train.param_groups)
     optimizer = torch.optim.Adam(param_groups(model, lr=3e-3))

@@ -1,11 +1,10 @@
 """Packed runtime modules: layers that run from their integer codes, holding nothing of float32 size.
 
 - :class:`PackedLinear`: ``F.linear`` from bit-packed codes (:func:`sgsc.ops.packed_linear`, fused kernels).
-- :class:`PackedConv2d`, :class:`PackedStreamLinear`: keep the file's own stream (:func:`sgsc.ops.pack`:
-  each group at its width, nothing else but a width and a scale per group) and dequantize it per call
-  into one buffer shared by every such layer on the device (it grows to the largest), then
-  ``F.conv2d`` / ``F.linear``. Small linear layers take this form: the fused kernel's tiles cost them
-  more memory (padding lanes, per-row tables) than they save time.
+- :class:`PackedConv2d`, :class:`PackedStreamLinear` (:mod:`sgsc.nn.packed_stream`): keep the file's own
+  stream and dequantize it per call into one shared buffer, then ``F.conv2d`` / ``F.linear``. Small
+  linear layers take this form: the fused kernel's tiles cost them more memory (padding lanes, per-row
+  tables) than they save time.
 - :class:`PackedEmbedding`: the table as :func:`sgsc.ops.pack`'s stream (each group of rows at its
   width); a lookup decodes only the rows it returns.
 - :func:`packed_module`: the packed layer for one quantized layer's codes (what a loader calls).
@@ -16,18 +15,15 @@
 
 from __future__ import annotations
 
-import math
-import threading
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sgsc.nn.convert import replace_submodule
 from sgsc.nn.layers import QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
-from sgsc.ops import functional, reference
+from sgsc.nn.packed_stream import WORKSPACE, PackedConv2d, PackedStreamLinear, StreamLayer, bit_stream
 from sgsc.ops import packed as packed_ops
-from sgsc.ops.spec import group_offsets, minimal_widths
+from sgsc.ops import reference
+from sgsc.ops.spec import group_offsets
 
 _BUFFERS = packed_ops.TENSOR_NAMES
 # Linear layers of at most this many codes (256 KiB of float32 weight) keep the file's stream and
@@ -118,169 +114,6 @@ class PackedLinear(_PackedBase):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class _Workspace(threading.local):
-    """One float32 buffer per device, grown to the largest weight asked for: every stream layer (packed
-    convolutions, small linears) dequantizes into it, so a model holds one dequantized layer at a time.
-
-    Each thread has its own (a ``threading.local``): threads serving one model concurrently never write
-    into a weight another is reading, and a thread's buffers go when it ends."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.device, torch.Tensor] = {}
-        self._views: dict[tuple, torch.Tensor] = {}  # (device, shape) -> view of the current buffer
-
-    def take(self, numel: int, device: torch.device) -> torch.Tensor:
-        buffer = self._buffers.get(device)
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32, device=device)
-            self._buffers[device] = buffer
-            self._views = {key: view for key, view in self._views.items() if key[0] != device}  # of the old one
-        return buffer[:numel]
-
-    def view(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The buffer's first elements as a tensor of ``shape``: a layer's view is made once (a packed layer
-        runs on every token, and slicing and viewing cost more than a small layer's dequantization)."""
-        view = self._views.get((device, shape))
-        if view is None:
-            view = self.take(math.prod(shape), device).view(shape)
-            self._views[(device, shape)] = view
-        return view
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-
-WORKSPACE = _Workspace()
-
-
-class _StreamLayer(nn.Module):
-    """A weight kept as :func:`sgsc.ops.pack`'s stream (the file's bytes) with, per group of output rows,
-    a width byte and a float32 scale; ``sgsc::unpack_dequantize`` rebuilds the float32 weight when the
-    layer runs."""
-
-    out_features: int
-    in_features: int  # codes per output row
-    file_bytes: int
-
-    def _set_stream(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                    out_features: int, in_features: int) -> None:
-        """``codes``: int ``(G, L)``, group ``g`` the rows ``[g * O / G, (g + 1) * O / G)`` in order, each
-        row ``in_features`` codes."""
-        groups = scales.numel()
-        if codes.numel() != out_features * in_features or (groups == 0) != (out_features == 0) or (
-                groups and out_features % groups):
-            raise ValueError(f"codes must hold {out_features} rows of {in_features} codes in groups of rows, one "
-                             f"per scale, got {codes.numel()} codes and {groups} scales")
-        codes = codes.reshape(groups, -1 if groups else 0).to(torch.int32).contiguous()
-        widths = minimal_widths(codes).to(torch.uint8)
-        # a layer with no output rows (all pruned) stores nothing, and sgsc.ops.pack needs a group
-        self.register_buffer("stream", functional.pack(codes, widths) if groups else torch.zeros(0, dtype=torch.uint8))
-        self.register_buffer("widths", widths)
-        self.register_buffer("scales", scales.detach().to(torch.float32).clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
-        self.out_features, self.in_features = out_features, in_features
-        self.rows_per_group, self.file_bytes = out_features // max(groups, 1), self.stream.numel()
-
-    @property
-    def weight_nbytes(self) -> int:
-        """Resident bytes of the packed weight: the stream, a width byte and a float32 scale per group."""
-        return sum(t.numel() * t.element_size() for t in (self.stream, self.widths, self.scales))
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float32 ``(out_features, in_features)`` weight, exactly ``code * scale``, in a fresh tensor."""
-        if self.out_features == 0:
-            return self.scales.new_zeros(0, self.in_features)
-        return torch.ops.sgsc.unpack_dequantize(self.stream, self.widths, self.scales, self.rows_per_group,
-                                                self.in_features)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight in ``nn.Linear``/``nn.Conv2d``'s shape, built on every access."""
-        return self.dequantized_weight().reshape(self.weight_shape)
-
-    def _weight_for(self, x: torch.Tensor, features_dim: int) -> torch.Tensor:
-        """The weight for one call on ``x`` (whose dimension ``features_dim`` holds the layer's inputs): in
-        the shared :data:`WORKSPACE`, unless autograd would save it for a backward pass or torch.compile
-        traces the call (then in a tensor of its own)."""
-        self._check_input(x, features_dim)
-        if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or not self.out_features:
-            return self.dequantized_weight().view(self.weight_shape)
-        weight = WORKSPACE.view(self.weight_shape, self.stream.device)
-        torch.ops.sgsc.unpack_dequantize_out(self.stream, self.widths, self.scales, self.rows_per_group,
-                                             self.in_features, weight)
-        return weight
-
-
-    def _check_input(self, x, features_dim: int) -> None:
-        # torch's own errors (RuntimeError, not naming x) would come from deep inside F.linear / F.conv2d
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
-            raise TypeError(f"x must be a float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        expected = self.in_channels if isinstance(self, PackedConv2d) else self.in_features
-        if x.dim() < -features_dim or x.shape[features_dim] != expected:
-            raise ValueError(f"x must have {expected} features in dimension {features_dim}, got shape {tuple(x.shape)}")
-        if x.device != self.stream.device:
-            raise ValueError(f"x must be on the layer's device {self.stream.device}, got {x.device}")
-
-
-class PackedStreamLinear(_StreamLayer):
-    """``nn.Linear`` for small layers: its weight stays as the file's bit-packed stream and is dequantized
-    into the shared :data:`WORKSPACE` on each call, then ``F.linear``. Inference only."""
-
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                 in_features: int):
-        super().__init__()
-        self._set_stream(codes, scales, bias, out_features, in_features)
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return (self.out_features, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight_for(x, -1), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class PackedConv2d(_StreamLayer):
-    """``nn.Conv2d`` whose weight stays bit-packed; each call dequantizes it into the shared :data:`WORKSPACE`
-    (the calling thread's), or into a fresh tensor where autograd would save the weight for a backward pass.
-    """
-
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, in_channels: int,
-                 out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
-                 padding_mode: str = "zeros"):
-        super().__init__()
-        self._set_stream(codes, scales, bias, out_channels, in_channels // groups * math.prod(kernel_size))
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
-        self.dilation, self.groups, self.padding_mode = dilation, groups, padding_mode
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, codes: torch.Tensor, scales: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> PackedConv2d:
-        """``conv``'s hyper-parameters with its weight's int ``codes`` (``(G, L)``, groups of output channels)."""
-        return cls(codes, scales, bias, in_channels=conv.in_channels, out_channels=conv.out_channels,
-                   kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                   groups=conv.groups, padding_mode=conv.padding_mode)
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight_for(x, -3)
-        if self.padding_mode != "zeros":
-            pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, self.bias, self.stride, 0,
-                            self.dilation, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}")
-
-
 # A code of up to 32 bits starting anywhere in a byte spans at most 5 bytes: the stream is padded by
 # that much, so a lookup reads a fixed window of bytes without bounds checks.
 _WINDOW_BYTES = 5
@@ -316,18 +149,15 @@ class PackedEmbedding(nn.Module):
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, num_embeddings: int, embedding_dim: int,
                    padding_idx: int | None = None) -> PackedEmbedding:
         """From int ``codes`` ``(G, rows_per_group * embedding_dim)`` (rows in order) and ``(G,)`` scales."""
-        codes = codes.to(torch.int32).contiguous()
-        widths = minimal_widths(codes)
-        stream = functional.pack(codes, widths)
+        stream, widths = bit_stream(codes)
         return cls(stream, widths, scales, num_embeddings, embedding_dim, padding_idx, file_bytes=stream.numel())
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized table, built on every access (for code that reads ``embedding.weight``, such as a
         head tied by ``F.linear(h, embedding.weight)``); it costs a float copy for as long as it is held."""
-        codes = functional.unpack(self.stream[:-_WINDOW_BYTES], self.widths, self.rows_per_group, self.embedding_dim)
-        scales = self.scales.repeat_interleave(self.rows_per_group).unsqueeze(1)
-        return codes.to(torch.float32) * scales
+        return torch.ops.sgsc.unpack_dequantize(self.stream[:-_WINDOW_BYTES], self.widths, self.scales,
+                                                self.rows_per_group, self.embedding_dim)
 
     @property
     def weight_nbytes(self) -> int:
@@ -432,7 +262,7 @@ def pack_model(model: nn.Module) -> nn.Module:
 def _packed_modules(model: nn.Module):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, (_PackedBase, _StreamLayer, PackedEmbedding))]
+    return [m for m in model.modules() if isinstance(m, (_PackedBase, StreamLayer, PackedEmbedding))]
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -444,7 +274,7 @@ def resident_bytes(model: nn.Module) -> int:
 def workspace_bytes(model: nn.Module) -> int:
     """Bytes of the one buffer ``model``'s stream layers (convolutions, small linears) share: the largest of
     their float32 weights."""
-    return max((4 * m.out_features * m.in_features for m in _packed_modules(model) if isinstance(m, _StreamLayer)),
+    return max((4 * m.out_features * m.in_features for m in _packed_modules(model) if isinstance(m, StreamLayer)),
                default=0)
 
 

@@ -352,8 +352,8 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
 
 def linear_on_checked(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], out_features: int, in_features: int,
                       bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`packed_linear` on a layout whose ``tensors`` were checked already (a packed layer checks its
-    own once, not on every call: those checks cost more than a small layer's product)."""
+    """:func:`packed_linear` without checking the layout ``tensors`` in Python (a packed layer has them checked
+    by the C++ op on CPU, or once in Python elsewhere: those checks cost more than a small layer's product)."""
     _check_tensor("x", x, (torch.float32,))
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
