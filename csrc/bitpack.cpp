@@ -11,7 +11,7 @@
 // bytes: tasks run in parallel without sharing a byte. Width is a template parameter of the inner
 // loops (one instantiation per width 1..32), so every shift and mask is a constant. On CPUs with
 // AVX2, unpack of widths up to 25 bits runs 8 codes per instruction sequence (unpack_avx2, chosen
-// at run time like the target_clones of isa.h); the portable loops finish the tails.
+// at run time by isa.h's active_isa()); the portable loops finish the tails.
 
 #include <torch/extension.h>
 
@@ -126,8 +126,7 @@ SGSC_ALWAYS_INLINE void unpack_span(const uint8_t* src, const uint8_t* end, int3
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(SGSC_NO_MULTIVERSION) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#if defined(SGSC_X86_DISPATCH) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define SGSC_BITPACK_AVX2 1
 
 // AVX2 unpack of 8 codes per step, for widths 1..kAvx2MaxWidth (a code then lies in the 4 bytes
@@ -161,13 +160,6 @@ __attribute__((target("avx2"))) int64_t unpack_avx2(const uint8_t* src, const ui
   return i;
 }
 
-bool cpu_has_avx2() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return has;
-}
 #endif
 
 using UnpackSpanFn = void (*)(const uint8_t*, const uint8_t*, int32_t*, int64_t);
@@ -176,7 +168,7 @@ template <int W>
 void unpack_span_fn(const uint8_t* src, const uint8_t* end, int32_t* dst, int64_t n) {
 #ifdef SGSC_BITPACK_AVX2
   if constexpr (W <= kAvx2MaxWidth) {
-    if (cpu_has_avx2()) {
+    if (isa_at_least(Isa::kAvx2)) {
       const int64_t done = unpack_avx2(src, end, dst, n, W);  // done is a multiple of 8: W whole bytes each
       src += done / 8 * W;
       dst += done;
@@ -246,7 +238,7 @@ constexpr std::array<PackSpanFn, 33> make_pack_table(std::integer_sequence<int, 
 constexpr auto pack_table = make_pack_table(std::make_integer_sequence<int, 32>{});
 
 // True when every code of the span lies in [lo, hi]. Branch-free min/max, so it vectorises.
-SGSC_MULTIVERSION bool span_in_range(const int32_t* src, int64_t n, int32_t lo, int32_t hi) {
+SGSC_ALWAYS_INLINE bool span_in_range_body(const int32_t* src, int64_t n, int32_t lo, int32_t hi) {
   int32_t mn = std::numeric_limits<int32_t>::max(), mx = std::numeric_limits<int32_t>::min();
   for (int64_t i = 0; i < n; ++i) {
     mn = std::min(mn, src[i]);
@@ -254,6 +246,7 @@ SGSC_MULTIVERSION bool span_in_range(const int32_t* src, int64_t n, int32_t lo, 
   }
   return n == 0 || (mn >= lo && mx <= hi);
 }
+SGSC_CLONES(bool, span_in_range, (const int32_t* src, int64_t n, int32_t lo, int32_t hi), (src, n, lo, hi))
 
 std::pair<int32_t, int32_t> code_range(int width) {
   if (width == 0) return {0, 0};

@@ -129,15 +129,16 @@ SGSC_ALWAYS_INLINE void forward_span(const float* w, float* q, int64_t n, float 
   }
 }
 
-SGSC_MULTIVERSION void forward_span_floor(const float* w, float* q, int64_t n, float scale,
-                                          float inv_scale, float lo, float hi) {
-  forward_span<Rounding::kFloor>(w, q, n, scale, inv_scale, lo, hi);
+#define SGSC_FORWARD_PARAMS (const float* w, float* q, int64_t n, float scale, float inv_scale, float lo, float hi)
+#define SGSC_FORWARD_ARGS (w, q, n, scale, inv_scale, lo, hi)
+SGSC_ALWAYS_INLINE void forward_span_floor_body SGSC_FORWARD_PARAMS {
+  forward_span<Rounding::kFloor> SGSC_FORWARD_ARGS;
 }
-
-SGSC_MULTIVERSION void forward_span_nearest(const float* w, float* q, int64_t n, float scale,
-                                            float inv_scale, float lo, float hi) {
-  forward_span<Rounding::kNearest>(w, q, n, scale, inv_scale, lo, hi);
+SGSC_ALWAYS_INLINE void forward_span_nearest_body SGSC_FORWARD_PARAMS {
+  forward_span<Rounding::kNearest> SGSC_FORWARD_ARGS;
 }
+SGSC_CLONES(void, forward_span_floor, SGSC_FORWARD_PARAMS, SGSC_FORWARD_ARGS)
+SGSC_CLONES(void, forward_span_nearest, SGSC_FORWARD_PARAMS, SGSC_FORWARD_ARGS)
 
 // Straight-through backward of one block of at most kBlock elements: writes grad_w and adds to
 // sums[0] the sum of g * (r - s * inside) and to sums[1] the sum of g * ([s > hi] - [s < lo]),
@@ -186,17 +187,18 @@ SGSC_ALWAYS_INLINE void backward_block(const float* __restrict g, const float* _
   sums[1] += sum_b;
 }
 
-SGSC_MULTIVERSION void backward_block_floor(const float* __restrict g, const float* __restrict w,
-                                            float* __restrict gw, int64_t n, float scale, float lo, float hi,
-                                            double* __restrict sums) {
-  backward_block<Rounding::kFloor>(g, w, gw, n, scale, lo, hi, sums);
+#define SGSC_BACKWARD_PARAMS                                                                          \
+  (const float* __restrict g, const float* __restrict w, float* __restrict gw, int64_t n, float scale, float lo, \
+   float hi, double* __restrict sums)
+#define SGSC_BACKWARD_ARGS (g, w, gw, n, scale, lo, hi, sums)
+SGSC_ALWAYS_INLINE void backward_block_floor_body SGSC_BACKWARD_PARAMS {
+  backward_block<Rounding::kFloor> SGSC_BACKWARD_ARGS;
 }
-
-SGSC_MULTIVERSION void backward_block_nearest(const float* __restrict g, const float* __restrict w,
-                                              float* __restrict gw, int64_t n, float scale, float lo, float hi,
-                                              double* __restrict sums) {
-  backward_block<Rounding::kNearest>(g, w, gw, n, scale, lo, hi, sums);
+SGSC_ALWAYS_INLINE void backward_block_nearest_body SGSC_BACKWARD_PARAMS {
+  backward_block<Rounding::kNearest> SGSC_BACKWARD_ARGS;
 }
+SGSC_CLONES(void, backward_block_floor, SGSC_BACKWARD_PARAMS, SGSC_BACKWARD_ARGS)
+SGSC_CLONES(void, backward_block_nearest, SGSC_BACKWARD_PARAMS, SGSC_BACKWARD_ARGS)
 
 using BackwardBlockFn = void (*)(const float*, const float*, float*, int64_t, float, float, float, double*);
 
@@ -383,6 +385,9 @@ TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
 }  // namespace sgsc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cpu_isa", &sgsc::selected_isa, "The instruction set the CPU kernels run with on this machine.");
+  m.def("cpu_isa", [] { return std::string(sgsc::isa_name(sgsc::active_isa())); },
+        "The instruction set the CPU kernels run with: the CPU's best, lowered by SGSC_CPU_ISA.");
+  m.def("cpu_isa_detected", [] { return std::string(sgsc::isa_name(sgsc::detected_isa())); },
+        "The best instruction set this CPU supports, whatever SGSC_CPU_ISA asks for.");
   m.def("parallel_threads", &sgsc::parallel_threads, "Threads the CPU kernels' parallel loops run on now.");
 }

@@ -111,7 +111,7 @@ __attribute__((target("avx2,fma"))) void dequantize_tile_avx2(const Plan& p, int
 
 DequantizeFn dequantize_kernel() {
 #ifdef SGSC_PACKED_AVX2
-  if (cpu_has_avx2_fma()) return dequantize_tile_avx2;
+  if (isa_at_least(Isa::kAvx2)) return dequantize_tile_avx2;
 #endif
   return dequantize_tile_portable;
 }

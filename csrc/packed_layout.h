@@ -93,15 +93,8 @@ SGSC_ALWAYS_INLINE u8v load8(const uint32_t* p) {
   return v;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SGSC_NO_MULTIVERSION)
+#ifdef SGSC_X86_DISPATCH
 #define SGSC_PACKED_AVX2 1
-inline bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
 #endif
 
 // Runs body(first, last) over [0, items) in blocks of kStealTiles, taken from a shared counter by the

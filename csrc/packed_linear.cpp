@@ -11,10 +11,11 @@
 // Tiles go to threads in small blocks from a shared counter (steal_blocks): on a loaded machine a
 // thread that lost its core does less of the work, and nobody waits for it at a barrier.
 //
-// The inner loops use GCC vector extensions, compiled twice: for AVX2+FMA (chosen at run time with
-// __builtin_cpu_supports, as csrc/bitpack.cpp does for its AVX2 unpack) and for the baseline ISA.
-// isa.h's target_clones list has no FMA clone, and without FMA the avx2 clone would split every
-// multiply-add in two. An AVX-512 host runs the AVX2+FMA code.
+// The inner loops use GCC vector extensions, compiled twice: for AVX2+FMA (taken when isa.h's
+// active_isa() is avx2 or above, as csrc/bitpack.cpp does for its AVX2 unpack) and for the baseline
+// ISA. isa.h's clones have no FMA, and without FMA the avx2 clone would split every multiply-add in
+// two. An AVX-512 host runs the AVX2+FMA code; the two paths round differently (FMA), within the
+// fp32 bound of sgsc/ops/packed.py.
 
 #include "packed_layout.h"
 
@@ -131,7 +132,7 @@ __attribute__((target("avx2,fma"))) void fused_tiles_avx2(const FusedArgs& a, in
 FusedFn fused_kernel(int64_t mb) {
   static const std::array<FusedFn, 4> table = [] {
 #ifdef SGSC_PACKED_AVX2
-    if (cpu_has_avx2_fma())
+    if (isa_at_least(Isa::kAvx2))
       return std::array<FusedFn, 4>{fused_tiles_avx2<1>, fused_tiles_avx2<2>, fused_tiles_avx2<4>, fused_tiles_avx2<8>};
 #endif
     return std::array<FusedFn, 4>{fused_tiles_portable<1>, fused_tiles_portable<2>, fused_tiles_portable<4>,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import platform
 
 import torch
@@ -26,6 +27,19 @@ def _triton_status() -> str:
     return f"{triton.__version__}"
 
 
+def _kernels_isa() -> str:
+    if not _native.available():
+        return _native.cpu_isa()
+    asked = _native.requested_isa()
+    source = f"SGSC_CPU_ISA={asked}" if asked else "this CPU's best; SGSC_CPU_ISA lowers it"
+    return f"{_native.cpu_isa()} ({source}; CPU supports {_native.cpu_isa_detected()})"
+
+
+def _torch_capability() -> str:
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f"{torch.backends.cpu.get_cpu_capability()}" + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
+
+
 def report() -> dict[str, str]:
     import sgsc
 
@@ -37,7 +51,8 @@ def report() -> dict[str, str]:
         "torch": torch.__version__,
         "torch CPU threads": str(torch.get_num_threads()),
         "C++ extension": "loaded" if _native.available() else f"NOT loaded: {_native.load_error}",
-        "CPU kernels ISA": _native.cpu_isa(),
+        "CPU kernels ISA": _kernels_isa(),
+        "torch CPU capability": _torch_capability(),
         "CPU kernels threads": str(_native.parallel_threads()),
         "triton": _triton_status(),
         "CUDA": torch.cuda.get_device_name() if cuda else "not available (GPU ops need a CUDA device)",
