@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.sgsc-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-isa bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The kernel and training-outcome tests again on the paths of smaller CPUs: forced down to AVX2 (torch's
+# kernels, oneDNN's and ours) and, for our kernels, the scalar path. Inductor's cache key ignores
+# ATEN_CPU_CAPABILITY, so the forced pass compiles into a cache of its own.
+ISA_CACHE := $(shell mktemp -d -u /tmp/sgsc-inductor-avx2.XXXXXX)
+test-isa: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SGSC_CPU_ISA=avx2 TORCHINDUCTOR_CACHE_DIR=$(ISA_CACHE) \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/ops tests/train
+	rm -rf $(ISA_CACHE)
+	SGSC_CPU_ISA=scalar $(BIN)/python -m pytest -q -p no:cacheprovider tests/ops
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_fake_quantize.py

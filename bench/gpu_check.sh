@@ -36,8 +36,8 @@ $PY -c "import sgsc, sgsc.kernels; print('sgsc from', sgsc.__file__)" 2>&1 | tee
 
 step "tests on the GPU (Triton kernels, CUDA ops)"
 if $PY -c "import pytest, hypothesis" 2>/dev/null; then
-  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_packed_runtime.py tests/test_fake_quantize.py \
-    tests/test_bitpack.py -k "triton or cuda or gpu or opcheck or compile or unpack_dequantize" 2>&1 | tail -20 | tee -a "$LOG"
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/ops/test_packed_runtime.py tests/ops/test_fake_quantize.py \
+    tests/ops/test_bitpack.py -k "triton or cuda or gpu or opcheck or compile or unpack_dequantize" 2>&1 | tail -20 | tee -a "$LOG"
 else
   echo "pytest or hypothesis is not installed there: tests skipped" | tee -a "$LOG"
 fi

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from torch import nn
 from sgsc._io import atomic_write
 from sgsc.nn.pruning import freeze_empty_layers
 from sgsc.nn.zoo import build_model, model_name
+from sgsc.ops import native
 from sgsc.train.config import RESUMABLE_CHANGES, TrainConfig
 from sgsc.train.distributed import rank_world
 from sgsc.train.safety import RunState
@@ -63,8 +66,40 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state:
         "state": state.to_record(),
         "rng": rng_state(),
         "world_size": rank_world()[1],  # the data order depends on it: resume on as many processes
+        "numerics": numerics(),
     }
     atomic_write(path, lambda handle: torch.save(record, handle))
+
+
+def numerics() -> dict[str, str | int]:
+    """What decides a run's floating-point results besides its inputs and seed: the CPU, torch and the
+    instruction sets its kernels and ours run, the thread count. Resuming where any differs continues
+    the run, but not bit for bit as it would have gone on where it was written."""
+    return {"cpu": _cpu_model(), "torch": str(torch.__version__),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "sgsc_cpu_isa": native.cpu_isa(),
+            "threads": torch.get_num_threads()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def warn_if_numerics_differ(saved: dict, path: Path) -> None:
+    """Warn when the checkpoint ``saved`` was written where floating point rounds differently from here."""
+    then, now = saved.get("numerics"), numerics()
+    if not isinstance(then, dict):  # written before checkpoints recorded it
+        return
+    differ = [f"{key} {then.get(key)!r} then, {value!r} now" for key, value in now.items() if then.get(key) != value]
+    if differ:
+        warnings.warn(f"resume: {path} was written where floating point may round differently ({'; '.join(differ)}): "
+                      "the run continues, but not bit for bit as it would have where it was written", stacklevel=3)
 
 
 def _architecture(model: nn.Module) -> tuple[str | None, dict | None]:

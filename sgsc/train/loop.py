@@ -59,6 +59,7 @@ from sgsc.train.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
     set_rng_state,
+    warn_if_numerics_differ,
 )
 from sgsc.train.config import LR_SCHEDULES, TrainConfig
 from sgsc.train.distributed import from_rank0, rank_world, setup_distributed, wrap_ddp
@@ -325,6 +326,7 @@ class _Log:
 def _read_checkpoint(out: Path, config: dict, world: int) -> dict:
     resumed = load_checkpoint(out / CHECKPOINT)
     check_settings(config, resumed["config"], out / CHECKPOINT)
+    warn_if_numerics_differ(resumed, out / CHECKPOINT)
     if resumed["world_size"] != world:
         raise ValueError(f"resume: the checkpoint was written by {resumed['world_size']} processes, this run has "
                          f"{world}; the data order depends on it")

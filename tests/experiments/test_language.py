@@ -20,13 +20,13 @@ from sgsc.train.data import CharVocab, load_names
 SEEDS = (0, 1)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A 2,000-name slice of the real corpus when present, else a generated one of the same shape."""
-    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "names.txt"
+    real = Path(__file__).resolve().parents[3] / "shared" / "data" / "names.txt"
     if real.is_file():
         names = real.read_text(encoding="utf-8").split()[:2000]
     else:

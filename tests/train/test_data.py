@@ -189,5 +189,5 @@ def test_names_errors_and_embedded_fallback(tmp_path, no_data_found):
 
 
 def test_the_shared_data_beside_the_checkout_is_searched():
-    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "data"
+    beside_checkout = Path(__file__).resolve().parents[3] / "shared" / "data"
     assert beside_checkout in data.data_roots()

@@ -30,6 +30,7 @@ def test_cpp_kernels_run_on_every_torch_thread():
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_demo_compresses_exports_and_reloads_the_same_model(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--data", "digits", "--steps", "40", "--out", str(out)]) == 0

@@ -28,7 +28,7 @@ from sgsc.nn import quantized_layers
 from sgsc.nn.packed import PackedEmbedding, PackedStreamLinear
 from sgsc.nn.zoo import build_model
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from own_models import TinyLM, TinyMobileNet, TinyResNet  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,7 +264,7 @@ def factory():
 def test_cli_eval_and_export_accept_a_model_factory(tmp_path, capsys, monkeypatch):
     path = tmp_path / "lm.sgsc"
     sgsc.save_packed(_lm(), path, data={"name": "names", "seed": 0})
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
     monkeypatch.setenv("SGSC_DATA_DIR", str(tmp_path / "no-data"))
     assert main(["eval", str(path), "--model", "nope_module:factory"]) == 2
     assert "--model 'nope_module:factory': cannot import nope_module" in capsys.readouterr().err
@@ -282,7 +282,7 @@ def test_cli_eval_scores_a_record_file_with_its_factory(tmp_path, capsys, monkey
     path = tmp_path / "lm.sgsc"
     model = _lm()
     sgsc.save_packed(model, path, data={"name": "names", "seed": 0})
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
     scored = []
 
     def fake_data(args, header):  # the scoring itself is the trainer's; here: the model it is handed

@@ -25,7 +25,7 @@ from sgsc.export.onnx import export_onnx  # noqa: E402
 from sgsc.nn import quantized_layers  # noqa: E402
 from sgsc.nn.zoo import build_model  # noqa: E402
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]  # where own_models.py lives
 sys.path.insert(0, str(TESTS))
 from own_models import TinyLM, TinyResNet  # noqa: E402
 

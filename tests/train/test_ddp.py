@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from sgsc.nn.zoo import build_model
 from sgsc.train import TrainConfig, load_checkpoint, train
+
+pytestmark = pytest.mark.slow  # two processes each
 
 WORLD = 2
 

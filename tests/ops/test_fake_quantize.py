@@ -334,7 +334,7 @@ class _TinyQuantizedNet(torch.nn.Module):
         return torch.nn.functional.linear(x, sgsc.fake_quantize(self.weight, self.bits, self.exponent)).relu().sum()
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     net = _TinyQuantizedNet()

@@ -25,7 +25,7 @@ from sgsc.train import LR_SCHEDULES, evaluate
 SMALL = {"in_channels": 1, "image_size": 8, "num_classes": 10, "channels": [4, 8]}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
