@@ -98,12 +98,11 @@ def _to_meta(model: nn.Module) -> None:
 def _unpruned_groups(model: nn.Module, record: Record) -> dict[str, int]:
     """Each recorded layer's group count before pruning: pruning removes whole groups, so a group spans as
     many channels as in the file, and the unpruned layer's channels give the count."""
-    groups = {}
+    groups, modules = {}, dict(model.named_modules())
     for layer in record.layers:
-        module = dict(model.named_modules()).get(layer.name)
-        weight = getattr(module, "weight", None)
+        weight = getattr(modules.get(layer.name), "weight", None)
         pruned = record.state[layer.key("weight")][0][0 if layer.group_by == "output" else 1]
-        if isinstance(weight, torch.Tensor) and weight.dim() > 1 and layer.groups:
+        if isinstance(weight, torch.Tensor) and weight.dim() > 1 and layer.groups and pruned >= layer.groups:
             span = pruned // layer.groups
             channels = weight.shape[0 if layer.group_by == "output" else 1]
             if channels % span == 0 and channels:
@@ -112,7 +111,9 @@ def _unpruned_groups(model: nn.Module, record: Record) -> dict[str, int]:
 
 
 def _unrecorded(model: nn.Module, record: Record) -> list[str]:
-    """The modules to leave in float: those with no recorded layer at or under them (named at the top)."""
+    """The modules to leave in float: those with no recorded layer at or under them (named at the top) that hold
+    a parameter; modules with none (activations, pooling) have nothing to quantize, and each name given costs
+    ``quantize_model`` a test per module."""
     recorded = {""}
     for layer in record.layers:
         parts = layer.name.split(".") if layer.name else []
@@ -121,7 +122,8 @@ def _unrecorded(model: nn.Module, record: Record) -> list[str]:
     for name, module in model.named_modules():
         if name in recorded:
             prefix = f"{name}." if name else ""
-            skip.extend(prefix + child for child, _ in module.named_children() if prefix + child not in recorded)
+            skip.extend(prefix + child_name for child_name, child in module.named_children()
+                        if prefix + child_name not in recorded and next(child.parameters(), None) is not None)
     return skip
 
 
@@ -133,8 +135,12 @@ def prepare_architecture(model: nn.Module, record: Record) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layers quantize_model leaves in float are reported as mismatches below
         try:
-            model = quantize_model(model, skip=_unrecorded(model, record), groups=_unpruned_groups(model, record),
-                                   rounding=roundings.pop() if len(roundings) == 1 else "nearest")
+            # the new layers are initialised on meta, which for an embedding's normal_ imports torch._dynamo
+            # (about a second) to compute values that do not exist
+            with SkipInitOnMeta():
+                model = quantize_model(model, skip=_unrecorded(model, record),
+                                       groups=_unpruned_groups(model, record),
+                                       rounding=roundings.pop() if len(roundings) == 1 else "nearest")
         except (ValueError, TypeError) as exc:
             raise ArchitectureMismatch(f"the architecture cannot be quantized as the file records: {exc}") from None
     layers = dict(quantized_layers(model))

@@ -37,21 +37,24 @@ def _mask_bytes(group_len: int) -> int:
     return stream_bytes(1, group_len)
 
 
+def _width_parts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (values & WIDTH_BITS).astype(np.int64), (values & SPARSE_FLAG) != 0
+
+
 def split_width_bytes(width_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's width (int64, on the CPU) and whether it is stored sparse."""
-    values = width_bytes.cpu().to(torch.int64)
-    return values & WIDTH_BITS, (values & SPARSE_FLAG) != 0
+    return tuple(map(torch.from_numpy, _width_parts(width_bytes.cpu().numpy())))
 
 
 def check_width_bytes(width_bytes: torch.Tensor, *, sparse_allowed: bool = True) -> None:
     """Raise :class:`CodecError` unless every byte is a width 0..32, or 1..32 with the sparse flag."""
-    values = width_bytes.cpu().to(torch.int64)
-    widths, sparse = split_width_bytes(width_bytes)
-    bad = (values & ~(WIDTH_BITS | SPARSE_FLAG) != 0) | (widths > MAX_WIDTH) | (sparse & (widths == 0))
+    values = width_bytes.cpu().numpy()
+    widths, sparse = _width_parts(values)
+    bad = (values & (0xFF & ~(WIDTH_BITS | SPARSE_FLAG)) != 0) | (widths > MAX_WIDTH) | (sparse & (widths == 0))
     if not sparse_allowed:
         bad |= sparse
     if bad.any():
-        g = int(bad.nonzero()[0])
+        g = int(np.flatnonzero(bad)[0])
         raise CodecError(f"width byte {int(values[g])} of group {g} is not a width 0..{MAX_WIDTH}"
                          + (" or a sparse width 1..32 (bit 7 set)" if sparse_allowed else ""))
 
@@ -93,21 +96,31 @@ _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.int
 class _Layout:
     """Where the parts of one layer's stream lie, relative to its start."""
 
-    widths: torch.Tensor
-    sparse: torch.Tensor
+    widths: np.ndarray  # (G,) int64
+    sparse: np.ndarray  # (G,) bool
     dense_end: int
     masks: np.ndarray  # (sparse groups, ceil(L / 8)) uint8, as stored
     runs: list[tuple[int, np.ndarray, int, int, int]]  # (width, its sparse groups among masks' rows, codes, start, end)
     end: int
 
 
+def _runs_bytes(widths: np.ndarray, group_len: int) -> int:
+    """Bytes of one run of ``group_len`` codes at each of ``widths``, in Python ints: a file's shapes may make
+    ``width * group_len`` wrap in int64, into a small length that a short stream would pass."""
+    counts = np.bincount(widths, minlength=MAX_WIDTH + 1).tolist()
+    return sum(count * stream_bytes(width, group_len) for width, count in enumerate(counts) if count)
+
+
+# The layout is worked out in NumPy and Python ints: a layer's groups are few, and torch's per-op cost
+# (microseconds) would make it the bulk of reading a file of many small layers.
 def _layout(stream: torch.Tensor, start: int, width_bytes: torch.Tensor, group_len: int) -> _Layout:
-    widths, sparse = split_width_bytes(width_bytes)
+    check_width_bytes(width_bytes)  # decode hands the dense widths to the unpack op unchecked
+    widths, sparse = _width_parts(width_bytes.cpu().numpy())
     available = stream.numel() - start
-    dense_end = int(stream_bytes(widths[~sparse], group_len).sum())
+    dense_end = _runs_bytes(widths[~sparse], group_len)
     if dense_end > available:
         raise CodecError(f"the dense groups need {dense_end} bytes, past the end of the stream")
-    n_sparse = int(sparse.sum())
+    n_sparse = int(np.count_nonzero(sparse))
     mask_bytes = _mask_bytes(group_len) * n_sparse
     if dense_end + mask_bytes > available:
         raise CodecError(f"the sparse groups' masks run past the end of the stream ({stream.numel()} bytes)")
@@ -118,7 +131,7 @@ def _layout(stream: torch.Tensor, start: int, width_bytes: torch.Tensor, group_l
     if not counts.all():
         raise CodecError("a sparse group's mask has no bit set (an all-zero group is stored at width 0)")
     runs, offset = [], dense_end + mask_bytes
-    sparse_widths = widths[sparse].numpy()
+    sparse_widths = widths[sparse]
     for width in np.unique(sparse_widths).tolist():
         rows = sparse_widths == width
         count = int(counts[rows].sum())
@@ -144,17 +157,24 @@ def decode(stream: torch.Tensor, width_bytes: torch.Tensor, rows_per_group: int,
     layout = _layout(stream, 0, width_bytes, group_len)
     if layout.end != stream.numel():
         raise CodecError(f"the layer's groups take {layout.end} bytes, the stream has {stream.numel()}")
-    shape = (layout.widths.numel() * rows_per_group, row_len)
+    shape = (layout.widths.size * rows_per_group, row_len)
     if layout.sparse.all():  # nothing to unpack densely
         return _sparse_codes(stream.cpu(), layout, group_len).to(stream.device).reshape(shape)
     # Dense groups unpack in place: with the sparse groups' widths taken as 0 (no bytes, all-zero codes),
-    # the dense run is exactly ops.unpack's layout for the whole layer.
-    dense_widths = layout.widths.masked_fill(layout.sparse, 0).to(torch.uint8).to(stream.device)
-    codes = ops.unpack(stream[: layout.dense_end], dense_widths, 1, group_len)
+    # the dense run is exactly the unpack op's layout for the whole layer. The layout has checked the
+    # widths and the run's length, which ops.unpack would check again at several times the op's cost.
+    dense_widths = torch.from_numpy(np.where(layout.sparse, 0, layout.widths).astype(np.uint8)).to(stream.device)
+    codes = torch.ops.sgsc.unpack(stream[: layout.dense_end], dense_widths, 1, group_len)
     if layout.sparse.any():
-        sparse_rows = layout.sparse.nonzero().flatten().to(stream.device)
+        sparse_rows = torch.from_numpy(np.flatnonzero(layout.sparse)).to(stream.device)
         codes[sparse_rows] = _sparse_codes(stream.cpu(), layout, group_len).to(stream.device)
     return codes.reshape(shape)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights of ``(G, L)`` integer codes, row ``g`` times ``scales[g]``: computed in float32 and cast to
+    ``dtype`` (docs/FORMAT.md), as the float runtime holds them."""
+    return (codes.to(torch.float32) * scales.to(codes.device).unsqueeze(1)).to(dtype)
 
 
 def _sparse_codes(host_stream: torch.Tensor, layout: _Layout, group_len: int) -> torch.Tensor:

@@ -70,12 +70,13 @@ def layer_slots(model: nn.Module) -> list[LayerSlot]:
     return slots
 
 
+def state_key(module: str, part: str) -> str:
+    """The state-dict key of ``module``'s entry ``part`` (the model itself is module ``""``)."""
+    return f"{module}.{part}" if module else part
+
+
 def quantized_state_keys(model: nn.Module) -> set[str]:
-    keys = set()
-    for name, _ in quantized_layers(model):
-        prefix = f"{name}." if name else ""
-        keys.update(f"{prefix}{p}" for p in ("weight", "bits", "exponent"))
-    return keys
+    return {state_key(name, part) for name, _ in quantized_layers(model) for part in ("weight", "bits", "exponent")}
 
 
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,6 +97,32 @@ def crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy to bytes
 
 
+# Strings a file gives (layer and entry names, keys) reach messages and the terminal: each is shown as
+# repr escapes it, so no byte of a file acts as a control sequence, and cut, so no name makes a long line.
+MAX_SHOWN_NAME = 80
+
+
+def quoted(value: object) -> str:
+    """``value`` (a name or other JSON value a file gave) as a message shows it: its repr, which escapes every
+    character that does not print, cut to ``MAX_SHOWN_NAME`` characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_NAME else f"{text[:MAX_SHOWN_NAME]}... ({len(text):,} characters)"
+
+
+def quoted_names(names, most: int = 8) -> str:
+    """A list of names for a message: the first ``most``, each :func:`quoted`, and how many more there are."""
+    names = list(names)
+    more = f", and {len(names) - most:,} more" if len(names) > most else ""
+    return f"[{', '.join(map(quoted, names[:most]))}{more}]"
+
+
+def printable(name: str, width: int = MAX_SHOWN_NAME) -> str:
+    """``name`` for a table: as it is where every character prints, else escaped as repr escapes it; at most ``width``
+    characters."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    return text if len(text) <= width else f"{text[:width - 3]}..."
+
+
 def unreadable(path: Path, exc: Exception) -> PackedFileError:
     return PackedFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}")
 
@@ -103,9 +130,14 @@ def unreadable(path: Path, exc: Exception) -> PackedFileError:
 # ---- what a file may contain -------------------------------------------------------------------
 
 # Every dtype a stream may have, by its safetensors code: the fixed streams' uint8, float32 and int64,
-# and the float dtypes a model may be cast to. Anything else (complex, bool, float8, quantized) no
-# writer emits, and most of it fails only at a model's first forward.
-STORED_DTYPES = ("U8", "I64", "F16", "BF16", "F32", "F64")
+# the float dtypes a model may be cast to, and the dtypes of buffers a user registers (a bool causal
+# mask, integer tables). Anything else (complex, float8, unsigned wider than a byte, quantized) has no
+# torch kernels for most ops, and would fail only at a model's first forward.
+STORED_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                 "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                 "F64": torch.float64}
+# safetensors' own bound on its header (its MAX_HEADER_SIZE): refused before a byte of it is read
+MAX_INDEX_BYTES = 100_000_000
 # The dtypes a floating state-dict entry may be stored in (the header's ``dtypes``); other entries
 # keep the dtype the architecture builds.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -119,16 +151,30 @@ MAX_DATA_NAME = 64
 SEED_RANGE = range(2**32)
 
 
+def index_length(path: Path, head: bytes, file_bytes: int) -> int:
+    """The length of the safetensors header that follows a file's first 8 bytes ``head``, checked against the
+    file's ``file_bytes`` and safetensors' own bound before any of it is read."""
+    if file_bytes < 8 or len(head) < 8:
+        raise unreadable(path, ValueError(f"{file_bytes} bytes, shorter than the 8-byte header length"))
+    length = int.from_bytes(head[:8], "little")
+    if length > file_bytes - 8:
+        raise unreadable(path, ValueError(f"the header claims {length} bytes, the file has {file_bytes - 8} after it"))
+    if length > MAX_INDEX_BYTES:
+        raise unreadable(path, ValueError(f"the header claims {length:,} bytes, more than safetensors reads "
+                                          f"({MAX_INDEX_BYTES:,})"))
+    return length
+
+
 def parse_index(path: Path, data: bytes, file_bytes: int) -> dict:
     """The safetensors header at the start ``data`` of a file of ``file_bytes``, strictly parsed and checked.
 
-    safetensors itself keeps the last of duplicate tensor names, so they are refused here first.
+    safetensors itself keeps the last of duplicate tensor names, so they are refused here first; and
+    where each tensor's bytes lie is checked against the file's size, so a file is refused before its data
+    is read.
     """
-    if file_bytes < 8:
-        raise unreadable(path, ValueError(f"{file_bytes} bytes, shorter than the 8-byte header length"))
-    length = int.from_bytes(data[:8], "little")
-    if length > file_bytes - 8 or len(data) < 8 + length:
-        raise unreadable(path, ValueError(f"the header claims {length} bytes, the file has {file_bytes - 8} after it"))
+    length = index_length(path, data, file_bytes)
+    if len(data) < 8 + length:
+        raise unreadable(path, ValueError(f"the header claims {length} bytes, the file has {len(data) - 8} after it"))
     try:
         index = strict_json.loads(data[8 : 8 + length])
     except ValueError as exc:
@@ -142,9 +188,26 @@ def parse_index(path: Path, data: bytes, file_bytes: int) -> dict:
         elif (not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}
               or entry["dtype"] not in STORED_DTYPES or not _naturals(entry["shape"])
               or not _naturals(entry["data_offsets"]) or len(entry["data_offsets"]) != 2):
-            raise PackedFileError(f"{path}: tensor {name!r} is not a tensor of a stored dtype "
-                                  f"({', '.join(STORED_DTYPES)}): {str(entry)[:120]}")
+            raise PackedFileError(f"{path}: tensor {quoted(name)} is not a tensor of a stored dtype "
+                                  f"({', '.join(STORED_DTYPES)}): {quoted(entry)}")
+    _check_offsets(path, index, file_bytes - 8 - length)
     return index
+
+
+def _check_offsets(path: Path, index: dict, data_bytes: int) -> None:
+    """The tensors lie back to back, each as long as its dtype and shape say, and cover the ``data_bytes``
+    after the header exactly: safetensors' own rule, checked (in Python ints) before the data is read."""
+    end = 0
+    entries = sorted((entry["data_offsets"], name, entry) for name, entry in index.items() if name != "__metadata__")
+    for (begin, stop), name, entry in entries:
+        size = math.prod(entry["shape"]) * STORED_DTYPES[entry["dtype"]].itemsize
+        if begin != end or stop - begin != size:
+            raise unreadable(path, ValueError(f"tensor {quoted(name)} lies at bytes {begin}..{stop} of the data, where "
+                                              f"its {size:,} bytes would lie at {end}..{end + size}"))
+        end = stop
+    if end != data_bytes:
+        raise unreadable(path, ValueError(f"the tensors take {end:,} bytes, the file has {data_bytes:,} after the "
+                                          "header"))
 
 
 def _naturals(value) -> bool:
@@ -182,7 +245,7 @@ def stored_dtype(path: Path, header: dict, key: str, built: torch.dtype) -> torc
 def parse_dtype(path: Path, name) -> torch.dtype:
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if dtype not in FLOAT_DTYPES:
-        raise PackedFileError(f"{path}: the header names {name!r}, which is not a torch dtype a file may store "
+        raise PackedFileError(f"{path}: the header names {quoted(name)}, which is not a torch dtype a file may store "
                               f"({', '.join(map(dtype_name, FLOAT_DTYPES))})")
     return dtype
 
@@ -196,10 +259,10 @@ def check_header(path: Path, header: object) -> None:
     if not isinstance(header, dict):
         raise _fail(path, f"the sgsc header is a JSON {type(header).__name__}, not an object")
     if header.get("format") != FORMAT_NAME:
-        raise _fail(path, f"header format is {header.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise _fail(path, f"header format is {quoted(header.get('format'))}, expected {FORMAT_NAME!r}")
     version = header.get("version")
     if type(version) is not int or version not in READABLE_VERSIONS:
-        raise _fail(path, f"format version {version!r} is not supported by this sgsc (reads versions "
+        raise _fail(path, f"format version {quoted(version)} is not supported by this sgsc (reads versions "
                           f"{', '.join(map(str, READABLE_VERSIONS))})")
     required, optional = (RECORD_REQUIRED_KEYS, RECORD_OPTIONAL_KEYS) if version == 4 else (REQUIRED_KEYS, OPTIONAL_KEYS)
     missing = [key for key in required if key not in header]
@@ -207,7 +270,7 @@ def check_header(path: Path, header: object) -> None:
         raise _fail(path, f"header lacks {missing}")
     unknown = sorted(set(header) - set(required) - set(optional))
     if unknown:
-        raise _fail(path, f"header has unknown keys {unknown} (a version {version} header holds "
+        raise _fail(path, f"header has unknown keys {quoted_names(unknown)} (a version {version} header holds "
                           f"{', '.join(required + optional)})")
     if not isinstance(header.get("model", ""), str):
         raise _fail(path, f"header 'model' must be a string, got {type(header['model']).__name__}")
@@ -216,7 +279,7 @@ def check_header(path: Path, header: object) -> None:
             raise _fail(path, f"header {key!r} must be a JSON object, got {type(header[key]).__name__}")
     bad_crcs = sorted(name for name, crc in header["crc32"].items() if type(crc) is not int or not 0 <= crc < 2**32)
     if bad_crcs:
-        raise _fail(path, f"header 'crc32' values must be integers 0..2^32-1; {bad_crcs} are not")
+        raise _fail(path, f"header 'crc32' values must be integers 0..2^32-1; {quoted_names(bad_crcs)} are not")
     for name in header.get("dtypes", {}).values():
         parse_dtype(path, name)
     try:
@@ -229,23 +292,22 @@ def check_data_record(record: dict) -> None:
     """A data record names a data set and a split seed, nothing else: a file never chooses paths to open."""
     unknown = sorted(set(record) - set(DATA_KEYS))
     if unknown:
-        raise ValueError(f"unknown keys {unknown} (a data record holds {', '.join(DATA_KEYS[:2])})")
+        raise ValueError(f"unknown keys {quoted_names(unknown)} (a data record holds {', '.join(DATA_KEYS[:2])})")
     name = record.get("name")
     if name is not None and not (isinstance(name, str) and 0 < len(name) <= MAX_DATA_NAME and name.isprintable()):
-        raise ValueError(f"'name' must be a short data set name, got {str(name)[:80]!r}")
+        raise ValueError(f"'name' must be a short data set name, got {quoted(name)}")
     seed = record.get("seed")
     if seed is not None and (type(seed) is not int or seed not in SEED_RANGE):
-        raise ValueError(f"'seed' must be an integer 0..2^32-1, got {str(seed)[:80]}")
+        raise ValueError(f"'seed' must be an integer 0..2^32-1, got {quoted(seed)}")
     if not isinstance(record.get("dir"), (str, type(None))):
         raise ValueError(f"'dir' must be a string if present, got {type(record['dir']).__name__}")
 
 
 def check_crcs(path: Path, crcs: dict, tensors: dict[str, torch.Tensor]) -> None:
     if set(crcs) != set(tensors):
-        raise PackedFileError(
-            f"{path}: the file's tensors do not match its header: missing {sorted(set(crcs) - set(tensors))}, "
-            f"unlisted {sorted(set(tensors) - set(crcs))}"
-        )
+        missing, unlisted = sorted(set(crcs) - set(tensors)), sorted(set(tensors) - set(crcs))
+        raise PackedFileError(f"{path}: the file's tensors do not match its header: missing {quoted_names(missing)}, "
+                              f"unlisted {quoted_names(unlisted)}")
     for stream, tensor in tensors.items():
         if crc32(tensor) != crcs[stream]:
-            raise PackedFileError(f"{path}: tensor {stream!r} fails its CRC-32 check (corrupt data)")
+            raise PackedFileError(f"{path}: tensor {quoted(stream)} fails its CRC-32 check (corrupt data)")

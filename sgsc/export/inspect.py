@@ -6,11 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from sgsc.export import codec
-from sgsc.export.format import STATE_PREFIX
-from sgsc.export.reader import dequantized_weights, packed_layers, read_file, read_packed
+from sgsc.export.format import STATE_PREFIX, printable
+from sgsc.export.reader import PackedFile, check_layer_values, packed_layers, read_packed
 
 
 @dataclass
@@ -48,17 +46,20 @@ def summarize(path: str | os.PathLike, *, max_bytes: int | None = None) -> Packe
     """Read a packed file, check it as :func:`~sgsc.export.load_packed` does, and account for every byte of it.
 
     ``max_bytes`` bounds the memory the model would need, as for ``load_packed``: a file this
-    refuses, ``load_packed`` refuses with the same error, and the other way round.
+    refuses, ``load_packed`` refuses with the same error, and the other way round. As there, the header
+    is checked before the rest of the file is read.
     """
     path = Path(path)
-    return summarize_bytes(path, read_file(path), max_bytes=max_bytes)
+    return _summary(path, read_packed(path, max_bytes))
 
 
 def summarize_bytes(path: Path, data: bytes, *, max_bytes: int | None = None) -> PackedSummary:
     """:func:`summarize` of a file's bytes ``data`` (``path`` names it in errors and in the summary)."""
-    packed_file = read_packed(path, max_bytes, data)
-    for _ in dequantized_weights(path, packed_file, torch.device("cpu")):
-        pass  # decoded one layer at a time and dropped: the checks that need the codes, as loading runs them
+    return _summary(path, read_packed(path, max_bytes, data))
+
+
+def _summary(path: Path, packed_file: PackedFile) -> PackedSummary:
+    check_layer_values(path, packed_file)  # the checks that need the codes, as loading runs them
     layers = []
     for slot, packed, width_bytes, _ in packed_layers(packed_file):
         widths, sparse = codec.split_width_bytes(width_bytes)
@@ -71,7 +72,7 @@ def summarize_bytes(path: Path, data: bytes, *, max_bytes: int | None = None) ->
     groups = sum(layer.groups for layer in layers)
     return PackedSummary(
         path=str(path),
-        file_bytes=len(data),
+        file_bytes=packed_file.file_bytes,
         packed_bytes=sum(layer.packed_bytes for layer in layers),
         group_metadata_bytes=5 * groups,
         plain_bytes=plain,
@@ -88,7 +89,7 @@ def format_summary(summary: PackedSummary) -> str:
     for layer in summary.layers:
         histogram = " ".join(f"{w}:{n}" for w, n in layer.width_histogram.items())
         rows.append(
-            f"{layer.name:<28} {'x'.join(map(str, layer.shape)):<18} {layer.groups:>6}  {histogram:<34} "
+            f"{printable(layer.name):<28} {'x'.join(map(str, layer.shape)):<18} {layer.groups:>6}  {histogram:<34} "
             f"{layer.sparse_groups:>6} {layer.packed_bytes:>10} {100 * layer.packed_bytes / total:>5.1f}%"
         )
     rows += [

@@ -37,6 +37,7 @@ from torch import nn
 from sgsc._deps import require
 from sgsc._io import atomic_write
 from sgsc.export import codec
+from sgsc.export.format import printable
 from sgsc.export.writer import integer_codes
 from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
 from sgsc.ops.spec import MAX_WIDTH
@@ -102,7 +103,8 @@ def format_onnx_summary(summary: OnnxSummary) -> str:
     rows = [f"{'layer':<28} {'shape':<18} {'groups':>6}  {'stored as (type:groups)':<30} {'dropped':>7}"]
     for layer in summary.layers:
         stored = " ".join(f"{name}:{count}" for name, count in layer.stored.items())
-        rows.append(f"{layer.name:<28} {'x'.join(map(str, layer.shape)):<18} {layer.groups:>6}  {stored:<30} "
+        rows.append(f"{printable(layer.name):<28} {'x'.join(map(str, layer.shape)):<18} {layer.groups:>6}  "
+                    f"{stored:<30} "
                     f"{layer.dropped:>7}")
     rows.append(f"{summary.path}: {summary.file_bytes} bytes, ONNX opset {summary.opset}")
     return "\n".join(rows)

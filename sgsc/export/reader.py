@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import math
 import os
@@ -15,7 +16,7 @@ from safetensors.torch import load as safetensors_load
 from torch import nn
 
 from sgsc.export import codec, record, validate
-from sgsc.export.architecture import ArchitectureTooLarge, prepare_architecture, rebuild_on_meta
+from sgsc.export.architecture import ArchitectureTooLarge, SkipInitOnMeta, prepare_architecture, rebuild_on_meta
 from sgsc.export.format import (
     CODES,
     HEADER_CRC_TENSOR,
@@ -26,9 +27,13 @@ from sgsc.export.format import (
     check_crcs,
     checked_header,
     dtype_name,
+    index_length,
     layer_slots,
     parse_index,
     plain_state,
+    quoted,
+    quoted_names,
+    state_key,
     state_stream,
     stored_dtype,
     unreadable,
@@ -41,94 +46,136 @@ class PackedFile:
     """A packed file read and checked against its header and the architecture it names."""
 
     header: dict
-    tensors: dict[str, torch.Tensor]
+    file_bytes: int
     architecture: nn.Module | None  # a zoo model on the meta device, which the loader fills; None for a record
     slots: list[LayerSlot]
     state_dtypes: dict[str, torch.dtype]  # plain state-dict entry -> its stored dtype, in stream order
     state_shapes: dict[str, tuple[int, ...]]
-    code_spans: list[slice] = dataclasses.field(default_factory=list)  # each layer's bytes of ``codes``, once checked
-    weight_dtypes: list[torch.dtype] = dataclasses.field(default_factory=list)  # each layer's dequantized dtype
+    weight_dtypes: list[torch.dtype]  # each stored layer's dequantized dtype
     record: record.Record | None = None  # a version 4 file's architecture record
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # once the whole file is read
+    code_spans: list[slice] = dataclasses.field(default_factory=list)  # each layer's bytes of ``codes``, once checked
 
 
-def _read_container(path: Path, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The sgsc header and the tensors (CRCs checked) of a file's bytes ``data``."""
-    index = parse_index(path, data, len(data))
+def _open(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no packed model file there")
+    return path.open("rb")
+
+
+def _read_head(path: Path, handle, file_bytes: int) -> tuple[dict, list[tuple[int, bytes]]]:
+    """The checked sgsc header of the file of ``file_bytes`` open at ``handle`` (at its start), and the
+    ``(offset, bytes)`` it was checked from: the safetensors header and the 8 bytes of the header's checksum
+    tensor, all that is read."""
+    head = handle.read(8)
+    head += handle.read(index_length(path, head, file_bytes))
+    index = parse_index(path, head, file_bytes)
+    read, stored_crc = [(0, head)], None
+    entry = index.get(HEADER_CRC_TENSOR)
+    if entry is not None and entry["dtype"] == "I64" and entry["shape"] == [1]:  # parse_index: its bytes are there
+        handle.seek(len(head) + entry["data_offsets"][0])
+        read.append((len(head) + entry["data_offsets"][0], handle.read(8)))
+        stored_crc = torch.tensor([int.from_bytes(read[-1][1], "little", signed=True)])
+    return checked_header(path, index.get("__metadata__") or {}, stored_crc), read
+
+
+def _read_tensors(path: Path, data: bytes, header: dict, read: list[tuple[int, bytes]]) -> dict[str, torch.Tensor]:
+    """The tensors (CRCs checked) of a file's bytes ``data``, whose ``header`` was checked from the ``read`` parts."""
+    if any(data[offset : offset + len(part)] != part for offset, part in read):
+        raise PackedFileError(f"{path}: the file changed while it was read")
     try:
         tensors = safetensors_load(data)
     except (SafetensorError, ValueError, OSError) as exc:
         raise unreadable(path, exc) from exc
-    header = checked_header(path, index.get("__metadata__") or {}, tensors.pop(HEADER_CRC_TENSOR, None))
+    del tensors[HEADER_CRC_TENSOR]  # checked with the header
     check_crcs(path, header["crc32"], tensors)
-    return header, tensors
-
-
-def read_file(path: Path) -> bytes:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no packed model file there")
-    return path.read_bytes()  # one read: every check sees the same bytes
+    return tensors
 
 
 def _rebuild(path: Path, header: dict, file_bytes: int) -> nn.Module:
     try:
         return rebuild_on_meta(header["model"], header["config"], max_tensors=validate.build_budget(file_bytes))
     except ArchitectureTooLarge as exc:
-        raise PackedFileError(f"{path}: model {header['model']!r}: {exc}, the most a file of {file_bytes:,} bytes "
-                              "may build (docs/FORMAT.md, limits)") from None
+        raise PackedFileError(f"{path}: model {quoted(header['model'])}: {exc}, the most a file of {file_bytes:,} "
+                              "bytes may build (docs/FORMAT.md, limits)") from None
     # the zoo's configs check their fields; a value that passes them can still fail in torch (an
     # int64 overflow of a shape), and every such failure means this config does not rebuild
     except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
-        raise PackedFileError(f"{path}: cannot rebuild model {header['model']!r} from the header's config: {exc}") from None
+        raise PackedFileError(f"{path}: cannot rebuild model {quoted(header['model'])} from the header's config: "
+                              f"{quoted(str(exc))}") from None
+
+
+def _check_max_bytes(max_bytes) -> None:
+    if max_bytes is not None and type(max_bytes) is not int:
+        raise TypeError(f"max_bytes must be an int or None, got {type(max_bytes).__name__}")
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be non-negative, got {max_bytes}")
 
 
 def read_packed(path: Path, max_bytes: int | None = None, data: bytes | None = None) -> PackedFile:
     """Read and check every part of a packed file, or of its bytes ``data`` when given (``path`` then names it).
 
-    Nothing is allocated for the model before its size is known to be within ``max_bytes`` (default
-    :func:`~sgsc.export.validate.default_max_bytes` of the file's size).
+    The header is read and checked first, with every bound on what it describes: the model must fit in
+    ``max_bytes`` (default :func:`~sgsc.export.validate.default_max_bytes` of the file's size) and the
+    tensors the file's size. Only then is the rest of the file read, so a file of any size with a bad header
+    is refused at the cost of its header.
     """
-    data = read_file(path) if data is None else data
-    max_bytes = validate.default_max_bytes(len(data)) if max_bytes is None else max_bytes
-    header, tensors = _read_container(path, data)
-    if "architecture" in header:  # nothing to build: the record gives every shape
-        packed_file = _describe_record(header, tensors, record.parse(path, header["architecture"]))
-    else:
-        packed_file = _describe(path, header, tensors, _rebuild(path, header, len(data)))
-    validate.check_footprint(path, packed_file.slots, packed_file.weight_dtypes, {
-        key: (packed_file.state_shapes[key], dtype) for key, dtype in packed_file.state_dtypes.items()
-    }, max_bytes)
+    _check_max_bytes(max_bytes)
+    with _open(path) if data is None else io.BytesIO(data) as handle:
+        file_bytes = handle.seek(0, os.SEEK_END)
+        handle.seek(0)
+        header, read = _read_head(path, handle, file_bytes)
+        packed_file = _describe(path, header, file_bytes)
+        validate.check_footprint(path, packed_file.slots, packed_file.weight_dtypes, {
+            key: (packed_file.state_shapes[key], dtype) for key, dtype in packed_file.state_dtypes.items()
+        }, validate.default_max_bytes(file_bytes) if max_bytes is None else max_bytes)
+        if data is None:
+            handle.seek(0)
+            data = handle.read(file_bytes)  # one read: every check below sees the same bytes
+    packed_file.tensors = _read_tensors(path, data, header, read)
     packed_file.code_spans = _check_streams(path, packed_file)
-    validate.check_scales(path, tensors[SCALES])
+    validate.check_scales(path, packed_file.tensors[SCALES])
     for key, value in _plain_entries(packed_file):
         validate.check_state_values(path, key, value)
     return packed_file
 
 
-def _describe(path: Path, header: dict, tensors: dict[str, torch.Tensor], rebuilt: nn.Module) -> PackedFile:
+def _describe(path: Path, header: dict, file_bytes: int) -> PackedFile:
+    """What the header says each stream holds: a version 4 file's record, or the zoo architecture it names."""
+    if "architecture" in header:  # nothing to build: the record gives every shape
+        return _describe_record(path, header, record.parse(path, header["architecture"]), file_bytes)
+    return _describe_zoo(path, header, _rebuild(path, header, file_bytes), file_bytes)
+
+
+def _describe_zoo(path: Path, header: dict, rebuilt: nn.Module, file_bytes: int) -> PackedFile:
     """What the rebuilt architecture says each stream holds: layers, plain entries and their stored dtypes."""
     plain = plain_state(rebuilt)
-    weights = {f"{name}.weight" if name else "weight" for name, _ in quantized_layers(rebuilt)}
-    unknown = set(header.get("dtypes", {})) - set(plain) - weights  # bits and exponents are not stored
-    if unknown:
-        raise PackedFileError(f"{path}: the header gives dtypes for {sorted(unknown)}, which the file does not store")
-    state_dtypes = {key: stored_dtype(path, header, key, value.dtype) for key, value in plain.items()}
-    packed_file = PackedFile(header, tensors, rebuilt, layer_slots(rebuilt), state_dtypes,
-                             {key: tuple(value.shape) for key, value in plain.items()})
     layers = dict(quantized_layers(rebuilt))
-    packed_file.weight_dtypes = [
-        stored_dtype(path, header, f"{slot.name}.weight" if slot.name else "weight", layers[slot.name].weight.dtype)
-        for slot in packed_file.slots
-    ]
-    return packed_file
+    unknown = set(header.get("dtypes", {})) - set(plain) - {state_key(name, "weight") for name in layers}
+    if unknown:  # bits and exponents are not stored
+        raise PackedFileError(f"{path}: the header gives dtypes for {quoted_names(sorted(unknown))}, which the file "
+                              "does not store")
+    state_dtypes = {key: stored_dtype(path, header, key, value.dtype) for key, value in plain.items()}
+    dtypes = dict(state_dtypes)
+    for name, layer in layers.items():
+        key = state_key(name, "weight")
+        dtypes[key] = stored_dtype(path, header, key, layer.weight.dtype)
+    validate.check_layer_dtypes(path, layers, dtypes)
+    slots = layer_slots(rebuilt)
+    return PackedFile(header, file_bytes, rebuilt, slots, state_dtypes,
+                      {key: tuple(value.shape) for key, value in plain.items()},
+                      [dtypes[state_key(slot.name, "weight")] for slot in slots])
 
 
-def _describe_record(header: dict, tensors: dict[str, torch.Tensor], recorded: record.Record) -> PackedFile:
+def _describe_record(path: Path, header: dict, recorded: record.Record, file_bytes: int) -> PackedFile:
     """What a version 4 file's record says each stream holds."""
+    validate.check_layer_count(path, len(recorded.layers), file_bytes)
+    validate.check_layer_dtypes(path, [layer.name for layer in recorded.layers],
+                                {key: dtype for key, (_, dtype) in recorded.state.items()})
     plain = recorded.plain()
-    packed_file = PackedFile(header, tensors, None, recorded.slots(), {key: dtype for key, (_, dtype) in plain.items()},
-                             {key: shape for key, (shape, _) in plain.items()}, record=recorded)
-    packed_file.weight_dtypes = [recorded.state[layer.key("weight")][1] for layer in recorded.stored_layers()]
-    return packed_file
+    return PackedFile(header, file_bytes, None, recorded.slots(), {key: dtype for key, (_, dtype) in plain.items()},
+                      {key: shape for key, (shape, _) in plain.items()},
+                      [recorded.state[layer.key("weight")][1] for layer in recorded.stored_layers()], recorded)
 
 
 def _check_stream(path: Path, tensors: dict, stream: str, dtype: torch.dtype, length: int) -> None:
@@ -164,7 +211,7 @@ def _check_streams(path: Path, packed_file: PackedFile) -> list[slice]:
         _check_stream(path, tensors, state_stream(dtype), dtype, length)
     unexpected = set(tensors) - {CODES, WIDTHS, SCALES} - set(map(state_stream, state_lengths))
     if unexpected:
-        raise PackedFileError(f"{path}: tensors {sorted(unexpected)} have no place in this architecture")
+        raise PackedFileError(f"{path}: tensors {quoted_names(sorted(unexpected))} have no place in this architecture")
     return code_spans
 
 
@@ -183,7 +230,7 @@ def _code_spans(path: Path, tensors: dict, slots: list[LayerSlot]) -> list[slice
             try:
                 length = codec.stream_length(codes, offset, tensors[WIDTHS][slot.group_span()], slot.group_len)
             except codec.CodecError as exc:
-                raise PackedFileError(f"{path}: tensor {CODES!r}, layer {slot.name!r}: {exc}") from None
+                raise PackedFileError(f"{path}: tensor {CODES!r}, layer {quoted(slot.name)}: {exc}") from None
         spans.append(slice(offset, offset + length))
         offset += length
     return spans
@@ -196,30 +243,25 @@ def packed_layers(packed_file: PackedFile):
         yield slot, tensors[CODES][span], tensors[WIDTHS][slot.group_span()], tensors[SCALES][slot.group_span()]
 
 
-def _layer_codes(path: Path, slot: LayerSlot, packed, widths, device) -> torch.Tensor:
-    """The int32 codes of one layer, ``(G, numel / G)`` in its ``grouped`` layout, decoded and checked."""
+def checked_codes(path: Path, slot: LayerSlot, packed, widths, scales, dtype: torch.dtype, device) -> torch.Tensor:
+    """The int32 codes of one layer, ``(G, numel / G)`` in its ``grouped`` layout, decoded and checked.
+
+    The one check of a layer's values: both runtimes and inspection call it, so they accept the same files.
+    """
     if slot.groups == 0 or slot.numel == 0:
         return torch.zeros(slot.groups, 0, dtype=torch.int32, device=device)
     try:
-        return codec.decode(packed.to(device), widths, 1, slot.group_len)
+        codes = codec.decode(packed.to(device), widths, 1, slot.group_len)
     except ValueError as exc:
-        raise PackedFileError(f"{path}: layer {slot.name!r}: {exc}") from exc
+        raise PackedFileError(f"{path}: layer {quoted(slot.name)}: {exc}") from exc
+    validate.check_weight_range(path, slot.name, codes, scales, dtype)
+    return codes
 
 
-def _dequantized_weight(path: Path, slot: LayerSlot, packed, widths, scales, dtype: torch.dtype, device) -> torch.Tensor:
-    """Group ``g``'s weights in row ``g`` of a ``(G, numel / G)`` tensor (the layer's ``grouped`` layout)."""
-    codes = _layer_codes(path, slot, packed, widths, device)
-    if codes.numel() == 0:
-        return codes.to(dtype)
-    weight = (codes.to(torch.float32) * scales.to(device).unsqueeze(1)).to(dtype)
-    validate.check_weight_values(path, slot.name, weight)
-    return weight
-
-
-def dequantized_weights(path: Path, packed_file: PackedFile, device: torch.device):
-    """``(slot, grouped weight)`` of each quantized layer, decoded and checked, one layer at a time."""
+def check_layer_values(path: Path, packed_file: PackedFile) -> None:
+    """Decode and check every stored layer, one at a time (:func:`checked_codes`), as loading does."""
     for (slot, packed, widths, scales), dtype in zip(packed_layers(packed_file), packed_file.weight_dtypes):
-        yield slot, _dequantized_weight(path, slot, packed, widths, scales, dtype, device)
+        checked_codes(path, slot, packed, widths, scales, dtype, torch.device("cpu"))
 
 
 def _plain_entries(packed_file: PackedFile):
@@ -249,6 +291,11 @@ def _assign_state(model: nn.Module, state) -> None:
 
 def _plain_twin(layer: nn.Module) -> nn.Module:
     """The plain nn layer with ``layer``'s hyper-parameters, on the meta device."""
+    with SkipInitOnMeta():  # its weight is replaced: no initialising on meta (an embedding's imports torch._dynamo)
+        return _new_plain_twin(layer)
+
+
+def _new_plain_twin(layer: nn.Module) -> nn.Module:
     if isinstance(layer, (QConv1d, QConv2d)):
         conv = nn.Conv1d if isinstance(layer, QConv1d) else nn.Conv2d
         return conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
@@ -278,11 +325,13 @@ def _loaded_float_layer(layer: nn.Module, weight: nn.Parameter) -> nn.Module:
     return plain
 
 
-def _replace_everywhere(model: nn.Module, layer: nn.Module, new: nn.Module) -> None:
-    """``new`` at every name ``layer`` has in ``model`` (a module may be registered at several)."""
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if module is layer:
-            replace_submodule(model, name, new)
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module of ``model`` has (a module may be registered at several), by its id: built once,
+    as a walk of the whole model per layer would make loading quadratic in the number of layers."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
 
 
 def _tie_plain_state(model: nn.Module, recorded: record.Record) -> None:
@@ -346,11 +395,13 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
         from sgsc.nn.packed import packable_layers  # the packed runtime's kernels load only when asked for
 
         packable = set(packable_layers(model))
+    names = _names_by_module(model)
     for name, new in _runtime_layers(path, packed_file, layers, runtime, device, packable):
-        _replace_everywhere(model, layers[name], new)
+        for place in names[id(layers[name])]:
+            replace_submodule(model, place, new)
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left_on_meta:  # an architecture with state the file does not hold; never silently garbage
-        raise PackedFileError(f"{path}: the model has tensors the file does not hold: {left_on_meta}")
+        raise PackedFileError(f"{path}: the model has tensors the file does not hold: {quoted_names(left_on_meta)}")
     return model.to(device).eval()
 
 
@@ -358,8 +409,8 @@ def _architecture(path: Path, packed_file: PackedFile, model: nn.Module | None) 
     """The meta-device architecture to fill: the zoo's rebuild, or ``model`` made into the file's record."""
     if packed_file.record is None:
         if model is not None:
-            raise ValueError(f"{path}: the file names zoo model {packed_file.header['model']!r}, which it rebuilds "
-                             "itself; model= is for files of other architectures")
+            raise ValueError(f"{path}: the file names zoo model {quoted(packed_file.header['model'])}, which it "
+                             "rebuilds itself; model= is for files of other architectures")
         return packed_file.architecture
     if model is None:
         raise ValueError(f"{path}: the file records an architecture of its own (no zoo model): pass model=, the "
@@ -382,6 +433,21 @@ def _tied_layers(packed_file: PackedFile) -> dict[str, list[str]]:
     return tied
 
 
+def _on_packed_runtime(path: Path, packed_file: PackedFile, tied: dict[str, list[str]],
+                       packable: set[str]) -> list[bool]:
+    """Whether each stored layer runs packed: it and every layer sharing its codes are packable, and float32.
+
+    A packable layer of another dtype is refused before any layer is decoded: the packed runtime computes in
+    float32, and casting would compute another model than the file's.
+    """
+    on_packed = [packable.issuperset([slot.name, *tied[slot.name]]) for slot in packed_file.slots]
+    for slot, dtype, packed in zip(packed_file.slots, packed_file.weight_dtypes, on_packed):
+        if packed and dtype != torch.float32:
+            raise ValueError(f"{path}: layer {quoted(slot.name)}: its weight is {dtype_name(dtype)}; the packed "
+                             "runtime computes in float32 only: load the file with runtime='float'")
+    return on_packed
+
+
 def _runtime_layers(path: Path, packed_file: PackedFile, layers: dict, runtime: str, device: torch.device,
                     packable: set[str]):
     """``(name, replacement)`` of every quantized layer, decoded one stored layer at a time.
@@ -389,23 +455,20 @@ def _runtime_layers(path: Path, packed_file: PackedFile, layers: dict, runtime: 
     Layers sharing a weight get float layers sharing one Parameter, or packed layers of the same codes.
     """
     tied = _tied_layers(packed_file)
-    for (slot, packed, widths, scales), dtype in zip(packed_layers(packed_file), packed_file.weight_dtypes):
+    on_packed = (_on_packed_runtime(path, packed_file, tied, packable) if runtime == "packed"
+                 else [False] * len(packed_file.slots))
+    decode_on = torch.device("cpu") if runtime == "packed" else device  # packed layouts are built on the CPU
+    for (slot, packed, widths, scales), dtype, packs in zip(packed_layers(packed_file), packed_file.weight_dtypes,
+                                                           on_packed):
         names = [slot.name, *tied[slot.name]]
-        if runtime == "packed" and packable.issuperset(names):
+        codes = checked_codes(path, slot, packed, widths, scales, dtype, decode_on)
+        if packs:
             from sgsc.nn.packed import packed_module  # the packed runtime's kernels load only when asked for
 
-            if dtype != torch.float32:
-                raise ValueError(f"{path}: layer {slot.name!r} was exported in {dtype}; the packed runtime computes "
-                                 "in float32 only: load it with runtime='float'")
-            codes = _layer_codes(path, slot, packed, widths, torch.device("cpu"))
-            if codes.numel():  # the largest weight of each group must be a finite float32, as the float runtime checks
-                validate.check_weight_values(path, slot.name, codes.abs().amax(1).float() * scales)
             for name in names:
-                yield name, packed_module(layers[name], codes, scales.float())
+                yield name, packed_module(layers[name], codes, scales)
         else:
-            on = device if runtime == "float" else torch.device("cpu")
-            grouped = _dequantized_weight(path, slot, packed, widths, scales, dtype, on)
-            weight = nn.Parameter(layers[slot.name].ungrouped(grouped), requires_grad=False)
+            weight = nn.Parameter(layers[slot.name].ungrouped(codec.dequantize(codes, scales, dtype)), requires_grad=False)
             for name in names:
                 yield name, _loaded_float_layer(layers[name], weight)
 
@@ -413,25 +476,14 @@ def _runtime_layers(path: Path, packed_file: PackedFile, layers: dict, runtime: 
 def read_header(path: str | os.PathLike) -> dict:
     """The checked sgsc header of a packed file, read without its weights.
 
-    Only the header and its checksum are read and checked; :func:`load_packed` and :func:`summarize`
-    check every tensor.
+    Only the header and its checksum are read and checked (a version 4 file's record included);
+    :func:`load_packed` and :func:`summarize` check every tensor.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no packed model file there")
-    file_bytes = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        head += handle.read(min(int.from_bytes(head, "little"), file_bytes))  # parse_index refuses a short read
-        index = parse_index(path, head, file_bytes)
-        stored_crc = None
-        entry = index.get(HEADER_CRC_TENSOR)
-        if entry is not None and entry["dtype"] == "I64" and entry["shape"] == [1]:
-            handle.seek(len(head) + entry["data_offsets"][0])
-            raw = handle.read(8)
-            if len(raw) == 8:
-                stored_crc = torch.tensor([int.from_bytes(raw, "little", signed=True)])
-    header = checked_header(path, index.get("__metadata__") or {}, stored_crc)
+    with _open(path) as handle:
+        file_bytes = handle.seek(0, os.SEEK_END)
+        handle.seek(0)
+        header, _ = _read_head(path, handle, file_bytes)
     if "architecture" in header:
         record.parse(path, header["architecture"])
     return header

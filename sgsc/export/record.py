@@ -10,22 +10,25 @@ to the recorded shapes) and refuses it, naming the first mismatch, when it canno
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sgsc.export.format import FLOAT_DTYPES, LayerSlot, PackedFileError, dtype_name
+from sgsc.export.format import STORED_DTYPES, LayerSlot, PackedFileError, dtype_name, quoted, quoted_names, state_key
 from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, quantized_layers
 from sgsc.nn.layers import GROUP_BY
 from sgsc.ops.spec import ROUNDING_MODES
 
 # The quantized kinds a record names, with the weight's dimensions; a subclass is recorded as its base.
 LAYER_KINDS = {"QLinear": (QLinear, 2), "QConv1d": (QConv1d, 3), "QConv2d": (QConv2d, 4), "QEmbedding": (QEmbedding, 2)}
-# The dtypes a state stream may hold (format.STORED_DTYPES).
-STATE_DTYPES = {dtype_name(dtype): dtype for dtype in (torch.uint8, torch.int64, *FLOAT_DTYPES)}
+# The dtypes a state entry may have: those a stream may hold, by their torch names.
+STATE_DTYPES = {dtype_name(dtype): dtype for dtype in STORED_DTYPES.values()}
 RECORD_KEYS = ("layers", "state", "tied")
+# torch counts a tensor's elements, and each of its sizes, in int64
+MAX_NUMEL = 2**63 - 1
 QUANTIZER_PARTS = ("weight", "bits", "exponent")
 
 
@@ -42,7 +45,7 @@ class LayerRecord:
     rounding: str
 
     def key(self, part: str) -> str:
-        return f"{self.name}.{part}" if self.name else part
+        return state_key(self.name, part)
 
 
 @dataclass(frozen=True)
@@ -100,39 +103,43 @@ def problems(record: Record) -> str | None:
     order = {key: i for i, key in enumerate(record.state)}
     for key, (shape, dtype) in record.state.items():
         if dtype not in STATE_DTYPES.values():
-            return f"state entry {key!r} is {dtype_name(dtype)}; a file stores {', '.join(STATE_DTYPES)}"
+            return f"state entry {quoted(key)} is {dtype_name(dtype)}; a file stores {', '.join(STATE_DTYPES)}"
     names = set()
     for layer in record.layers:
         if layer.name in names:
-            return f"layer {layer.name!r} is listed twice"
+            return f"layer {quoted(layer.name)} is listed twice"
         names.add(layer.name)
         if layer.kind not in LAYER_KINDS:
-            return f"layer {layer.name!r} has kind {layer.kind!r}, not one of {', '.join(LAYER_KINDS)}"
+            return f"layer {quoted(layer.name)} has kind {quoted(layer.kind)}, not one of {', '.join(LAYER_KINDS)}"
         if layer.group_by not in GROUP_BY or (layer.group_by == "input" and layer.kind != "QLinear"):
-            return f"layer {layer.name!r} ({layer.kind}) cannot group by {layer.group_by!r}"
+            return f"layer {quoted(layer.name)} ({layer.kind}) cannot group by {quoted(layer.group_by)}"
         if layer.rounding not in ROUNDING_MODES:
-            return f"layer {layer.name!r} has rounding {layer.rounding!r}, not one of {', '.join(ROUNDING_MODES)}"
+            return (f"layer {quoted(layer.name)} has rounding {quoted(layer.rounding)}, not one of "
+                    f"{', '.join(ROUNDING_MODES)}")
         missing = [layer.key(part) for part in QUANTIZER_PARTS if layer.key(part) not in record.state]
         if missing:
-            return f"layer {layer.name!r} has no state entries {missing}"
+            return f"layer {quoted(layer.name)} has no state entries {quoted_names(missing)}"
         shape, dtype = record.state[layer.key("weight")]
         if len(shape) != LAYER_KINDS[layer.kind][1] or not dtype.is_floating_point:
-            return f"layer {layer.name!r}: a {layer.kind} weight cannot be {dtype_name(dtype)} of shape {shape}"
+            return (f"layer {quoted(layer.name)}: a {layer.kind} weight cannot be {dtype_name(dtype)} of shape "
+                    f"{quoted(shape)}")
         for part in ("bits", "exponent"):
             if record.state[layer.key(part)] != ((layer.groups,), torch.float32):
-                return f"layer {layer.name!r}: its {part} must be float32 of shape ({layer.groups},)"
+                return f"layer {quoted(layer.name)}: its {part} must be float32 of shape ({layer.groups},)"
         axis = shape[0 if layer.group_by == "output" else 1]
         if (axis % layer.groups if layer.groups else axis):
-            return f"layer {layer.name!r}: {layer.groups} groups do not divide its {axis} {layer.group_by} channels"
+            return (f"layer {quoted(layer.name)}: {layer.groups} groups do not divide its {axis} {layer.group_by} "
+                    "channels")
     layers_by_key = {layer.key(part): (layer, part) for layer in record.layers for part in QUANTIZER_PARTS}
     for key, owner in record.tied.items():
         if key not in order or owner not in order or order[owner] >= order[key] or owner in record.tied:
-            return f"tied entry {key!r} must follow {owner!r}, an untied entry of the state"
+            return f"tied entry {quoted(key)} must follow {quoted(owner)}, an untied entry of the state"
         if record.state[key] != record.state[owner]:
-            return f"tied entries {key!r} and {owner!r} differ in shape or dtype"
+            return f"tied entries {quoted(key)} and {quoted(owner)} differ in shape or dtype"
         mine, theirs = layers_by_key.get(key), layers_by_key.get(owner)
         if (mine is None) != (theirs is None) or (mine and mine[1] != theirs[1]):
-            return (f"{key!r} shares its tensor with {owner!r}, but they are not the same part of two quantized layers "
+            return (f"{quoted(key)} shares its tensor with {quoted(owner)}, but they are not the same part of two "
+                    "quantized layers "
                     "(a quantized weight is stored as codes; a float layer reading it would read other values)")
     for layer in record.layers:  # layers sharing a weight share its quantizer, so its codes are stored once
         owner = record.tied.get(layer.key("weight"))
@@ -140,9 +147,10 @@ def problems(record: Record) -> str | None:
             other = layers_by_key[owner][0]
             for part in ("bits", "exponent"):
                 if record.tied.get(layer.key(part)) != other.key(part):
-                    return f"layers {other.name!r} and {layer.name!r} share a weight but not its {part}"
+                    return f"layers {quoted(other.name)} and {quoted(layer.name)} share a weight but not its {part}"
             if (layer.group_by, layer.rounding) != (other.group_by, other.rounding):
-                return f"layers {other.name!r} and {layer.name!r} share a weight but group or round it differently"
+                return (f"layers {quoted(other.name)} and {quoted(layer.name)} share a weight but group or round it "
+                        "differently")
     return None
 
 
@@ -165,16 +173,19 @@ def parse(path: Path, document: object) -> Record:
     for entry in layers:
         if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str) and isinstance(entry[1], str)
                 and _is_int(entry[2]) and isinstance(entry[3], str) and isinstance(entry[4], str)):
-            raise _fail(path, f"a layer is [name, kind, groups, group_by, rounding], got {str(entry)[:120]}")
+            raise _fail(path, f"a layer is [name, kind, groups, group_by, rounding], got {quoted(entry)}")
         parsed_layers.append(LayerRecord(*entry))
     parsed_state = {}
     for entry in state:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
                 and isinstance(entry[1], list) and all(_is_int(d) for d in entry[1]) and entry[2] in STATE_DTYPES):
             raise _fail(path, f"a state entry is [key, shape, dtype] with a dtype of {', '.join(STATE_DTYPES)}, "
-                              f"got {str(entry)[:120]}")
+                              f"got {quoted(entry)}")
         if entry[0] in parsed_state:
-            raise _fail(path, f"state entry {entry[0]!r} is listed twice")
+            raise _fail(path, f"state entry {quoted(entry[0])} is listed twice")
+        if max(entry[1], default=0) > MAX_NUMEL or math.prod(entry[1]) > MAX_NUMEL:
+            raise _fail(path, f"state entry {quoted(entry[0])} of shape {quoted(entry[1])} has more elements than a "
+                              "tensor holds (2^63 - 1)")
         parsed_state[entry[0]] = (tuple(entry[1]), STATE_DTYPES[entry[2]])
     if not all(isinstance(owner, str) for owner in tied.values()):
         raise _fail(path, "'tied' must map keys to keys")
@@ -199,23 +210,28 @@ def first_mismatch(expected: Record, found: Record) -> str | None:
     for layer in expected.layers:
         other = theirs.get(layer.name)
         if other is None or (other.kind, other.groups, other.group_by) != (layer.kind, layer.groups, layer.group_by):
-            return f"module {layer.name!r}: the file has {_describe_layer(layer)}, the architecture {_describe_layer(other)}"
-    extra = [name for name in theirs if name not in {layer.name for layer in expected.layers}]
+            return (f"module {quoted(layer.name)}: the file has {_describe_layer(layer)}, the architecture "
+                    f"{_describe_layer(other)}")
+    recorded = {layer.name for layer in expected.layers}
+    extra = [name for name in theirs if name not in recorded]
     if extra:
-        return f"module {extra[0]!r}: the file has {_describe_layer(None)}, the architecture {_describe_layer(theirs[extra[0]])}"
+        return (f"module {quoted(extra[0])}: the file has {_describe_layer(None)}, the architecture "
+                f"{_describe_layer(theirs[extra[0]])}")
     for key, (shape, dtype) in expected.state.items():
         if key not in found.state:
-            return f"state entry {key!r} (shape {shape}): the architecture has no such entry"
+            return f"state entry {quoted(key)} (shape {quoted(shape)}): the architecture has no such entry"
         other_shape, other_dtype = found.state[key]
         if other_shape != shape:
-            return f"state entry {key!r}: the file has shape {shape}, the architecture {other_shape}"
+            return (f"state entry {quoted(key)}: the file has shape {quoted(shape)}, the architecture "
+                    f"{quoted(other_shape)}")
         if other_dtype != dtype and not (dtype.is_floating_point and other_dtype.is_floating_point):
-            return f"state entry {key!r}: the file has dtype {dtype_name(dtype)}, the architecture {dtype_name(other_dtype)}"
+            return (f"state entry {quoted(key)}: the file has dtype {dtype_name(dtype)}, the architecture "
+                    f"{dtype_name(other_dtype)}")
     extra = [key for key in found.state if key not in expected.state]
     if extra:
-        return f"state entry {extra[0]!r} (shape {found.state[extra[0]][0]}): the file has no such entry"
+        return f"state entry {quoted(extra[0])} (shape {quoted(found.state[extra[0]][0])}): the file has no such entry"
     for key in expected.state:
         if expected.tied.get(key) != found.tied.get(key):
-            return (f"state entry {key!r}: the file ties it to {expected.tied.get(key)!r}, the architecture to "
-                    f"{found.tied.get(key)!r}")
+            return (f"state entry {quoted(key)}: the file ties it to {quoted(expected.tied.get(key))}, the "
+                    f"architecture to {quoted(found.tied.get(key))}")
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +68,13 @@ def mean_abs_weight(model: nn.Module) -> torch.Tensor:
     return torch.stack([w.abs().sum() for w in weights]).sum() / sum(w.numel() for w in weights)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s tensors are: those of its first parameter, else buffer (a model on the packed runtime may
+    hold buffers only), else the CPU (a model with no tensors at all)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TensorDataset | tuple[torch.Tensor, torch.Tensor], batch_size: int = 512) -> dict:
     """``{"loss", "accuracy"}`` of ``model`` on ``data``, in eval mode (the mode is put back).
@@ -74,7 +82,7 @@ def evaluate(model: nn.Module, data: TensorDataset | tuple[torch.Tensor, torch.T
     Accuracy counts every scored target (each valid next character of a sequence).
     """
     x_all, y_all = data.tensors if isinstance(data, TensorDataset) else data
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -97,7 +105,7 @@ def mean_loss(model: nn.Module, data: TensorDataset, loss: Callable[[torch.Tenso
               batch_size: int = 512) -> float:
     """The mean of ``loss(model(x), y)`` over ``data``'s batches, weighted by their length, in eval mode."""
     x_all, y_all = data.tensors
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total = 0.0
