@@ -3,12 +3,14 @@
 A small ResNet (basic blocks, BatchNorm, 1x1 shortcuts) built from plain ``nn`` modules, trained on
 Fashion-MNIST when ``shared/data/fashion-mnist`` (or ``$SGSC_DATA_DIR``) holds it, else on
 scikit-learn's 8x8 digits. Nothing here is sgsc's zoo: the model is quantized with
-``sgsc.quantize_model``, the preservation set is chosen with ``sgsc.train.preservation.build``, and
-``SelfCompression`` adds the size penalty and the safety checks to an ordinary PyTorch loop. The
+``sgsc.quantize_model``, the preservation set is chosen with ``sgsc.train.preservation.build``, a
+guard set is held out of the training data (the loop never trains on it), and ``SelfCompression``
+adds the size penalty and the safety checks to an ordinary PyTorch loop: the model it leaves is
+within ``--max-drop`` of the model as compression started, on the guard. The
 result is saved as a packed file and loaded back into a fresh ``SmallResNet`` on the packed runtime,
 which computes from the bit-packed codes. Without a loop of your own,
-``sgsc.train.compress(model, (x, y), preserve=0.05, steps=..., gamma=...)`` runs the same algorithm
-in the zoo trainer's loop (seeded batches, checkpoints, resume, DDP).
+``sgsc.compress(model, (x, y), preserve=0.05, steps=..., gamma=...)`` runs the same algorithm
+in the zoo trainer's loop (its own guard split, seeded batches, checkpoints, resume, DDP).
 
     python examples/own_model.py                 # about a minute on one CPU thread
     python examples/own_model.py --single-adam   # the old recipe: one Adam at 1e-3 for everything
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="steps of plain training before compressing")
     parser.add_argument("--steps", type=int, default=300, help="steps of self-compression")
     parser.add_argument("--gamma", type=float, default=0.03)
+    parser.add_argument("--max-drop", type=float, default=0.01, help="the contract: accuracy the guard may lose")
     parser.add_argument("--single-adam", action="store_true", help="one Adam at 1e-3 over every parameter")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/own_model/model.sgsc", help="where the packed file goes")
@@ -91,7 +94,11 @@ def main() -> None:
     started = time.perf_counter()
 
     data = load_vision(*_data_source(args))
-    x, y = data.train.tensors
+    # the guard: 10% of the training data (at most 3,000), which no step below trains on
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1))
+    held = order[:min(3000, len(order) // 10)]
+    x, y = (t[order[len(held):]] for t in data.train.tensors)
+    guard = tuple(t[held] for t in data.train.tensors)
     # 28x28 images start with a stride-2 stem, so the example stays about a minute on one thread
     architecture = dict(in_channels=data.in_channels, classes=data.num_classes,
                         stem_stride=2 if data.image_size > 16 else 1)
@@ -117,7 +124,8 @@ def main() -> None:
 
     # 3. self-compression in the same loop: one penalty term and one call per step
     parameters = sum(p.numel() for p in model.parameters())
-    comp = SelfCompression(model, preserve=(x[keep], y[keep]), gamma=args.gamma, k=50, threshold=0.02)
+    comp = SelfCompression(model, preserve=(x[keep], y[keep]), guard=guard, gamma=args.gamma, k=50,
+                           max_drop=args.max_drop)
     if args.single_adam:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(args.steps):
@@ -128,8 +136,13 @@ def main() -> None:
         optimizer.step()
         event = comp.step(optimizer)
         if event is not None:
-            print(f"step {event['step']:4d}: preservation accuracy {event['metric']:.3f} (best {event['best']:.3f}), "
-                  f"{float(comp.terms['size']):.2f} bits, {describe(event)}")
+            check = event["guard"]
+            print(f"step {event['step']:4d}: guard accuracy {check['value']:.3f} (reference {check['reference']:.3f}, "
+                  f"drop bound {check['bound']:+.3f}): {event['verdict']}, {float(comp.terms['size']):.2f} bits, "
+                  f"{describe(event)}")
+    contract = comp.finish(optimizer)  # the model becomes the last state within max_drop on the guard
+    print(f"returned the state of step {contract['returned_step']}"
+          + ("" if contract["returned"] is not None else " (the reference: no compressed state met max_drop)"))
 
     report = sgsc.model_bits_report(model)
     after = evaluate(model, data.test)["accuracy"]
@@ -150,9 +163,11 @@ def main() -> None:
 
 
 def describe(event: dict) -> str:
-    """A safety check's outcome: bits restored, or units pruned (and zero-bit ones that had to stay)."""
-    if "restored" in event:
-        return f"restored {event['restored']} groups"
+    """A safety check's outcome: rolled back, waited, or units pruned (and zero-bit ones that had to stay)."""
+    if "rolled_back_to" in event:
+        return f"rolled back to step {event['rolled_back_to']}, slowed {sorted(event['slowed'])}"
+    if event["verdict"] == "uncertain":
+        return "waiting for evidence"
     count = lambda units: sum(len(groups) for groups in units.values())  # noqa: E731
     if "masked" in event:  # torch-pruning is not installed
         return f"{count(event['masked'])} zero-bit groups masked"

@@ -40,6 +40,8 @@ _PUBLIC = {
     "read_header": "sgsc.export",
     "summarize": "sgsc.export",
     "PackedFileError": "sgsc.export",
+    "CompressConfig": "sgsc.train",
+    "CompressResult": "sgsc.train",
     "TrainConfig": "sgsc.train",
     "SelfCompression": "sgsc.train",
     "compress": "sgsc.train",

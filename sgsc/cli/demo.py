@@ -14,7 +14,7 @@ from pathlib import Path
 from sgsc import export
 from sgsc.nn import quantized_layers
 from sgsc.train import TrainConfig, evaluate, load_data, new_model, train
-from sgsc.train.loop import PACKED
+from sgsc.train.trainer import PACKED
 
 
 def _float32_bytes(model) -> int:
@@ -36,11 +36,11 @@ def run(args) -> int:
     loaded = export.load_packed(packed)
     loaded_in = time.perf_counter() - started
     scores = evaluate(loaded, data.test)
-    same = scores["accuracy"] == result["test_accuracy"]
+    same = scores["accuracy"] == result.scores["test_accuracy"]
     float_bytes = _float32_bytes(new_model(config, data))
     print(
-        f"trained model: test accuracy {result['test_accuracy']:.4f} at {result['average_bits']:.2f} bits per weight "
-        f"after {result['seconds']:.0f}s of training\n"
+        f"trained model: test accuracy {result.scores['test_accuracy']:.4f} at {result.average_bits:.2f} bits per "
+        f"weight after {result.seconds:.0f}s of training\n"
         f"{packed}: {summary.file_bytes} bytes ({100 * summary.file_bytes / float_bytes:.1f}% of the original model's "
         f"{float_bytes} float32 bytes), "
         f"loaded in {loaded_in * 1000:.0f} ms, test accuracy {scores['accuracy']:.4f} "

@@ -22,7 +22,7 @@ from torch.nn.utils import prune
 from sgsc.experiments.common import freeze_bits
 from sgsc.nn import quantized_layers
 from sgsc.ops.spec import MAX_WIDTH
-from sgsc.train import Data, TrainConfig, train
+from sgsc.train import CompressResult, Data, TrainConfig, train
 
 
 def _check_bits(bits: int) -> None:
@@ -63,7 +63,7 @@ def post_training_quantize(model: nn.Module, bits: int) -> nn.Module:
     return calibrate(copy.deepcopy(model), bits)
 
 
-def fixed_bit_qat(model: nn.Module, bits: int, config: TrainConfig, data: Data) -> dict:
+def fixed_bit_qat(model: nn.Module, bits: int, config: TrainConfig, data: Data) -> CompressResult:
     """Fine-tune a calibrated int-``bits`` copy of ``model`` for ``config.steps`` with ``b`` frozen.
 
     Weights and exponents (the step sizes) train, as in LSQ-style QAT. Returns :func:`train`'s result.
@@ -129,11 +129,11 @@ class MagnitudeSchedule:
                 prune.remove(layer, name)
 
 
-def magnitude_prune(model: nn.Module, sparsity: float, config: TrainConfig, data: Data) -> dict:
+def magnitude_prune(model: nn.Module, sparsity: float, config: TrainConfig, data: Data) -> tuple[CompressResult, float]:
     """Fine-tune a float copy of ``model`` while pruning to ``sparsity``, then calibrate it to int8.
 
-    Returns :func:`train`'s result with ``model`` replaced by the int8 model and ``sparsity`` added
-    (the fraction of quantized weights that are exactly zero after int8).
+    Returns :func:`train`'s result with ``model`` replaced by the int8 model, and the fraction of
+    quantized weights that are exactly zero after int8.
     """
     pruned = copy.deepcopy(model)
     schedule = MagnitudeSchedule(pruned, sparsity, config.steps)
@@ -146,4 +146,4 @@ def magnitude_prune(model: nn.Module, sparsity: float, config: TrainConfig, data
     int8 = calibrate(pruned, 8)
     weights = [layer.quantized_weight().detach() for _, layer in quantized_layers(int8) if layer.weight.numel()]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    return {**result, "model": int8, "sparsity": zeros}
+    return dataclasses.replace(result, model=int8), zeros

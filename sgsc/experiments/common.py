@@ -87,6 +87,14 @@ def metadata(device: torch.device, commit: str | None) -> dict:
     }
 
 
+def safety_rule(settings: dict) -> str:
+    """How a results file's safety checks judged: the guard contract, or (files written before it) the old
+    threshold on the preservation set."""
+    if "max_drop" in settings:
+        return f"max_drop {settings['max_drop']:g} on the guard set"
+    return f"threshold {settings['threshold']:g} on the preservation set"
+
+
 def write_json(path: str | os.PathLike, record: dict) -> Path:
     """Write ``record`` as indented JSON, atomically."""
     path = Path(path)

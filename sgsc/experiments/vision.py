@@ -51,7 +51,7 @@ from sgsc.experiments.robustness import EPSILONS, NOISE_LEVELS, Perturber, robus
 from sgsc.experiments.targets import sweep_prefix, vision_targets
 from sgsc.nn.zoo import HEAD_GROUPS
 from sgsc.ops.reference import ROUNDING_MODES
-from sgsc.train import Data, TrainConfig, evaluate, new_model, train, unsafe
+from sgsc.train import CompressResult, Data, TrainConfig, evaluate, new_model, train, unsafe
 from sgsc.train.data import load_vision
 
 tqdm = require("tqdm", "experiments").tqdm
@@ -114,7 +114,7 @@ class VisionSettings:
     sweep_gammas: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)  # extra gammas of SGSC and unsafe, first seed
     lambda_: float = 1.0
     k: int = 50
-    threshold: float = 0.02
+    max_drop: float = 0.01  # the contract on the guard, in accuracy (a fraction)
     fraction: float = 0.05
     init_bits: float = 8.0
     rounding: str = "nearest"  # of SGSC and unsafe; the ablation runs the other mode
@@ -159,7 +159,7 @@ class VisionSettings:
             data=self.data, data_dir=self.data_dir, model_config={**self.model_config, "head_groups": self.head_groups},
             init_bits=self.init_bits, rounding=self.rounding, steps=self.steps, batch_size=self.batch_size,
             lr=self.lr, quant_lr=self.quant_lr, exponent_lr=self.exponent_lr, lr_schedule=self.lr_schedule, gamma=self.gamma, lambda_=self.lambda_,
-            k=self.k, threshold=self.threshold, fraction=self.fraction, seed=seed,
+            k=self.k, max_drop=self.max_drop, fraction=self.fraction, seed=seed,
             eval_every=self.steps + self.float_steps + 1,  # evaluation happens on the exported file instead
             progress=self.progress, plots=False, device=self.device,
         )
@@ -167,7 +167,7 @@ class VisionSettings:
 
 QUICK = dict(
     data="digits", data_dir=None, seeds=(0, 1), float_steps=120, steps=40, batch_size=32, lr=3e-3, quant_lr=0.1,
-    gamma=0.1, sweep_gammas=(0.3,), k=10, threshold=0.05, fraction=0.1, model_config={"channels": [8, 16]},
+    gamma=0.1, sweep_gammas=(0.3,), k=10, max_drop=0.05, fraction=0.1, model_config={"channels": [8, 16]},
     robustness_examples=120, pgd_steps=2, latency_repeats=(5, 2),
 )
 
@@ -259,12 +259,12 @@ def train_float(settings: VisionSettings, seed: int, run: VisionRunData) -> tupl
         result = train(config, model=model, data=run.trainer_view)
     finally:
         handle.remove()
-    start = copy.deepcopy(result["model"])
+    start = copy.deepcopy(result.model)
     start.load_state_dict(snapshot["state"])
-    return result["model"], start, result["seconds"]
+    return result.model, start, result.seconds
 
 
-def self_compress(start: nn.Module, config: TrainConfig, run: VisionRunData) -> dict:
+def self_compress(start: nn.Module, config: TrainConfig, run: VisionRunData) -> CompressResult:
     """SGSC (or unsafe, by ``config``) from the float snapshot: bits learnable again from ``init_bits``.
 
     The trainer switches the model to ``config.rounding``.
@@ -286,8 +286,8 @@ def method_jobs(settings: VisionSettings, seed: int, run: VisionRunData, final: 
     plain = dataclasses.replace(config, rounding="nearest")
     sized = dataclasses.replace(config, gamma=settings.sized_unsafe_gamma)
 
-    def from_train(result: dict, **extra) -> tuple[nn.Module, float, dict]:
-        return result["model"], result["seconds"], extra
+    def from_train(result: CompressResult, **extra) -> tuple[nn.Module, float, dict]:
+        return result.model, result.seconds, extra
 
     jobs = [
         ("unsafe", lambda: from_train(self_compress(start, unsafe(config), run))),
@@ -301,8 +301,8 @@ def method_jobs(settings: VisionSettings, seed: int, run: VisionRunData, final: 
             baselines.fixed_bit_qat(start, bits, plain, run.trainer_view))))
     for name, sparsity in PRUNE_SPARSITY.items():
         def prune_job(sparsity=sparsity):
-            result = baselines.magnitude_prune(start, sparsity, plain, run.trainer_view)
-            return from_train(result, sparsity=result["sparsity"])
+            result, sparsity = baselines.magnitude_prune(start, sparsity, plain, run.trainer_view)
+            return from_train(result, sparsity=sparsity)
 
         jobs.append((name, prune_job))
     return jobs
@@ -378,7 +378,7 @@ def _run_extras(settings, seed, run, start, seed_dir: Path, bar, float_bytes: in
         bar.set_description(f"seed {seed} {group} {name}")
         result = job()
         file_name = f"{group}-{name}".replace(" ", "_").replace("=", "")
-        row, _ = _record(file_name, result["model"], result["seconds"], settings.steps, {}, run, seed_dir, bar)
+        row, _ = _record(file_name, result.model, result.seconds, settings.steps, {}, run, seed_dir, bar)
         row.update(group=group, name=name, pct_of_float=100.0 * row["file_bytes"] / float_bytes)
         rows.append(row)
         bar.update(1)

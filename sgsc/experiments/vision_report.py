@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from sgsc._deps import require
+from sgsc.experiments.common import safety_rule
 from sgsc.experiments.targets import (
     EQUAL_SIZE,
     VISION_ACCURACY_POINTS,
@@ -40,7 +41,7 @@ def _setup(result: dict) -> list[str]:
     hyper = (f"batch {s['batch_size']}, Adam lr {s['lr']:g} (weights) / {_quant_lrs(s)}, "
              f"{s['lr_schedule']} learning-rate schedule over each run's steps, "
              f"gamma {s['gamma']:g}, lambda {s['lambda_']:g}, init bits {s['init_bits']:g}, rounding "
-             f"{s['rounding']}, safety check every {s['k']} steps, threshold {s['threshold']:g}, preservation set "
+             f"{s['rounding']}, safety check every {s['k']} steps, {safety_rule(s)}, preservation set "
              f"{s['fraction']:g} of the training split, model overrides {s['model_config'] or 'none (paper CNN)'}, "
              f"classifier groups per {s['head_groups']}")
     return [

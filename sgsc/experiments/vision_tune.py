@@ -24,10 +24,10 @@ def _tune_job(start: nn.Module, config: TrainConfig, settings: VisionSettings, o
     result = self_compress(start, config, run)
     exponent_part = "" if config.exponent_lr is None else f"-elr{config.exponent_lr:g}"
     name = f"sgsc-gamma{config.gamma:g}-qlr{config.quant_lr:g}{exponent_part}-steps{config.steps}"
-    row, _ = measure(name, result["model"], run, out)
+    row, _ = measure(name, result.model, run, out)
     del row["test_accuracy"]  # tuning looks at validation only; the test split is for the final table
     return {"gamma": config.gamma, "quant_lr": config.quant_lr, "exponent_lr": config.exponent_lr, "steps": config.steps,
-            "train_seconds": result["seconds"], **row}
+            "train_seconds": result.seconds, **row}
 
 
 def tune(settings: VisionSettings, grid: list[tuple], out: str | Path = "results", workers: int = 1) -> dict:

@@ -48,12 +48,17 @@ def set_rng_state(saved: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state: RunState, config: dict) -> None:
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state: RunState, config: dict, *,
+                    teacher: torch.Tensor | None = None, continuation: dict | None = None) -> None:
     """Write everything a bit-exact resume needs, atomically (temp file, then ``os.replace``).
 
     ``config`` is the run's settings (plain values), checked on resume. A zoo model's architecture
     is recorded so :func:`model_from_checkpoint` can rebuild it; any other model is resumed by
-    loading the state into a model the caller builds.
+    loading the state into a model the caller builds. ``teacher``: the reference's outputs on the
+    preservation set, which the distillation term matches (the reference itself is gone by then).
+    ``continuation``: at the end of a run, the training state before the model was rolled back to
+    the last state that passed (``model_state``, ``optimizer_state``, ``state``), which a resume
+    that trains on continues from; ``model_state`` is then the model the run returned.
     """
     name, architecture = _architecture(model)
     record = {
@@ -64,6 +69,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, state:
         "model_state": model.state_dict(),
         "optimizer_state": optimizer.state_dict(),
         "state": state.to_record(),
+        "teacher": teacher,
+        "continuation": continuation,
         "rng": rng_state(),
         "world_size": rank_world()[1],  # the data order depends on it: resume on as many processes
         "numerics": numerics(),

@@ -1,156 +1,112 @@
-"""Safety-guided self-compression: the one training loop (Algorithm 1), and the zoo's client of it.
+"""Safety-guided self-compression: the one training loop (Algorithm 1) every run goes through.
 
 :func:`compress` runs SGSC on any quantized model and any data set::
 
     model = sgsc.quantize_model(my_model)
-    result = sgsc.compress(model, (x, y), preserve=0.05, steps=2000, gamma=0.02, eval_data=(x_val, y_val))
+    result = sgsc.compress(model, (x, y), preserve=0.05, steps=2000, gamma=0.02, max_drop=0.01)
 
 Each step minimises (:meth:`~sgsc.train.selfcompress.SelfCompression.objective`)::
 
-    loss = task_loss + lambda_ * preservation_loss + gamma * average_bits(model) + alpha * mean|w|
+    loss = task_loss + lambda_ * preservation + gamma * average_bits(model) + alpha * mean|w|
 
 with the training and preservation batches through the model as one batch (DDP allows one forward
-per backward, so BatchNorm statistics see both). Every ``k`` steps
-:class:`~sgsc.train.selfcompress.SelfCompression` restores or prunes. Before ``warmup_steps`` the
-task loss trains alone; then a ``preserve`` fraction is chosen with the warmed-up model
-(:func:`sgsc.train.preservation.build`).
+per backward, so BatchNorm statistics see both). With safety on, a ``guard_fraction`` of the
+training data is held out first as the guard set (no batch and no loss term sees it) unless
+``guard=`` is given; every ``k`` steps :class:`~sgsc.train.selfcompress.SelfCompression` compares the
+model with the reference on it, and the model returned is the last state within ``max_drop``.
+Before ``warmup_steps`` the task loss trains alone; then a ``preserve`` fraction is chosen with the
+warmed-up model (:func:`sgsc.train.preservation.build`), and that model is the reference.
 
 The batch of step ``s`` is a pure function of ``(seed, s, rank)`` (:mod:`sgsc.train.batches`), so a
 checkpoint (:mod:`sgsc.train.checkpoint`) continues a run bit for bit. Under ``torchrun`` the loop
 runs DistributedDataParallel (:mod:`sgsc.train.distributed`).
-
-:func:`train` is the zoo trainer (``sgsc train``/``sgsc compress``): it reads a ``TrainConfig``,
-loads the zoo's data and model, calls :func:`compress`, then writes the packed file and plots.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sgsc import export
 from sgsc._deps import require
 from sgsc._io import atomic_write
-from sgsc.nn import average_bits, quantized_layers
+from sgsc.nn import average_bits
 from sgsc.nn.replay import cut_to_shapes
 from sgsc.nn.size import estimated_file_bytes
-from sgsc.nn.zoo import model_name
 from sgsc.train import preservation
-from sgsc.train.arguments import Metric, flag, integer, metric_of, number, quantized_model, tensor_pairs
-from sgsc.train.batches import batch, batch_indices, subset
+from sgsc.train.arguments import Metric, metric_of, quantized_model, tensor_pairs
+from sgsc.train.batches import batch, batch_indices, seeded_generator, subset
 from sgsc.train.checkpoint import (
     CHECKPOINT,
-    check_resumable,
     check_settings,
     load_checkpoint,
-    model_from_checkpoint,
     save_checkpoint,
     set_rng_state,
     warn_if_numerics_differ,
 )
-from sgsc.train.config import LR_SCHEDULES, TrainConfig
+from sgsc.train.config import CompressConfig
 from sgsc.train.distributed import from_rank0, rank_world, setup_distributed, wrap_ddp
-from sgsc.train.safety import Pruner, RunState
+from sgsc.train.pruners import Pruner
+from sgsc.train.safety import RunState
 from sgsc.train.selfcompress import SelfCompression, param_groups
-from sgsc.train.task import Data, evaluate, load_data, mean_loss, new_model
+from sgsc.train.task import evaluate, mean_loss
 from sgsc.train.task import task_loss as cross_entropy
 
 METRICS_FILE = "metrics.jsonl"
-PACKED = "model.sgsc"
 PRESERVATION_FILE = "preservation.json"
-DEVICES = ("auto", "cpu", "cuda")
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over :func:`~sgsc.train.selfcompress.param_groups`: weights at ``lr``, bits and exponents at
-    ``quant_lr`` (one group, "quantizers", unless ``exponent_lr`` is set), as earlier checkpoints saved it."""
-    return torch.optim.Adam(param_groups(model, config.lr, config.quant_lr, config.exponent_lr))
+@dataclass
+class CompressResult:
+    """What :func:`compress` returns.
 
+    ``scores``: the final ``<set>_loss`` / ``<set>_accuracy`` of every ``eval_data`` set;
+    ``average_bits``, ``bytes`` (the estimated file) and ``weight_bytes`` (its codes) of the model
+    returned; ``preservation`` and ``guard``: indices into ``train_data`` (``guard`` None when it was
+    given or there was none); ``contract``: the final guard record (:meth:`SelfCompression.finish`),
+    None without a contract; ``file_bytes``: the packed file the zoo trainer wrote, if any.
+    """
 
-# ---- settings ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """:func:`compress`'s plain-valued arguments, checked; a checkpoint records them for resume."""
-
+    model: nn.Module
+    history: list[dict]
+    scores: dict[str, float]
+    average_bits: float
+    bytes: int
+    weight_bytes: int
     steps: int
-    gamma: float
-    batch_size: int
-    lr: float
-    alpha: float
-    lambda_: float
-    k: int
-    threshold: float
-    restore: bool
-    prune: bool
-    quant_lr: float
-    exponent_lr: float | None
-    lr_schedule: str
-    warmup_steps: int
-    preserve: float | str | None  # the fraction, or what was given ("45 indices", "a set of 45")
-    preservation_method: str
-    preservation_weights: tuple[float, ...]
-    preservation_batch: int
-    metric: str  # a callable's qualified name
-    eval_every: int
-    checkpoint_every: int
+    seconds: float
+    preservation: list[int]
+    guard: list[int] | None
+    contract: dict | None
     out_dir: str | None
-    resume: bool
-    seed: int
-    progress: bool
-    device: str
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "warmup_steps", "checkpoint_every", "seed"):
-            integer(name, getattr(self, name), low=0)
-        for name in ("batch_size", "k", "preservation_batch", "eval_every"):
-            integer(name, getattr(self, name), low=1)
-        for name in ("gamma", "alpha", "lambda_", "threshold"):
-            number(name, getattr(self, name), low=0)
-        for name in ("lr", "quant_lr"):
-            number(name, getattr(self, name), low=0, strict=True)
-        if self.exponent_lr is not None:
-            number("exponent_lr", self.exponent_lr, low=0, strict=True)
-        for name in ("restore", "prune", "resume", "progress"):
-            flag(name, getattr(self, name))
-        for name, value, allowed in (("lr_schedule", self.lr_schedule, LR_SCHEDULES),
-                                     ("preservation_method", self.preservation_method, preservation.METHODS),
-                                     ("device", self.device, DEVICES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        try:
-            preservation.normalize_weights(self.preservation_weights)
-        except ValueError as exc:
-            raise ValueError(f"preservation_weights: {exc}") from None
-        if self.resume and self.out_dir is None:
-            raise ValueError("resume needs out_dir, the directory holding the run's checkpoint")
+    file_bytes: int | None = None
 
 
-def lr_factor(settings: Settings | TrainConfig, step: int) -> float:
-    """The multiplier of every group's learning rate at ``step`` (0-based) of ``settings.steps``."""
-    if settings.lr_schedule == "constant":
+def lr_factor(config: CompressConfig, step: int) -> float:
+    """The multiplier of every group's learning rate at ``step`` (0-based) of ``config.steps``."""
+    if config.lr_schedule == "constant":
         return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * step / settings.steps))
+    return 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
 
 
-def _set_learning_rates(optimizer: torch.optim.Optimizer, settings: Settings, step: int) -> None:
-    base = {"weights": settings.lr, "quantizers": settings.quant_lr, "bits": settings.quant_lr,
-            "exponents": settings.quant_lr if settings.exponent_lr is None else settings.exponent_lr}
-    factor = lr_factor(settings, step)
+def _set_learning_rates(optimizer: torch.optim.Optimizer, config: CompressConfig, step: int) -> None:
+    base = {"weights": config.lr, "quantizers": config.quant_lr, "bits": config.quant_lr,
+            "exponents": config.quant_lr if config.exponent_lr is None else config.exponent_lr}
+    factor = lr_factor(config, step)
     for group in optimizer.param_groups:
         group["lr"] = base[group["name"]] * factor
 
@@ -161,7 +117,7 @@ def _set_learning_rates(optimizer: torch.optim.Optimizer, settings: Settings, st
 @dataclass(frozen=True)
 class _Preserve:
     """``preserve`` read: a fraction to choose after the warm-up, indices into the training data, a set of
-    its own, or nothing (unsafe)."""
+    its own, or nothing."""
 
     fraction: float | None = None
     indices: list[int] | None = None
@@ -173,6 +129,10 @@ class _Preserve:
         if self.dataset is not None:
             return f"a set of {len(self.dataset)}"
         return self.fraction
+
+    @property
+    def given(self) -> bool:
+        return self.fraction is not None or self.indices is not None or self.dataset is not None
 
 
 def _is_indices(value) -> bool:
@@ -230,43 +190,82 @@ class _Task:
     pruner: Pruner | None
 
 
+@dataclass
+class _Data:
+    """The training data split for the run: ``fit`` is what batches and the preservation set are drawn
+    from (``fit_index`` maps it to ``train_data``), ``guard`` the held-out or given guard set."""
+
+    train: TensorDataset
+    fit: TensorDataset
+    fit_index: torch.Tensor
+    guard: TensorDataset | None
+    guard_index: list[int] | None
+    eval_sets: dict[str, TensorDataset]
+
+
+def guard_split(n: int, fraction: float, seed: int, keep: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """``(guard, rest)``: a seeded ``fraction`` of ``range(n)`` (at least one example), never one of ``keep``
+    (the preservation set the loss trains on), and the others, both sorted."""
+    taken = set(keep or ())
+    order = [i for i in torch.randperm(n, generator=seeded_generator(seed, 0x6A7D)).tolist() if i not in taken]
+    size = min(max(1, round(fraction * n)), len(order) - 1)
+    if size < 1:
+        raise ValueError(f"train_data has {n} examples and preserve takes {len(taken)}: none is left to hold out "
+                         "as the guard set; pass guard=")
+    return sorted(order[:size]), sorted(set(range(n)) - set(order[:size]))
+
+
+def _split(train: TensorDataset, guard, wants_guard: bool, config: CompressConfig, eval_sets,
+           keep: list[int] | None) -> _Data:
+    everything = torch.arange(len(train))
+    if guard is not None:
+        return _Data(train, train, everything, tensor_pairs("guard", guard), None, eval_sets)
+    if not wants_guard:
+        return _Data(train, train, everything, None, None, eval_sets)
+    held, rest = guard_split(len(train), config.guard_fraction, config.seed, keep)
+    return _Data(train, subset(train, rest), torch.tensor(rest), subset(train, held), held, eval_sets)
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 
 
-def _self_compression(model: nn.Module, preserved: TensorDataset | None, s: Settings, task: _Task) -> SelfCompression:
-    return SelfCompression(
-        model, preserved, gamma=s.gamma, alpha=s.alpha, lambda_=s.lambda_, k=s.k, threshold=s.threshold,
-        restore=s.restore, prune=s.prune, quant_lr=s.quant_lr, exponent_lr=s.exponent_lr, task_loss=task.loss,
-        metric=task.metric, higher_is_better=task.higher_is_better, preservation_batch=s.preservation_batch,
-        seed=s.seed, pruner=task.pruner,
-    )
+def _self_compression(model, data: _Data, preserved: TensorDataset | None, config: CompressConfig,
+                      task: _Task) -> SelfCompression:
+    return SelfCompression(model, preserved, guard=data.guard, config=config, task_loss=task.loss,
+                           metric=task.metric, higher_is_better=task.higher_is_better, pruner=task.pruner)
 
 
-def _preserved(train: TensorDataset, spec: _Preserve, state: RunState) -> TensorDataset | None:
-    return spec.dataset if spec.dataset is not None else subset(train, state.preservation)
+def _preserved(data: _Data, spec: _Preserve, state: RunState) -> TensorDataset | None:
+    return spec.dataset if spec.dataset is not None else subset(data.train, state.preservation)
 
 
-def _start_compression(model, train: TensorDataset, spec: _Preserve, s: Settings, task: _Task,
+def _start_compression(model, data: _Data, spec: _Preserve, config: CompressConfig, task: _Task,
                        state: RunState) -> SelfCompression:
-    """Choose the preservation set with the current model; the checks then carry the run's step and history."""
+    """Choose the preservation set with the current model (from the examples training may see), then
+    take the reference; the checks carry the run's step and history."""
     if spec.fraction is not None:
-        state.preservation = from_rank0(lambda: preservation.build(
-            model, train, spec.fraction, s.preservation_weights, method=s.preservation_method, seed=s.seed,
-        ).tolist())
+        chosen = from_rank0(lambda: preservation.build(
+            model, data.fit, spec.fraction, config.preservation_weights, method=config.preservation_method,
+            seed=config.seed).tolist())
+        state.preservation = data.fit_index[chosen].tolist()
     else:
         state.preservation = spec.indices or []
-    comp = _self_compression(model, _preserved(train, spec, state), s, task)  # takes the first safety reference
-    comp.load_state_dict({"state": {**state.to_record(), "best": comp.state.best, "snapshot": comp.state.snapshot}})
+    comp = _self_compression(model, data, _preserved(data, spec, state), config, task)
+    comp.state.step, comp.state.history = state.step, state.history
+    if comp.state.passed is not None:  # the reference is the model of this step
+        comp.state.passed["step"] = state.step
+    comp.state.preservation, comp.state.guard = state.preservation, state.guard
     return comp
 
 
 TERM_NAMES = {"preservation": "preservation_loss", "size": "size", "l1": "l1"}  # SelfCompression.terms -> log keys
 
 
-def _train_step(model, wrapped, optimizer, comp: SelfCompression | None, train: TensorDataset, s: Settings,
-                loss_fn, step: int, device) -> dict:
+def _train_step(wrapped, optimizer, comp: SelfCompression | None, data: _Data, config: CompressConfig, loss_fn,
+                step: int, device) -> dict:
     rank, world = rank_world()
-    x, y = batch(train, batch_indices(len(train), s.batch_size, step, s.seed, rank, world), device)
+    pick = batch_indices(len(data.fit), config.batch_size, step, config.seed, rank, world)
+    x, y = batch(data.fit, pick, device)
     n_task = len(x)
     extra = comp.preservation_inputs() if comp is not None else None
     if extra is not None:
@@ -277,10 +276,30 @@ def _train_step(model, wrapped, optimizer, comp: SelfCompression | None, train: 
     loss = task_loss if comp is None else comp.objective(task_loss, None if extra is None else output[n_task:])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
     terms = comp.terms if comp is not None else {}
+    _stop_if_not_finite(loss, optimizer, step, data.fit_index[pick], task_loss, terms)
+    optimizer.step()
     return {"loss": float(loss.detach()), "task_loss": float(task_loss.detach()),
             **{TERM_NAMES[name]: float(value) for name, value in terms.items()}}
+
+
+def _stop_if_not_finite(loss, optimizer, step: int, examples: torch.Tensor, task_loss, terms: dict) -> None:
+    """Raise before the optimiser step when the loss or a gradient is NaN or Inf (every rank alike), so the
+    weights, the log and the last checkpoint keep the last good state."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([0.0 if finite else 1.0], device=loss.device)
+        dist.all_reduce(flag)
+        finite = float(flag) == 0
+    if finite:
+        return
+    parts = ", ".join(f"{name} {float(value):.4g}" for name, value in {"task": task_loss, **terms}.items())
+    shown = examples[:8].tolist()
+    raise FloatingPointError(
+        f"step {step}: the loss is {float(loss):.4g} ({parts}) or a gradient is not finite, on the batch of "
+        f"train_data examples {shown}{' ...' if len(examples) > 8 else ''}; nothing of this step was applied "
+        "and the last checkpoint is as it was (lower lr or quant_lr, or check these examples)")
 
 
 def _scores(model: nn.Module, data: TensorDataset, task: _Task) -> dict:
@@ -310,7 +329,7 @@ class _Log:
     def __init__(self, history: list, out: Path | None) -> None:
         self.history, self.path, self.written = history, (out / METRICS_FILE if out else None), len(history)
         if self.path is not None:  # on resume, drop whatever the interrupted run logged after its checkpoint
-            atomic_write(self.path, lambda h: h.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+            atomic_write(self.path, lambda h: h.write("".join(_json(r) + "\n" for r in history).encode()))
 
     def append(self, record: dict) -> None:
         self.history.append(record)
@@ -319,8 +338,12 @@ class _Log:
     def sync(self) -> None:
         if self.path is not None and self.written < len(self.history):
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write("".join(json.dumps(r) + "\n" for r in self.history[self.written:]))
+                handle.write("".join(_json(r) + "\n" for r in self.history[self.written:]))
         self.written = len(self.history)
+
+
+def _json(record: dict) -> str:
+    return json.dumps(record, allow_nan=False)
 
 
 def _read_checkpoint(out: Path, config: dict, world: int) -> dict:
@@ -345,74 +368,102 @@ def _load_model_state(model: nn.Module, saved: dict) -> None:
     model.load_state_dict(saved)
 
 
-def _loop(model: nn.Module, train: TensorDataset, eval_sets: dict, spec: _Preserve, s: Settings, task: _Task,
-          config: dict, device) -> dict:
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _loop(model: nn.Module, data: _Data, spec: _Preserve, config: CompressConfig, task: _Task, record: dict,
+          out: Path | None, resume: bool, device) -> CompressResult:
     rank, world = rank_world()
-    if s.batch_size * world > len(train):
-        raise ValueError(f"batch_size {s.batch_size} x {world} processes exceeds the {len(train)} training examples")
-    out = Path(s.out_dir) if s.out_dir else None
-    resumed = _read_checkpoint(out, config, world) if s.resume else None
+    if config.batch_size * world > len(data.fit):
+        raise ValueError(f"batch_size {config.batch_size} x {world} processes exceeds the {len(data.fit)} training "
+                         "examples" + (" left after the guard split" if data.guard_index else ""))
+    resumed = _read_checkpoint(out, record, world) if resume else None
+    if resumed is not None and resumed.get("continuation") is not None:  # a run that ended: go on from before its end
+        resumed = {**resumed, **resumed["continuation"]}
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    random.seed(s.seed)
-    np.random.seed(s.seed)
-    torch.manual_seed(s.seed)
+    _seed(config.seed)
     model.to(device)
     if resumed is not None:  # before the optimizer: the model may be cut to the checkpoint's shapes
         _load_model_state(model, resumed["model_state"])
-    optimizer = torch.optim.Adam(param_groups(model, s.lr, s.quant_lr, s.exponent_lr))
-    state, comp = RunState(), None
+    optimizer = torch.optim.Adam(param_groups(model, config.lr, config.quant_lr, config.exponent_lr))
+    state, comp = RunState(guard=data.guard_index), None
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer_state"])
         state = RunState.from_record(resumed["state"])
         set_rng_state(resumed["rng"])
         if state.snapshot is not None:  # compression had started: the checks continue where they were
-            comp = _self_compression(model, _preserved(train, spec, state), s, task)
-            comp.load_state_dict({"state": state.to_record()})
+            comp = _self_compression(model, data, _preserved(data, spec, state), config, task)
+            comp.load_state_dict({"state": resumed["state"], "teacher": resumed.get("teacher")})
             state = comp.state
+            if comp.policy.max_drop is not None and comp.policy.restore and state.reference is None:
+                raise ValueError(f"resume: {out / CHECKPOINT} was written before sgsc's guard contract, so it holds "
+                                 "no reference to check against; start the run again")
     log = _Log(state.history, out if rank == 0 else None)
     loss_fn = task.loss if task.loss is not None else cross_entropy
     wrapped = wrap_ddp(model, device)
     model.train()
     started = time.perf_counter()
-    bar = require("tqdm", "train").tqdm(total=s.steps, initial=state.step, disable=not (s.progress and rank == 0),
-                                        dynamic_ncols=True)
-    while state.step < s.steps:
-        if comp is None and state.step == s.warmup_steps:
-            comp = _start_compression(model, train, spec, s, task, state)
+    bar = require("tqdm", "train").tqdm(total=config.steps, initial=state.step,
+                                        disable=not (config.progress and rank == 0), dynamic_ncols=True)
+    while state.step < config.steps:
+        if comp is None and state.step == config.warmup_steps:
+            comp = _start_compression(model, data, spec, config, task, state)
             state = comp.state
-        _set_learning_rates(optimizer, s, state.step)
-        record = _train_step(model, wrapped, optimizer, comp, train, s, loss_fn, state.step, device)
+        _set_learning_rates(optimizer, config, state.step)
+        step_record = _train_step(wrapped, optimizer, comp, data, config, loss_fn, state.step, device)
         if comp is None:
             state.step += 1
-        elif (event := comp.step(optimizer)) is not None and event.get("pruned"):
+        elif (event := comp.step(optimizer)) is not None and (event.get("pruned") or "rolled_back_to" in event):
             wrapped = wrap_ddp(model, device)  # DDP holds the old Parameters
         step = state.step
-        if step % s.eval_every == 0:
-            log.append({"kind": "train", "step": step, **record})
+        if step % config.eval_every == 0:
+            log.append({"kind": "train", "step": step, **step_record})
             if rank == 0:
-                evaluation = _eval_record(model, eval_sets, task, step)
+                evaluation = _eval_record(model, data.eval_sets, task, step)
                 log.append(evaluation)
-                bar.set_postfix(_postfix(record, evaluation))
+                bar.set_postfix(_postfix(step_record, evaluation))
         log.sync()
-        if out is not None and rank == 0 and s.checkpoint_every and step % s.checkpoint_every == 0:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, state, config)
+        if out is not None and rank == 0 and config.checkpoint_every and step % config.checkpoint_every == 0:
+            save_checkpoint(out / CHECKPOINT, model, optimizer, state, record, teacher=_teacher(comp))
         bar.update(1)
     bar.close()
+    continuation = _continuation(model, optimizer, state) if out is not None and rank == 0 else None
+    contract = comp.finish(optimizer) if comp is not None else None
+    log.sync()
     seconds = time.perf_counter() - started
-    final = _eval_record(model, eval_sets, task, state.step)
+    final = _eval_record(model, data.eval_sets, task, state.step)
     if out is not None and rank == 0:
-        save_checkpoint(out / CHECKPOINT, model, optimizer, state, config)
+        save_checkpoint(out / CHECKPOINT, model, optimizer, state, record, teacher=_teacher(comp),
+                        continuation=continuation)
         if state.preservation:
-            preservation.save(state.preservation, out / PRESERVATION_FILE, dataset_size=len(train))
-    if state.step % s.eval_every:
+            preservation.save(state.preservation, out / PRESERVATION_FILE, dataset_size=len(data.train))
+    if state.step % config.eval_every or (contract is not None and contract["returned_step"] != state.step):
         # logged after the checkpoint: a run resumed from it must not see a record its
         # uninterrupted twin never wrote
         log.append(final)
-    scores = {key: value for key, value in final.items() if key not in ("kind", "step", "bits")}
-    return {**scores, "average_bits": final["bits"], "model": model, "history": state.history,
-            "preservation": state.preservation, "steps": state.step, "seconds": seconds,
-            "out_dir": str(out) if out is not None else None}
+    scores = {key: value for key, value in final.items() if key not in ("kind", "step", "bits", "bytes",
+                                                                          "weight_bytes")}
+    return CompressResult(model=model, history=state.history, scores=scores, average_bits=final["bits"],
+                          bytes=final["bytes"], weight_bytes=final["weight_bytes"], steps=state.step, seconds=seconds,
+                          preservation=state.preservation or [], guard=state.guard, contract=contract,
+                          out_dir=str(out) if out is not None else None)
+
+
+def _continuation(model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> dict:
+    """The training state before :meth:`SelfCompression.finish` (which may roll the model back): what a
+    resume that trains on continues from, so it goes on as the uninterrupted run would have."""
+    record = state.to_record()
+    return {"model_state": {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()},
+            "optimizer_state": copy.deepcopy(optimizer.state_dict()),
+            "state": {**record, "history": list(record["history"]), "pace": dict(record["pace"])}}
+
+
+def _teacher(comp: SelfCompression | None) -> torch.Tensor | None:
+    return None if comp is None else comp.teacher
 
 
 def _postfix(record: dict, evaluation: dict) -> dict:
@@ -429,198 +480,90 @@ def _postfix(record: dict, evaluation: dict) -> dict:
 def compress(
     model: nn.Module,
     train_data,
+    config: CompressConfig | None = None,
     *,
     preserve=None,
-    steps: int,
-    gamma: float,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    alpha: float = 0.0,
-    lambda_: float = 1.0,
-    k: int = 50,
-    threshold: float = 0.02,
-    restore: bool = True,
-    prune: bool = True,
-    quant_lr: float = 0.05,
-    exponent_lr: float | None = None,
-    lr_schedule: str = "constant",
-    warmup_steps: int = 0,
+    guard=None,
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     metric: str | Metric = "accuracy",
     higher_is_better: bool | None = None,
     eval_data=None,
-    eval_every: int = 100,
     out_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
     resume: bool = False,
-    seed: int = 0,
-    progress: bool = True,
     pruner: Pruner | None = None,
-    preservation_batch: int = 32,
-    preservation_method: str = "criteria",
-    preservation_weights: Sequence[float] = (1.0, 1.0, 1.0),
-    device: str = "auto",
     run_config: dict | None = None,
-) -> dict:
-    """Safety-guided self-compression of a quantized ``model`` on ``train_data``; returns the model and its history.
+    **hyper,
+) -> CompressResult:
+    """Safety-guided self-compression of a quantized ``model`` on ``train_data``; returns a :class:`CompressResult`.
 
     ``model`` has quantized layers (:func:`sgsc.quantize_model`, or a zoo model) and is trained in place.
     ``train_data`` is a Dataset (or DataLoader) of ``(input, target)`` pairs or an ``(inputs, targets)``
-    pair of tensors, read into memory once: step ``s`` trains on the batch of ``(seed, s, rank)``.
-    ``preserve`` is the preservation set: a fraction of ``train_data`` chosen after ``warmup_steps`` by
-    :func:`sgsc.train.preservation.build` (``preservation_method``, ``preservation_weights``), indices
-    into ``train_data``, a set of its own (as ``train_data``), or None (unsafe self-compression).
-    ``gamma``, ``alpha``, ``lambda_``, ``k``, ``threshold``, ``restore``, ``prune``, ``pruner``,
-    ``task_loss``, ``metric``, ``higher_is_better``, ``quant_lr``, ``exponent_lr``,
-    ``preservation_batch`` and ``seed`` mean what they mean to :class:`SelfCompression`, which takes
-    every restore and prune decision. ``lr`` is the weights' Adam rate; ``lr_schedule`` ``"constant"``
-    or ``"cosine"`` (every group to 0 at the last step).
+    pair of tensors, read into memory once. The hyper-parameters are :class:`~sgsc.CompressConfig`'s,
+    given as ``config`` and/or keywords (``steps=2000, gamma=0.02, max_drop=0.005, ...``).
 
-    Every ``eval_every`` steps the history gets a ``train`` record (loss and its terms) and, on rank 0,
-    an ``eval`` record: bits per weight, estimated file bytes and, for each set of ``eval_data`` (one
-    set, named ``val``, or a dict of named sets), ``<name>_loss`` and ``<name>_accuracy`` (accuracy
-    unless a custom ``task_loss`` is scored by loss). Safety checks add ``check`` records.
-    With ``out_dir`` set, rank 0 writes ``metrics.jsonl`` (the history), ``checkpoint.pt`` (every
-    ``checkpoint_every`` steps and at the end) and ``preservation.json`` (indices into
-    ``train_data``); ``resume=True`` continues that checkpoint bit for bit, given the same model
-    (shapes as checkpointed), data and callables. ``run_config`` (plain values) is stored with
-    the settings in the checkpoint and checked on resume: the zoo trainer records its TrainConfig.
-    Under ``torchrun`` every process calls this and the run is DistributedDataParallel
-    (``batch_size`` per process); ``device`` is ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    Safety: ``preserve`` is what the preservation term trains on: a fraction of the training data
+    chosen after ``warmup_steps`` by :func:`sgsc.train.preservation.build` (``preservation_method``,
+    ``preservation_weights``), indices into ``train_data``, a set of its own (as ``train_data``), or
+    None. ``guard`` is data no step trains on, checked every ``k`` steps against the reference (the
+    model as compression starts); with ``restore`` (the default) and any of ``preserve``, ``guard``
+    or ``max_drop`` given, and no ``guard``, ``guard_fraction`` of ``train_data`` is held out as the
+    guard. The model returned is then the last state within ``max_drop`` of the reference on the
+    guard at ``confidence`` (the reference itself when no compressed state was), and
+    ``result.contract`` says which. Nothing given: unsafe self-compression.
 
-    The result has ``model``, ``history``, ``preservation`` (indices into ``train_data``; [] when none
-    was taken from it), ``steps``, ``seconds``, ``out_dir``, ``average_bits``, ``bytes``,
-    ``weight_bytes`` and the final ``<name>_loss``/``<name>_accuracy``. Bad arguments raise before
-    anything is trained or written, naming the argument.
+    ``task_loss``, ``metric``, ``higher_is_better`` and ``pruner`` mean what they mean to
+    :class:`SelfCompression`. Every ``eval_every`` steps the history gets a ``train`` record (loss
+    and its terms) and, on rank 0, an ``eval`` record: bits per weight, estimated file bytes and, for
+    each set of ``eval_data`` (one set, named ``val``, or a dict of named sets), ``<name>_loss`` and
+    ``<name>_accuracy`` (accuracy unless a custom ``task_loss`` is scored by loss). Checks add
+    ``check`` records, the end a ``final`` one. With ``out_dir`` set, rank 0 writes ``metrics.jsonl``
+    (the history), ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end) and
+    ``preservation.json`` (indices into ``train_data``); ``resume=True`` continues that checkpoint bit
+    for bit, given the same model (shapes as checkpointed), data and callables. ``run_config`` (plain
+    values) is stored with the settings in the checkpoint and checked on resume. A NaN or Inf loss or
+    gradient stops the run with a ``FloatingPointError`` naming the step and the batch, before
+    anything of that step is applied or written. Under ``torchrun`` every process calls this and the
+    run is DistributedDataParallel (``batch_size`` per process). Bad arguments raise before anything
+    is trained or written, naming the argument.
     """
     quantized_model(model)
+    config = _config(config, hyper)
     if task_loss is not None and not callable(task_loss):
         raise TypeError(f"task_loss must be a callable (outputs, targets) -> loss, got {type(task_loss).__name__}")
     metric_of(metric, higher_is_better, task_loss)  # checks metric and higher_is_better
     if pruner is not None and not isinstance(pruner, Pruner):
-        raise TypeError(f"pruner must be an sgsc.train.safety.Pruner or None, got {type(pruner).__name__}")
+        raise TypeError(f"pruner must be an sgsc.train.pruners.Pruner or None, got {type(pruner).__name__}")
     if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
+    if resume and out_dir is None:
+        raise ValueError("resume needs out_dir, the directory holding the run's checkpoint")
     if run_config is not None and not isinstance(run_config, dict):
         raise TypeError(f"run_config must be a dict or None, got {type(run_config).__name__}")
     train = tensor_pairs("train_data", train_data)
     if len(train) == 0:
         raise ValueError("train_data is empty")
     spec = _preserve(preserve, train)
-    settings = Settings(
-        steps=steps, gamma=gamma, batch_size=batch_size, lr=lr, alpha=alpha, lambda_=lambda_, k=k,
-        threshold=threshold, restore=restore, prune=prune, quant_lr=quant_lr, exponent_lr=exponent_lr,
-        lr_schedule=lr_schedule, warmup_steps=warmup_steps, preserve=spec.describe(),
-        preservation_method=preservation_method, preservation_weights=tuple(preservation_weights),
-        preservation_batch=preservation_batch, metric=metric if isinstance(metric, str) else getattr(metric, "__qualname__", type(metric).__name__),
-        eval_every=eval_every, checkpoint_every=checkpoint_every, out_dir=None if out_dir is None else str(out_dir),
-        resume=resume, seed=seed, progress=progress, device=device,
-    )
-    eval_sets = _eval_sets(eval_data)
+    wants_guard = config.restore and (spec.given or config.max_drop is not None)
+    data = _split(train, guard, wants_guard, config, _eval_sets(eval_data), spec.indices)
     task = _Task(task_loss, metric, higher_is_better, pruner)
-    config = {**dataclasses.asdict(settings), **(run_config or {})}
-    created, device = setup_distributed(settings.device)
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__qualname__", type(metric).__name__)
+    record = {**dataclasses.asdict(config), "preserve": spec.describe(), "metric": metric_name,
+              "guard": "given" if guard is not None else None, **(run_config or {})}
+    created, device = setup_distributed(config.device)
     try:
-        return _loop(model, train, eval_sets, spec, settings, task, config, device)
+        return _loop(model, data, spec, config, task, record, Path(out_dir) if out_dir is not None else None,
+                     resume, device)
     finally:
         if created:
             torch.distributed.destroy_process_group()
 
 
-# ---- the zoo trainer: a client of compress -----------------------------------------------------
-
-
-def _check_fits(model: nn.Module, data: Data, source: str) -> None:
-    if model_name(model) != data.model_name:
-        raise ValueError(f"init_from: {source} holds a {model_name(model)}, data {data.source} needs a {data.model_name}")
-    saved = dataclasses.asdict(model.config)
-    differ = {key: (saved[key], value) for key, value in data.model_config.items() if saved.get(key) != value}
-    if differ:
-        detail = ", ".join(f"{key}={a} in the checkpoint, {b} in the data" for key, (a, b) in differ.items())
-        raise ValueError(f"init_from: {source} does not fit data {data.source} ({detail})")
-
-
-def _load_model(config: TrainConfig, data: Data, model: nn.Module | None, resumed: dict | None, device) -> nn.Module:
-    if resumed is not None:
-        return model_from_checkpoint(resumed, device)
-    if model is not None:
-        return _use_rounding(model, config.rounding).to(device)
-    if config.init_from is not None:
-        model = model_from_checkpoint(load_checkpoint(config.init_from), device)
-        _check_fits(model, data, config.init_from)
-        return _use_rounding(model, config.rounding)
-    return new_model(config, data).to(device)
-
-
-def _use_rounding(model: nn.Module, rounding: str) -> nn.Module:
-    """Switch every quantized layer of ``model`` to ``rounding``, in place.
-
-    Rounding is the one setting of an architecture a run may change. The model's config (what an
-    export records) follows where the model has one: a user's ``quantize_model`` network has none.
-    """
-    for _, layer in quantized_layers(model):
-        layer.rounding = rounding
-    if hasattr(getattr(model, "config", None), "rounding"):
-        model.config.rounding = rounding
-    return model
-
-
-def train(config: TrainConfig, model: nn.Module | None = None, data: Data | None = None) -> dict:
-    """Train (and compress) a zoo model under ``config``: :func:`compress` on the zoo's data, then the packed file.
-
-    ``model`` (optional) is trained in place instead of a fresh or ``init_from`` model (ignored when
-    resuming, which rebuilds the checkpoint's model); like an ``init_from`` model, its quantized layers
-    (and its config) are switched to ``config.rounding`` first. ``data`` (optional) replaces
-    :func:`load_data`. The preservation set is ``config.fraction`` of ``data.train`` (none for the
-    unsafe baseline, ``lambda_=0, restore=False``); the safety metric is accuracy, or loss for a
-    language model; eval records score ``data.val`` and ``data.test``.
-    The result is :func:`compress`'s (with ``test_accuracy``, ``test_loss``, ``val_accuracy``,
-    ``val_loss``) and ``file_bytes`` (the size of ``model.sgsc``, or None). With ``out_dir`` set it
-    writes :func:`compress`'s files (the checkpoint records ``config``), the packed model
-    ``model.sgsc`` and PNG plots there, on rank 0.
-    """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    created_group, device = setup_distributed(config.device)
-    try:
-        return _train(config, model, data, device)
-    finally:
-        if created_group:
-            torch.distributed.destroy_process_group()
-
-
-def _train(config: TrainConfig, model: nn.Module | None, data: Data | None, device) -> dict:
-    out = Path(config.out_dir) if config.out_dir else None
-    resumed = None
-    if config.resume:
-        resumed = load_checkpoint(out / CHECKPOINT)
-        check_resumable(config, resumed["config"], out / CHECKPOINT)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)  # the fresh model's initialisation
-    data = data if data is not None else load_data(config)
-    model = _load_model(config, data, model, resumed, device)
-    safe = config.lambda_ > 0 or config.restore
-    result = compress(
-        model, data.train, preserve=config.fraction if safe else None, steps=config.steps, gamma=config.gamma,
-        batch_size=config.batch_size, lr=config.lr, alpha=config.alpha, lambda_=config.lambda_, k=config.k,
-        threshold=config.threshold, restore=config.restore, prune=config.prune, quant_lr=config.quant_lr,
-        exponent_lr=config.exponent_lr, lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
-        metric="loss" if data.language else "accuracy", eval_data={"val": data.val, "test": data.test},
-        eval_every=config.eval_every, out_dir=config.out_dir, checkpoint_every=config.checkpoint_every,
-        resume=config.resume, seed=config.seed, progress=config.progress,
-        preservation_batch=config.preservation_batch, preservation_method=config.preservation_method,
-        preservation_weights=config.preservation_weights, device=config.device,
-        run_config=dataclasses.asdict(config),
-    )
-    result["file_bytes"] = None
-    if out is not None and rank_world()[0] == 0:
-        packed = export.export_packed(model, out / PACKED, data={"name": config.data, "seed": config.seed})
-        result["file_bytes"] = packed.file_bytes
-        if config.plots:
-            from sgsc.train import plots
-
-            plots.save_all(model, result["history"], out)
-    return result
+def _config(config: CompressConfig | None, hyper: dict) -> CompressConfig:
+    if config is not None and not isinstance(config, CompressConfig):
+        raise TypeError(f"config must be an sgsc.CompressConfig or None, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(CompressConfig)}
+    unknown = sorted(set(hyper) - names)
+    if unknown:
+        raise TypeError(f"compress got an unexpected keyword argument {unknown[0]!r}")
+    base = config.compression() if hasattr(config, "compression") else config
+    return dataclasses.replace(base or CompressConfig(), **hyper)

@@ -1,14 +1,21 @@
-"""The safety check of Algorithm 1: restore the bits of recently lowered groups, or prune what stayed at zero.
+"""The safety check of Algorithm 1 as a contract: pass and prune, wait, or roll back and change course.
 
-Every ``k`` steps the preservation set is evaluated (accuracy for classifiers, loss for a language
-model). If it is more than ``threshold`` worse than the best value seen since compression began, the
-groups whose storage width fell since the last safe check get their bits back (:func:`restore_groups`).
-Otherwise the check is safe: the units whose bits have been zero since the previous safe check are
-removed physically by the model's :class:`Pruner` (a unit thus survives one check at zero bits, where
-restore can still bring it back) and the bits are snapshotted: the zoo's two models by
-:mod:`sgsc.nn.pruning`, any other by :func:`graph_pruner` (torch-pruning's dependency graph), which
-reports the zero-bit groups it had to keep. Without a pruner (torch-pruning not installed) the zero-bit
-groups stay masked (they compute exact zeros and cost no bits), and the check reports them.
+With a contract (a guard set and ``restore``), every ``k`` steps the model is scored on the guard and
+compared with the reference, paired, example by example (:mod:`sgsc.train.guard`):
+
+* **pass** (the drop's upper bound is within ``max_drop``): the units whose bits were zero at this
+  check and the last one that passed are removed by the model's :class:`~sgsc.train.pruners.Pruner`,
+  and the state (weights, exponents, bits, BatchNorm statistics, optimiser state) is kept as the last
+  that passed;
+* **uncertain**: nothing happens; the run goes on;
+* **fail** (the drop's lower bound exceeds ``max_drop``): the run rolls back to the last state that
+  passed, and changes course so the same drop does not come back a few steps later: each layer whose
+  storage width fell since then gets its old bits back alone, on the guard, and the layers whose
+  restoring recovered the most are **slowed**: their bits move at half the pace they did (each
+  step's change of their bits is scaled by the layer's pace, which halves at each failure it is
+  blamed for), so the checks, every ``k`` steps, see their compression in smaller steps.
+
+Without a contract (unsafe self-compression, or the preservation term alone) a check only prunes.
 
 :func:`judge` only reads the model (it runs on rank 0 under DDP and its :class:`Decision` is
 broadcast); :func:`carry_out` carries it out on every rank. The switches are a :class:`Policy`;
@@ -17,109 +24,63 @@ broadcast); :func:`carry_out` carries it out on every rank. The switches are a :
 
 from __future__ import annotations
 
-import importlib.util
-import warnings
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from sgsc.nn import pruning, quantized_layers, storage_bits
+from sgsc.nn import quantized_layers, storage_bits
 from sgsc.nn.pruning import Units, common_units
-
-Snapshot = dict[str, torch.Tensor]  # layer name -> its bits at the last safe check (CPU, float32)
+from sgsc.train.guard import Check, Outcomes, compare
+from sgsc.train.pruners import Pruner, Snapshot, zero_bit_groups
 
 
 @dataclass
 class RunState:
     """What a run carries from step to step besides model and optimiser, and what a checkpoint keeps of it.
 
-    ``snapshot`` is None until compression starts (after the warm-up); ``best`` is the best
-    preservation metric since then (None without a preservation set); ``preservation`` the indices of
-    the preservation set in the training data; ``history`` every logged record.
+    ``snapshot``: every layer's bits at the last check that passed (None until compression starts);
+    ``reference``: the reference model's per-example outcomes on the guard (None without a contract);
+    ``passed``: the last state that passed (``step``, ``model`` and ``optimizer`` state dicts, the
+    ``check``; ``optimizer`` is None for the reference itself); ``pace``: the slowed layers' factor on
+    each step's change of their bits; ``preservation`` and ``guard``: indices into the training data;
+    ``history``: every record.
     """
 
     step: int = 0
-    best: float | None = None
     snapshot: Snapshot | None = None
+    reference: Outcomes | None = None
+    passed: dict | None = None
+    pace: dict[str, float] = field(default_factory=dict)
     preservation: list[int] | None = None
+    guard: list[int] | None = None
     history: list[dict] = field(default_factory=list)
 
     def to_record(self) -> dict:
-        """Plain containers only, so a checkpoint loads with ``torch.load(weights_only=True)``."""
-        return {"step": self.step, "best": self.best, "snapshot": self.snapshot, "preservation": self.preservation,
-                "history": self.history}
+        """Plain containers and tensors only, so a checkpoint loads with ``torch.load(weights_only=True)``."""
+        return {"step": self.step, "snapshot": self.snapshot,
+                "reference": None if self.reference is None else self.reference.to_record(),
+                "passed": self.passed, "pace": self.pace, "preservation": self.preservation,
+                "guard": self.guard, "history": self.history}
 
     @classmethod
     def from_record(cls, record: dict) -> RunState:
-        return cls(**{key: record[key] for key in ("step", "best", "snapshot", "preservation", "history")})
-
-
-@dataclass(frozen=True)
-class Pruner:
-    """Physical removal of zero-bit units for the architectures it knows: the two calls a check makes.
-
-    ``dead_units(model, bits=None) -> Units``: the removable units whose bits are zero (judged by
-    ``bits``, a :func:`bits_snapshot`, when given); ``prune(model, optimizer, units) -> Units``:
-    remove them in place, swapping every cut Parameter (and its state) in ``optimizer``.
-    """
-
-    dead_units: Callable[..., Units]
-    prune: Callable[..., Units]
-
-
-ZOO_PRUNER = Pruner(pruning.dead_units, pruning.prune)
-
-
-def graph_pruner(example_inputs: Callable[[], Any]) -> Pruner:
-    """A :class:`Pruner` for any architecture, on :func:`sgsc.nn.graph_pruning.prune_zero_bit_units`.
-
-    Units are layer name -> zero-bit quantization groups; ``prune`` removes those of them that can go
-    exactly (with everything coupled) and returns the groups it removed. ``example_inputs()`` gives
-    what torch-pruning traces the model with (a tensor, a sequence of positional inputs or a mapping
-    of keyword inputs). A model torch-pruning cannot trace is warned about once and then pruned no
-    more: its zero-bit groups stay masked, and the checks report them as kept.
-    """
-
-    untraceable: list[str] = []
-
-    def prune(model: nn.Module, optimizer: torch.optim.Optimizer | None, units: Units) -> Units:
-        from sgsc.nn.graph_pruning import UntraceableModel, prune_zero_bit_units
-
-        if untraceable:
-            return {}
-        try:
-            report = prune_zero_bit_units(model, example_inputs(), optimizer, only=units)
-        except UntraceableModel as exc:  # hours into a run, masking is better than a crash: say it once
-            untraceable.append(str(exc))
-            warnings.warn(f"sgsc: zero-bit groups stay masked for the rest of the run, since {exc}", stacklevel=4)
-            return {}
-        return {change.layer: change.groups for change in report.changes if change.groups}
-
-    return Pruner(zero_bit_groups, prune)
-
-
-def default_pruner(model: nn.Module, example_inputs: Callable[[], Any] | None = None) -> Pruner | None:
-    """:mod:`sgsc.nn.pruning` for the zoo's PaperCNN and CharDecoder, :func:`graph_pruner` on
-    ``example_inputs`` for any other model, or None when torch-pruning (``sgsc[train]``) is not installed."""
-    if pruning.supports(model):
-        return ZOO_PRUNER
-    if example_inputs is None:
-        raise TypeError(f"default_pruner: {type(model).__name__} is not a zoo model, so example_inputs (a callable "
-                        "returning the inputs to trace it with) is needed")
-    return graph_pruner(example_inputs) if importlib.util.find_spec("torch_pruning") is not None else None
+        reference = record.get("reference")
+        return cls(step=record["step"], snapshot=record["snapshot"],
+                   reference=None if reference is None else Outcomes.from_record(reference),
+                   passed=record.get("passed"), pace=record.get("pace") or {},
+                   preservation=record.get("preservation"), guard=record.get("guard"), history=record["history"])
 
 
 @dataclass(frozen=True)
 class Policy:
-    """What a safety check does: restore past ``threshold``, prune with ``pruner`` (None: keep masked).
+    """What a safety check does. ``max_drop`` None: no contract (checks only prune). ``restore``: roll
+    back on a failed check. ``prune`` with ``pruner`` (None: keep zero-bit groups masked)."""
 
-    ``higher_is_better`` is the preservation metric's direction (accuracy: True, loss: False).
-    """
-
-    threshold: float
+    max_drop: float | None
+    confidence: float = 0.95
     restore: bool = True
     prune: bool = True
     higher_is_better: bool = True
@@ -128,111 +89,170 @@ class Policy:
 
 @dataclass
 class Decision:
-    """A safety check's outcome: ``restore`` (layer -> groups) when the metric dropped, else ``prune`` (units).
+    """A check's outcome: the guard ``check`` (None without a guard); the units to ``prune`` (or
+    ``masked``: layer -> zero-bit groups, with no pruner); ``keep``: the state becomes the last that
+    passed; ``wait``: an uncertain check, nothing happens; ``rollback`` and the layers to ``slow``
+    on a fail."""
 
-    ``masked`` (layer -> groups) replaces ``prune`` when pruning is on but the run has no pruner.
-    """
-
-    metric: float | None
-    restore: dict[str, list[int]] | None = None
+    check: Check | None = None
     prune: Units = field(default_factory=dict)
     masked: dict[str, list[int]] | None = None
+    keep: bool = False
+    wait: bool = False
+    rollback: bool = False
+    slow: list[str] = field(default_factory=list)
 
 
 def bits_snapshot(model: nn.Module) -> Snapshot:
-    """Every quantized layer's bits, detached on the CPU: the state of the last safe check."""
+    """Every quantized layer's bits, detached on the CPU."""
     return {name: layer.bits.detach().float().cpu().clone() for name, layer in quantized_layers(model)}
 
 
-def dropped(metric: float, best: float, threshold: float, higher_is_better: bool) -> bool:
-    """Whether the preservation metric fell more than ``threshold`` below the best seen."""
-    return metric < best - threshold if higher_is_better else metric > best + threshold
+def lowered_layers(model: nn.Module, snapshot: Snapshot) -> list[str]:
+    """Layers with a group whose storage width (``ceil(b)``, 0 when pruned) fell since ``snapshot``."""
+    return [name for name, layer in quantized_layers(model)
+            if name in snapshot and snapshot[name].shape == layer.bits.shape
+            and bool((storage_bits(layer.bits.detach().cpu()) < storage_bits(snapshot[name])).any())]
 
 
-def _improves(metric: float, best: float | None, higher_is_better: bool) -> bool:
-    return best is None or (metric > best if higher_is_better else metric < best)
+# ---- the decision (rank 0) ---------------------------------------------------------------------------
 
 
-def lowered_groups(model: nn.Module, snapshot: Snapshot) -> dict[str, list[int]]:
-    """Groups whose storage width (``ceil(b)``, 0 when pruned) fell since ``snapshot``."""
-    lowered = {}
-    for name, layer in quantized_layers(model):
-        before = snapshot.get(name)
-        if before is None or before.shape != layer.bits.shape:
-            continue
-        groups = (storage_bits(layer.bits.cpu()) < storage_bits(before)).nonzero().flatten().tolist()
-        if groups:
-            lowered[name] = groups
-    return lowered
+Measure = Callable[[], Outcomes]  # the current model's outcomes on the guard
+
+
+def judge(model: nn.Module, state: RunState, policy: Policy, measure: Measure | None) -> Decision:
+    """A check's decision. ``measure`` scores the current model on the guard (None without a guard).
+
+    Without ``restore`` the guard is only reported, and the check prunes as unsafe self-compression does.
+    """
+    if policy.max_drop is None or measure is None:
+        return _prune_decision(model, state, policy, Decision())
+    check = _compare(state, policy, measure())
+    if not policy.restore:
+        return _prune_decision(model, state, policy, Decision(check))
+    if check.verdict == "pass":
+        return _prune_decision(model, state, policy, Decision(check, keep=True))
+    if check.verdict == "fail":
+        return Decision(check, rollback=True, slow=culprits(model, state, policy, measure, check))
+    return Decision(check, wait=True)
+
+
+def _compare(state: RunState, policy: Policy, now: Outcomes) -> Check:
+    return compare(state.reference, now, higher_is_better=policy.higher_is_better, max_drop=policy.max_drop,
+                   confidence=policy.confidence)
+
+
+def _prune_decision(model: nn.Module, state: RunState, policy: Policy, decision: Decision) -> Decision:
+    if not policy.prune:
+        return decision
+    if policy.pruner is None:
+        decision.masked = zero_bit_groups(model)
+        return decision
+    dead = policy.pruner.dead_units
+    decision.prune = common_units(dead(model), dead(model, state.snapshot))
+    return decision
 
 
 @torch.no_grad()
-def restore_groups(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: Snapshot,
-                   groups: dict[str, list[int]]) -> int:
-    """Give ``groups`` back their bits from ``snapshot``; returns how many groups were raised.
+def culprits(model: nn.Module, state: RunState, policy: Policy, measure: Measure, failed: Check) -> list[str]:
+    """The layers whose compression since the last passing state did the harm.
 
-    Adam's first moment of each restored bit is zeroed, so stale momentum does not carry it
-    straight back down; its second moment (the step-size scale) is kept.
+    Each layer whose storage width fell gets its passing-state bits back alone (everything else as
+    it is now) and the guard is scored; the layers whose restoring recovered at least half of the
+    best single recovery are the culprits. When no layer alone recovers anything, every lowered layer is.
     """
     layers = dict(quantized_layers(model))
-    count = 0
-    for name, index in groups.items():
+    recovered = {}
+    for name in lowered_layers(model, state.snapshot):
         bits = layers[name].bits
-        where = torch.tensor(index, dtype=torch.long, device=bits.device)
-        bits[where] = snapshot[name].to(bits.device)[where]
-        moments = optimizer.state.get(bits, {})
-        if "exp_avg" in moments:
-            moments["exp_avg"][where] = 0
-        count += len(index)
-    return count
+        now = bits.detach().clone()
+        bits.copy_(state.snapshot[name].to(bits.device))
+        try:
+            recovered[name] = failed.drop - _compare(state, policy, measure()).drop
+        finally:
+            bits.copy_(now)
+    best = max(recovered.values(), default=0.0)
+    if best <= 0:
+        return sorted(recovered)
+    return sorted(name for name, value in recovered.items() if value >= best / 2)
 
 
-def zero_bit_groups(model: nn.Module, bits: Snapshot | None = None) -> dict[str, list[int]]:
-    """Every quantized layer's groups at ``bits <= 0`` (layer name -> group indices): what computes zeros.
-
-    ``bits`` (a :func:`bits_snapshot`) judges instead of the layers' own bits."""
-    groups = {}
-    for name, layer in quantized_layers(model):
-        dead = ((layer.bits if bits is None else bits[name]).detach() <= 0).nonzero().flatten().tolist()
-        if dead:
-            groups[name] = dead
-    return groups
-
-
-def judge(model: nn.Module, state: RunState, metric: float | None, policy: Policy) -> Decision:
-    """A safety check's decision (taken on rank 0) from the preservation ``metric`` (None: no set).
-
-    The metric dropping more than ``policy.threshold`` below ``state.best`` restores the groups
-    lowered since ``state.snapshot``; otherwise the units dead now and at the snapshot are to be
-    pruned, or, without a pruner, the zero-bit groups are reported as staying masked.
-    """
-    best = state.best
-    if (policy.restore and metric is not None and best is not None
-            and dropped(metric, best, policy.threshold, policy.higher_is_better)):
-        return Decision(metric, restore=lowered_groups(model, state.snapshot))
-    if not policy.prune:
-        return Decision(metric)
-    if policy.pruner is None:
-        return Decision(metric, masked=zero_bit_groups(model))
-    dead = policy.pruner.dead_units
-    return Decision(metric, prune=common_units(dead(model), dead(model, state.snapshot)))
+# ---- carrying it out (every rank) -------------------------------------------------------------------
 
 
 def carry_out(model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, decision: Decision, *,
-              higher_is_better: bool, pruner: Pruner | None) -> dict:
+              pruner: Pruner | None) -> dict:
     """Carry out :func:`judge`'s decision on this rank; returns the event to log."""
-    event = {"kind": "check", "step": state.step, "metric": decision.metric, "best": state.best}
-    if decision.restore is not None:
-        event["restored"] = restore_groups(model, optimizer, state.snapshot, decision.restore)
+    event = {"kind": "check", "step": state.step}
+    if decision.check is not None:
+        event.update(guard=decision.check.to_record(), verdict=decision.check.verdict)
+    if decision.rollback:
+        event["rolled_back_to"] = roll_back(model, optimizer, state)
+        for name in decision.slow:
+            state.pace[name] = state.pace.get(name, 1.0) / 2
+        event["slowed"] = {name: state.pace[name] for name in decision.slow}
         return event
-    if decision.metric is not None and _improves(decision.metric, state.best, higher_is_better):
-        state.best = decision.metric
+    if decision.wait:
+        return event
     if decision.masked is not None:
         event["masked"] = decision.masked
-    else:
+    elif pruner is not None:
         event["pruned"] = pruner.prune(model, optimizer, decision.prune) if decision.prune else {}
         kept = {unit: sorted(set(idx) - set(event["pruned"].get(unit, ()))) for unit, idx in decision.prune.items()}
         if any(kept.values()):  # e.g. coupled to a live channel: sgsc.nn.graph_pruning's report says why
             event["kept"] = {unit: idx for unit, idx in kept.items() if idx}
     state.snapshot = bits_snapshot(model)
+    if decision.keep:
+        keep_passed(model, optimizer, state, decision.check)
     return event
+
+
+def keep_passed(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: RunState,
+                check: Check | None) -> None:
+    """Keep the current state as the last that passed (after any pruning, so shapes match a rollback)."""
+    state.passed = {"step": state.step, "model": _cpu_copy(model.state_dict()),
+                    "optimizer": None if optimizer is None else copy.deepcopy(optimizer.state_dict()),
+                    "check": None if check is None else check.to_record()}
+
+
+def _cpu_copy(tensors: dict) -> dict:
+    return {key: value.detach().to("cpu", copy=True) for key, value in tensors.items()}
+
+
+@torch.no_grad()
+def roll_back(model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> int:
+    """Put back the last state that passed; returns its step. The reference itself has no optimiser
+    state: rolling back to it restarts Adam's moments."""
+    passed = state.passed
+    model.load_state_dict(passed["model"])
+    if passed["optimizer"] is None:
+        optimizer.state.clear()
+    else:
+        optimizer.load_state_dict(passed["optimizer"])
+    state.snapshot = bits_snapshot(model)
+    return passed["step"]
+
+
+class Pace:
+    """Scales each step's change of a slowed layer's bits by its pace (the optimiser moved them; this
+    takes back the rest), which is a per-layer learning rate for bits that Adam's scale-free steps
+    cannot be given through the gradient. :meth:`mark` records the bits the next step starts from."""
+
+    def __init__(self, model: nn.Module, state: RunState) -> None:
+        self.model, self.state, self.start = model, state, {}
+        self.mark()
+
+    @torch.no_grad()
+    def mark(self) -> None:
+        layers = dict(quantized_layers(self.model))
+        self.start = {name: layers[name].bits.detach().clone() for name in self.state.pace}
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        layers = dict(quantized_layers(self.model))
+        for name, pace in self.state.pace.items():
+            bits, start = layers[name].bits, self.start.get(name)
+            if start is not None and start.shape == bits.shape:
+                bits.copy_(start + pace * (bits - start))
+        self.mark()

@@ -3,59 +3,67 @@
 ::
 
     model = sgsc.quantize_model(my_model)
-    comp = SelfCompression(model, preserve=preservation_set, gamma=0.03, k=50, threshold=0.02)
+    comp = SelfCompression(model, preserve=preservation_set, guard=held_out, gamma=0.03, max_drop=0.01)
     opt = torch.optim.Adam(comp.param_groups(lr=1e-3))  # bits and exponents at their own rate
-    for x, y in loader:
-        loss = F.cross_entropy(model(x), y) + comp.penalty()  # gamma*bits + alpha*L1 + lambda*preservation
+    for x, y in loader:                                   # never the guard's examples
+        loss = F.cross_entropy(model(x), y) + comp.penalty()  # lambda*preservation + gamma*bits + alpha*L1
         opt.zero_grad(); loss.backward(); opt.step()
-        comp.step(opt)  # every k steps: the safety check (restore, or prune)
+        comp.step(opt)   # every k steps: the guard check (pass and prune, or roll back and change course)
+    comp.finish(opt)     # the model is now the last state that passed: within max_drop of the reference
 
 This is Algorithm 1 without the trainer: the same objective terms (:func:`sgsc.nn.average_bits`,
-:func:`sgsc.train.task.mean_abs_weight`), the same safety check (:func:`sgsc.train.safety.judge` and
-:func:`~sgsc.train.safety.carry_out`) and the same preservation-batch stream as
-:func:`sgsc.train.train`. ``preserve=None`` is unsafe self-compression: no preservation loss, no
-restore. Under ``torch.distributed`` the safety decision is taken on rank 0 and broadcast, so the
-constructor and every ``k``-th :meth:`~SelfCompression.step` are collective (every rank calls them);
-pass the unwrapped model, and rebuild the ``DistributedDataParallel`` wrapper after an event that pruned.
+:func:`sgsc.train.task.mean_abs_weight`), the same check (:func:`sgsc.train.safety.judge` and
+:func:`~sgsc.train.safety.carry_out`) and the same preservation-batch stream as :func:`sgsc.compress`.
+
+Safety is a contract: with a ``guard`` (examples the loop never trains on) the model :meth:`finish`
+leaves is within ``max_drop`` of the reference (the model as handed over) on the guard, at the
+stated confidence (:mod:`sgsc.train.guard`). ``preserve`` chooses what the preservation term trains
+on. Neither given: unsafe self-compression (no preservation term, no contract). Under
+``torch.distributed`` the decisions are taken on rank 0 and broadcast, so the constructor, every
+``k``-th :meth:`step` and :meth:`finish` are collective (every rank calls them); pass the unwrapped
+model, and rebuild the ``DistributedDataParallel`` wrapper after an event that pruned or rolled back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Real
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from sgsc.nn import average_bits, quantized_layers
-from sgsc.train.arguments import Metric, flag, integer, metric_of, number, quantized_model, tensor_pairs
+from sgsc.train import guard as guards
+from sgsc.train.arguments import Metric, metric_of, quantized_model, tensor_pairs
 from sgsc.train.batches import batch, seeded_generator
+from sgsc.train.config import CompressConfig
+from sgsc.train.data import IGNORE_INDEX
 from sgsc.train.distributed import from_rank0, rank_world
-from sgsc.train.safety import Policy, Pruner, RunState, bits_snapshot, carry_out, default_pruner, judge
+from sgsc.train.pruners import Pruner, default_pruner
+from sgsc.train.safety import Pace, Policy, RunState, bits_snapshot, carry_out, judge, keep_passed, roll_back
 from sgsc.train.task import mean_abs_weight
 from sgsc.train.task import task_loss as cross_entropy
 
-# ---- arguments ------------------------------------------------------------------------------
+DISTILL_TEMPERATURE = 2.0  # softens the reference's outputs, as in Hinton et al.'s distillation
 
 
-def _preserved_set(preserve) -> TensorDataset | None:
-    """``preserve`` as one TensorDataset of ``(inputs, targets)``, read once (a DataLoader in its order).
-
-    Held whole because it is small (a few percent of the data) and both the safety metric (all of
-    it) and the preservation loss (seeded random batches) need random access.
-    """
-    if preserve is None:
-        return None
-    data = tensor_pairs("preserve", preserve)
-    if len(data) == 0:
-        raise ValueError("preserve is empty; pass None for unsafe self-compression")
-    return data
-
-
-# ---- optimiser groups -----------------------------------------------------------------------
+def method_config(config: CompressConfig | None, overrides: dict, who: str) -> CompressConfig:
+    """``config`` (default: :class:`CompressConfig`'s defaults) with ``overrides``, which must be fields
+    ``who`` reads; a field only the loop reads, or no field at all, is a TypeError naming it."""
+    if config is not None and not isinstance(config, CompressConfig):
+        raise TypeError(f"config must be an sgsc.CompressConfig or None, got {type(config).__name__}")
+    allowed = CompressConfig.method_fields()
+    fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    for name in overrides:
+        if name not in fields:
+            raise TypeError(f"{who} got an unexpected keyword argument {name!r}")
+        if name not in allowed:
+            raise TypeError(f"{who}: {name} is a setting of sgsc.compress's loop, which {who} does not run")
+    return dataclasses.replace(config or CompressConfig(), **overrides)
 
 
 def param_groups(model: nn.Module, lr: float, quant_lr: float = 0.05, exponent_lr: float | None = None) -> list[dict]:
@@ -66,8 +74,7 @@ def param_groups(model: nn.Module, lr: float, quant_lr: float = 0.05, exponent_l
     ``"weights"`` (``lr``) and ``"quantizers"`` (``quant_lr``), or ``"bits"`` (``quant_lr``) and
     ``"exponents"`` (``exponent_lr``) when ``exponent_lr`` is given.
     """
-    lr = number("lr", lr, low=0, strict=True)
-    quant_lr = number("quant_lr", quant_lr, low=0, strict=True)
+    CompressConfig(lr=lr, quant_lr=quant_lr, exponent_lr=exponent_lr)  # checks them
     layers = [layer for _, layer in quantized_layers(model)]
     bits, exponents = {id(layer.bits) for layer in layers}, {id(layer.exponent) for layer in layers}
     params = list(model.parameters())
@@ -78,30 +85,25 @@ def param_groups(model: nn.Module, lr: float, quant_lr: float = 0.05, exponent_l
     weights = group("weights", {id(p) for p in params} - bits - exponents, lr)
     if exponent_lr is None:
         return [weights, group("quantizers", bits | exponents, quant_lr)]
-    exponent_lr = number("exponent_lr", exponent_lr, low=0, strict=True)
     return [weights, group("bits", bits, quant_lr), group("exponents", exponents, exponent_lr)]
-
-
-# ---- the API --------------------------------------------------------------------------------
 
 
 class SelfCompression:
     """Safety-guided self-compression of a quantized ``model`` inside the caller's training loop.
 
-    ``preserve`` is the preservation set (a Dataset, a DataLoader, an ``(inputs, targets)`` pair;
-    :func:`sgsc.train.preservation.build` chooses one), or None for unsafe self-compression.
-    ``gamma`` weighs the average bits, ``alpha`` the mean ``|w|`` and ``lambda_`` the task loss on a
-    preservation batch of ``preservation_batch`` examples, drawn from ``seed`` and the step.
-    Every ``k`` steps the safety check measures ``metric`` on the whole set (``"accuracy"``,
-    ``"loss"`` (the mean ``task_loss``: by default the cross-entropy of :func:`sgsc.train.evaluate`), or ``metric(model, preserved)``
-    with ``higher_is_better`` given); when it is more than ``threshold`` worse than the best seen
-    it restores the groups lowered since the last safe check (``restore``), else it removes the
-    units that stayed at zero bits (``prune``) with ``pruner``: by default :mod:`sgsc.nn.pruning` for
-    the zoo's models and :func:`~sgsc.train.safety.graph_pruner` for any other, which traces the model
-    on ``example_inputs`` (default: the inputs of its latest forward with autograd on, i.e. a training
-    step's). ``task_loss(logits, targets)`` defaults to cross-entropy over the last dimension with
-    targets of -1 unscored (sequence padding). ``quant_lr`` and ``exponent_lr`` are the rates
-    :meth:`param_groups` gives bits and exponents.
+    ``preserve`` is the preservation set the preservation term trains on (a Dataset, a DataLoader,
+    an ``(inputs, targets)`` pair; :func:`sgsc.train.preservation.build` chooses one). ``guard`` is
+    data the loop never trains on: with it every ``k`` steps the model is compared with the
+    reference on it, and :meth:`finish` returns the last state within ``max_drop``. The hyper-
+    parameters are :class:`~sgsc.CompressConfig`'s method fields, given as ``config`` and/or as
+    keywords (``gamma=0.03, max_drop=0.005, ...``). ``metric`` is ``"accuracy"``, ``"loss"`` (the
+    per-example ``task_loss``: by default cross-entropy over the last dimension with targets of -1
+    unscored) or ``metric(model, data) -> float`` with ``higher_is_better`` given (compared as one
+    number, without a paired bound). Zero-bit units are removed by ``pruner``: by default
+    :mod:`sgsc.nn.pruning` for the zoo's models and :func:`~sgsc.train.pruners.graph_pruner` for any
+    other, which traces the model on ``example_inputs`` (default: the inputs of its latest forward
+    with autograd on, i.e. a training step's). Use it as a context manager, or call :meth:`close`,
+    to remove the hook that records those inputs.
     """
 
     def __init__(
@@ -109,48 +111,60 @@ class SelfCompression:
         model: nn.Module,
         preserve: Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor] | None = None,
         *,
-        gamma: float,
-        alpha: float = 0.0,
-        lambda_: float = 1.0,
-        k: int = 50,
-        threshold: float = 0.02,
-        restore: bool = True,
-        prune: bool = True,
-        quant_lr: float = 0.05,
-        exponent_lr: float | None = None,
+        guard: Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor] | None = None,
+        config: CompressConfig | None = None,
         task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         metric: str | Metric = "accuracy",
         higher_is_better: bool | None = None,
-        preservation_batch: int = 32,
-        seed: int = 0,
         pruner: Pruner | None = None,
         example_inputs: torch.Tensor | Sequence | Mapping | None = None,
+        **hyper,
     ) -> None:
         self.model = quantized_model(model)
-        self.gamma = number("gamma", gamma, low=0)
-        self.alpha = number("alpha", alpha, low=0)
-        self.lambda_ = number("lambda_", lambda_, low=0)
-        self.k = integer("k", k, low=1)
-        self.quant_lr = number("quant_lr", quant_lr, low=0, strict=True)
-        self.exponent_lr = None if exponent_lr is None else number("exponent_lr", exponent_lr, low=0, strict=True)
-        self.preservation_batch = integer("preservation_batch", preservation_batch, low=1)
-        self.seed = integer("seed", seed, low=0)
+        self.config = method_config(config, hyper, "SelfCompression")
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss must be a callable (logits, targets) -> loss, got {type(task_loss).__name__}")
         self.task_loss = task_loss if task_loss is not None else cross_entropy
         self._metric, higher = metric_of(metric, higher_is_better, task_loss)
         if pruner is not None and not isinstance(pruner, Pruner):
-            raise TypeError(f"pruner must be an sgsc.train.safety.Pruner or None, got {type(pruner).__name__}")
-        threshold, restore, prune = number("threshold", threshold, low=0), flag("restore", restore), flag("prune", prune)
-        self.preserved = _preserved_set(preserve)
-        if pruner is None and prune:  # last: the default for a user's model hooks into it
-            pruner = default_pruner(model, TracedInputs(model, example_inputs))
-        self.policy = Policy(threshold, restore, prune, higher, pruner)
+            raise TypeError(f"pruner must be an sgsc.train.pruners.Pruner or None, got {type(pruner).__name__}")
+        self.preserved = _nonempty("preserve", preserve)
+        self.guard = _nonempty("guard", guard)
+        max_drop = self._max_drop(metric)
+        self._score = guards.per_example(metric, task_loss) if isinstance(metric, str) else None
+        self._traced = None
+        if pruner is None and self.config.prune:
+            self._traced = TracedInputs(model, example_inputs)
+            pruner = default_pruner(model, self._traced)
+        self.policy = Policy(max_drop, self.config.confidence, self.config.restore, self.config.prune, higher, pruner)
         self.terms: dict[str, torch.Tensor] = {}
         self._warned_masked = False
-        # the first safety reference: the model as it is handed over
+        # the reference: the model as it is handed over, which the contract is about
         self.state = RunState(snapshot=bits_snapshot(model))
-        self.state.best = from_rank0(self._measure)
+        self.teacher = self._teacher_outputs()
+        if max_drop is not None:
+            self.state.reference = from_rank0(self._measure)
+            if isinstance(metric, str) and rank_world()[0] == 0:
+                guards.warn_if_unresolvable(self.state.reference, metric=metric, max_drop=max_drop,
+                                            confidence=self.config.confidence)
+            keep_passed(model, None, self.state, None)
+        self._pace = Pace(model, self.state)
+
+    def _max_drop(self, metric) -> float | None:
+        """The contract's tolerance, or None when there is no contract (no guard)."""
+        c = self.config
+        if self.guard is None:
+            if c.max_drop is not None and c.restore:
+                raise ValueError("max_drop needs guard=, data the training loop never sees, to be checked on")
+            if self.preserved is not None and c.restore:
+                raise ValueError(
+                    "SelfCompression: a preservation set with restore=True needs guard=, examples your loop never "
+                    "trains on (e.g. a split of your training data you leave out), for the check to watch; "
+                    "sgsc.compress holds one out itself. restore=False keeps the preservation term alone")
+            return None
+        if c.max_drop is None and not isinstance(metric, str):
+            raise ValueError("a metric callable has no default tolerance: give max_drop in its units")
+        return c.max_drop_for(metric) if c.max_drop is None else c.max_drop
 
     @property
     def history(self) -> list[dict]:
@@ -159,12 +173,12 @@ class SelfCompression:
 
     def param_groups(self, lr: float) -> list[dict]:
         """Adam param groups: weights at ``lr``, bits and exponents at ``quant_lr`` (and ``exponent_lr``)."""
-        return param_groups(self.model, lr, self.quant_lr, self.exponent_lr)
+        return param_groups(self.model, lr, self.config.quant_lr, self.config.exponent_lr)
 
     def penalty(self, preservation_output: torch.Tensor | None = None) -> torch.Tensor:
-        """``lambda_ * preservation loss + gamma * average_bits + alpha * mean|w|``, to add to the task loss.
+        """``lambda_ * preservation + gamma * average_bits + alpha * mean|w|``, to add to the task loss.
 
-        Terms with a zero weight are not computed; the preservation loss needs ``preserve``, and runs
+        Terms with a zero weight are not computed; the preservation term needs ``preserve``, and runs
         the model on :meth:`preservation_inputs` unless ``preservation_output`` (the model's output on
         them, from the caller's own forward) is given. The detached terms are kept in :attr:`terms`
         (``"preservation"``, ``"size"``, ``"l1"``) for logging.
@@ -185,85 +199,169 @@ class SelfCompression:
         its training batch (one forward: DDP allows one per backward) and pass the outputs to
         :meth:`penalty` or :meth:`objective`.
         """
-        if self.lambda_ == 0 or self.preserved is None:
-            return None
-        generator = seeded_generator(self.seed, self.state.step, rank_world()[0], 1)
-        pick = torch.randint(0, len(self.preserved), (self.preservation_batch,), generator=generator)
-        return batch(self.preserved, pick, _device(self.model))
+        pick = self._preservation_pick()
+        return None if pick is None else batch(self.preserved, pick, _device(self.model))
 
     def step(self, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Count a training step; every ``k``-th runs the safety check and returns its event, else None.
+        """Count a training step (call it after ``optimizer.step()``); every ``k``-th runs the check.
 
-        The event holds ``step``, ``metric``, ``best`` and ``restored`` (groups given back their
-        bits, Adam's first moment zeroed), or ``pruned`` (units removed; ``optimizer``'s param
-        groups and state are cut to match; for a model outside the zoo, layer -> quantization groups)
-        with ``kept`` (units at zero bits at both checks that could not go exactly, e.g. coupled to a
-        live channel; :func:`sgsc.nn.graph_pruning.prune_zero_bit_units` reports why), or, without a
-        pruner, ``masked`` (layer -> zero-bit groups that stay in place).
+        Each step the slowed layers' change of bits is scaled by their pace, and bits or exponents that
+        are not finite stop the run with a ``FloatingPointError`` naming the layer. The check's event
+        holds ``step``, ``guard`` (the metric now and for the reference, ``drop``, its upper
+        ``bound``, ``n``) and ``verdict`` with a contract; on a pass (or without a contract) ``pruned``
+        (units removed; ``optimizer``'s param groups and state are cut to match; layer ->
+        quantization groups for a model outside the zoo) with ``kept`` (zero-bit units that could not
+        go exactly), or ``masked`` without a pruner; on a fail ``rolled_back_to`` (the step of the
+        state put back) and ``slowed`` (layer -> its new pace).
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.state.step += 1
-        if self.state.step % self.k:
+        self._check_finite()
+        self._pace.apply()
+        if self.state.step % self.config.k:
             return None
         self._check_optimizer(optimizer)
-        decision = from_rank0(lambda: judge(self.model, self.state, self._measure(), self.policy))
-        event = carry_out(self.model, optimizer, self.state, decision, higher_is_better=self.policy.higher_is_better,
-                          pruner=self.policy.pruner)
+        measure = self._measure if self.policy.max_drop is not None else None
+        decision = from_rank0(lambda: judge(self.model, self.state, self.policy, measure))
+        event = carry_out(self.model, optimizer, self.state, decision, pruner=self.policy.pruner)
+        self._pace.mark()  # rolled back or pruned: the next step starts from these bits
         self.state.history.append(event)
         if event.get("masked"):
             self._warn_masked(event["masked"])
         return event
 
+    def finish(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """End of training: the model becomes the last state that passed, unless it passes now.
+
+        Returns the contract's record (also appended to :attr:`history` as ``kind="final"``): the
+        final model's ``guard`` comparison, ``returned_step`` (the step of the model now held),
+        ``returned`` (its guard comparison; None when no compressed state passed and the reference
+        came back), ``max_drop`` and ``confidence``; None without a contract (no guard, or
+        ``restore=False``).
+        """
+        if self.policy.max_drop is None or not self.policy.restore:
+            return None
+        check = from_rank0(lambda: guards.compare(self.state.reference, self._measure(),
+                                                  higher_is_better=self.policy.higher_is_better,
+                                                  max_drop=self.policy.max_drop, confidence=self.policy.confidence))
+        record = {"kind": "final", "step": self.state.step, "max_drop": self.policy.max_drop,
+                  "confidence": self.policy.confidence, "guard": check.to_record()}
+        if check.verdict == "pass":
+            keep_passed(self.model, optimizer, self.state, check)
+            record["returned_step"] = self.state.step
+        else:
+            record["returned_step"] = roll_back(self.model, optimizer, self.state)
+            self._pace.mark()
+        record["returned"] = self.state.passed["check"]  # None: the reference came back
+        self.state.history.append(record)
+        return record
+
     def state_dict(self) -> dict:
-        """Step, best metric, bits snapshot and history: what a checkpoint needs to resume the checks."""
-        return {"state": self.state.to_record()}
+        """What a checkpoint needs to resume the checks: the :class:`~sgsc.train.safety.RunState` and
+        the reference's outputs the distillation term uses."""
+        return {"state": self.state.to_record(), "teacher": self.teacher}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.state = RunState.from_record(state_dict["state"])
+        self._pace = Pace(self.model, self.state)
+        if "teacher" in state_dict:
+            self.teacher = state_dict["teacher"]
+
+    def close(self) -> None:
+        """Remove the forward hook that records training inputs for the pruner's trace."""
+        if self._traced is not None:
+            self._traced.close()
+
+    def __enter__(self) -> SelfCompression:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- internals ----
 
-    def _measure(self) -> float | None:
-        """The preservation metric, in eval mode without gradients (None without a set)."""
-        if self.preserved is None:
+    def _preservation_pick(self) -> torch.Tensor | None:
+        if self.config.lambda_ == 0 or self.preserved is None or self.config.preservation_loss == "none":
+            return None
+        generator = seeded_generator(self.config.seed, self.state.step, rank_world()[0], 1)
+        return torch.randint(0, len(self.preserved), (self.config.preservation_batch,), generator=generator)
+
+    @torch.no_grad()
+    def _teacher_outputs(self) -> torch.Tensor | None:
+        """The reference's outputs on the preservation set (CPU), which the distillation term matches."""
+        if self.preserved is None or self.config.preservation_loss != "distill" or self.config.lambda_ == 0:
             return None
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
-                value = self._metric(self.model, self.preserved)
+            inputs = self.preserved.tensors[0]
+            return torch.cat([self.model(inputs[i : i + 512].to(_device(self.model))).float().cpu()
+                              for i in range(0, len(inputs), 512)])
         finally:
             self.model.train(was_training)
-        if isinstance(value, torch.Tensor):
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+
+    def _preservation_term(self, output: torch.Tensor, targets: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        if self.config.preservation_loss == "task":
+            return self.task_loss(output, targets)
+        teacher = self.teacher[pick].to(output.device)
+        t = DISTILL_TEMPERATURE
+        per_position = F.kl_div(F.log_softmax(output.float() / t, -1), F.log_softmax(teacher / t, -1),
+                                log_target=True, reduction="none").sum(-1)
+        scored = (targets != IGNORE_INDEX).to(per_position.dtype) if targets.dim() == per_position.dim() else None
+        if scored is None:
+            return per_position.mean() * t * t
+        return (per_position * scored).sum() / scored.sum().clamp(min=1) * t * t
+
+    def _measure(self) -> guards.Outcomes:
+        """The current model's outcomes on the guard."""
+        if self._score is not None:
+            return guards.outcomes(self.model, self.guard, self._score)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                value = self._metric(self.model, self.guard)
+        finally:
+            self.model.train(was_training)
+        value = float(value.item() if isinstance(value, torch.Tensor) else value)
+        if not math.isfinite(value):
             raise ValueError(f"metric must return a finite number, got {value!r}")
-        return float(value)
+        return guards.point(value)
 
     def _add_terms(self, total: torch.Tensor | None, preservation_output: torch.Tensor | None) -> torch.Tensor:
         self.terms = {}
-        drawn = self.preservation_inputs()
-        if drawn is None and preservation_output is not None:
+        pick = self._preservation_pick()
+        if pick is None and preservation_output is not None:
             raise ValueError("preservation_output given, but the penalty has no preservation term "
-                             "(preserve is None or lambda_ is 0)")
-        if drawn is not None:
-            inputs, targets = drawn
+                             "(preserve is None, lambda_ is 0 or preservation_loss is 'none')")
+        if pick is not None:
+            inputs, targets = batch(self.preserved, pick, _device(self.model))
             output = self.model(inputs) if preservation_output is None else preservation_output
-            total = self._add(total, "preservation", self.lambda_, self.task_loss(output, targets))
-        if self.gamma > 0:
-            total = self._add(total, "size", self.gamma, average_bits(self.model))
-        if self.alpha > 0:
-            total = self._add(total, "l1", self.alpha, mean_abs_weight(self.model))
+            value = self._preservation_term(output, targets, pick)
+            total = self._add(total, "preservation", self.config.lambda_, value)
+        if self.config.gamma > 0:
+            total = self._add(total, "size", self.config.gamma, average_bits(self.model))
+        if self.config.alpha > 0:
+            total = self._add(total, "l1", self.config.alpha, mean_abs_weight(self.model))
         return total if total is not None else torch.zeros((), device=_device(self.model))
 
     def _add(self, total: torch.Tensor | None, name: str, weight: float, value: torch.Tensor) -> torch.Tensor:
         self.terms[name] = value.detach()
         return weight * value if total is None else total + weight * value
 
+    def _check_finite(self) -> None:
+        for name, layer in quantized_layers(self.model):
+            for kind in ("bits", "exponent"):
+                values = getattr(layer, kind)
+                if values.numel() and not bool(torch.isfinite(values).all()):
+                    raise FloatingPointError(
+                        f"step {self.state.step}: the {kind} of {name} are not finite after the optimiser step "
+                        "(a non-finite loss or gradient reached them); the run stops here")
+
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        # restore edits the bits' Adam moments and pruning swaps Parameters in the optimizer: both
-        # would silently miss an optimizer that does not hold them
+        # rollback loads the optimizer's state and pruning swaps Parameters in it: both would silently
+        # miss an optimizer that does not hold them
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, layer in quantized_layers(self.model) if id(layer.bits) not in held]
         if missing:
@@ -285,6 +383,18 @@ class SelfCompression:
         )
 
 
+def _nonempty(name: str, data) -> TensorDataset | None:
+    """``data`` as one TensorDataset of ``(inputs, targets)``, read once (a DataLoader in its order).
+
+    Held whole because it is small (a few percent of the data) and needs random access."""
+    if data is None:
+        return None
+    pairs = tensor_pairs(name, data)
+    if len(pairs) == 0:
+        raise ValueError(f"{name} is empty; pass None for {'unsafe self-compression' if name == 'preserve' else 'no guard'}")
+    return pairs
+
+
 class TracedInputs:
     """What the graph pruner traces the model with: ``given``, else the inputs of the model's latest
     forward run with autograd on (a training step's, recorded by a forward pre-hook)."""
@@ -292,13 +402,18 @@ class TracedInputs:
     def __init__(self, model: nn.Module, given: torch.Tensor | Sequence | Mapping | None) -> None:
         if given is not None and not isinstance(given, (torch.Tensor, Sequence, Mapping)):
             raise TypeError(f"example_inputs must be a tensor, a sequence or a mapping of inputs, got {type(given).__name__}")
-        self.given, self.latest = given, None
+        self.given, self.latest, self._hook = given, None, None
         if given is None:
-            model.register_forward_pre_hook(self._record, with_kwargs=True)
+            self._hook = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
             self.latest = (args, kwargs)
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook, self.latest = None, None
 
     def __call__(self) -> torch.Tensor | Sequence | Mapping:
         if self.given is not None:
@@ -314,4 +429,4 @@ class TracedInputs:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return guards._device(model)

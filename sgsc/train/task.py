@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,10 @@ from torch.utils.data import TensorDataset
 
 from sgsc.nn import quantized_layers
 from sgsc.nn.zoo import build_model
-from sgsc.train.config import TrainConfig
 from sgsc.train.data import IGNORE_INDEX, load_names, load_vision
+
+if TYPE_CHECKING:  # the config imports the argument checks, which import this module
+    from sgsc.train.config import TrainConfig
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import shutil
 import statistics
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -435,7 +436,7 @@ def test_safety_ablation_keeps_one_half_of_sgscs_safety_at_a_time(monkeypatch):
 
 
 def test_sized_unsafe_job_trains_unsafe_at_the_sized_gamma(monkeypatch):
-    monkeypatch.setattr(vision, "self_compress", lambda start, config, run: {"model": config, "seconds": 0.0})
+    monkeypatch.setattr(vision, "self_compress", lambda start, config, run: SimpleNamespace(model=config, seconds=0.0))
     settings = vision.quick_settings(sized_unsafe_gamma=0.07)
     jobs = dict(vision.method_jobs(settings, 0, None, None, None))
     config, _, _ = jobs["unsafe_sized"]()

@@ -476,7 +476,7 @@ def test_training_run_exports_and_cli_round_trips(tmp_path, capsys):
                          progress=False, plots=False, gamma=0.5, quant_lr=0.2, out_dir=str(tmp_path / "run"))
     result = train(config)
     written = tmp_path / "run" / "model.sgsc"
-    assert result["file_bytes"] == written.stat().st_size
+    assert result.file_bytes == written.stat().st_size
     trained = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoint.pt")).eval()
     test_x, _ = load_data(config).test.tensors
     with torch.no_grad():

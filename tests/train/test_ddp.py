@@ -29,10 +29,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         model.blocks[0][0].bits[[2, 6]] = 0
         model.blocks[1][0].bits[[1, 4, 9]] = 0
     config = TrainConfig(steps=24, warmup_steps=4, k=8, eval_every=8, gamma=0.2, quant_lr=0.1, lr=3e-3,
-                         batch_size=32, fraction=0.1, threshold=0.0, progress=False, plots=False, threads=1,
+                         batch_size=32, fraction=0.1, max_drop=1.0, progress=False, plots=False, threads=1,
                          out_dir=out)
     result = train(config, model=model)
-    checks = [r for r in result["history"] if r["kind"] == "check"]
+    checks = [r for r in result.history if r["kind"] == "check"]
     torch.save({"state": model.state_dict(), "channels": model.config.channels, "checks": checks},
                os.path.join(out, f"rank{rank}.pt"))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -28,12 +27,15 @@ from sgsc.train import (
     judge,
     load_checkpoint,
     load_data,
-    make_optimizer,
     model_from_checkpoint,
+    param_groups,
     train,
     unsafe,
 )
+from sgsc.train.guard import outcomes, per_example
+from sgsc.train.loop import guard_split
 from sgsc.train.preservation import random_subset
+from sgsc.train.safety import keep_passed
 
 SMALL_CNN = {"channels": [8, 16]}
 
@@ -43,8 +45,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _quick(**overrides) -> TrainConfig:
     settings = dict(steps=40, warmup_steps=10, k=10, eval_every=20, model_config=SMALL_CNN, progress=False,
-                    gamma=0.1, quant_lr=0.1, lr=3e-3)
+                    gamma=0.1, quant_lr=0.1, lr=3e-3, guard_fraction=0.2, max_drop=0.05)
     return TrainConfig(**{**settings, **overrides})
+
+
+def _optimizer(model, config: TrainConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(param_groups(model, config.lr, config.quant_lr, config.exponent_lr))
 
 
 def _total_bits(model):
@@ -61,80 +67,82 @@ def compressed():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     config = TrainConfig(steps=300, warmup_steps=100, k=25, eval_every=100, model_config={"channels": [16, 32]},
-                         gamma=0.05, quant_lr=0.1, lr=3e-3, progress=False)
-    started = time.perf_counter()
+                         gamma=0.05, quant_lr=0.1, lr=3e-3, progress=False, guard_fraction=0.2, max_drop=0.05)
     result = train(config)
-    result["wall"] = time.perf_counter() - started
     torch.set_num_threads(threads)
     return config, result
 
 
 def test_bits_fall_while_accuracy_holds(compressed):
     config, result = compressed
-    before, after = _evals(result["history"])[100], _evals(result["history"])[300]
+    evals = [r for r in result.history if r["kind"] == "eval"]
+    before, after = _evals(result.history)[100], evals[-1]  # the last: the model returned
     print(f"\nbits {before['bits']:.2f} -> {after['bits']:.2f}, test accuracy {before['test_accuracy']:.4f} -> "
-          f"{after['test_accuracy']:.4f}, bytes {before['bytes']} -> {after['bytes']}, {result['wall']:.1f}s")
+          f"{after['test_accuracy']:.4f}, bytes {before['bytes']} -> {after['bytes']}, {result.contract}")
     assert before["bits"] > 8.0  # the uncompressed model, at the end of the plain phase
-    assert after["bits"] < 4.0 and result["average_bits"] == after["bits"]
-    assert after["bytes"] < 0.6 * before["bytes"]
+    assert after["bits"] < 5.0 and result.average_bits == after["bits"]
+    assert after["bytes"] < 0.7 * before["bytes"]
     assert before["test_accuracy"] > 0.95
-    assert after["test_accuracy"] >= before["test_accuracy"] - 0.05  # the stated bound: 5 points
-    assert evaluate(result["model"], load_data(config).test)["accuracy"] == result["test_accuracy"]
-    assert len(result["preservation"]) == round(0.05 * len(load_data(config).train))
+    test_error = (before["test_accuracy"] * (1 - before["test_accuracy"]) / len(load_data(config).test)) ** 0.5
+    assert after["test_accuracy"] >= before["test_accuracy"] - config.max_drop - 2 * test_error  # the contract
+    assert result.contract["returned"]["bound"] <= config.max_drop
+    assert evaluate(result.model, load_data(config).test)["accuracy"] == result.scores["test_accuracy"]
+    train_size = len(load_data(config).train)
+    assert len(result.guard) == round(0.2 * train_size)  # held out: neither batches nor the preservation set
+    assert len(result.preservation) == round(0.05 * (train_size - len(result.guard)))
+    assert not set(result.guard) & set(result.preservation)
 
 
 def _broken_copy(result, value):
-    """The trained model with every group of the first conv cut to ``value`` bits."""
-    model = build_model("paper_cnn", dataclasses.asdict(result["model"].config))
-    model.load_state_dict(result["model"].state_dict())
+    """The trained model with every group of the first conv cut to ``value`` bits, and the healthy state."""
+    model = build_model("paper_cnn", dataclasses.asdict(result.model.config))
+    model.load_state_dict(result.model.state_dict())
+    healthy = {key: tensor.clone() for key, tensor in model.state_dict().items()}
     snapshot = bits_snapshot(model)
     with torch.no_grad():
         model.blocks[0][0].bits.clamp_(max=value)
-    return model, snapshot
+    return model, snapshot, healthy
+
+
+def _guard(config, result) -> TensorDataset:
+    return TensorDataset(*(t[result.guard] for t in load_data(config).train.tensors))
 
 
 @pytest.mark.parametrize("value", [1.0, 0.0])
-def test_restore_raises_bits_when_preservation_accuracy_drops(compressed, value):
+def test_a_failed_check_rolls_the_zoo_model_back_and_slows_the_broken_layer(compressed, value):
     config, result = compressed
-    data = load_data(config)
-    preserved = TensorDataset(*(t[result["preservation"]] for t in data.train.tensors))
-    model, snapshot = _broken_copy(result, value)
-    optimizer = make_optimizer(model, config)
-    first_conv = model.blocks[0][0]
-    optimizer.state[first_conv.bits]["exp_avg"] = torch.full_like(first_conv.bits, -0.5)  # momentum pushing down
-    healthy = evaluate(result["model"], preserved)["accuracy"]
-    state = RunState(step=7, best=healthy, snapshot=snapshot)
+    guard, score = _guard(config, result), per_example("accuracy", None)
+    model, snapshot, healthy = _broken_copy(result, value)
+    optimizer = _optimizer(model, config)
+    state = RunState(step=7, snapshot=snapshot, reference=outcomes(result.model, guard, score))
+    keep_passed(result.model, None, state, None)  # the healthy model is the last state that passed
+    policy = Policy(config.max_drop, pruner=default_pruner(model))
 
-    policy = Policy(config.threshold, config.restore, config.prune, pruner=default_pruner(model))
-    decision = judge(model, state, evaluate(model, preserved)["accuracy"], policy)
-    assert decision.metric < healthy - config.threshold
-    assert decision.restore == {"blocks.0.0": list(range(first_conv.quant_groups))}
-    event = carry_out(model, optimizer, state, decision, higher_is_better=True, pruner=policy.pruner)
-    assert event["restored"] == first_conv.quant_groups
-    assert torch.equal(first_conv.bits.detach(), snapshot["blocks.0.0"])
-    assert torch.equal(optimizer.state[first_conv.bits]["exp_avg"], torch.zeros_like(first_conv.bits))
-    assert evaluate(model, preserved)["accuracy"] == healthy
-    assert state.snapshot is snapshot and state.best == healthy  # a failed check moves no reference
+    decision = judge(model, state, policy, lambda: outcomes(model, guard, score))
+    assert decision.check.verdict == "fail" and decision.check.low > config.max_drop
+    assert decision.rollback and decision.slow == ["blocks.0.0"]
+    event = carry_out(model, optimizer, state, decision, pruner=policy.pruner)
+    assert event["rolled_back_to"] == 7 and event["slowed"] == {"blocks.0.0": 0.5}
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in healthy.items())
+    assert evaluate(model, guard)["accuracy"] == evaluate(result.model, guard)["accuracy"]
 
 
-def test_unsafe_baseline_does_not_restore(compressed):
+def test_unsafe_baseline_has_no_guard_and_never_rolls_back(compressed):
     config, result = compressed
-    data = load_data(config)
-    preserved = TensorDataset(*(t[result["preservation"]] for t in data.train.tensors))
-    model, snapshot = _broken_copy(result, 1.0)
+    model, snapshot, _ = _broken_copy(result, 1.0)
     baseline = unsafe(config)
     assert baseline.lambda_ == 0 and baseline.restore is False and baseline.gamma == config.gamma
-    policy = Policy(baseline.threshold, baseline.restore, baseline.prune, pruner=default_pruner(model))
-    decision = judge(model, RunState(best=1.0, snapshot=snapshot), evaluate(model, preserved)["accuracy"], policy)
-    assert decision.restore is None
+    decision = judge(model, RunState(snapshot=snapshot), Policy(None, pruner=default_pruner(model)), None)
+    assert decision.check is None and not decision.rollback
 
 
-def test_aggressive_compression_triggers_restores_in_the_loop():
-    result = train(_quick(steps=60, gamma=1.0, quant_lr=0.3, fraction=0.1, threshold=0.0))
-    checks = [r for r in result["history"] if r["kind"] == "check"]
-    restores = [r for r in checks if r.get("restored")]
-    assert restores, checks
-    assert all(r["metric"] < r["best"] for r in restores)  # only a drop below the best triggers one
+def test_compression_past_the_contract_rolls_back_in_the_loop():
+    result = train(_quick(steps=100, warmup_steps=50, gamma=2.0, quant_lr=0.3, fraction=0.1, max_drop=0.0))
+    checks = [r for r in result.history if r["kind"] == "check"]
+    rollbacks = [r for r in checks if "rolled_back_to" in r]
+    assert rollbacks, checks
+    assert all(r["verdict"] == "fail" and r["guard"]["drop"] > 0 for r in rollbacks)  # only a failed check does
+    assert result.contract["max_drop"] == 0.0 and (result.contract["returned"] or {"bound": 0.0})["bound"] <= 0.0
 
 
 def test_zero_bit_groups_are_removed_and_the_model_keeps_training():
@@ -145,9 +153,9 @@ def test_zero_bit_groups_are_removed_and_the_model_keeps_training():
         model.blocks[0][0].bits[[1, 5]] = 0
         model.blocks[1][0].bits[[0, 2, 3]] = 0
     result = train(config, model=model)
-    pruned = [r["pruned"] for r in result["history"] if r["kind"] == "check" and r.get("pruned")]
+    pruned = [r["pruned"] for r in result.history if r["kind"] == "check" and r.get("pruned")]
     assert pruned and pruned[0] == {"blocks.0": [1, 5], "blocks.1": [0, 2, 3]}
-    assert result["model"] is model and model.config.channels[0] <= 6 and model.config.channels[1] <= 13
+    assert result.model is model and model.config.channels[0] <= 6 and model.config.channels[1] <= 13
     assert model.blocks[0][0].weight.shape[0] == model.config.channels[0]
 
 
@@ -157,7 +165,7 @@ def test_channel_grouped_head_prunes_unread_channels_in_the_loop_and_exports_exa
     with torch.no_grad():
         model.head.bits[[2, 7, 11]] = 0  # the head stops reading these channels; their conv keeps its bits
     result = train(_quick(steps=30), model=model)
-    pruned = [r["pruned"] for r in result["history"] if r["kind"] == "check" and r.get("pruned")]
+    pruned = [r["pruned"] for r in result.history if r["kind"] == "check" and r.get("pruned")]
     assert pruned and set(pruned[0]["blocks.1"]) >= {2, 7, 11}
     assert model.config.channels[1] <= 13 and model.head.bits.numel() == model.config.channels[1]
     path = tmp_path / "channel-head.sgsc"
@@ -179,15 +187,15 @@ def test_resume_continues_bit_exactly(tmp_path):
     straight = run(tmp_path / "straight", 60)
     run(tmp_path / "split", 30)
     resumed = run(tmp_path / "split", 60, resume=True)
-    assert resumed["model"].config.channels == straight["model"].config.channels != SMALL_CNN["channels"]
-    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert resumed.model.config.channels == straight.model.config.channels != SMALL_CNN["channels"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["history"] == straight["history"]
+    assert resumed.history == straight.history
     opt_a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["optimizer_state"]["state"]
     opt_b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["optimizer_state"]["state"]
     assert all(torch.equal(opt_a[i][key], opt_b[i][key]) for i in opt_a for key in opt_a[i])
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == straight["history"]
+    assert [json.loads(line) for line in lines] == straight.history
 
 
 def test_resume_accepts_a_checkpoint_written_before_newer_fields(tmp_path):
@@ -197,7 +205,7 @@ def test_resume_accepts_a_checkpoint_written_before_newer_fields(tmp_path):
     for name in ("preservation_method", "exponent_lr"):  # fields added after the first checkpoints
         del record["config"][name]
     torch.save(record, path)
-    assert train(_quick(steps=4, warmup_steps=0, out_dir=str(tmp_path), plots=False, resume=True))["steps"] == 4
+    assert train(_quick(steps=4, warmup_steps=0, out_dir=str(tmp_path), plots=False, resume=True)).steps == 4
 
 
 def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path):
@@ -219,7 +227,11 @@ def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path):
         ("k", 0, ValueError),
         ("steps", -1, ValueError),
         ("lr", 0.0, ValueError),
-        ("threshold", float("nan"), ValueError),
+        ("max_drop", float("nan"), ValueError),
+        ("max_drop", -0.01, ValueError),
+        ("confidence", 0.4, ValueError),
+        ("guard_fraction", 1.0, ValueError),
+        ("preservation_loss", "kl", ValueError),
         ("data", "cifar", ValueError),
         ("rounding", "up", ValueError),
         ("preservation_method", "gradcam", ValueError),
@@ -227,7 +239,7 @@ def test_resume_refuses_a_different_config_or_a_missing_checkpoint(tmp_path):
         ("exponent_lr", 0.0, ValueError),
         ("exponent_lr", -0.01, ValueError),
         ("exponent_lr", float("inf"), ValueError),
-        ("exponent_lr", "0.1", ValueError),
+        ("exponent_lr", "0.1", TypeError),
         ("lr_schedule", "linear", ValueError),
         ("data_dir", "/nonexistent/idx", FileNotFoundError),
         ("init_from", "/nonexistent/ckpt.pt", FileNotFoundError),
@@ -242,18 +254,20 @@ def test_bad_settings_name_the_argument(field, value, error):
 def test_random_preservation_is_the_seeded_random_subset_of_the_same_size():
     config = _quick(steps=1, warmup_steps=0, seed=3, fraction=0.05)
     n = len(load_data(config).train)
-    # the documented rule: round(fraction * N) distinct indices, random_subset drawn with the run's seed
-    expected = random_subset(n, round(0.05 * n), seed=3).tolist()
-    drawn = train(dataclasses.replace(config, preservation_method="random"))["preservation"]
+    # the documented rule: round(fraction * N) distinct indices of the N examples training may see (not the
+    # guard's), random_subset drawn with the run's seed
+    _, seen = guard_split(n, config.guard_fraction, seed=3)
+    expected = [seen[i] for i in random_subset(len(seen), round(0.05 * len(seen)), seed=3).tolist()]
+    drawn = train(dataclasses.replace(config, preservation_method="random")).preservation
     assert drawn == expected
-    assert train(config)["preservation"] != expected  # the criteria choose otherwise
+    assert train(config).preservation != expected  # the criteria choose otherwise
 
 
 def test_a_given_model_trains_with_the_configs_rounding():
     torch.manual_seed(0)
     model = build_model("paper_cnn", {"image_size": 8, **SMALL_CNN, "rounding": "floor"})
     result = train(_quick(steps=2, warmup_steps=0, rounding="nearest"), model=model)
-    assert result["model"] is model and model.config.rounding == "nearest"
+    assert result.model is model and model.config.rounding == "nearest"
     assert {layer.rounding for _, layer in quantized_layers(model)} == {"nearest"}
 
     def rebuilt(rounding):
@@ -272,10 +286,10 @@ def test_exponent_lr_gives_exponents_their_own_adam_group():
     torch.manual_seed(0)
     model = build_model("paper_cnn", {"image_size": 8, **SMALL_CNN})
     layers = [layer for _, layer in quantized_layers(model)]
-    default = make_optimizer(model, _quick(quant_lr=0.1))
+    default = _optimizer(model, _quick(quant_lr=0.1))
     assert [(g["name"], g["lr"]) for g in default.param_groups] == [("weights", 3e-3), ("quantizers", 0.1)]
 
-    optimizer = make_optimizer(model, _quick(quant_lr=0.1, exponent_lr=0.01))
+    optimizer = _optimizer(model, _quick(quant_lr=0.1, exponent_lr=0.01))
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert [(name, g["lr"]) for name, g in groups.items()] == [("weights", 3e-3), ("bits", 0.1), ("exponents", 0.01)]
     assert [id(p) for p in groups["bits"]["params"]] == [id(layer.bits) for layer in layers]
@@ -354,9 +368,9 @@ def test_language_model_uses_preservation_loss():
     data = load_data(config)
     # about 16 preserved examples, whether the full corpus or the small embedded fallback was found
     result = train(dataclasses.replace(config, fraction=min(1.0, 16 / len(data.train))), data=data)
-    checks = [r for r in result["history"] if r["kind"] == "check"]
-    assert checks and all(r["metric"] > 0.5 for r in checks)  # a loss in nats, not an accuracy
-    assert 0 < result["test_accuracy"] < 1 and result["test_loss"] < 3.3  # below uniform over 27 chars
+    checks = [r for r in result.history if r["kind"] == "check"]
+    assert checks and all(r["guard"]["value"] > 0.5 for r in checks)  # a loss in nats, not an accuracy
+    assert 0 < result.scores["test_accuracy"] < 1 and result.scores["test_loss"] < 3.3  # below uniform over 27 chars
 
 
 def test_cli_trains_compresses_and_resumes(tmp_path, capsys):
@@ -367,7 +381,7 @@ def test_cli_trains_compresses_and_resumes(tmp_path, capsys):
     assert "bits/weight" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20, 30]
-    assert {r["kind"] for r in records} == {"train", "eval", "check"}
+    assert {r["kind"] for r in records} == {"train", "eval", "check", "final"}
     for name in ("training.png", "weights.png", "bits.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = load_checkpoint(out / "checkpoint.pt")
