@@ -216,6 +216,40 @@ def _run_resnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_frontier(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "frontier", help="accuracy against bytes over seeds: SGSC (three preservation terms), unsafe, QAT, PTQ, "
+        "and the contract table",
+        description="Per seed, a float paper CNN, then SGSC and unsafe at every gamma, fixed-bit QAT and PTQ from "
+        "its snapshot; each exported, loaded back and scored on test; writes <out>/frontier.json and "
+        "<out>/frontier.png. Resumable: runs whose <out>/frontier-seed<N>/<run>.json exists are read back.")
+    parser.add_argument("--quick", action="store_true", help="digits, a small CNN, tens of steps: a smoke test")
+    parser.add_argument("--data", choices=VISION_NAMES, help="data set (default fashion-mnist; quick: digits)")
+    parser.add_argument("--data-dir", help="directory of the four IDX files")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
+    parser.add_argument("--gammas", type=float, nargs="+", help="size-term weights of SGSC and unsafe")
+    parser.add_argument("--steps", type=positive_int, help="steps of every method from the float snapshot")
+    parser.add_argument("--float-steps", type=positive_int, help="float steps before the snapshot")
+    parser.add_argument("--max-drop", type=float, help="the contract of the SGSC runs (accuracy, a fraction)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes at once (default: %(default)s)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--out", default="results", help="output directory (default: %(default)s)")
+    parser.set_defaults(func=_run_frontier)
+
+
+def _run_frontier(args: argparse.Namespace) -> int:
+    from sgsc.experiments import frontier
+
+    keys = ("data", "data_dir", "seeds", "gammas", "steps", "float_steps", "max_drop")
+    overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    overrides["progress"] = args.progress
+    settings = frontier.quick_settings(**overrides) if args.quick else frontier.FrontierSettings(**overrides)
+    result = frontier.run(settings, args.out, workers=args.workers)
+    print(frontier.markdown(result))
+    print(f"wrote {Path(args.out) / frontier.RESULT_FILE} and {Path(args.out) / frontier.PLOT_FILE}")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add `sgsc experiment` with its `vision`, `language`, `resnet` and `report` subcommands."""
     parser = subparsers.add_parser("experiment", help="reproduce the paper's tables and render RESULTS.md",
@@ -225,4 +259,5 @@ def register(subparsers) -> None:
     _add_vision(experiments)
     _add_language(experiments)
     _add_resnet(experiments)
+    _add_frontier(experiments)
     _add_report(experiments)

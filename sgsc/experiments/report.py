@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 from sgsc._io import atomic_write
-from sgsc.experiments import language, resnet, vision_report
+from sgsc.experiments import frontier, language, resnet, vision_report
 
 VISION_FILE = "vision.json"
 TUNING_FILE = "vision_tuning.json"
 LANGUAGE_FILE = "language.json"
 RESNET_FILE = resnet.RESULT_FILE
+FRONTIER_FILE = frontier.RESULT_FILE
 
 
 
@@ -39,7 +40,8 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
         raise FileNotFoundError(f"results directory not found: {results_dir}")
     vision_path, language_path = results_dir / VISION_FILE, results_dir / LANGUAGE_FILE
     tuning_path, resnet_path = results_dir / TUNING_FILE, results_dir / RESNET_FILE
-    if not any(path.is_file() for path in (vision_path, language_path, tuning_path, resnet_path)):
+    frontier_path = results_dir / FRONTIER_FILE
+    if not any(path.is_file() for path in (vision_path, language_path, tuning_path, resnet_path, frontier_path)):
         raise FileNotFoundError(f"{results_dir} holds none of {VISION_FILE}, {LANGUAGE_FILE}, {TUNING_FILE}, "
                                 f"{RESNET_FILE}; run `sgsc experiment vision`, `language` or `resnet` first")
     sections = [
@@ -50,6 +52,8 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
         "hyper-parameters and the command that reproduces it.",
         "",
     ]
+    if frontier_path.is_file():
+        sections.append(frontier.markdown(_read(frontier_path)))
     if vision_path.is_file():
         sections.append(vision_report.markdown(_read(vision_path), results_dir.resolve(), output))
     if tuning_path.is_file():

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from sgsc.train.data import IGNORE_INDEX
+from sgsc.train.task import model_device
 
 VERDICTS = ("pass", "uncertain", "fail")
 
@@ -171,7 +172,7 @@ def per_example(metric: str, task_loss: Callable | None) -> PerExample:
 def outcomes(model: nn.Module, data: TensorDataset, score: PerExample, batch_size: int = 512) -> Outcomes:
     """``score`` of ``model`` on every example of ``data``, in eval mode (the mode is put back)."""
     inputs, targets = data.tensors
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     values, weights = [], []
@@ -189,9 +190,3 @@ def outcomes(model: nn.Module, data: TensorDataset, score: PerExample, batch_siz
 def point(value: float) -> Outcomes:
     """A custom metric's one number as outcomes (a point comparison)."""
     return Outcomes(torch.tensor([float(value)], dtype=torch.float64), torch.ones(1, dtype=torch.float64))
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")

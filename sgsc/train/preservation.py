@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from sgsc._deps import require
 from sgsc._io import atomic_write
+from sgsc.train.task import model_device
 
 CRITERIA = ("gradcam", "uncertainty", "diversity")
 METHODS = ("criteria", "random")  # how build chooses: the three criteria, or the random ablation
@@ -417,7 +418,7 @@ def compute_scores(
     dataset = _as_dataset(dataset)
     if len(dataset) == 0:
         raise ValueError("dataset is empty")
-    device = next(model.parameters()).device
+    device = model_device(model)
     layers = _resolve_layers(model, dataset, criteria, attribution_layer, embedding_layer, device)
     capture = _Capture(layers.attribution) if "gradcam" in criteria else None
     features = _InputCapture(layers.embedding) if "diversity" in criteria else None

@@ -45,7 +45,7 @@ from sgsc.train.data import IGNORE_INDEX
 from sgsc.train.distributed import from_rank0, rank_world
 from sgsc.train.pruners import Pruner, default_pruner
 from sgsc.train.safety import Pace, Policy, RunState, bits_snapshot, carry_out, judge, keep_passed, roll_back
-from sgsc.train.task import mean_abs_weight
+from sgsc.train.task import mean_abs_weight, model_device
 from sgsc.train.task import task_loss as cross_entropy
 
 DISTILL_TEMPERATURE = 2.0  # softens the reference's outputs, as in Hinton et al.'s distillation
@@ -200,7 +200,7 @@ class SelfCompression:
         :meth:`penalty` or :meth:`objective`.
         """
         pick = self._preservation_pick()
-        return None if pick is None else batch(self.preserved, pick, _device(self.model))
+        return None if pick is None else batch(self.preserved, pick, model_device(self.model))
 
     def step(self, optimizer: torch.optim.Optimizer) -> dict | None:
         """Count a training step (call it after ``optimizer.step()``); every ``k``-th runs the check.
@@ -296,7 +296,7 @@ class SelfCompression:
         self.model.eval()
         try:
             inputs = self.preserved.tensors[0]
-            return torch.cat([self.model(inputs[i : i + 512].to(_device(self.model))).float().cpu()
+            return torch.cat([self.model(inputs[i : i + 512].to(model_device(self.model))).float().cpu()
                               for i in range(0, len(inputs), 512)])
         finally:
             self.model.train(was_training)
@@ -336,7 +336,7 @@ class SelfCompression:
             raise ValueError("preservation_output given, but the penalty has no preservation term "
                              "(preserve is None, lambda_ is 0 or preservation_loss is 'none')")
         if pick is not None:
-            inputs, targets = batch(self.preserved, pick, _device(self.model))
+            inputs, targets = batch(self.preserved, pick, model_device(self.model))
             output = self.model(inputs) if preservation_output is None else preservation_output
             value = self._preservation_term(output, targets, pick)
             total = self._add(total, "preservation", self.config.lambda_, value)
@@ -344,7 +344,7 @@ class SelfCompression:
             total = self._add(total, "size", self.config.gamma, average_bits(self.model))
         if self.config.alpha > 0:
             total = self._add(total, "l1", self.config.alpha, mean_abs_weight(self.model))
-        return total if total is not None else torch.zeros((), device=_device(self.model))
+        return total if total is not None else torch.zeros((), device=model_device(self.model))
 
     def _add(self, total: torch.Tensor | None, name: str, weight: float, value: torch.Tensor) -> torch.Tensor:
         self.terms[name] = value.detach()
@@ -426,7 +426,3 @@ class TracedInputs:
             raise ValueError("SelfCompression: the model was called with positional and keyword inputs, which "
                              "the graph pruner cannot replay; pass example_inputs=")
         return kwargs or args
-
-
-def _device(model: nn.Module) -> torch.device:
-    return guards._device(model)
