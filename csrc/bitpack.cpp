@@ -1,7 +1,7 @@
 // CPU kernels of sgsc::pack, sgsc::unpack and sgsc::unpack_dequantize(_out): integer codes stored with
 // a bit width per group, and (the packed runtime's) their float32 values code * scale[group].
 //
-// The schemas and the layout's documentation (with a worked example) live in sgsc/ops.py. In short:
+// The schemas live in sgsc/ops/library.py, the layout with a worked example in sgsc.ops.pack's docstring. In short:
 // group g's stream starts at byte offset[g] = sum over h < g of ceil(width[h] * L / 8); code i of
 // the group fills bits [i*w, (i+1)*w) of that stream with the low w bits of its two's complement,
 // least significant bit first (bit k of the stream is bit k % 8 of byte k / 8).

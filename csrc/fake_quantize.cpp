@@ -1,6 +1,6 @@
 // CPU kernels of sgsc::fake_quantize and its fused backward.
 //
-// The schemas live in sgsc/ops.py; this file only provides the CPU implementations. The per-group
+// The schemas live in sgsc/ops/library.py; this file only provides the CPU implementations. The per-group
 // constants (2^-e, 2^e and the clamp range) come from ATen on the (G,) tensors with exactly the
 // calls the PyTorch reference makes, so forward outputs match it bit for bit. The element loops
 // are compiled once per instruction set through function multiversioning: without SSE4.1, floor

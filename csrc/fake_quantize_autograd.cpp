@@ -1,6 +1,6 @@
 // Autograd of sgsc::fake_quantize for every device, in C++.
 //
-// The same straight-through backward could be registered from Python (sgsc/ops.py does so when
+// The same straight-through backward could be registered from Python (sgsc/ops/library.py does so when
 // this extension is missing), but there the autograd wrapper costs ~150 us per forward+backward,
 // several times the kernels' own time on a layer-sized weight. This node calls the forward and
 // backward ops through the dispatcher, so CPU (C++) and CUDA (Triton) kernels, and the fake

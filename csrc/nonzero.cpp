@@ -1,7 +1,7 @@
 // CPU kernels of sgsc::nonzero_select and sgsc::nonzero_expand: the sparse groups of the packed
-// format (sgsc/codec.py), a bitmask of a group's nonzero codes plus those codes in order.
+// format (sgsc/export/codec.py), a bitmask of a group's nonzero codes plus those codes in order.
 //
-// The schemas and the contract live in sgsc/ops.py; sgsc.ops.reference holds the NumPy twins. Both ops
+// The schemas and the contract live in sgsc/ops/library.py; sgsc.ops.reference holds the NumPy twins. Both ops
 // walk rows independently once each row's share of the values is known (a count, then a prefix sum
 // over rows), so rows run in parallel and every row writes only its own output.
 //

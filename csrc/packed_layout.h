@@ -43,7 +43,7 @@
 namespace sgsc {
 namespace packed {
 
-constexpr int kLanes = 8;            // rows per tile: one 256-bit vector of fp32 accumulators
+constexpr int kLanes = 8;            // rows per tile (sgsc.ops.spec.LANES): one 256-bit vector of fp32 accumulators
 constexpr int64_t kStealTiles = 4;   // tiles (or prescale rows) a thread takes from the shared counter at a time
 
 typedef float f8 __attribute__((vector_size(32)));

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-LANES = 8  # rows per tile (sgsc.ops.packed.LANES)
+from sgsc.ops.spec import LANES  # rows per tile
 
 
 @triton.jit

@@ -34,7 +34,6 @@ _PUBLIC = {
     "average_bits": "sgsc.nn",
     "model_bits_report": "sgsc.nn",
     "export_onnx": "sgsc.export",
-    "export_packed": "sgsc.export",
     "load_packed": "sgsc.export",
     "save_packed": "sgsc.export",
     "read_header": "sgsc.export",
@@ -43,6 +42,7 @@ _PUBLIC = {
     "CompressConfig": "sgsc.train",
     "CompressResult": "sgsc.train",
     "TrainConfig": "sgsc.train",
+    "pack_model": "sgsc.nn.packed",
     "SelfCompression": "sgsc.train",
     "compress": "sgsc.train",
 }

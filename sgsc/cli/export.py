@@ -79,7 +79,7 @@ def _export_own_model(source: Path, path: str, args, shape: tuple[int, ...] | No
     user_model = architecture(args.model)
     loaded = export.load_packed(source, model=copy.deepcopy(user_model))  # the architecture is checked against the file
     example = _example_input(source, loaded, shape, args.input_dtype or "float32")
-    print(format_onnx_summary(export_onnx(source, path, example, architecture=user_model)))
+    print(format_onnx_summary(export_onnx(source, path, example, model=user_model)))
 
 
 def _export_onnx(source, path: str, args, shape: tuple[int, ...] | None = None) -> None:
@@ -116,7 +116,7 @@ def _export(args) -> int:
     data = {"name": trained_on["data"], "seed": trained_on["seed"]}
     model = model_from_checkpoint(record)
     if args.output is not None:
-        print(export.format_summary(export.export_packed(model, args.output, data=data)))
+        print(export.format_summary(export.save_packed(model, args.output, data=data)))
     if args.onnx is not None:
         _export_onnx(model, args.onnx, args)
     return 0

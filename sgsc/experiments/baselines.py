@@ -4,7 +4,7 @@
 * :func:`fixed_bit_qat`: quantization-aware fine-tuning at a fixed bit depth (the op with frozen ``b``).
 * :func:`magnitude_prune`: gradual global magnitude pruning during fine-tuning, then int8.
 
-Every function returns a model whose quantized layers export with :func:`sgsc.export.export_packed`,
+Every function returns a model whose quantized layers export with :func:`sgsc.export.save_packed`,
 so the compared file sizes come from the same packed format.
 """
 

@@ -4,7 +4,7 @@ One invocation trains, per seed, a float baseline for ``float_steps + steps`` st
 it after ``float_steps``; every method that trains (SGSC, unsafe, fixed-bit QAT, magnitude pruning)
 starts from that snapshot and trains ``steps`` more, so each ends after as many steps as the float
 baseline. Post-training quantization starts from the final float model. Every model is exported
-(packed file through :func:`sgsc.export.export_packed`; the float baseline as a float32 safetensors
+(packed file through :func:`sgsc.export.save_packed`; the float baseline as a float32 safetensors
 file), loaded back, and measured from the loaded file: test and validation accuracy, on-disk bytes,
 average stored bits per weight, CPU latency at batch 1 and 256.
 
@@ -226,7 +226,7 @@ def measure(name: str, model: nn.Module, run: VisionRunData, out: Path) -> tuple
         bits = 32.0
     else:
         path = out / f"{name}.sgsc"
-        bits = export.export_packed(model, path).average_bits
+        bits = export.save_packed(model, path).average_bits
         loaded = export.load_packed(path)
     row = {
         "file": path.name,

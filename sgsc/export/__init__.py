@@ -5,7 +5,7 @@
 - :mod:`~sgsc.export.record`: the architecture record of a file for any model (format version 4);
 - :mod:`~sgsc.export.architecture`: the architecture of a file on the meta device: a zoo model rebuilt, or
   the user's float architecture quantized and cut to the file's record;
-- :mod:`~sgsc.export.writer`: ``save_packed`` (alias ``export_packed``);
+- :mod:`~sgsc.export.writer`: ``save_packed``;
 - :mod:`~sgsc.export.reader`: ``load_packed``, ``read_header``;
 - :mod:`~sgsc.export.inspect`: ``summarize``, ``format_summary`` (`sgsc inspect`);
 - :mod:`~sgsc.export.onnx`: ``export_onnx``, the model as ONNX with integer weights (the ``[onnx]`` extra),
@@ -19,7 +19,7 @@ from sgsc.export.format import CODES, FORMAT_NAME, FORMAT_VERSION, HEADER_CRC_TE
 from sgsc.export.inspect import LayerSummary, PackedSummary, format_summary, summarize
 from sgsc.export.reader import float_layer, load_packed, read_header
 from sgsc.export.record import ArchitectureMismatch
-from sgsc.export.writer import build_packed_state, export_packed, integer_codes, save_packed
+from sgsc.export.writer import build_packed_state, integer_codes, save_packed
 
 
 def __getattr__(name: str):
@@ -41,7 +41,6 @@ __all__ = [
     "PackedSummary",
     "build_packed_state",
     "export_onnx",
-    "export_packed",
     "float_layer",
     "format_summary",
     "integer_codes",

@@ -461,20 +461,20 @@ def _minimal_opset(plans: list[_LayerPlan]) -> int:
 
 
 def export_onnx(
-    model: nn.Module | str | os.PathLike,
+    source: nn.Module | str | os.PathLike,
     path: str | os.PathLike,
-    example_input: torch.Tensor,
+    example_inputs: torch.Tensor,
     *,
     opset: int | None = None,
-    architecture: nn.Module | None = None,
+    model: nn.Module | None = None,
 ) -> OnnxSummary:
-    """Write ``model`` as an ONNX file at ``path`` (atomically) whose quantized weights are integers.
+    """Write ``source`` as an ONNX file at ``path`` (atomically) whose quantized weights are integers.
 
-    ``model`` is a model with ``QLinear``/``QConv2d`` layers (codes from
+    ``source`` is a model with ``QLinear``/``QConv2d`` layers (codes from
     :func:`~sgsc.export.integer_codes`), or the path of a packed file (the codes and scales it
-    stores). A packed file of a model outside the zoo (format version 4) needs ``architecture``: the
-    float architecture it was saved from, as :func:`~sgsc.export.load_packed`'s ``model=`` takes it
-    (copied, left untouched). ``example_input`` is one input batch to trace with. The file's batch dimension is
+    stores). A packed file of a model outside the zoo (format version 4) needs ``model``: the
+    float architecture it was saved from, as :func:`~sgsc.export.load_packed` takes it (copied, left
+    untouched). ``example_inputs`` is one input batch (a tensor) to trace with. The file's batch dimension is
     dynamic (a char decoder's time dimension too, up to its block size); its input is named
     ``input``, its output ``output``. onnxruntime computes, in float32, what the model computes in
     eval mode (and :func:`~sgsc.export.load_packed` gives), up to the rounding of its own summation
@@ -483,39 +483,39 @@ def export_onnx(
     ``opset`` defaults to the lowest that holds the codes: 21 (INT4), or 25 when a layer fits INT2;
     at an explicit ``opset`` below 25 such layers are stored as INT4. Returns what was written, per layer.
     """
-    if not isinstance(model, (nn.Module, str, os.PathLike)):
-        raise TypeError(f"model must be an nn.Module or a packed file's path, got {type(model).__name__}")
-    if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    if example_input.dim() == 0:
-        raise ValueError("example_input must have a batch dimension, got a 0-d tensor")
+    if not isinstance(source, (nn.Module, str, os.PathLike)):
+        raise TypeError(f"source must be an nn.Module or a packed file's path, got {type(source).__name__}")
+    if not isinstance(example_inputs, torch.Tensor):
+        raise TypeError(f"example_inputs must be a tensor, got {type(example_inputs).__name__}")
+    if example_inputs.dim() == 0:
+        raise ValueError("example_inputs must have a batch dimension, got a 0-d tensor")
     onnx = require("onnx", "onnx")
     require("onnxscript", "onnx")
-    if architecture is not None and not isinstance(architecture, nn.Module):
-        raise TypeError(f"architecture must be an nn.Module or None, got {type(architecture).__name__}")
-    if isinstance(model, nn.Module):
-        if architecture is not None:
-            raise ValueError("architecture= is for a packed file's path; a model in memory is exported as it is")
-        plans = _plan(model)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+    if isinstance(source, nn.Module):
+        if model is not None:
+            raise ValueError("model= is for a packed file's path; a model in memory is exported as it is")
+        quantized, plans = source, _plan(source)
     else:
-        model, plans = _from_packed(Path(model), architecture)
+        quantized, plans = _from_packed(Path(source), model)
     needed = _minimal_opset(plans)
     if opset is None:
         opset = needed
     elif isinstance(opset, bool) or not isinstance(opset, int) or opset < INT4_OPSET:
         raise ValueError(f"opset must be an int >= {INT4_OPSET} (INT4 needs it), got {opset!r}")
-    twin, described = _integer_twin(model, plans, opset)
+    twin, described = _integer_twin(quantized, plans, opset)
     translations = {torch.ops.sgsc_onnx.dequantize_linear.default: _translate_dequantize}
     try:
         program = torch.onnx.export(
-            twin, (_export_sample(model, example_input),), dynamo=True, opset_version=opset,
-            dynamic_shapes=_dynamic_shapes(model, example_input), input_names=["input"], output_names=["output"],
+            twin, (_export_sample(quantized, example_inputs),), dynamo=True, opset_version=opset,
+            dynamic_shapes=_dynamic_shapes(quantized, example_inputs), input_names=["input"], output_names=["output"],
             custom_translation_table=translations, optimize=True, verbose=False,
         )
     except torch.onnx.OnnxExporterError as exc:  # torch.export's and the translator's failures, both wrapped
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeError(
-            f"torch.onnx cannot express {type(model).__name__} in ONNX opset {opset}: {reason} "
+            f"torch.onnx cannot express {type(quantized).__name__} in ONNX opset {opset}: {reason} "
             "(nothing was written)"
         ) from exc
     proto = program.model_proto
@@ -531,13 +531,13 @@ def export_onnx(
 
 
 @torch.no_grad()
-def _from_packed(path: Path, architecture: nn.Module | None = None) -> tuple[nn.Module, list[_LayerPlan]]:
+def _from_packed(path: Path, model: nn.Module | None = None) -> tuple[nn.Module, list[_LayerPlan]]:
     """``load_packed``'s model and, per quantized layer, the file's codes and scales.
 
     The loaded weights are ``float32(r) * scale`` per group (docs/FORMAT.md) and the file's ``scales``
     stream holds each stored layer's scales, so ``round(weight / scale)`` gives the codes back; they are
     checked to reproduce the loaded weights bit for bit. The quantized architecture on the meta device
-    supplies each layer's grouping: the zoo model the header names, or ``architecture`` made into the
+    supplies each layer's grouping: the zoo model the header names, or ``model`` made into the
     file's record. A layer tied to an earlier one (a tied head) has that layer's codes and scales.
     """
     from safetensors import safe_open
@@ -549,19 +549,19 @@ def _from_packed(path: Path, architecture: nn.Module | None = None) -> tuple[nn.
 
     header = read_header(path)
     if "model" in header:
-        if architecture is not None:
+        if model is not None:
             raise ValueError(f"{path}: the file names zoo model {header['model']!r}, which it rebuilds itself; "
-                             "architecture= is for files of other architectures")
+                             "model= is for files of other architectures")
         loaded = load_packed(path)
         quantized = rebuild_on_meta(header["model"], header["config"])
         slots, tied = layer_slots(quantized), {}
     else:
-        if architecture is None:
+        if model is None:
             raise ValueError(f"{path}: the file records an architecture of its own (no zoo model): pass "
-                             "architecture=, the float architecture it was saved from, as load_packed's model=")
-        loaded = load_packed(path, model=copy.deepcopy(architecture))  # checks the architecture against the file
+                             "model=, the float architecture it was saved from, as load_packed takes it")
+        loaded = load_packed(path, model=copy.deepcopy(model))  # checks the architecture against the file
         recorded = parse(path, header["architecture"])
-        quantized = prepare_architecture(copy.deepcopy(architecture), recorded)
+        quantized = prepare_architecture(copy.deepcopy(model), recorded)
         slots, tied = recorded.slots(), recorded.tied
     slot_of = {slot.name: slot for slot in slots}
     with safe_open(str(path), framework="pt") as handle:

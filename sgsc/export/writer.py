@@ -159,4 +159,3 @@ def save_packed(model: nn.Module, path: str | os.PathLike, *, data: dict | None 
     return summary
 
 
-export_packed = save_packed  # the name the zoo, the trainer and files written since version 1 know

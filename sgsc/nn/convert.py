@@ -128,7 +128,8 @@ def quantize_model(
     grouped per head. Weight-bearing layers it cannot quantize (other conv types, subclasses of the
     swapped types, recurrent layers, ...) are left in float with one ``UserWarning`` naming them,
     and :func:`sgsc.model_bits_report` lists them; layers that are already quantized are left as they
-    are. Returns ``model``, or the new layer when ``model`` itself is a swappable layer.
+    are. Returns ``model``, converted in place. A bare layer cannot replace itself in place: it is
+    refused, naming the ``from_float`` constructor that makes its quantized copy.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -156,7 +157,9 @@ def quantize_model(
         if id(module) not in swapped:  # a module reused at several names becomes one QLayer
             swapped[id(module)] = _swap(module, name, init_bits, _groups_for(name, groups), rounding)
         if name == "":
-            return swapped[id(module)]
+            raise TypeError(f"quantize_model converts a model's layers in place, and a bare {type(model).__name__} "
+                            f"cannot replace itself; quantize a model that holds it, or take the quantized copy "
+                            f"that {type(swapped[id(module)]).__name__}.from_float(layer) makes")
         replace_submodule(model, name, swapped[id(module)])
 
     _tie_quantizers(model)

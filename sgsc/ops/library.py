@@ -191,12 +191,17 @@ if not _native.available():
         RuntimeWarning,
         stacklevel=2,
     )
-    torch.library.register_kernel("sgsc::fake_quantize", "cpu", _reference_forward)
-    torch.library.register_kernel("sgsc::fake_quantize_backward", "cpu", _reference_backward)
 
-    @torch.library.register_kernel("sgsc::fake_quantize_out", "cpu")
-    def _fake_quantize_out_reference(w, b, e, rounding, out):
-        out.copy_(_reference_forward(w, b, e, rounding))
+# The reference is every op's default kernel (device_types=None): it serves the CPU when the C++ build is
+# missing and any device without a kernel of its own (MPS, XPU, ...), as bitsandbytes does; the C++ CPU
+# kernel and the Triton CUDA kernel, registered for their own device, take precedence over it.
+torch.library.register_kernel("sgsc::fake_quantize", None, _reference_forward)
+torch.library.register_kernel("sgsc::fake_quantize_backward", None, _reference_backward)
+
+
+@torch.library.register_kernel("sgsc::fake_quantize_out", None)
+def _fake_quantize_out_reference(w, b, e, rounding, out):
+    out.copy_(_reference_forward(w, b, e, rounding))
 
 
 # =============================================================================================
@@ -275,14 +280,13 @@ def _unpack_out_cuda(packed, widths, rows_per_group, row_len, out):
     _bitpack_kernels().unpack(packed, widths, rows_per_group, row_len, out=out)
 
 
-if not _native.available():
-    # The warning about the missing extension is given once, above, for every op.
-    torch.library.register_kernel("sgsc::pack", "cpu", reference.pack)
-    torch.library.register_kernel("sgsc::unpack", "cpu", reference.unpack)
+torch.library.register_kernel("sgsc::pack", None, reference.pack)  # the default kernels: see fake_quantize's
+torch.library.register_kernel("sgsc::unpack", None, reference.unpack)
 
-    @torch.library.register_kernel("sgsc::unpack_out", "cpu")
-    def _unpack_out_reference(packed, widths, rows_per_group, row_len, out):
-        out.copy_(reference.unpack(packed, widths, rows_per_group, row_len).reshape(out.shape))
+
+@torch.library.register_kernel("sgsc::unpack_out", None)
+def _unpack_out_reference(packed, widths, rows_per_group, row_len, out):
+    out.copy_(reference.unpack(packed, widths, rows_per_group, row_len).reshape(out.shape))
 
 
 # The packed runtime's dequantization from the stream: float32 code * scales[group], the int32 codes
@@ -331,11 +335,8 @@ def _unpack_then_scale_out(packed, widths, scales, rows_per_group, row_len, out)
     out.copy_(_unpack_then_scale(packed, widths, scales, rows_per_group, row_len).reshape(out.shape))
 
 
-torch.library.register_kernel("sgsc::unpack_dequantize", "cuda", _unpack_then_scale)
-torch.library.register_kernel("sgsc::unpack_dequantize_out", "cuda", _unpack_then_scale_out)
-if not _native.available():
-    torch.library.register_kernel("sgsc::unpack_dequantize", "cpu", _unpack_then_scale)
-    torch.library.register_kernel("sgsc::unpack_dequantize_out", "cpu", _unpack_then_scale_out)
+torch.library.register_kernel("sgsc::unpack_dequantize", None, _unpack_then_scale)
+torch.library.register_kernel("sgsc::unpack_dequantize_out", None, _unpack_then_scale_out)
 
 
 # =============================================================================================
@@ -365,6 +366,5 @@ def _nonzero_expand_fake(masks, values, group_len):
     return values.new_empty((masks.shape[0], group_len))
 
 
-if not _native.available():
-    torch.library.register_kernel("sgsc::nonzero_select", "cpu", reference.nonzero_select)
-    torch.library.register_kernel("sgsc::nonzero_expand", "cpu", reference.nonzero_expand)
+torch.library.register_kernel("sgsc::nonzero_select", None, reference.nonzero_select)
+torch.library.register_kernel("sgsc::nonzero_expand", None, reference.nonzero_expand)

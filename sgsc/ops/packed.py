@@ -52,9 +52,8 @@ from sgsc.ops import native as _native
 from sgsc.ops import reference
 from sgsc.ops.functional import _check_tensor
 from sgsc.ops.library import _triton_module
-from sgsc.ops.spec import MAX_WIDTH, minimal_widths, stream_bytes
+from sgsc.ops.spec import LANES, MAX_WIDTH, minimal_widths, stream_bytes
 
-LANES = 8  # rows per tile
 GROUP_BY = ("output", "input")
 
 _LAYOUT = ("Tensor words, Tensor seg_table, Tensor seg_scale, Tensor tile_table, Tensor tile_ptr, "
@@ -313,14 +312,15 @@ def _packed_dequantize_out_cuda(*args):
 # never a wild read); the reference that stands in for it without the extension does not.
 NATIVE_CPU_CHECKS = _native.available()
 
-if not _native.available():  # library.py has warned once that the CPU ops run on the reference
-    torch.library.register_kernel("sgsc::packed_linear", "cpu", reference.packed_linear)
-    torch.library.register_kernel("sgsc::packed_dequantize", "cpu", reference.packed_dequantize)
+# the default kernels, as library.py registers them: the CPU without the C++ build, any device without its own
+torch.library.register_kernel("sgsc::packed_linear", None, reference.packed_linear)
+torch.library.register_kernel("sgsc::packed_dequantize", None, reference.packed_dequantize)
 
-    @torch.library.register_kernel("sgsc::packed_dequantize_out", "cpu")
-    def _packed_dequantize_out_reference(*args):
-        *layout, out = args
-        out.copy_(reference.packed_dequantize(*layout).reshape(out.shape))
+
+@torch.library.register_kernel("sgsc::packed_dequantize_out", None)
+def _packed_dequantize_out_reference(*args):
+    *layout, out = args
+    out.copy_(reference.packed_dequantize(*layout).reshape(out.shape))
 
 
 # ---- public wrappers ---------------------------------------------------------------------------

@@ -20,6 +20,10 @@ MAX_EXPONENT = 126.0
 # the float32 clamp bound 2^31 - 1 rounds to 2^31, which no 32-bit code holds.
 MAX_WIDTH = 32
 
+# Rows per tile of the packed runtime's layout (sgsc.ops.packed); the C++ kernels' kLanes
+# (csrc/packed_layout.h) must equal it, which every C++ call on a Python-built layout checks.
+LANES = 8
+
 
 def stream_bytes(width, group_len: int):
     """Bytes of one group's packed stream: ``ceil(width * group_len / 8)``.

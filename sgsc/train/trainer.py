@@ -108,7 +108,7 @@ def _train(config: TrainConfig, model: nn.Module | None, data: Data | None, devi
         run_config=dataclasses.asdict(config),
     )
     if out is not None and rank_world()[0] == 0:
-        packed = export.export_packed(model, out / PACKED, data={"name": config.data, "seed": config.seed})
+        packed = export.save_packed(model, out / PACKED, data={"name": config.data, "seed": config.seed})
         result.file_bytes = packed.file_bytes
         if config.plots:
             from sgsc.train import plots

@@ -227,14 +227,14 @@ def test_an_unknown_input_dtype_is_an_argparse_error(tmp_path, capsys):
 def test_export_onnx_asks_for_the_architecture_of_an_own_model_file(tmp_path):
     packed, model = _resnet_file(tmp_path)
     example = torch.zeros(1, 1, 8, 8)
-    with pytest.raises(ValueError, match="pass architecture="):
+    with pytest.raises(ValueError, match="pass model="):
         export_onnx(packed, tmp_path / "m.onnx", example)
-    with pytest.raises(TypeError, match="architecture must be an nn.Module"):
-        export_onnx(packed, tmp_path / "m.onnx", example, architecture=TinyResNet)
-    with pytest.raises(ValueError, match="architecture= is for a packed file's path"):
-        export_onnx(model, tmp_path / "m.onnx", example, architecture=TinyResNet())
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        export_onnx(packed, tmp_path / "m.onnx", example, model=TinyResNet)
+    with pytest.raises(ValueError, match="model= is for a packed file's path"):
+        export_onnx(model, tmp_path / "m.onnx", example, model=TinyResNet())
     zoo = tmp_path / "cnn.sgsc"
     sgsc.save_packed(build_model("paper_cnn", {"image_size": 8, "channels": [4, 4]}), zoo)
-    with pytest.raises(ValueError, match="names zoo model 'paper_cnn'.*architecture= is for files of other"):
-        export_onnx(zoo, tmp_path / "m.onnx", example, architecture=TinyResNet())
+    with pytest.raises(ValueError, match="names zoo model 'paper_cnn'.*model= is for files of other"):
+        export_onnx(zoo, tmp_path / "m.onnx", example, model=TinyResNet())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.sgsc", "resnet.sgsc"]

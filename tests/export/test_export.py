@@ -58,7 +58,7 @@ def _decoder(seed=0):
 def test_cnn_round_trip_is_bit_exact(tmp_path, rounding, head_groups):
     model = _trained_cnn(rounding=rounding, head_groups=head_groups)
     path = tmp_path / "cnn.sgsc"
-    export.export_packed(model, path)
+    export.save_packed(model, path)
     loaded = export.load_packed(path)
     x = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_cnn_round_trip_is_bit_exact(tmp_path, rounding, head_groups):
 def test_decoder_round_trip_is_bit_exact(tmp_path):
     model = _decoder()
     path = tmp_path / "decoder.sgsc"
-    export.export_packed(model, path)
+    export.save_packed(model, path)
     loaded = export.load_packed(path)
     idx = torch.randint(0, DECODER_CONFIG["vocab_size"], (4, DECODER_CONFIG["block_size"]))
     with torch.no_grad():
@@ -81,8 +81,8 @@ def test_decoder_round_trip_is_bit_exact(tmp_path):
 def test_loading_initialises_nothing_and_never_imports_dynamo(tmp_path):
     """The architecture is built on meta, where init would only import torch._dynamo (seconds) for no values."""
     cnn, decoder = tmp_path / "cnn.sgsc", tmp_path / "decoder.sgsc"
-    export.export_packed(_trained_cnn(), cnn)
-    export.export_packed(_decoder(), decoder)
+    export.save_packed(_trained_cnn(), cnn)
+    export.save_packed(_decoder(), decoder)
     script = textwrap.dedent(f"""
         import sys
         import torch, sgsc
@@ -106,7 +106,7 @@ def test_physically_pruned_config_round_trips(tmp_path):
     torch.manual_seed(1)
     model = _scramble_quantizers(build_model("char_decoder", config), 1).eval()
     path = tmp_path / "pruned.sgsc"
-    export.export_packed(model, path)
+    export.save_packed(model, path)
     loaded = export.load_packed(path)
     assert loaded.config == model.config
     idx = torch.randint(0, 12, (2, 8))
@@ -135,7 +135,7 @@ def test_exported_width_can_be_below_the_learned_bits(tmp_path):
     with torch.no_grad():
         layer.bits.fill_(16.0)  # codes of a 16-bit grid but tiny weights: far fewer bits needed
         layer.weight.mul_(1e-3)
-    summary = export.export_packed(model, tmp_path / "m.sgsc")
+    summary = export.save_packed(model, tmp_path / "m.sgsc")
     head = next(entry for entry in summary.layers if entry.name == "head")
     assert max(head.width_histogram) < 16
 
@@ -144,7 +144,7 @@ def test_size_accounting_bounds_the_file(tmp_path):
     model = _trained_cnn()
     with torch.no_grad():  # half of the head's rows mostly zero: those groups go sparse, the rest stay dense
         model.head.weight[:5, 8:] = 0
-    summary = export.export_packed(model, tmp_path / "m.sgsc")
+    summary = export.save_packed(model, tmp_path / "m.sgsc")
     expected_packed, sparse_groups = 0, 0
     for _, layer in quantized_layers(model):
         codes, _ = export.integer_codes(layer)
@@ -178,7 +178,7 @@ def test_export_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export.export_packed(model, target)
+        export.save_packed(model, target)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["m.sgsc"]
 
@@ -190,7 +190,7 @@ def test_export_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
 def _packed_bytes(tmp_path_factory) -> bytes:
     """One export per test run: the tests below damage a copy of these bytes."""
     path = tmp_path_factory.mktemp("packed") / "m.sgsc"
-    export.export_packed(_trained_cnn(), path)
+    export.save_packed(_trained_cnn(), path)
     return path.read_bytes()
 
 
@@ -294,7 +294,7 @@ def _magnitude_pruned_cnn(sparsity=0.8):
 
 def test_mostly_zero_groups_are_stored_sparse_and_load_bit_exactly(tmp_path):
     model = _magnitude_pruned_cnn()
-    summary = export.export_packed(model, tmp_path / "sparse.sgsc")
+    summary = export.save_packed(model, tmp_path / "sparse.sgsc")
     assert all(layer.sparse_groups == layer.groups for layer in summary.layers)
     dense_bytes = 0
     for _, layer in quantized_layers(model):
@@ -311,8 +311,8 @@ def test_mostly_zero_groups_are_stored_sparse_and_load_bit_exactly(tmp_path):
 def test_a_version_2_file_loads_unless_it_has_sparse_groups(tmp_path):
     dense, sparse = tmp_path / "dense.sgsc", tmp_path / "sparse.sgsc"
     model = _trained_cnn()
-    assert sum(layer.sparse_groups for layer in export.export_packed(model, dense).layers) == 0
-    export.export_packed(_magnitude_pruned_cnn(), sparse)
+    assert sum(layer.sparse_groups for layer in export.save_packed(model, dense).layers) == 0
+    export.save_packed(_magnitude_pruned_cnn(), sparse)
     for path in (dense, sparse):
         _rewrite(path, mutate_header=lambda h: h.update(version=2))
     x = torch.randn(4, 1, 8, 8)
@@ -409,7 +409,7 @@ def test_a_model_that_its_config_does_not_describe_cannot_be_exported(tmp_path):
     model = _trained_cnn()
     model.register_buffer("calibration", torch.zeros(3))
     with pytest.raises(ValueError, match="calibration"):
-        export.export_packed(model, tmp_path / "m.sgsc")
+        export.save_packed(model, tmp_path / "m.sgsc")
     assert not (tmp_path / "m.sgsc").exists()
 
 
@@ -419,7 +419,7 @@ def test_tensors_keep_the_dtype_they_were_exported_with(tmp_path):
         if tensor.is_floating_point() and not name.endswith(("bits", "exponent")):
             tensor.data = tensor.data.bfloat16()
     path = tmp_path / "bf16.sgsc"
-    export.export_packed(model, path)
+    export.save_packed(model, path)
     loaded = export.load_packed(path)
     assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
     x = torch.randn(8, 1, 8, 8, dtype=torch.bfloat16)
@@ -496,7 +496,7 @@ def test_eval_needs_a_data_set_when_the_file_records_none(tmp_path, capsys):
     from sgsc.cli import main
 
     path = tmp_path / "cnn.sgsc"
-    export.export_packed(_trained_cnn(), path)
+    export.save_packed(_trained_cnn(), path)
     assert main(["eval", str(path)]) == 2
     assert capsys.readouterr().err == f"sgsc: {path}: the file does not record its data set; pass --data\n"
 
@@ -505,6 +505,6 @@ def test_exporting_the_same_model_gives_the_same_bytes(tmp_path):
     model = _trained_cnn()
     contents = set()
     for i in range(4):
-        export.export_packed(model, tmp_path / f"{i}.sgsc", data={"name": "digits", "seed": 0})
+        export.save_packed(model, tmp_path / f"{i}.sgsc", data={"name": "digits", "seed": 0})
         contents.add((tmp_path / f"{i}.sgsc").read_bytes())
     assert len(contents) == 1

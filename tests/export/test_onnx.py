@@ -10,7 +10,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import sgsc  # noqa: E402
-from sgsc.export import export_packed, load_packed  # noqa: E402
+from sgsc.export import load_packed, save_packed  # noqa: E402
 from sgsc.export.onnx import export_onnx, onnx_integer_type, zoo_example_input  # noqa: E402
 from sgsc.nn import QLinear, quantized_layers  # noqa: E402
 from sgsc.nn.zoo import build_model  # noqa: E402
@@ -48,7 +48,7 @@ def exported(request, tmp_path_factory):
     name, config = CASES[request.param]
     model = _compressed(name, config, seed=len(request.param))
     out = tmp_path_factory.mktemp(request.param)
-    export_packed(model, out / "model.sgsc")
+    save_packed(model, out / "model.sgsc")
     summary = export_onnx(out / "model.sgsc", out / "model.onnx", zoo_example_input(name, config))
     return name, config, model, out, summary
 

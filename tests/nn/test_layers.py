@@ -258,8 +258,11 @@ def test_quantize_model_warns_about_layers_it_leaves_alone():
         quantize_model(_float_net())  # only supported layers: silent
 
 
-def test_quantize_model_on_a_bare_layer_returns_the_new_layer():
-    assert isinstance(quantize_model(nn.Linear(3, 2)), QLinear)
+def test_quantize_model_works_in_place_and_refuses_a_bare_layer():
+    net = nn.Sequential(nn.Linear(3, 2))
+    assert quantize_model(net) is net and isinstance(net[0], QLinear)
+    with pytest.raises(TypeError, match=r"a bare Linear cannot replace itself.*QLinear.from_float\(layer\)"):
+        quantize_model(nn.Linear(3, 2))
     with pytest.raises(TypeError, match="model"):
         quantize_model("net")
     with pytest.raises(TypeError, match="float64"):

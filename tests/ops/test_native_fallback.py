@@ -10,6 +10,7 @@ import torch
 
 from sgsc import ops
 from sgsc.ops import library
+from sgsc.ops import native as _native
 
 _WITHOUT_EXTENSION = textwrap.dedent(
     """
@@ -74,3 +75,20 @@ def test_out_variant_rejects_a_mismatched_out():
         ops.fake_quantize(w, b, e, out=torch.empty(4, 2))
     with pytest.raises(ValueError, match="out must be contiguous"):
         ops.fake_quantize(w, b, e, out=torch.empty(3, 4).t())
+
+
+OPS = ("fake_quantize", "fake_quantize_backward", "fake_quantize_out", "pack", "unpack", "unpack_out",
+       "unpack_dequantize", "unpack_dequantize_out", "nonzero_select", "nonzero_expand", "packed_linear",
+       "packed_dequantize", "packed_dequantize_out")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_the_reference_is_every_ops_default_kernel_and_the_cpp_one_serves_the_cpu(op):
+    import sgsc.ops.packed  # noqa: F401  (registers the packed runtime's ops)
+
+    qualname = f"sgsc::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd")  # any device
+    table = torch._C._dispatch_dump_table(qualname)
+    cpu = next(line for line in table.splitlines() if line.startswith("CPU:"))
+    if _native.available():
+        assert "csrc/" in cpu, cpu

@@ -525,7 +525,7 @@ def _zoo_file(tmp_path, name: str, config: dict):
         for _, layer in quantized_layers(model):  # widths 0..8 mixed within every layer
             layer.bits.copy_(torch.randint(0, 9, layer.bits.shape).float())
     path = tmp_path / f"{name}.sgsc"
-    export.export_packed(model, path)
+    export.save_packed(model, path)
     return model, path
 
 

@@ -169,7 +169,7 @@ def test_channel_grouped_head_prunes_unread_channels_in_the_loop_and_exports_exa
     assert pruned and set(pruned[0]["blocks.1"]) >= {2, 7, 11}
     assert model.config.channels[1] <= 13 and model.head.bits.numel() == model.config.channels[1]
     path = tmp_path / "channel-head.sgsc"
-    export.export_packed(model.eval(), path)
+    export.save_packed(model.eval(), path)
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(export.load_packed(path)(x), model(x))
