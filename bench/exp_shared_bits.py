@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_pruned_speed import ResNet  # noqa: E402
+from coupled_bits import coupled_bits_penalty, coupled_producers, share_coupled_bits  # noqa: E402
 
 import sgsc  # noqa: E402
-from sgsc.nn.graph_pruning import coupled_bits_penalty, coupled_producers, prune_zero_bit_units, share_coupled_bits  # noqa: E402
+from sgsc.nn.graph_pruning import prune_zero_bit_units  # noqa: E402
 
 
 def run(variant: str, steps: int, gamma: float, beta: float) -> dict:

@@ -3,7 +3,7 @@
 Every number comes from ``<results>/vision.json``, ``<results>/language.json`` or
 ``<results>/resnet.json``, together with the machine and device it was measured on, the seeds, steps and
 hyper-parameters, and the command that reproduces it. The language section is rendered by :func:`sgsc.experiments.language.markdown`, the ResNet-20
-section by :func:`sgsc.experiments.resnet.markdown`.
+section by :func:`sgsc.experiments.resnet_report.markdown`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from sgsc._io import atomic_write
-from sgsc.experiments import frontier, language, resnet, vision_report
+from sgsc.experiments import frontier, language, resnet, resnet_report, vision_report
 
 VISION_FILE = "vision.json"
 TUNING_FILE = "vision_tuning.json"
@@ -61,7 +61,7 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
     if language_path.is_file():
         sections.append(language.markdown(_read(language_path)))
     if resnet_path.is_file():
-        sections.append(resnet.markdown(_read(resnet_path)))
+        sections.append(resnet_report.markdown(_read(resnet_path)))
     return "\n".join(sections).rstrip("\n") + "\n"
 
 

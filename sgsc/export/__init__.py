@@ -6,6 +6,7 @@
 - :mod:`~sgsc.export.architecture`: the architecture of a file on the meta device: a zoo model rebuilt, or
   the user's float architecture quantized and cut to the file's record;
 - :mod:`~sgsc.export.writer`: ``save_packed``;
+- :mod:`~sgsc.export.packed_file`: a file read and checked, header first;
 - :mod:`~sgsc.export.reader`: ``load_packed``, ``read_header``;
 - :mod:`~sgsc.export.inspect`: ``summarize``, ``format_summary`` (`sgsc inspect`);
 - :mod:`~sgsc.export.onnx`: ``export_onnx``, the model as ONNX with integer weights (the ``[onnx]`` extra),

@@ -3,14 +3,16 @@
 - :mod:`~sgsc.train.config`: ``CompressConfig`` (every hyper-parameter, once) and ``TrainConfig`` (a zoo run);
 - :mod:`~sgsc.train.data`: the IDX, digits and names readers (nothing is downloaded);
 - :mod:`~sgsc.train.task`: data sets with their model, the loss, evaluation;
-- :mod:`~sgsc.train.preservation`: Grad-CAM, uncertainty and k-means preservation sets;
+- :mod:`~sgsc.train.preservation`: Grad-CAM, uncertainty and k-means preservation sets (scored by
+  :mod:`~sgsc.train.preservation_scores`, stored by :mod:`~sgsc.train.preservation_files`);
 - :mod:`~sgsc.train.guard`: the guard check, paired against the reference at a stated confidence;
 - :mod:`~sgsc.train.safety`: pass and prune, or roll back and slow the culprits, with the run's typed state;
 - :mod:`~sgsc.train.pruners`: physical removal of zero-bit units (the zoo's, torch-pruning's);
 - :mod:`~sgsc.train.selfcompress`: ``SelfCompression``, Algorithm 1 inside the caller's own loop;
 - :mod:`~sgsc.train.batches`, :mod:`~sgsc.train.distributed`, :mod:`~sgsc.train.checkpoint`;
-- :mod:`~sgsc.train.loop`: ``compress``, the loop itself; :mod:`~sgsc.train.trainer`: ``train``, the zoo's
-  client of it;
+- :mod:`~sgsc.train.loop`: ``compress``, the loop itself (its arguments read by
+  :mod:`~sgsc.train.compress_inputs`, its history logged by :mod:`~sgsc.train.metrics_log`);
+  :mod:`~sgsc.train.trainer`: ``train``, the zoo's client of it;
   :mod:`~sgsc.train.plots`: its figures.
 
 Imports :mod:`sgsc.ops`, :mod:`sgsc.nn` and :mod:`sgsc.export` (to write the run's packed file).
