@@ -22,9 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user's input causes (a damaged or hostile file, a missing path, a bad value): one line, exit 2.
+# Errors a user's input causes (a damaged or hostile file, a missing path, a bad value, a run that diverged):
+# one line, exit 2.
 # Anything else is a bug in sgsc and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, OSError)
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
 ERROR_STATUS = 2
 
 

@@ -60,14 +60,14 @@ class FrontierSettings:
     lr: float = 1e-3
     quant_lr: float = 0.2
     lr_schedule: str = "cosine"
-    gammas: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)
+    gammas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     max_drop: float = 0.01
     k: int = 50
     fraction: float = 0.05
     init_bits: float = 8.0
     qat_bits: tuple[int, ...] = (2, 3, 4)
     ptq_bits: tuple[int, ...] = (4, 8)
-    one_run_gamma: float = 0.1
+    one_run_gamma: float = 0.3
     one_run_max_drop: float = 0.005
     budgets: tuple[float, ...] = (5.0, 7.5, 10.0)
     model_config: dict = dataclasses.field(default_factory=dict)

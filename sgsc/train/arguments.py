@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from sgsc.nn import quantized_layers
-from sgsc.train.task import evaluate, mean_loss
+from sgsc.train.data import IGNORE_INDEX
+from sgsc.train.task import evaluate, mean_loss, model_device
 
 # built-in preservation metrics (sgsc.train.evaluate's keys) -> whether higher is better
 METRICS = {"accuracy": True, "loss": False}
@@ -101,3 +102,33 @@ def metric_of(metric: str | Metric, higher_is_better: bool | None, task_loss=Non
     if higher_is_better is None:
         raise ValueError("higher_is_better must be given with a metric callable: is a larger value better?")
     return metric, flag("higher_is_better", higher_is_better)
+
+
+def check_task_data(model: nn.Module, sets: dict[str, TensorDataset], task_loss) -> None:
+    """Name a data set the run cannot use, before anything trains: inputs the model cannot run on (one
+    forward of two examples, in eval mode), or, under the default cross-entropy (``task_loss`` None),
+    targets that are not class indices in ``[-1, classes)`` (-1 marks padding)."""
+    classes = None
+    for name, data in sets.items():
+        inputs, targets = data.tensors
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                outputs = model(inputs[:2].to(model_device(model)))
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise TypeError(f"{name}: the model cannot run on its inputs ({inputs.dtype}, "
+                            f"{tuple(inputs.shape[1:])} per example): {reason}") from None
+        finally:
+            model.train(was_training)
+        if task_loss is not None:
+            continue
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise TypeError(f"{name}: targets are {targets.dtype}; the default loss, cross-entropy, takes class "
+                            "indices (an integer dtype); pass task_loss= (and metric='loss') for other targets")
+        classes = outputs.shape[-1] if classes is None else classes
+        low, high = int(targets.min()), int(targets.max())
+        if low < IGNORE_INDEX or high >= classes:
+            raise ValueError(f"{name}: targets run from {low} to {high}, but the model scores {classes} classes "
+                             f"(0..{classes - 1}; {IGNORE_INDEX} marks padding)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import platform
 import random
 import warnings
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from sgsc._io import atomic_write
+from sgsc.export.architecture import ArchitectureTooLarge, rebuild_on_meta
+from sgsc.export.validate import build_budget
 from sgsc.nn.pruning import freeze_empty_layers
 from sgsc.nn.zoo import build_model, model_name
 from sgsc.ops import native
@@ -118,14 +121,80 @@ def _architecture(model: nn.Module) -> tuple[str | None, dict | None]:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors on the CPU), checked as a stranger's file
+    is: only tensors and plain containers (``weights_only``), every field of its type, a step no further
+    than the run it records, and a zoo architecture whose tensors fit in ``2 x`` the file's size + 64 MiB
+    (built on the meta device, stopped as soon as it outgrows that). Anything else is a ``ValueError``
+    naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    record = torch.load(path, map_location="cpu", weights_only=True)
+    file_bytes = path.stat().st_size
+    if file_bytes == 0:
+        raise ValueError(f"{path}: empty (0 bytes), not an sgsc training checkpoint")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: holds objects other than tensors and plain containers, which a checkpoint "
+                         "never does (refused: loading them could run code)") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a readable sgsc training checkpoint ({type(exc).__name__}: "
+                         f"{_first_line(exc)})") from None
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an sgsc training checkpoint")
+    _check_fields(path, record)
+    _check_architecture(path, record, file_bytes)
     return record
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+_FIELDS = {"config": dict, "model_state": dict, "optimizer_state": dict, "state": dict, "rng": dict,
+           "world_size": int}
+
+
+def _check_fields(path: Path, record: dict) -> None:
+    for key, kind in _FIELDS.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            raise ValueError(f"{path}: field {key!r} must be a {kind.__name__}, got {type(record.get(key)).__name__}")
+    if record["world_size"] < 1:
+        raise ValueError(f"{path}: world_size must be >= 1, got {record['world_size']}")
+    bad = [key for key, value in record["model_state"].items() if not isinstance(key, str)
+           or not isinstance(value, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: model_state entry {str(bad[0])[:80]!r} is not a named tensor")
+    step, steps = record["state"].get("step"), record["config"].get("steps")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{path}: state step must be an int >= 0, got {step!r}")
+    if isinstance(steps, int) and step > steps:
+        raise ValueError(f"{path}: state step {step} is past the {steps} steps its run was configured for")
+    name, config = record.get("model_name"), record.get("model_config")
+    if name is not None and (not isinstance(name, str) or not isinstance(config, dict)):
+        raise ValueError(f"{path}: model_name must be a zoo model's name with a model_config dict")
+
+
+# A checkpoint's architecture may build this much beyond twice the file's own size (its optimiser state and
+# history make a checkpoint larger than its model, never smaller).
+_BUILD_ALLOWANCE = 64 << 20
+
+
+def _check_architecture(path: Path, record: dict, file_bytes: int) -> None:
+    name = record.get("model_name")
+    if name is None:
+        return
+    try:
+        meta = rebuild_on_meta(name, record["model_config"], max_tensors=build_budget(file_bytes))
+    except ArchitectureTooLarge as exc:
+        raise ValueError(f"{path}: model_config {exc} (a file of {file_bytes:,} bytes may build fewer)") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: model_config does not describe a {str(name)[:40]}: {_first_line(exc)}") from None
+    needed = sum(t.numel() * t.element_size() for t in meta.state_dict().values())
+    if needed > 2 * file_bytes + _BUILD_ALLOWANCE:
+        raise ValueError(f"{path}: model_config builds {needed:,} bytes of tensors from a {file_bytes:,}-byte "
+                         f"checkpoint (at most 2x its size + {_BUILD_ALLOWANCE >> 20} MiB)")
 
 
 def model_from_checkpoint(record: dict, device: torch.device | str = "cpu") -> nn.Module:

@@ -124,6 +124,9 @@ class CompressConfig:
     guard_fraction: float = param(0.1, "share of the training data held out as the guard set when none is given "
                                   "(no batch and no loss term ever sees it)", _share)
     k: int = param(50, "steps between safety checks", _count(1), method=True, flags=["-k", "--k"])
+    patience: int = param(2, "failed checks in a row before the run rolls back to the last that passed (1: at the "
+                          "first); compression dips and recovers, and a rollback at every dip undoes the recovery too",
+                          _count(1), method=True)
     restore: bool = param(True, "roll back to the last state that passed when a check fails (the contract)", flag,
                           method=True)
     prune: bool = param(True, "physically remove channels/heads/units whose bits stay at zero", flag, method=True)

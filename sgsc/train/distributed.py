@@ -19,6 +19,9 @@ def setup_distributed(device: str = "auto") -> tuple[bool, torch.device]:
     ``device`` is ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` (this rank's GPU).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda', but this torch sees no CUDA device (torch.cuda.is_available() is False); "
+                         "use device='cpu' or 'auto'")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     created = False
     if world > 1 and not dist.is_initialized():

@@ -78,6 +78,21 @@ class Check:
                 "n": self.n, "verdict": self.verdict}
 
 
+def _ratio_error(values: torch.Tensor, weights: torch.Tensor, mean: float) -> float:
+    """The standard error of ``sum(values) / sum(weights)`` (the ratio estimator's, over the examples)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    spread = values - mean * weights
+    return math.sqrt(n / (n - 1) * float(spread.square().sum())) / float(weights.sum())
+
+
+def standard_error(outcomes: Outcomes) -> float:
+    """The standard error of ``outcomes.metric`` from its examples alone (unpaired): how far a set of
+    this size may be from the population's value."""
+    return _ratio_error(outcomes.values, outcomes.weights, outcomes.metric)
+
+
 def z_score(confidence: float) -> float:
     """The one-sided normal quantile of ``confidence`` (1.645 at 0.95)."""
     return NormalDist().inv_cdf(confidence)
@@ -92,11 +107,7 @@ def compare(reference: Outcomes, now: Outcomes, *, higher_is_better: bool, max_d
     differences = now.values - reference.values
     change = float(differences.sum()) / weight
     n = len(differences)
-    if n > 1:
-        spread = differences - change * reference.weights
-        se = math.sqrt(n / (n - 1) * float(spread.square().sum())) / weight
-    else:
-        se = 0.0  # one number (a custom metric): a point comparison
+    se = _ratio_error(differences, reference.weights, change)  # 0 for one number: a point comparison
     drop = -change if higher_is_better else change
     z = z_score(confidence)
     low, high = drop - z * se, drop + z * se

@@ -19,21 +19,20 @@ warmed-up model (:func:`sgsc.train.preservation.build`), and that model is the r
 
 The batch of step ``s`` is a pure function of ``(seed, s, rank)`` (:mod:`sgsc.train.batches`), so a
 checkpoint (:mod:`sgsc.train.checkpoint`) continues a run bit for bit. Under ``torchrun`` the loop
-runs DistributedDataParallel (:mod:`sgsc.train.distributed`).
+runs DistributedDataParallel (:mod:`sgsc.train.distributed`). What ``compress`` is given is read in
+:mod:`sgsc.train.compress_inputs`; the history reaches ``metrics.jsonl`` through :mod:`sgsc.train.metrics_log`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +42,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from sgsc._deps import require
-from sgsc._io import atomic_write
 from sgsc.nn import average_bits
 from sgsc.nn.replay import cut_to_shapes
 from sgsc.nn.size import estimated_file_bytes
 from sgsc.train import preservation
-from sgsc.train.arguments import Metric, metric_of, quantized_model, tensor_pairs
-from sgsc.train.batches import batch, batch_indices, seeded_generator, subset
+from sgsc.train.arguments import Metric, check_task_data, metric_of, quantized_model, tensor_pairs
+from sgsc.train.batches import batch, batch_indices, subset
 from sgsc.train.checkpoint import (
     CHECKPOINT,
     check_settings,
@@ -58,15 +56,18 @@ from sgsc.train.checkpoint import (
     set_rng_state,
     warn_if_numerics_differ,
 )
+from sgsc.train.compress_inputs import _config, _Data, _eval_sets, _Preserve, _preserve, _split, _Task, guard_split
 from sgsc.train.config import CompressConfig
 from sgsc.train.distributed import from_rank0, rank_world, setup_distributed, wrap_ddp
+from sgsc.train.metrics_log import _Log
 from sgsc.train.pruners import Pruner
 from sgsc.train.safety import RunState
 from sgsc.train.selfcompress import SelfCompression, param_groups
 from sgsc.train.task import evaluate, mean_loss
 from sgsc.train.task import task_loss as cross_entropy
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["PRESERVATION_FILE", "TERM_NAMES", "CompressResult", "compress", "guard_split", "lr_factor"]
+
 PRESERVATION_FILE = "preservation.json"
 
 
@@ -109,121 +110,6 @@ def _set_learning_rates(optimizer: torch.optim.Optimizer, config: CompressConfig
     factor = lr_factor(config, step)
     for group in optimizer.param_groups:
         group["lr"] = base[group["name"]] * factor
-
-
-# ---- what compress was given ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Preserve:
-    """``preserve`` read: a fraction to choose after the warm-up, indices into the training data, a set of
-    its own, or nothing."""
-
-    fraction: float | None = None
-    indices: list[int] | None = None
-    dataset: TensorDataset | None = None
-
-    def describe(self) -> float | str | None:
-        if self.indices is not None:
-            return f"{len(self.indices)} indices"
-        if self.dataset is not None:
-            return f"a set of {len(self.dataset)}"
-        return self.fraction
-
-    @property
-    def given(self) -> bool:
-        return self.fraction is not None or self.indices is not None or self.dataset is not None
-
-
-def _is_indices(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.dim() == 1 and not value.is_floating_point() and value.dtype != torch.bool
-    return isinstance(value, (list, tuple, range)) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in value)
-
-
-def _preserve(preserve, train: TensorDataset) -> _Preserve:
-    n = len(train)
-    if preserve is None:
-        return _Preserve()
-    if isinstance(preserve, Real) and not isinstance(preserve, bool):
-        try:
-            preservation.set_size(preserve, n)
-        except ValueError as exc:
-            raise ValueError(f"preserve as a fraction of the training data: {exc}") from None
-        return _Preserve(fraction=float(preserve))
-    if _is_indices(preserve):
-        indices = torch.as_tensor(preserve).tolist()
-        if not indices:
-            raise ValueError("preserve is empty; pass None for unsafe self-compression")
-        if len(set(indices)) > n or not all(0 <= i < n for i in indices):
-            raise ValueError(f"preserve holds indices outside the {n} examples of train_data (0..{n - 1})")
-        if len(set(indices)) != len(indices):
-            raise ValueError("preserve repeats indices; each preserved example is listed once")
-        return _Preserve(indices=indices)
-    data = tensor_pairs("preserve", preserve)
-    if len(data) == 0:
-        raise ValueError("preserve is empty; pass None for unsafe self-compression")
-    if len(data) > n:
-        raise ValueError(f"preserve has {len(data)} examples, more than the {n} of train_data; "
-                         "the preservation set is a part of the training data")
-    return _Preserve(dataset=data)
-
-
-def _eval_sets(eval_data) -> dict[str, TensorDataset]:
-    if eval_data is None:
-        return {}
-    if isinstance(eval_data, dict):
-        if not eval_data:
-            raise ValueError("eval_data is an empty dict; pass None to evaluate nothing")
-        return {str(name): tensor_pairs(f"eval_data[{name!r}]", value) for name, value in eval_data.items()}
-    return {"val": tensor_pairs("eval_data", eval_data)}
-
-
-@dataclass(frozen=True)
-class _Task:
-    """The callables of a run, which a checkpoint cannot record: the caller passes them again on resume."""
-
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None  # None: cross-entropy
-    metric: str | Metric
-    higher_is_better: bool | None
-    pruner: Pruner | None
-
-
-@dataclass
-class _Data:
-    """The training data split for the run: ``fit`` is what batches and the preservation set are drawn
-    from (``fit_index`` maps it to ``train_data``), ``guard`` the held-out or given guard set."""
-
-    train: TensorDataset
-    fit: TensorDataset
-    fit_index: torch.Tensor
-    guard: TensorDataset | None
-    guard_index: list[int] | None
-    eval_sets: dict[str, TensorDataset]
-
-
-def guard_split(n: int, fraction: float, seed: int, keep: list[int] | None = None) -> tuple[list[int], list[int]]:
-    """``(guard, rest)``: a seeded ``fraction`` of ``range(n)`` (at least one example), never one of ``keep``
-    (the preservation set the loss trains on), and the others, both sorted."""
-    taken = set(keep or ())
-    order = [i for i in torch.randperm(n, generator=seeded_generator(seed, 0x6A7D)).tolist() if i not in taken]
-    size = min(max(1, round(fraction * n)), len(order) - 1)
-    if size < 1:
-        raise ValueError(f"train_data has {n} examples and preserve takes {len(taken)}: none is left to hold out "
-                         "as the guard set; pass guard=")
-    return sorted(order[:size]), sorted(set(range(n)) - set(order[:size]))
-
-
-def _split(train: TensorDataset, guard, wants_guard: bool, config: CompressConfig, eval_sets,
-           keep: list[int] | None) -> _Data:
-    everything = torch.arange(len(train))
-    if guard is not None:
-        return _Data(train, train, everything, tensor_pairs("guard", guard), None, eval_sets)
-    if not wants_guard:
-        return _Data(train, train, everything, None, None, eval_sets)
-    held, rest = guard_split(len(train), config.guard_fraction, config.seed, keep)
-    return _Data(train, subset(train, rest), torch.tensor(rest), subset(train, held), held, eval_sets)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -319,33 +205,6 @@ def _eval_record(model: nn.Module, eval_sets: dict[str, TensorDataset], task: _T
     return {"kind": "eval", "step": step, **scores, "bits": bits, **estimated_file_bytes(model)}
 
 
-class _Log:
-    """The history (kept in the checkpoint) mirrored to ``metrics.jsonl`` on rank 0.
-
-    Records reach the history from the loop (:meth:`append`) and from the safety checks
-    (:meth:`SelfCompression.step`); :meth:`sync` writes whatever the file lacks, in order.
-    """
-
-    def __init__(self, history: list, out: Path | None) -> None:
-        self.history, self.path, self.written = history, (out / METRICS_FILE if out else None), len(history)
-        if self.path is not None:  # on resume, drop whatever the interrupted run logged after its checkpoint
-            atomic_write(self.path, lambda h: h.write("".join(_json(r) + "\n" for r in history).encode()))
-
-    def append(self, record: dict) -> None:
-        self.history.append(record)
-        self.sync()
-
-    def sync(self) -> None:
-        if self.path is not None and self.written < len(self.history):
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write("".join(_json(r) + "\n" for r in self.history[self.written:]))
-        self.written = len(self.history)
-
-
-def _json(record: dict) -> str:
-    return json.dumps(record, allow_nan=False)
-
-
 def _read_checkpoint(out: Path, config: dict, world: int) -> dict:
     resumed = load_checkpoint(out / CHECKPOINT)
     check_settings(config, resumed["config"], out / CHECKPOINT)
@@ -413,6 +272,8 @@ def _loop(model: nn.Module, data: _Data, spec: _Preserve, config: CompressConfig
         if comp is None and state.step == config.warmup_steps:
             comp = _start_compression(model, data, spec, config, task, state)
             state = comp.state
+            if rank == 0 and state.step and state.step % config.eval_every:  # the reference's own scores
+                log.append(_eval_record(model, data.eval_sets, task, state.step))
         _set_learning_rates(optimizer, config, state.step)
         step_record = _train_step(wrapped, optimizer, comp, data, config, loss_fn, state.step, device)
         if comp is None:
@@ -433,15 +294,20 @@ def _loop(model: nn.Module, data: _Data, spec: _Preserve, config: CompressConfig
     bar.close()
     continuation = _continuation(model, optimizer, state) if out is not None and rank == 0 else None
     contract = comp.finish(optimizer) if comp is not None else None
+    if comp is not None:
+        comp.close()  # the hook on the caller's model that recorded training inputs for the pruner
     log.sync()
     seconds = time.perf_counter() - started
     final = _eval_record(model, data.eval_sets, task, state.step)
+    rolled_back = contract is not None and contract["returned_step"] != state.step
+    if rolled_back:  # the scores of the state the run returns, not of the last one it trained
+        final["returned_step"] = contract["returned_step"]
     if out is not None and rank == 0:
         save_checkpoint(out / CHECKPOINT, model, optimizer, state, record, teacher=_teacher(comp),
                         continuation=continuation)
         if state.preservation:
             preservation.save(state.preservation, out / PRESERVATION_FILE, dataset_size=len(data.train))
-    if state.step % config.eval_every or (contract is not None and contract["returned_step"] != state.step):
+    if state.step % config.eval_every or rolled_back:
         # logged after the checkpoint: a run resumed from it must not see a record its
         # uninterrupted twin never wrote
         log.append(final)
@@ -545,6 +411,8 @@ def compress(
     spec = _preserve(preserve, train)
     wants_guard = config.restore and (spec.given or config.max_drop is not None)
     data = _split(train, guard, wants_guard, config, _eval_sets(eval_data), spec.indices)
+    check_task_data(model, {"train_data": data.train, **({"guard": data.guard} if guard is not None else {}),
+                            **{f"eval_data[{name!r}]": value for name, value in data.eval_sets.items()}}, task_loss)
     task = _Task(task_loss, metric, higher_is_better, pruner)
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__qualname__", type(metric).__name__)
     record = {**dataclasses.asdict(config), "preserve": spec.describe(), "metric": metric_name,
@@ -556,14 +424,3 @@ def compress(
     finally:
         if created:
             torch.distributed.destroy_process_group()
-
-
-def _config(config: CompressConfig | None, hyper: dict) -> CompressConfig:
-    if config is not None and not isinstance(config, CompressConfig):
-        raise TypeError(f"config must be an sgsc.CompressConfig or None, got {type(config).__name__}")
-    names = {f.name for f in dataclasses.fields(CompressConfig)}
-    unknown = sorted(set(hyper) - names)
-    if unknown:
-        raise TypeError(f"compress got an unexpected keyword argument {unknown[0]!r}")
-    base = config.compression() if hasattr(config, "compression") else config
-    return dataclasses.replace(base or CompressConfig(), **hyper)

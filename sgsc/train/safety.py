@@ -8,12 +8,15 @@ compared with the reference, paired, example by example (:mod:`sgsc.train.guard`
   and the state (weights, exponents, bits, BatchNorm statistics, optimiser state) is kept as the last
   that passed;
 * **uncertain**: nothing happens; the run goes on;
-* **fail** (the drop's lower bound exceeds ``max_drop``): the run rolls back to the last state that
-  passed, and changes course so the same drop does not come back a few steps later: each layer whose
-  storage width fell since then gets its old bits back alone, on the guard, and the layers whose
-  restoring recovered the most are **slowed**: their bits move at half the pace they did (each
-  step's change of their bits is scaled by the layer's pace, which halves at each failure it is
-  blamed for), so the checks, every ``k`` steps, see their compression in smaller steps.
+* **fail** (the drop's lower bound exceeds ``max_drop``): compression dips before the weights adapt,
+  and rolling back at every dip undoes the recovery too, so the run goes on until ``patience``
+  checks in a row have failed (an uncertain or passing check breaks the row: the model is
+  recovering). Then it rolls back to the last state that passed and changes course so the same drop
+  does not come back a few steps later: each layer whose storage width fell since then gets its old
+  bits back alone, on the guard, and the layers whose restoring recovered the most are **slowed**:
+  their bits move at half the pace they did (each step's change of their bits is scaled by the
+  layer's pace, which halves each time it is blamed), so the checks see their compression in
+  smaller steps.
 
 Without a contract (unsafe self-compression, or the preservation term alone) a check only prunes.
 
@@ -46,7 +49,7 @@ class RunState:
     ``passed``: the last state that passed (``step``, ``model`` and ``optimizer`` state dicts, the
     ``check``; ``optimizer`` is None for the reference itself); ``pace``: the slowed layers' factor on
     each step's change of their bits; ``preservation`` and ``guard``: indices into the training data;
-    ``history``: every record.
+    ``failing``: the checks that failed in a row until now; ``history``: every record.
     """
 
     step: int = 0
@@ -54,6 +57,7 @@ class RunState:
     reference: Outcomes | None = None
     passed: dict | None = None
     pace: dict[str, float] = field(default_factory=dict)
+    failing: int = 0
     preservation: list[int] | None = None
     guard: list[int] | None = None
     history: list[dict] = field(default_factory=list)
@@ -62,7 +66,7 @@ class RunState:
         """Plain containers and tensors only, so a checkpoint loads with ``torch.load(weights_only=True)``."""
         return {"step": self.step, "snapshot": self.snapshot,
                 "reference": None if self.reference is None else self.reference.to_record(),
-                "passed": self.passed, "pace": self.pace, "preservation": self.preservation,
+                "passed": self.passed, "pace": self.pace, "failing": self.failing, "preservation": self.preservation,
                 "guard": self.guard, "history": self.history}
 
     @classmethod
@@ -70,17 +74,19 @@ class RunState:
         reference = record.get("reference")
         return cls(step=record["step"], snapshot=record["snapshot"],
                    reference=None if reference is None else Outcomes.from_record(reference),
-                   passed=record.get("passed"), pace=record.get("pace") or {},
+                   passed=record.get("passed"), pace=record.get("pace") or {}, failing=record.get("failing", 0),
                    preservation=record.get("preservation"), guard=record.get("guard"), history=record["history"])
 
 
 @dataclass(frozen=True)
 class Policy:
     """What a safety check does. ``max_drop`` None: no contract (checks only prune). ``restore``: roll
-    back on a failed check. ``prune`` with ``pruner`` (None: keep zero-bit groups masked)."""
+    back once ``patience`` checks in a row failed. ``prune`` with ``pruner`` (None: keep zero-bit
+    groups masked)."""
 
     max_drop: float | None
     confidence: float = 0.95
+    patience: int = 1
     restore: bool = True
     prune: bool = True
     higher_is_better: bool = True
@@ -91,8 +97,8 @@ class Policy:
 class Decision:
     """A check's outcome: the guard ``check`` (None without a guard); the units to ``prune`` (or
     ``masked``: layer -> zero-bit groups, with no pruner); ``keep``: the state becomes the last that
-    passed; ``wait``: an uncertain check, nothing happens; ``rollback`` and the layers to ``slow``
-    on a fail."""
+    passed; ``wait``: no pruning and no new passing state (an uncertain or failed check); on a fail,
+    the layers to ``slow`` and, at the ``patience``-th in a row, ``rollback``."""
 
     check: Check | None = None
     prune: Units = field(default_factory=dict)
@@ -133,8 +139,8 @@ def judge(model: nn.Module, state: RunState, policy: Policy, measure: Measure | 
         return _prune_decision(model, state, policy, Decision(check))
     if check.verdict == "pass":
         return _prune_decision(model, state, policy, Decision(check, keep=True))
-    if check.verdict == "fail":
-        return Decision(check, rollback=True, slow=culprits(model, state, policy, measure, check))
+    if check.verdict == "fail" and state.failing + 1 >= policy.patience:
+        return Decision(check, wait=True, rollback=True, slow=culprits(model, state, policy, measure, check))
     return Decision(check, wait=True)
 
 
@@ -187,12 +193,15 @@ def carry_out(model: nn.Module, optimizer: torch.optim.Optimizer, state: RunStat
     event = {"kind": "check", "step": state.step}
     if decision.check is not None:
         event.update(guard=decision.check.to_record(), verdict=decision.check.verdict)
+    if decision.check is not None:
+        state.failing = state.failing + 1 if decision.check.verdict == "fail" else 0
     if decision.rollback:
+        state.failing = 0
         event["rolled_back_to"] = roll_back(model, optimizer, state)
+    if decision.slow:
         for name in decision.slow:
             state.pace[name] = state.pace.get(name, 1.0) / 2
         event["slowed"] = {name: state.pace[name] for name in decision.slow}
-        return event
     if decision.wait:
         return event
     if decision.masked is not None:
@@ -211,6 +220,7 @@ def carry_out(model: nn.Module, optimizer: torch.optim.Optimizer, state: RunStat
 def keep_passed(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: RunState,
                 check: Check | None) -> None:
     """Keep the current state as the last that passed (after any pruning, so shapes match a rollback)."""
+    state.failing = 0
     state.passed = {"step": state.step, "model": _cpu_copy(model.state_dict()),
                     "optimizer": None if optimizer is None else copy.deepcopy(optimizer.state_dict()),
                     "check": None if check is None else check.to_record()}

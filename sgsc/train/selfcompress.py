@@ -136,7 +136,8 @@ class SelfCompression:
         if pruner is None and self.config.prune:
             self._traced = TracedInputs(model, example_inputs)
             pruner = default_pruner(model, self._traced)
-        self.policy = Policy(max_drop, self.config.confidence, self.config.restore, self.config.prune, higher, pruner)
+        self.policy = Policy(max_drop, self.config.confidence, self.config.patience, self.config.restore,
+                             self.config.prune, higher, pruner)
         self.terms: dict[str, torch.Tensor] = {}
         self._warned_masked = False
         # the reference: the model as it is handed over, which the contract is about

@@ -380,25 +380,25 @@ def test_a_record_of_more_layers_than_its_size_pays_for_is_refused_before_any_is
 
 
 def test_a_layer_whose_stream_length_wraps_int64_is_refused_before_allocating(tmp_path, capsys):
-    tensors, header = _state(lambda: nn.Linear(2, 1))
+    tensors, header = _state(lambda: nn.Sequential(nn.Linear(2, 1)))
     state = header["architecture"]["state"]
-    assert state[0][0] == "weight" and header["architecture"]["layers"][0][2] == 1
+    assert state[0][0] == "0.weight" and header["architecture"]["layers"][0][2] == 1
     state[0][1] = [2**29, 2**30]  # one group of 2^59 codes: at width 32, 2^64 bits, which int64 wraps to 0
     tensors.update(codes=torch.zeros(0, dtype=torch.uint8), widths=torch.tensor([32], dtype=torch.uint8))
     path = _write(tmp_path / "wrap.sgsc", tensors, header)
     huge = 2**70  # a bound that admits the layer's 2^61 bytes: the stream check must not wrap
-    _refused_alike(path, lambda: nn.Linear(2, 1), "the dense groups need 2305843009213693952 bytes, past the end",
+    _refused_alike(path, lambda: nn.Sequential(nn.Linear(2, 1)), "the dense groups need 2305843009213693952 bytes, past the end",
                    max_bytes=huge)
     assert "past the end of the stream" in _one_line_error(capsys, ["inspect", str(path), "--max-bytes", str(huge)])
 
     state[0][1] = [2**40, 2**40]  # more elements than torch counts
     path = _write(tmp_path / "numel.sgsc", tensors, header)
-    with pytest.raises(export.PackedFileError, match=r"'weight' of shape .* has more elements than a tensor holds"):
+    with pytest.raises(export.PackedFileError, match=r"'0.weight' of shape .* has more elements than a tensor holds"):
         export.read_header(path)
 
 
 def test_a_memory_bound_above_int64_is_capped(tmp_path, capsys):
-    tensors, header = _state(lambda: nn.Linear(2, 1))
+    tensors, header = _state(lambda: nn.Sequential(nn.Linear(2, 1)))
     header["architecture"]["state"][0][1] = [2**31, 2**31]  # 2^62 weights: 2^64 bytes in float32
     tensors["widths"] = torch.tensor([0], dtype=torch.uint8)
     tensors["codes"] = torch.zeros(0, dtype=torch.uint8)

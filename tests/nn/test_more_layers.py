@@ -52,7 +52,7 @@ def test_conv1d_is_swapped_and_computes_with_the_quantized_weight():
 def test_embedding_is_quantized_per_token_row():
     torch.manual_seed(0)
     embedding = nn.Embedding(11, 8, padding_idx=0)
-    layer = quantize_model(embedding, init_bits=3)
+    layer = quantize_model(nn.Sequential(embedding), init_bits=3)[0]
     assert isinstance(layer, QEmbedding) and layer.quant_groups == 11 and layer.padding_idx == 0
     idx = torch.tensor([[0, 3, 10], [5, 5, 1]])
     assert torch.equal(layer(idx), F.embedding(idx, _reference_weight(layer), padding_idx=0))

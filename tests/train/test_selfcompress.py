@@ -98,8 +98,11 @@ def test_bits_fall_and_the_model_returned_keeps_its_contract_on_held_out_data(di
     print(f"\n{case}: {_bits(model):.2f} bits, {reference} -> {after}, {contract['returned']}")
     assert _bits(model) < 7.0  # from 8
     assert [e["step"] for e in comp.history if e["kind"] == "check"] == list(range(25, 151, 25))
-    for event in comp.history[:-1]:  # a rollback exactly where the check failed, and only there
-        assert ("rolled_back_to" in event) == (event["verdict"] == "fail"), event
+    failing = 0  # a rollback exactly at the patience-th failed check in a row, and only there
+    for event in comp.history[:-1]:
+        failing = failing + 1 if event["verdict"] == "fail" else 0
+        assert ("rolled_back_to" in event) == (failing == comp.config.patience), event
+        failing = 0 if "rolled_back_to" in event else failing
     returned = contract["returned"]
     assert returned is None or returned["bound"] <= max_drop  # the last state that passed, or the reference
     if case == "transformer":  # the contract, on the test split, within its noise
@@ -152,7 +155,7 @@ def test_when_no_compressed_state_passes_the_reference_comes_back(trained_resnet
 
 def test_a_failed_check_rolls_back_and_slows_the_layer_that_did_the_harm(trained_resnet):
     model, (preserve, guard, untrained) = copy.deepcopy(trained_resnet.model), trained_resnet[1:]
-    comp = SelfCompression(model, preserve, guard=guard, gamma=0.03, k=1, max_drop=0.02, quant_lr=1e-7)
+    comp = SelfCompression(model, preserve, guard=guard, gamma=0.03, k=1, max_drop=0.02, quant_lr=1e-7, patience=1)
     healthy = evaluate(model, guard)["accuracy"]
     assert comp.state.reference.metric == pytest.approx(healthy) and healthy > untrained + 0.3  # trained
     optimizer = torch.optim.Adam(comp.param_groups(1e-7))
