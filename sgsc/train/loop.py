@@ -130,9 +130,11 @@ def _start_compression(model, data: _Data, spec: _Preserve, config: CompressConf
     """Choose the preservation set with the current model (from the examples training may see), then
     take the reference; the checks carry the run's step and history."""
     if spec.fraction is not None:
+        # outputs that are not class scores (float targets: a regression, a reconstruction) are scored by loss
+        by_loss = task.loss if data.fit.tensors[1].is_floating_point() else None
         chosen = from_rank0(lambda: preservation.build(
             model, data.fit, spec.fraction, config.preservation_weights, method=config.preservation_method,
-            seed=config.seed).tolist())
+            seed=config.seed, task_loss=by_loss).tolist())
         state.preservation = data.fit_index[chosen].tolist()
     else:
         state.preservation = spec.indices or []

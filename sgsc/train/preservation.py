@@ -240,6 +240,7 @@ def build_selection(
     uncertainty: str = "margin",
     attribution_layer: nn.Module | None = None,
     embedding_layer: nn.Module | None = None,
+    task_loss=None,
 ) -> Selection:
     """:func:`build`, also telling which criterion chose each example."""
     check_fraction(fraction)
@@ -247,7 +248,7 @@ def build_selection(
     needed = [name for name in CRITERIA if shares[name] > 0]
     scores = compute_scores(
         model, dataset, criteria=needed, batch_size=batch_size, uncertainty=uncertainty,
-        attribution_layer=attribution_layer, embedding_layer=embedding_layer,
+        attribution_layer=attribution_layer, embedding_layer=embedding_layer, task_loss=task_loss,
     )
     return select(scores, fraction, weights, seed=seed)
 
@@ -264,13 +265,15 @@ def build(
     uncertainty: str = "margin",
     attribution_layer: nn.Module | None = None,
     embedding_layer: nn.Module | None = None,
+    task_loss=None,
 ) -> torch.Tensor:
     """Sorted int64 indices of the ``round(fraction * len(dataset))`` examples to preserve.
 
     ``method="criteria"`` scores the examples: ``weights`` are the shares of (gradcam, uncertainty,
     diversity), as a 3-sequence or a mapping; they need not sum to 1 and a zero share skips that
     criterion's computation entirely. See the module docstring for each criterion, and
-    :func:`compute_scores` for ``attribution_layer`` and ``embedding_layer``.
+    :func:`compute_scores` for ``attribution_layer``, ``embedding_layer`` and ``task_loss`` (for
+    outputs that are not class scores: the criteria then come from each example's task loss).
     ``method="random"`` is the ablation baseline: :func:`random_subset` of the same size, drawn with
     ``seed``; ``model`` and ``weights`` play no part. ``ValueError`` for an unknown ``method``,
     ``fraction`` outside ``(0, 1]`` or a fraction so small that it selects nothing.
@@ -290,6 +293,7 @@ def build(
         uncertainty=uncertainty,
         attribution_layer=attribution_layer,
         embedding_layer=embedding_layer,
+        task_loss=task_loss,
     ).indices
 
 

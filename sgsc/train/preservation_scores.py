@@ -231,6 +231,31 @@ def _pool_embeddings(features: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return (features * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def _score_by_loss(model, x, target, capture: _Capture | None, features: _InputCapture | None, want,
+                   task_loss) -> dict[str, torch.Tensor]:
+    """The criteria for outputs that are not class scores (regression, reconstruction), from each example's
+    own task loss: gradcam weighs the features by the gradient that lowers it, uncertainty is the loss
+    itself (the examples compression would hurt first), diversity clusters the head's input or, without
+    a head, the outputs."""
+    with torch.enable_grad():
+        outputs = model(x)
+        losses = torch.stack([task_loss(outputs[i : i + 1], target[i : i + 1]) for i in range(len(x))]).float()
+        out = {}
+        if "gradcam" in want:
+            if capture.leaf is None:
+                raise ValueError("attribution_layer did not run in the model's forward pass")
+            (grads,) = torch.autograd.grad(-losses.sum(), capture.leaf, allow_unused=True)
+            if grads is None:
+                raise ValueError("attribution_layer: its output does not reach the task loss")
+            out["gradcam"] = _attribution(capture.leaf.detach(), grads)
+    if "uncertainty" in want:
+        out["uncertainty"] = losses.detach()
+    if "diversity" in want:
+        chosen = features.value if features is not None else outputs
+        out["embeddings"] = chosen.detach().float().flatten(1)
+    return out
+
+
 def _score_batch(model, x, target, capture: _Capture | None, features: _InputCapture | None, want,
                  measure) -> dict[str, torch.Tensor]:
     with torch.enable_grad():
@@ -265,8 +290,9 @@ def _check_layer(model: nn.Module, layer, name: str) -> None:
 
 
 def _resolve_layers(model: nn.Module, dataset: Dataset, criteria, attribution_layer, embedding_layer,
-                    device) -> Layers:
-    """The explicit layers, else the model's own ``attribution_layer``, else :func:`find_layers`."""
+                    device, by_loss: bool) -> Layers:
+    """The explicit layers, else the model's own ``attribution_layer``, else :func:`find_layers`. Scoring by
+    the task loss (``by_loss``), a model with no head has none: diversity then clusters its outputs."""
     declared = getattr(model, "attribution_layer", None)
     layers = Layers(
         attribution_layer or (declared if isinstance(declared, nn.Module) else None), embedding_layer
@@ -275,7 +301,13 @@ def _resolve_layers(model: nn.Module, dataset: Dataset, criteria, attribution_la
     need_embedding = "diversity" in criteria and layers.embedding is None
     if need_attribution or need_embedding:
         x, _ = next(iter(DataLoader(dataset, batch_size=_PROBE_EXAMPLES, shuffle=False)))
-        found = find_layers(model, x.to(device), attribution=need_attribution, embedding=need_embedding)
+        found = find_layers(model, x.to(device), attribution=need_attribution, embedding=False)
+        if need_embedding:
+            try:
+                found.embedding = find_layers(model, x.to(device), attribution=False, embedding=True).embedding
+            except ValueError:
+                if not by_loss:
+                    raise
         layers = Layers(layers.attribution or found.attribution, layers.embedding or found.embedding)
     return layers
 
@@ -289,8 +321,12 @@ def compute_scores(
     uncertainty: str = "margin",
     attribution_layer: nn.Module | None = None,
     embedding_layer: nn.Module | None = None,
+    task_loss=None,
 ) -> Scores:
     """Score every example of ``dataset`` (``(input, target)`` pairs) under ``criteria``.
+
+    ``task_loss(outputs, targets)`` scores outputs that are not class scores (a regression or an
+    autoencoder) from each example's own loss instead of its logits; float targets ask for it.
 
     ``attribution_layer`` is the module whose output Grad-CAM inspects (default
     ``model.attribution_layer`` where the model names one, else :func:`find_layers`'s);
@@ -315,16 +351,23 @@ def compute_scores(
     dataset = _as_dataset(dataset)
     if len(dataset) == 0:
         raise ValueError("dataset is empty")
+    if task_loss is not None and not callable(task_loss):
+        raise TypeError(f"task_loss must be a callable (outputs, targets) -> loss or None, got {type(task_loss).__name__}")
+    if task_loss is None and torch.as_tensor(dataset[0][1]).is_floating_point():
+        raise ValueError("targets are floats, not class indices: pass task_loss= to score examples by it")
     device = model_device(model)
-    layers = _resolve_layers(model, dataset, criteria, attribution_layer, embedding_layer, device)
+    layers = _resolve_layers(model, dataset, criteria, attribution_layer, embedding_layer, device,
+                             task_loss is not None)
     capture = _Capture(layers.attribution) if "gradcam" in criteria else None
-    features = _InputCapture(layers.embedding) if "diversity" in criteria else None
+    features = _InputCapture(layers.embedding) if "diversity" in criteria and layers.embedding is not None else None
     was_training = model.training
     parts: dict[str, list[torch.Tensor]] = {}
     try:
         model.eval()
         for x, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            batch = _score_batch(model, x.to(device), target.to(device), capture, features, set(criteria), uncertainty)
+            x, target = x.to(device), target.to(device)
+            batch = (_score_batch(model, x, target, capture, features, set(criteria), uncertainty) if task_loss is None
+                     else _score_by_loss(model, x, target, capture, features, set(criteria), task_loss))
             for key, value in batch.items():
                 dtype = torch.float32 if key == "embeddings" else torch.float64  # embeddings are big
                 parts.setdefault(key, []).append(value.detach().to("cpu", dtype))

@@ -17,6 +17,7 @@ from torch import nn
 
 import sgsc
 from sgsc.train import compress, evaluate, load_checkpoint
+from sgsc.train import guard as guards
 from sgsc.train.checkpoint import numerics
 from sgsc.train.data import load_vision
 from sgsc.train.task import mean_loss
@@ -258,3 +259,40 @@ def test_two_processes_compress_a_model_outside_the_zoo_in_lockstep(tmp_path, fr
     for name in params:  # parameters, not BatchNorm running stats: those see each rank's own batches
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
     assert load_checkpoint(tmp_path / "checkpoint.pt")["world_size"] == WORLD
+
+
+class TinyAutoencoder(nn.Module):
+    """A conv encoder and decoder with no classes and no nn.Linear head: what the criteria must score by loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1))
+        self.decode = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(4, 8, 2, stride=2), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+def test_a_model_without_classes_is_compressed_within_its_contract_on_its_loss(digits_split):
+    (x, _), (test_x, _) = digits_split
+    torch.manual_seed(0)
+    model = TinyAutoencoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the transposed conv stays float, with a warning
+        model = sgsc.quantize_model(model)
+    mse = torch.nn.functional.mse_loss
+    result = compress(model, (x, x.clone()), preserve=0.05, steps=120, warmup_steps=60, gamma=0.05, quant_lr=0.1,
+                      lr=3e-3, k=20, task_loss=mse, metric="loss", max_drop=0.05, eval_data={"test": (test_x, test_x)},
+                      eval_every=60, progress=False)
+    assert len(result.preservation) == round(0.05 * (len(x) - len(result.guard)))  # scored by loss, chosen
+    checks = [r for r in result.history if r["kind"] == "check"]
+    assert checks and all(r["guard"]["n"] == len(result.guard) for r in checks)  # per-example MSE on the guard
+    contract = result.contract
+    assert contract["returned"] is None or contract["returned"]["bound"] <= 0.05
+    reference = next(r for r in result.history if r["kind"] == "eval" and r["step"] == 60)
+    held_out = guards.outcomes(model, torch.utils.data.TensorDataset(test_x, test_x), guards.per_example("loss", mse))
+    assert held_out.metric == pytest.approx(result.scores["test_loss"], rel=1e-5)
+    # the contract, on held-out data, within two of its standard errors
+    assert result.scores["test_loss"] <= reference["test_loss"] + 0.05 + 2 * guards.standard_error(held_out)
+    with pytest.raises(TypeError, match="targets are torch.float32; the default loss, cross-entropy, takes class"):
+        compress(model, (x, x.clone()), steps=1, gamma=0.1, progress=False)

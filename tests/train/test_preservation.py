@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from own_models import TinyLM, TinyMobileNet, TinyResNet, counting_sequences
+from torch import nn
 from torch.utils.data import TensorDataset
 
 import sgsc
@@ -349,3 +350,21 @@ def test_build_selects_what_a_manual_computation_selects(case, digits):
         criterion = "gradcam" if weights[0] else "uncertainty"
         assert build(model, (x, y), 0.2, weights).tolist() == _top(getattr(manual, criterion), 12)
     assert torch.equal(build(model, (x, y), 0.2, seed=2), select(manual, 0.2, seed=2).indices)
+
+
+def test_outputs_that_are_not_class_scores_are_scored_by_each_examples_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1)).eval()
+    x = torch.randn(6, 1, 5, 5)
+    target = torch.randn(6, 1, 5, 5)
+    mse = torch.nn.functional.mse_loss
+    scores = preservation.compute_scores(model, (x, target), task_loss=mse)
+    with torch.no_grad():
+        outputs = model(x)
+    expected = torch.stack([mse(outputs[i : i + 1], target[i : i + 1]) for i in range(6)]).double()
+    torch.testing.assert_close(scores.uncertainty, expected)  # the loss itself: the first to suffer
+    torch.testing.assert_close(scores.embeddings, outputs.flatten(1))  # no head: the outputs are clustered
+    assert scores.gradcam.shape == (6,) and (scores.gradcam >= 0).all()
+    with pytest.raises(ValueError, match="targets are floats, not class indices: pass task_loss="):
+        preservation.compute_scores(model, (x, target))
+    assert len(preservation.build(model, (x, target), 0.5, task_loss=mse)) == 3
