@@ -10,7 +10,8 @@
 - :mod:`~sgsc.export.reader`: ``load_packed``, ``read_header``;
 - :mod:`~sgsc.export.inspect`: ``summarize``, ``format_summary`` (`sgsc inspect`);
 - :mod:`~sgsc.export.onnx`: ``export_onnx``, the model as ONNX with integer weights (the ``[onnx]`` extra),
-  imported on first use since it loads ``torch.onnx``.
+  imported on first use since it loads ``torch.onnx`` (its op, twin and ModelProto surgery: ``onnx_op``,
+  ``onnx_twin``, ``onnx_proto``).
 
 The file is a safetensors file (no pickle: loading can never run code); docs/FORMAT.md specifies it.
 Imports :mod:`sgsc.ops` and :mod:`sgsc.nn` only.
