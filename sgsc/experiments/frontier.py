@@ -327,7 +327,8 @@ def run(settings: FrontierSettings, out: str | Path = "results", workers: int = 
         seeds.append({**record, "rows": seed_rows})
     result = {"experiment": "frontier", "settings": dataclasses.asdict(settings),
               "command": command_line(settings, out, workers), "meta": {**metadata(torch.device("cpu"), commit),
-                                                                          "wall_seconds": time.perf_counter() - started},
+                                                                          "wall_seconds": time.perf_counter() - started,
+                                                                          "workers": workers, "worker_threads": threads},
               "seeds": seeds, "summary": summarize(seeds, settings.budgets), "contract": contract_rows(seeds),
               "one_run": one_run_against_sweep(seeds)}
     result["plot"] = plot(result, out / PLOT_FILE)
@@ -378,6 +379,12 @@ def plot(result: dict, path: Path) -> str:
 # ---- RESULTS.md ----------------------------------------------------------------------------------------
 
 
+def _processes(meta: dict) -> str:
+    if "workers" not in meta:  # written before the record said how many processes ran at once
+        return ""
+    return f"{meta['workers']} process(es) of {meta['worker_threads']} thread(s), "
+
+
 def _cell(stats: dict) -> str:
     if stats.get("mean") is None:
         return "not reached"
@@ -399,8 +406,8 @@ def markdown(result: dict) -> str:
         f"{', '.join(f'{g:g}' for g in s['gammas'])}; SGSC with the guard contract at max_drop {s['max_drop']:g} "
         f"(a 10% guard held out of the training data, checks every {s['k']} steps) and each "
         "preservation term. Every number is the test accuracy of the exported file loaded back; bytes are "
-        f"% of the float32 file. Machine: {result['meta']['machine']}, {result['meta']['torch_threads']} thread(s) per "
-        f"process, {result['meta']['wall_seconds'] / 60:.0f} minutes, commit `{result['meta']['commit']}`. "
+        f"% of the float32 file. Machine: {result['meta']['machine']}, {_processes(result['meta'])}"
+        f"{result['meta']['wall_seconds'] / 60:.0f} minutes, commit `{result['meta']['commit']}`. "
         f"Reproduce: `{result['command']}`.",
         "",
         f"Test accuracy (%) on each method's frontier at a budget, mean ± 95% interval over "

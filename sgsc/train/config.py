@@ -111,8 +111,9 @@ class CompressConfig:
     alpha: float = param(0.0, "weight of the L1 term (mean |w|)", _nonnegative, method=True)
     lambda_: float = param(1.0, "weight of the preservation term", _nonnegative, method=True, flags=["--lambda"])
     preservation_loss: str = param(
-        "task", "the preservation term: task (the task loss on preservation examples), distill (KL to the "
-        "reference model's outputs on them) or none", _one_of(PRESERVATION_LOSSES), method=True)
+        "distill", "the preservation term: distill (KL at temperature 2 to the reference model's outputs on the "
+        "preservation examples; the frontier's best), task (the task loss on them) or none",
+        _one_of(PRESERVATION_LOSSES), method=True)
     # safety: the contract
     max_drop: float | None = param(
         None, "the contract: the model returned is within this much of the reference (the model as compression "

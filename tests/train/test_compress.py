@@ -37,27 +37,30 @@ def _evals(history):
 def test_bits_fall_on_a_model_outside_the_zoo(digits_split, tmp_path):
     (x, y), test = digits_split
     model = _resnet()
-    # 80 steps at these rates leave no time to wait out a dip: roll back (and slow) at the first failed check
-    result = compress(model, (x, y), preserve=0.05, steps=120, warmup_steps=40, gamma=0.3, quant_lr=0.2, lr=3e-3,
-                      k=20, max_drop=0.05, patience=1, eval_data=test, eval_every=40, out_dir=tmp_path, progress=False)
+    # a trained reference (240 plain steps; at 40 it was still learning, at 50% accuracy, and changed too fast for
+    # any check to certify), and a guard of a fifth of the data, large enough to resolve max_drop=0.05
+    result = compress(model, (x, y), preserve=0.05, steps=400, warmup_steps=240, gamma=0.3, quant_lr=0.1, lr=3e-3,
+                      k=20, max_drop=0.05, guard_fraction=0.2, eval_data=test, eval_every=40, out_dir=tmp_path,
+                      progress=False)
     evals = _evals(result.history)
-    print(f"\nbits {evals[0]['bits']:.2f} -> {result.average_bits:.2f}, "
-          f"accuracy {evals[0]['val_accuracy']:.3f} -> {result.scores['val_accuracy']:.3f}, {result.contract}")
+    reference = next(r for r in evals if r["step"] == 240)  # the model as compression started
+    print(f"\nbits {reference['bits']:.2f} -> {result.average_bits:.2f}, "
+          f"accuracy {reference['val_accuracy']:.3f} -> {result.scores['val_accuracy']:.3f}, {result.contract}")
     assert result.model is model
-    assert [r["step"] for r in evals if "returned_step" not in r] == [40, 80, 120]
-    assert evals[0]["bits"] > 7.9  # warm-up leaves the bits
+    assert [r["step"] for r in evals if "returned_step" not in r] == list(range(40, 401, 40))
+    assert reference["bits"] > 7.9  # warm-up leaves the bits
     assert {key: evals[-1][key] for key in result.scores} == result.scores  # the last record: the model returned
-    assert result.average_bits < 6.0 and result.bytes < evals[0]["bytes"]
+    assert result.average_bits < 6.0 and result.bytes < reference["bytes"]
     assert result.scores["val_accuracy"] == evaluate(model, test)["accuracy"] > 0.3  # chance is 0.1
-    assert result.scores["val_accuracy"] >= evals[0]["val_accuracy"] - 0.05  # the contract holds it
+    assert result.scores["val_accuracy"] >= reference["val_accuracy"] - 0.05  # the contract holds it
     checks = [r for r in result.history if r["kind"] == "check"]
-    assert [r["step"] for r in checks] == [60, 80, 100, 120]  # every k steps once compression starts
-    assert len(result.guard) == round(0.1 * len(x)) and not set(result.guard) & set(result.preservation)
+    assert [r["step"] for r in checks] == list(range(260, 401, 20))  # every k steps once compression starts
+    assert len(result.guard) == round(0.2 * len(x)) and not set(result.guard) & set(result.preservation)
     assert len(result.preservation) == round(0.05 * (len(x) - len(result.guard)))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == result.history and result.history[-1]["kind"] in ("final", "eval")
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert saved["model_name"] is None and saved["state"]["step"] == 120 and saved["config"]["gamma"] == 0.3
+    assert saved["model_name"] is None and saved["state"]["step"] == 400 and saved["config"]["gamma"] == 0.3
     assert json.loads((tmp_path / "preservation.json").read_text())["indices"] == result.preservation
 
 

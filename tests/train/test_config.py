@@ -17,7 +17,7 @@ from sgsc.train import CompressConfig, SelfCompression, TrainConfig, compress, l
 
 FIELDS = dataclasses.fields(CompressConfig)
 # a value each field accepts other than its default, and one it refuses
-OTHER = {"gamma": 0.05, "alpha": 0.01, "lambda_": 0.5, "preservation_loss": "distill", "max_drop": 0.02,
+OTHER = {"gamma": 0.05, "alpha": 0.01, "lambda_": 0.5, "preservation_loss": "task", "max_drop": 0.02,
          "confidence": 0.9, "guard_fraction": 0.2, "k": 7, "patience": 3, "restore": False, "prune": False,
          "preservation_method": "random", "preservation_weights": (1.0, 0.0, 2.0), "preservation_batch": 8,
          "steps": 12, "batch_size": 16, "lr": 2e-3, "quant_lr": 0.1, "exponent_lr": 0.02, "lr_schedule": "cosine",

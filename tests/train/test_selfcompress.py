@@ -383,7 +383,7 @@ def test_a_pruner_plugs_in_as_one_argument(trained_resnet):
 def test_penalty_equals_its_formula(trained_resnet):
     model, (px, py) = copy.deepcopy(trained_resnet.model).eval(), trained_resnet.preserve
     comp = SelfCompression(model, (px, py), gamma=0.03, alpha=0.01, lambda_=0.5, k=1000, preservation_batch=16, seed=4,
-                           restore=False)
+                           restore=False, preservation_loss="task")
     optimizer = torch.optim.Adam(comp.param_groups(1e-3))
     for _ in range(7):
         comp.step(optimizer)
@@ -408,7 +408,8 @@ def test_the_preservation_loss_of_a_sequence_model_skips_padding():
     torch.manual_seed(0)
     model = sgsc.quantize_model(TinyLM()).eval()
     x, y = counting_sequences(30)
-    comp = SelfCompression(model, (x, y), gamma=0.0, lambda_=1.0, metric="loss", preservation_batch=8, restore=False)
+    comp = SelfCompression(model, (x, y), gamma=0.0, lambda_=1.0, metric="loss", preservation_batch=8, restore=False,
+                           preservation_loss="task")
     pick = torch.randint(0, 30, (8,), generator=seeded_generator(0, 0, 0, 1))
     logits, targets = model(x[pick]), y[pick]
     valid = targets >= 0
