@@ -1,5 +1,6 @@
-"""Checkpoints from strangers: every damaged or crafted one is refused with one line naming the problem,
-before anything large is built, and nothing in one runs code; a bad training input is named as such."""
+"""Hostile and broken training inputs: every damaged or crafted checkpoint is refused with one line naming
+the problem, before anything large is built, and nothing in one runs code; bad training data is named
+before anything trains; a run whose loss turns NaN stops and keeps its last good checkpoint."""
 
 from __future__ import annotations
 
@@ -125,3 +126,53 @@ def test_device_cuda_without_cuda_is_named():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="device='cuda', but this torch sees no CUDA device"):
         train(TrainConfig(steps=1, model_config=SMALL, device="cuda", progress=False, plots=False))
+
+
+def _resnet_data(digits_split):
+    import sgsc
+    from own_models import TinyResNet
+
+    (x, y), _ = digits_split
+    torch.manual_seed(0)
+    return sgsc.quantize_model(TinyResNet()), x[:200], y[:200]
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    (lambda x, y: (x, torch.where(y == 3, 10, y)), ValueError, "targets run from 0 to 10, but the model scores 10 classes"),
+    (lambda x, y: (x, torch.where(y == 3, -2, y)), ValueError, "targets run from -2 to 9"),
+    (lambda x, y: (x, y.float()), TypeError, "targets are torch.float32; the default loss, cross-entropy"),
+    (lambda x, y: (x.double(), y), TypeError, "train_data: the model cannot run on its inputs \\(torch.float64"),
+    (lambda x, y: (x.long(), y), TypeError, "train_data: the model cannot run on its inputs \\(torch.int64"),
+])
+def test_bad_training_data_is_named_before_anything_trains(digits_split, tmp_path, change, error, message):
+    from sgsc.train import compress
+
+    model, x, y = _resnet_data(digits_split)
+    with pytest.raises(error, match=message):
+        compress(model, change(x, y), steps=2, gamma=0.1, batch_size=16, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(digits_split, tmp_path, capsys):
+    import json
+
+    from sgsc.train import compress
+    from sgsc.train.task import task_loss as cross_entropy
+
+    model, x, y = _resnet_data(digits_split)
+    calls = []
+
+    def diverging(logits, targets):  # the 7th step's loss is NaN, as a run that diverged
+        calls.append(1)
+        loss = cross_entropy(logits, targets)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    with pytest.raises(FloatingPointError, match=r"step 6: the loss is nan \(task nan, size .*\) or a gradient is not "
+                                                 r"finite, on the batch of train_data examples \["):
+        compress(model, (x, y), steps=20, gamma=0.1, batch_size=16, task_loss=diverging, eval_every=2,
+                 checkpoint_every=3, out_dir=tmp_path, progress=False)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["state"]["step"] == 6  # the step-6 checkpoint, written before the step that diverged
+    assert all(torch.isfinite(t).all() for t in saved["model_state"].values() if t.is_floating_point())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 6
