@@ -1,8 +1,10 @@
-"""`sgsc experiment vision|language|resnet|report`: the paper's tables, measured, and RESULTS.md rendered from them.
+"""`sgsc experiment vision|language|resnet|frontier|report`: the paper's tables, measured, and RESULTS.md rendered
+from them.
 
 `vision` is Table I (:mod:`sgsc.experiments.vision`), `language` Table II
 (:mod:`sgsc.experiments.language`), `resnet` the ResNet-20 table (any-model, public API)
-(:mod:`sgsc.experiments.resnet`), `report` renders RESULTS.md from the JSON files they write. The
+(:mod:`sgsc.experiments.resnet`), `frontier` accuracy against bytes over seeds with the contract table
+(:mod:`sgsc.experiments.frontier`), `report` renders RESULTS.md from the JSON files they write. The
 experiments are imported when their command runs.
 """
 
@@ -251,7 +253,7 @@ def _run_frontier(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add `sgsc experiment` with its `vision`, `language`, `resnet` and `report` subcommands."""
+    """Add `sgsc experiment` with its `vision`, `language`, `resnet`, `frontier` and `report` subcommands."""
     parser = subparsers.add_parser("experiment", help="reproduce the paper's tables and render RESULTS.md",
                                    description="Reproduce the paper's tables side by side with the usual "
                                    "alternatives, and render RESULTS.md from the results.")
