@@ -5,7 +5,7 @@
 - :mod:`~sgsc.nn.convert`: ``quantize_model`` for any ``nn.Module``;
 - :mod:`~sgsc.nn.size`: the differentiable size term and the payload report;
 - :mod:`~sgsc.nn.zoo`: the paper's CNN and the character decoder, rebuilt from their configs;
-- :mod:`~sgsc.nn.pruning`: removing zero-bit channels, heads and hidden units.
+- :mod:`~sgsc.nn.graph_pruning`: removing zero-bit channels, heads and hidden units from any model.
 
 Imports only :mod:`sgsc.ops` from the package.
 """

@@ -21,6 +21,9 @@ _ZERO_PRESERVING = {
     "maxpool1dwithindices", "adaptivemaxpool2d", "permute", "transpose", "t", "unsqueeze", "squeeze", "view",
     "unsafeview", "reshapealias", "expand", "slice", "select", "cat", "split", "splitwithsizes", "unbind",
 }
+# Ops that map each channel's value on its own, the same in train and eval mode: a constant channel
+# through them stays a constant a following linear layer can absorb into its bias.
+_POINTWISE = {"relu", "relu6", "hardtanh", "hardswish", "gelu", "silu", "tanh", "leakyrelu", "elu", "neg", "clone"}
 _ADDITIVE = {"add", "sub"}
 _MULTIPLICATIVE = {"mul", "mm", "addmm", "bmm"}  # mm/addmm: a linear layer's product on 3-D inputs
 _STRUCTURAL = (_ops._ReshapeOp, _ops._ConcatOp, _ops._SplitOp, _ops._SliceOp, _ops._ExpandOp, _ops._UnbindOp)
@@ -215,6 +218,32 @@ class _Analysis:
                         for root in removed[idx]:
                             stays.setdefault(root, f"quantization group {g} of {name} also holds channels that stay")
         return stays
+
+    def folds(self, roots: set[int]) -> dict[nn.Module, list[int]]:
+        """Where the removed channels' constants can go instead of being silenced: the linear layers
+        reading them (layer -> input columns), when every root's set is zero-bit linear rows with a bias,
+        pointwise ops and linear readers with a bias. A constant cannot be folded into a padded conv
+        (it differs at the border) nor through BatchNorm (train and eval differ), so those sets are
+        silenced. Empty when any root's set is not of that form."""
+        readers: dict[nn.Module, set[int]] = defaultdict(set)
+        for root in roots:
+            for node, member in self.members[root].items():
+                module = node.module
+                if member.into and isinstance(module, nn.Linear) and module.bias is not None:
+                    readers[module].update(member.into)
+                elif member.into:
+                    return {}
+                elif self._is_layer(module):
+                    if not isinstance(module, nn.Linear) or module.bias is None:
+                        return {}
+                elif not (self.param_only(node) or isinstance(module, _STRUCTURAL) or self._pointwise(node)):
+                    return {}
+        return {module: sorted(columns) for module, columns in readers.items()}
+
+    def _pointwise(self, node) -> bool:
+        """A pointwise op of one activation, or a linear layer's product with its (parameter-only) weight."""
+        op = _op_name(node) if isinstance(node.module, _ops._ElementWiseOp) else None
+        return op in _POINTWISE | {"mm", "addmm"} and len(self._activations(node)) == 1
 
     def silenced(self, roots: set[int]) -> list[tuple[nn.Module, list[int]]]:
         """What silencing zeroes for these roots: zero-bit producers' bias rows, BatchNorm entries."""

@@ -1,7 +1,6 @@
 """Physical removal of zero-bit units in any architecture, on torch-pruning's dependency graph.
 
-:mod:`sgsc.nn.pruning` knows the zoo's two models by heart. This module handles a user's own
-model: it traces ``model(*example_inputs)`` with ``torch_pruning.DependencyGraph`` (install
+Every model is pruned here, the zoo's two included: it traces ``model(*example_inputs)`` with ``torch_pruning.DependencyGraph`` (install
 ``sgsc[train]``), which couples every output channel to everything that must shrink with it (BatchNorm
 entries, the next layer's input channels, residual additions, concatenations, depthwise convolutions,
 flatten into a linear layer), and removes a coupled set only when removing it is **exact**.
@@ -21,26 +20,30 @@ Sets that reach the model's output, an embedding's columns, a LayerNorm, a group
 module sgsc has no pruner for also stay. Every zero-bit unit that stays is listed in the report
 with the reason.
 
-**Silencing.** A zero-bit row outputs its bias, and BatchNorm turns that into a shift; a constant
-cannot be folded into a following padded conv (it differs at the border), so, as in
-:mod:`sgsc.nn.pruning`, the removed channels are first *silenced*: the zero-bit producers' bias
-entries and the coupled BatchNorm ``weight``/``bias`` entries (``running_mean`` without an affine
-weight) are set to zero. The pruned model then
-computes exactly what that silenced masked model computes, in train and eval mode. With
-``silence=False`` nothing is zeroed and only sets whose constants are already zero go.
+**Folding and silencing.** A zero-bit row outputs its bias. When every reader of the removed
+channels is a linear layer with a bias, reached through pointwise ops only (an MLP's hidden unit:
+``Linear -> GELU -> Linear``), that constant is folded into the readers' biases (read off one forward
+pass), and the pruned model computes what the masked model computes, up to float rounding. Otherwise
+(BatchNorm turns the bias into a shift that differs between train and eval mode; a constant cannot be
+folded into a following padded conv, as it differs at the border) the removed channels are first
+*silenced*: the zero-bit producers' bias entries and the coupled BatchNorm ``weight``/``bias`` entries
+(``running_mean`` without an affine weight) are set to zero, and the pruned model computes exactly
+what that silenced masked model computes, in train and eval mode: a deliberate change of function (a
+constant the size term does not pay for), which the run's next safety check sees. With
+``silence=False`` nothing is zeroed or folded and only sets whose constants are already zero go.
 
 **Quantization groups.** A layer with fewer groups than channels loses a group only whole: if one
 channel of a group must stay, the group's other channels stay too. A layer never loses its last
 channel (one is kept, masked).
 
-**Attention heads.** A ``QCausalSelfAttention`` head whose ``v_proj`` group is zero-bit is removed as
-the zoo pruner does (its constant value folded into ``out_proj.bias``). ``QMultiheadAttention``'s
+**Attention heads.** A ``QCausalSelfAttention`` head whose ``v_proj`` group is zero-bit is removed (its
+constant value folded into ``out_proj.bias``). ``QMultiheadAttention``'s
 heads must tile ``embed_dim`` (``F.multi_head_attention_forward``), so its zero-bit heads are
 reported and kept. Embedding rows (tokens) are never removed.
 
 Every cut Parameter is replaced by a smaller one; given the optimizer, its param groups get the new
 Parameter and its per-parameter state (Adam's moments) is cut the same way
-(:func:`sgsc.nn.pruning` ``shrink_parameter``). Anything else holding the old Parameters must be rebuilt.
+(:func:`sgsc.nn.surgery.shrink_parameter`). Anything else holding the old Parameters must be rebuilt.
 Everything is decided before the model is touched: an error leaves it as it was.
 
 The torch-pruning adapters (sgsc's pruners, the graph, the trace) are in :mod:`sgsc.nn.graph_trace`, the
@@ -66,7 +69,7 @@ from sgsc.nn.graph_trace import (
     _Trace,
 )
 from sgsc.nn.layers import QUANTIZED_TYPES, QCausalSelfAttention, QEmbedding, QMultiheadAttention, quantized_layers
-from sgsc.nn.pruning import fold_into_bias, freeze_empty_layers
+from sgsc.nn.surgery import fold_into_bias, freeze_empty_layers
 
 __all__ = ["KeptUnits", "LayerChange", "PruneReport", "UntraceableModel", "prune_zero_bit_units"]
 
@@ -147,6 +150,7 @@ class _Plan:
     root: nn.Module
     channels: list[int]
     silence: list[tuple[nn.Module, list[int]]]
+    folds: dict[nn.Module, list[int]]
 
 
 def _plan_graph(trace: _Trace, model: nn.Module, silence: bool, kept: list[KeptUnits]) -> list[_Plan]:
@@ -169,7 +173,8 @@ def _plan_graph(trace: _Trace, model: nn.Module, silence: bool, kept: list[KeptU
             for layer, kind, idxs in analysis.zero_bit_units(r):
                 kept.append(KeptUnits(trace.names[layer], kind, idxs, reasons[r]))
         if removable:
-            plans.append(_Plan(root, sorted(removable), analysis.silenced(removable) if silence else []))
+            plans.append(_Plan(root, sorted(removable), analysis.silenced(removable) if silence else [],
+                               analysis.folds(removable) if silence else {}))
     return plans
 
 
@@ -181,7 +186,7 @@ def _merged(kept: list[KeptUnits]) -> list[KeptUnits]:
 
 
 def _plan_heads(model: nn.Module, trace: _Trace, kept: list[KeptUnits]) -> list[tuple[QCausalSelfAttention, list[int]]]:
-    """Heads to remove (a zero-bit v group, as the zoo pruner decides) and heads that stay."""
+    """Heads to remove (a zero-bit v group) and heads that stay."""
     plans, names, dead = [], trace.names, trace.dead
     for module in model.modules():
         if isinstance(module, QMultiheadAttention):
@@ -205,8 +210,8 @@ def _plan_heads(model: nn.Module, trace: _Trace, kept: list[KeptUnits]) -> list[
 
 
 def _prune_heads(attn: QCausalSelfAttention, heads: list[int], pruner: _LinearPruner) -> list[int]:
-    """As :mod:`sgsc.nn.pruning` does for the CharDecoder: fold the heads' constant values into
-    ``out_proj.bias``, then cut their q/k/v rows (with their groups) and ``out_proj`` columns."""
+    """Fold the heads' constant values into ``out_proj.bias``, then cut their q/k/v rows (with their
+    groups) and ``out_proj`` columns."""
     hd = attn.head_dim
     drop = [h * hd + j for h in heads for j in range(hd)]
     if attn.v_proj.bias is not None:
@@ -217,6 +222,39 @@ def _prune_heads(attn: QCausalSelfAttention, heads: list[int], pruner: _LinearPr
     pruner.prune_in_channels(attn.out_proj, drop)
     attn.n_heads -= len(heads)
     return drop
+
+
+@torch.no_grad()
+def _fold_constants(model: nn.Module, example_inputs, readers: dict[nn.Module, list[int]]) -> None:
+    """Add what each reader's removed input columns contribute into its bias, so removing them is exact
+    (as the zoo's MLP fold was), instead of silencing their producers.
+
+    The columns' values are read off one forward pass: a zero-bit row outputs its bias, which pointwise
+    ops keep constant over every position. Columns that are not constant there are left to silencing.
+    """
+    if not readers:
+        return
+    seen: dict[nn.Module, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args: seen.setdefault(layer, args[0].detach()))
+             for layer in readers]
+    try:
+        _call(model, example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer, columns in readers.items():
+        values = seen[layer].reshape(-1, seen[layer].shape[-1])[:, columns]
+        if values.shape[0] and bool((values == values[0]).all()):
+            fold_into_bias(layer, torch.tensor(columns, dtype=torch.long), values[0])
+
+
+def _call(model: nn.Module, example_inputs) -> None:
+    if isinstance(example_inputs, Mapping):
+        model(**example_inputs)
+    elif isinstance(example_inputs, torch.Tensor):
+        model(example_inputs)
+    else:
+        model(*example_inputs)
 
 
 @torch.no_grad()
@@ -252,7 +290,8 @@ def prune_zero_bit_units(
     zeroed first, and the pruned model equals that silenced masked model in train and eval mode.
     ``only`` (layer name -> group indices) limits the zero-bit groups to those listed; the others
     count as live (a safety check prunes only what was zero-bit at two checks in a row).
-    Returns a :class:`PruneReport` of what went and which zero-bit units stay, with the reason; see
+    A model that records its own widths (the zoo's configs) defines ``sync_config()``, called after the
+    cut. Returns a :class:`PruneReport` of what went and which zero-bit units stay, with the reason; see
     the module docstring for the rules. Raises :class:`UntraceableModel` (a ``ValueError``), leaving
     the model as it was, when torch-pruning cannot trace it.
     """
@@ -275,6 +314,7 @@ def prune_zero_bit_units(
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             removed[names[proj]]["output channels"] = channels
         removed[names[attn.out_proj]]["input channels"] = channels
+    _fold_constants(model, example_inputs, {layer: cols for plan in graph_plans for layer, cols in plan.folds.items()})
     for plan in graph_plans:  # silence everything first: the plans' indices refer to the unpruned model
         _silence(plan.silence)
     for plan in graph_plans:
@@ -287,6 +327,8 @@ def prune_zero_bit_units(
                 removed[names[module]][kind] = sorted(item.idxs)
         group.prune(record_history=False)
     freeze_empty_layers(model)
+    if callable(getattr(model, "sync_config", None)):  # a model that records its own widths (the zoo's)
+        model.sync_config()
     after = _own_parameters(model)
 
     changes = [LayerChange(name, removed.get(name, {}), before[name], after.get(name, 0),

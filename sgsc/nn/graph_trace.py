@@ -12,7 +12,7 @@ from torch import nn
 
 from sgsc._deps import require
 from sgsc.nn.layers import QUANTIZED_TYPES, QCausalSelfAttention, QMultiheadAttention, quantized_layers
-from sgsc.nn.pruning import keep_index, shrink_parameter
+from sgsc.nn.surgery import keep_index, shrink_parameter
 
 tp = require("torch_pruning", "train")
 _ops = tp.ops

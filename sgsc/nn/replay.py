@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sgsc.nn.layers import QUANTIZED_TYPES, QCausalSelfAttention
-from sgsc.nn.pruning import shrink_parameter
+from sgsc.nn.surgery import shrink_parameter
 
 BATCHNORM_ENTRIES = ("weight", "bias", "running_mean", "running_var")
 

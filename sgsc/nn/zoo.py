@@ -105,6 +105,11 @@ class PaperCNN(nn.Module):
         by_channel = {"quant_groups": config.channels[-1], "group_by": "input"} if config.head_groups == "channel" else {}
         self.head = QLinear(features, config.num_classes, init_bits=init_bits, rounding=config.rounding, **by_channel)
 
+    def sync_config(self) -> None:
+        """Make ``config.channels`` the blocks' widths again after a physical pruning cut them, so
+        :func:`build_model` rebuilds the pruned architecture."""
+        self.config.channels = [block[0].out_channels for block in self.blocks]
+
     @property
     def attribution_layer(self) -> nn.Module:
         """The last conv block's ReLU: Grad-CAM's rectified feature maps, before pooling."""
@@ -210,6 +215,12 @@ class CharDecoder(nn.Module):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
         for _, layer in quantized_layers(self):
             layer.reset_quantizer(init_bits)
+
+    def sync_config(self) -> None:
+        """Make ``config.n_heads`` and ``config.mlp_hidden`` the blocks' widths again after a physical
+        pruning cut them, so :func:`build_model` rebuilds the pruned architecture."""
+        self.config.n_heads = [block.attn.n_heads for block in self.blocks]
+        self.config.mlp_hidden = [block.mlp[0].out_features for block in self.blocks]
 
     @property
     def attribution_layer(self) -> nn.Module:

@@ -23,7 +23,7 @@ from torch import nn
 from sgsc._io import atomic_write
 from sgsc.export.architecture import ArchitectureTooLarge, rebuild_on_meta
 from sgsc.export.validate import build_budget
-from sgsc.nn.pruning import freeze_empty_layers
+from sgsc.nn.surgery import freeze_empty_layers
 from sgsc.nn.zoo import build_model, model_name
 from sgsc.ops import native
 from sgsc.train.config import RESUMABLE_CHANGES, TrainConfig

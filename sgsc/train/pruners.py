@@ -1,10 +1,10 @@
-"""Physical removal of zero-bit units during a run: the zoo's pruner, and torch-pruning's for any model.
+"""Physical removal of zero-bit units during a run, for every model the same way.
 
-A :class:`Pruner` is the two calls a safety check makes: which units are dead, and remove them. The
-zoo's two models use :mod:`sgsc.nn.pruning`; any other model :func:`graph_pruner` (torch-pruning's
-dependency graph, :func:`sgsc.nn.graph_pruning.prune_zero_bit_units`), which reports the zero-bit groups
-it had to keep. Without torch-pruning (``sgsc[train]`` not installed) there is no pruner and zero-bit
-groups stay masked: they compute exact zeros and cost no bits.
+A :class:`Pruner` is the two calls a safety check makes: which units are dead, and remove them.
+:func:`graph_pruner` removes them on torch-pruning's dependency graph
+(:func:`sgsc.nn.graph_pruning.prune_zero_bit_units`), the zoo's models included, and reports the
+zero-bit groups it had to keep. Without torch-pruning (``sgsc[train]`` not installed) there is no
+pruner and zero-bit groups stay masked: they compute exact zeros and cost no bits.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from sgsc.nn import pruning, quantized_layers
-from sgsc.nn.pruning import Units
+from sgsc.nn import quantized_layers
 
+# Units to remove: layer name -> sorted zero-bit group indices. Plain lists of ints, so rank 0 can broadcast them.
+Units = dict[str, list[int]]
 Snapshot = dict[str, torch.Tensor]  # layer name -> its bits at the last check that passed (CPU, float32)
 
 
@@ -35,9 +36,6 @@ class Pruner:
 
     dead_units: Callable[..., Units]
     prune: Callable[..., Units]
-
-
-ZOO_PRUNER = Pruner(pruning.dead_units, pruning.prune)
 
 
 def graph_pruner(example_inputs: Callable[[], Any]) -> Pruner:
@@ -68,15 +66,15 @@ def graph_pruner(example_inputs: Callable[[], Any]) -> Pruner:
     return Pruner(zero_bit_groups, prune)
 
 
-def default_pruner(model: nn.Module, example_inputs: Callable[[], Any] | None = None) -> Pruner | None:
-    """:mod:`sgsc.nn.pruning` for the zoo's PaperCNN and CharDecoder, :func:`graph_pruner` on
-    ``example_inputs`` for any other model, or None when torch-pruning (``sgsc[train]``) is not installed."""
-    if pruning.supports(model):
-        return ZOO_PRUNER
-    if example_inputs is None:
-        raise TypeError(f"default_pruner: {type(model).__name__} is not a zoo model, so example_inputs (a callable "
-                        "returning the inputs to trace it with) is needed")
+def default_pruner(example_inputs: Callable[[], Any]) -> Pruner | None:
+    """:func:`graph_pruner` on ``example_inputs``, or None when torch-pruning (``sgsc[train]``) is not installed."""
     return graph_pruner(example_inputs) if importlib.util.find_spec("torch_pruning") is not None else None
+
+
+def common_units(a: Units, b: Units) -> Units:
+    """Units present in both ``a`` and ``b`` (dead now and dead at an earlier check, say)."""
+    both = {key: sorted(set(a[key]) & set(b.get(key, ()))) for key in a}
+    return {key: value for key, value in both.items() if value}
 
 
 def zero_bit_groups(model: nn.Module, bits: Snapshot | None = None) -> dict[str, list[int]]:

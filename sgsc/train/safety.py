@@ -35,9 +35,8 @@ import torch
 from torch import nn
 
 from sgsc.nn import quantized_layers, storage_bits
-from sgsc.nn.pruning import Units, common_units
 from sgsc.train.guard import Check, Outcomes, compare
-from sgsc.train.pruners import Pruner, Snapshot, zero_bit_groups
+from sgsc.train.pruners import Pruner, Snapshot, Units, common_units, zero_bit_groups
 
 
 @dataclass

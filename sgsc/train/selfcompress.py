@@ -100,8 +100,8 @@ class SelfCompression:
     per-example ``task_loss``: by default cross-entropy over the last dimension with targets of -1
     unscored) or ``metric(model, data) -> float`` with ``higher_is_better`` given (compared as one
     number, without a paired bound). Zero-bit units are removed by ``pruner``: by default
-    :mod:`sgsc.nn.pruning` for the zoo's models and :func:`~sgsc.train.pruners.graph_pruner` for any
-    other, which traces the model on ``example_inputs`` (default: the inputs of its latest forward
+    :func:`~sgsc.train.pruners.graph_pruner`, the zoo's models included, which traces the model on
+    ``example_inputs`` (default: the inputs of its latest forward
     with autograd on, i.e. a training step's). Use it as a context manager, or call :meth:`close`,
     to remove the hook that records those inputs.
     """
@@ -135,7 +135,7 @@ class SelfCompression:
         self._traced = None
         if pruner is None and self.config.prune:
             self._traced = TracedInputs(model, example_inputs)
-            pruner = default_pruner(model, self._traced)
+            pruner = default_pruner(self._traced)
         self.policy = Policy(max_drop, self.config.confidence, self.config.patience, self.config.restore,
                              self.config.prune, higher, pruner)
         self.terms: dict[str, torch.Tensor] = {}

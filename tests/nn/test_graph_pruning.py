@@ -20,8 +20,7 @@ pytest.importorskip("torch_pruning")
 import sgsc  # noqa: E402
 from sgsc.nn import QCausalSelfAttention  # noqa: E402
 from sgsc.nn.graph_pruning import prune_zero_bit_units  # noqa: E402
-from sgsc.nn.pruning import prune  # noqa: E402
-from sgsc.nn.zoo import PaperCNNConfig, build_model  # noqa: E402
+from sgsc.nn.zoo import PaperCNNConfig, build_model, model_name  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -332,7 +331,7 @@ def _tokens(n=3, t=8):
     return torch.randint(0, 13, (n, t), generator=torch.Generator().manual_seed(2))
 
 
-def test_transformer_mlp_units_go_residual_rows_and_mha_heads_stay():
+def test_transformer_mlp_units_go_with_their_constant_folded_residual_rows_and_mha_heads_stay():
     model = _quantized(TinyLM())
     idx = _tokens()
     mlp = model.blocks[0].mlp
@@ -340,11 +339,10 @@ def test_transformer_mlp_units_go_residual_rows_and_mha_heads_stay():
     _zero_bits(mlp[2], [2])                          # a residual-stream row: LayerNorms read it
     _zero_bits(model.blocks[1].attn.in_proj, [9])    # head 1's v group (3 * 4 groups: q, k, v)
     reference = copy.deepcopy(model)
-    _silence(reference.blocks[0].mlp[0], [0, 5, 6])
     before = _n_params(model)
     optimizer = _adam(model, idx)
-    reference.load_state_dict(model.state_dict())
-    _silence(reference.blocks[0].mlp[0], [0, 5, 6])
+    reference.load_state_dict(model.state_dict())  # the masked model: the units' GELU(bias) is folded, not silenced
+    assert reference.blocks[0].mlp[0].bias[[0, 5, 6]].abs().min() > 0
 
     report = prune_zero_bit_units(model, idx, optimizer)
 
@@ -375,22 +373,23 @@ def test_causal_attention_heads_go_with_their_constant_folded():
 
 
 @pytest.mark.parametrize("head_groups", ["output", "channel"])
-def test_paper_cnn_agrees_with_the_zoo_pruner(head_groups):
+def test_paper_cnn_config_follows_the_cut_and_rebuilds_it(head_groups):
     config = dataclasses.asdict(PaperCNNConfig(image_size=8, channels=[6, 5], head_groups=head_groups))
     torch.manual_seed(0)
-    ours = _quantized(build_model("paper_cnn", config))
-    _zero_bits(ours.blocks[0][0], [1, 4])
-    _zero_bits(ours.blocks[1][0], [0, 2, 3])
+    model = _quantized(build_model("paper_cnn", config))
+    _zero_bits(model.blocks[0][0], [1, 4])
+    _zero_bits(model.blocks[1][0], [0, 2, 3])
     if head_groups == "channel":
-        _zero_bits(ours.head, [4])
-    zoo = copy.deepcopy(ours)
+        _zero_bits(model.head, [4])  # the head ignores last-block channel 4, whatever its conv bits
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    units = prune(zoo)
-    report = prune_zero_bit_units(ours, x)
+    report = prune_zero_bit_units(model, x)
     removed = {c.layer: c.removed["output channels"] for c in report.changes if c.layer.endswith(".0")}
-    assert removed == {f"{key}.0": channels for key, channels in units.items()}
-    assert [b[0].out_channels for b in ours.blocks] == zoo.config.channels
-    _assert_same_outputs(ours, zoo, x)
+    last = [0, 2, 3, 4] if head_groups == "channel" else [0, 2, 3]
+    assert removed == {"blocks.0.0": [1, 4], "blocks.1.0": last}
+    assert model.config.channels == [4, 5 - len(last)]
+    rebuilt = build_model(model_name(model), dataclasses.asdict(model.config))
+    rebuilt.load_state_dict(model.state_dict())
+    _assert_same_outputs(rebuilt, model, x)
 
 
 def test_every_channel_zero_keeps_the_layers_last_one():

@@ -1,4 +1,6 @@
-"""Physical pruning: the pruned model computes what the masked model computes, and is smaller."""
+"""Physical pruning of the zoo's models, through the one pruner every model uses: the pruned model
+computes what the masked model computes (with the conv channels' constants silenced), is smaller,
+and its config rebuilds it."""
 
 from __future__ import annotations
 
@@ -8,11 +10,39 @@ import dataclasses
 import pytest
 import torch
 
-from sgsc.nn import average_bits, quantized_layers
-from sgsc.nn.pruning import common_units, dead_units, prune, silence_channels
-from sgsc.nn.zoo import CharDecoderConfig, PaperCNNConfig, build_model, model_name
+pytest.importorskip("torch_pruning")
+
+from sgsc.nn import average_bits, quantized_layers  # noqa: E402
+from sgsc.nn.graph_pruning import prune_zero_bit_units  # noqa: E402
+from sgsc.nn.zoo import CharDecoderConfig, PaperCNNConfig, build_model, model_name  # noqa: E402
+from sgsc.train.pruners import common_units, zero_bit_groups  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@torch.no_grad()
+def silence_channels(model, units) -> None:
+    """The masked model pruning reproduces: zero-bit conv channels' bias and BN gamma/beta set to 0."""
+    for key, channels in units.items():
+        conv, bn = model.blocks[int(key.split(".")[1])][:2]
+        for param in (conv.bias, bn.weight, bn.bias):
+            if param is not None:
+                param[channels] = 0
+
+
+def prune(model, optimizer=None):
+    """Prune the zoo model on inputs of its own kind; the units removed, as ``blocks.<i>`` -> channels
+    for the CNN, ``blocks.<i>.attn`` -> heads and ``blocks.<i>.mlp`` -> hidden units for the decoder."""
+    x = _images() if hasattr(model.config, "channels") else _tokens()
+    report = prune_zero_bit_units(model, x, optimizer)
+    units = {}
+    for change in report.changes:
+        if change.layer.endswith(".attn") and "heads" in change.removed:
+            units[change.layer] = change.removed["heads"]
+        elif change.layer.endswith(".mlp.0") or (change.layer.startswith("blocks.") and change.layer.endswith(".0")
+                                                  and change.layer.count(".") == 2):
+            units[change.layer.rsplit(".", 1)[0]] = change.removed["output channels"]
+    return units
 
 
 def _cnn(channels=(6, 5), head_groups="output") -> torch.nn.Module:
@@ -63,8 +93,8 @@ def test_zero_bit_conv_channel_still_leaks_bn_shift_until_silenced():
         model.blocks[0][1].bias[2] = 0.7
         leaked = model.blocks[0](_images())[:, 2]
         assert torch.allclose(leaked, torch.full_like(leaked, 0.7), atol=1e-4)
-        assert dead_units(model) == {"blocks.0": [2]}
-        silence_channels(model, dead_units(model))
+        assert zero_bit_groups(model) == {"blocks.0.0": [2]}
+        silence_channels(model, {"blocks.0": [2]})
         for mode in (True, False):
             assert torch.equal(model.train(mode).blocks[0](_images())[:, 2], torch.zeros_like(leaked))
 
@@ -76,7 +106,7 @@ def test_pruned_cnn_equals_silenced_masked_cnn_and_rebuilds_from_config(train_mo
     _set_bits(model.blocks[1][0], [0, 2, 3])
     x = _images()
     masked = copy.deepcopy(model)
-    silence_channels(masked, dead_units(masked))
+    silence_channels(masked, {"blocks.0": [1, 4], "blocks.1": [0, 2, 3]})
     with torch.no_grad():
         expected = masked(x)
         removed = prune(model)
@@ -86,7 +116,7 @@ def test_pruned_cnn_equals_silenced_masked_cnn_and_rebuilds_from_config(train_mo
     assert model.blocks[0][0].weight.shape == (4, 1, 3, 3) and model.blocks[1][0].weight.shape == (2, 4, 3, 3)
     assert model.blocks[1][1].running_mean.shape == (2,) and model.head.weight.shape == (10, 2 * 2 * 2)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
-    assert dead_units(model) == {}
+    assert zero_bit_groups(model) == {}
     rebuilt = build_model(model_name(model), dataclasses.asdict(model.config)).train(train_mode)
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -104,7 +134,7 @@ def test_zero_bit_head_group_removes_its_channel_exactly(train_mode):
     silence_channels(masked, {"blocks.1": [0]})  # the only channel whose removal changes the output
     with torch.no_grad():
         expected = masked(x)
-        assert dead_units(model) == {"blocks.1": [0, 1, 3]}
+        assert zero_bit_groups(model) == {"blocks.1.0": [0], "head": [1, 3]}
         removed = prune(model)
         got = model(x)
     assert removed == {"blocks.1": [0, 1, 3]} and model.config.channels == [6, 2]
@@ -121,7 +151,7 @@ def test_head_group_dead_in_a_snapshot_only_is_not_pruned():
     _set_bits(model.head, [2, 4])
     snapshot = {name: layer.bits.detach().clone() for name, layer in quantized_layers(model)}
     _set_bits(model.head, [2], 1.5)  # restored since the snapshot
-    assert common_units(dead_units(model), dead_units(model, snapshot)) == {"blocks.1": [4]}
+    assert common_units(zero_bit_groups(model), zero_bit_groups(model, snapshot)) == {"head": [4]}
 
 
 def test_cnn_block_keeps_one_channel_when_all_bits_are_zero():
@@ -138,9 +168,9 @@ def test_units_dead_in_a_snapshot_and_now_are_their_intersection():
     snapshot = {name: layer.bits.detach().clone() for name, layer in quantized_layers(model)}
     _set_bits(model.blocks[0].attn.v_proj, [0], 3.0)  # restored since the snapshot
     _set_bits(model.blocks[1].mlp[0], [4])  # newly dead
-    assert dead_units(model, snapshot) == {"blocks.0.attn": [0, 2]}
-    assert dead_units(model) == {"blocks.0.attn": [2], "blocks.1.mlp": [4]}
-    assert common_units(dead_units(model), dead_units(model, snapshot)) == {"blocks.0.attn": [2]}
+    assert zero_bit_groups(model, snapshot) == {"blocks.0.attn.v_proj": [0, 2]}
+    assert zero_bit_groups(model) == {"blocks.0.attn.v_proj": [2], "blocks.1.mlp.0": [4]}
+    assert common_units(zero_bit_groups(model), zero_bit_groups(model, snapshot)) == {"blocks.0.attn.v_proj": [2]}
 
 
 def test_pruned_decoder_heads_and_hidden_units_fold_their_constants_exactly():
@@ -186,7 +216,8 @@ def test_decoder_block_can_lose_every_head_and_unit_and_still_trains():
     with torch.no_grad():
         expected = model(x)
     prune(model)
-    assert model.config.n_heads == [4, 0] and model.config.mlp_hidden == [12, 0]
+    # every head goes; a linear layer keeps its last unit, masked (zero bits, exact zeros)
+    assert model.config.n_heads == [4, 0] and model.config.mlp_hidden == [12, 1]
     got = model(x)
     assert torch.allclose(got, expected, atol=1e-5)
     got.sum().backward()  # the emptied layers are frozen, everything else still learns
@@ -220,10 +251,11 @@ def test_optimizer_state_is_cut_with_the_parameters():
     optimizer.step()  # shapes of params, grads and state agree
 
 
-def test_bad_arguments():
-    with pytest.raises(TypeError, match="PaperCNN and CharDecoder"):
-        prune(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="not a prunable unit"):
-        prune(_cnn(), units={"head": [0]})
-    with pytest.raises(ValueError, match="still have bits"):
-        prune(_cnn(), units={"blocks.0": [1]})
+def test_only_limits_the_groups_and_names_a_bad_layer():
+    model = _cnn().eval()
+    _set_bits(model.blocks[0][0], [1, 4])
+    report = prune_zero_bit_units(model, _images(), only={"blocks.0.0": [4]})
+    assert [c.removed.get("output channels") for c in report.changes if c.layer == "blocks.0.0"] == [[4]]
+    assert model.config.channels == [5, 5]
+    with pytest.raises(ValueError, match="not a quantized layer"):
+        prune_zero_bit_units(_cnn(), _images(), only={"blocks.0": [1]})

@@ -42,7 +42,7 @@ def test_two_processes_agree_on_weights_bits_and_pruning(tmp_path, free_port):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["channels"] == ranks[1]["channels"] == [6, 13]
     assert ranks[0]["checks"] == ranks[1]["checks"]  # rank 0's decisions, taken by both
-    assert ranks[0]["checks"][0]["pruned"] == {"blocks.0": [2, 6], "blocks.1": [1, 4, 9]}
+    assert ranks[0]["checks"][0]["pruned"] == {"blocks.0.0": [2, 6], "blocks.1.0": [1, 4, 9]}
     params = {name for name, _ in build_model("paper_cnn", {"image_size": 8, "channels": [6, 13]}).named_parameters()}
     for name in params:  # parameters, not BN running stats: those see each rank's own batches
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name

@@ -316,7 +316,7 @@ def test_a_model_torch_pruning_cannot_trace_is_warned_about_once_and_trains_on_m
 def test_without_torch_pruning_zero_bit_groups_stay_masked_and_are_reported_once(trained_resnet, monkeypatch):
     import sgsc.train.selfcompress as selfcompress
 
-    monkeypatch.setattr(selfcompress, "default_pruner", lambda model, example_inputs: None)
+    monkeypatch.setattr(selfcompress, "default_pruner", lambda example_inputs: None)
     model, preserve = copy.deepcopy(trained_resnet.model), trained_resnet.preserve
     comp = SelfCompression(model, preserve, gamma=0.03, k=1, restore=False)
     optimizer = torch.optim.Adam(comp.param_groups(1e-3))
@@ -342,7 +342,7 @@ def test_a_zoo_model_is_pruned_physically_with_the_optimizer_state_cut(digits_sp
         model.blocks[1][0].bits[[2, 5]] = 0
     comp = SelfCompression(model, (x8[:50], y[:50]), gamma=0.01, k=2, restore=False)
     optimizer = _train(model, comp, x8, y, 2)
-    assert comp.history[0]["pruned"] == {"blocks.0": [1], "blocks.1": [2, 5]}
+    assert comp.history[0]["pruned"] == {"blocks.0.0": [1], "blocks.1.0": [2, 5]}
     assert model.config.channels == [3, 6] and model.blocks[1][0].weight.shape == (6, 3, 3, 3)
     held = [p for group in optimizer.param_groups for p in group["params"]]
     assert {id(p) for p in held} == {id(p) for p in model.parameters()}

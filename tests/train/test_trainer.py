@@ -154,7 +154,7 @@ def test_zero_bit_groups_are_removed_and_the_model_keeps_training():
         model.blocks[1][0].bits[[0, 2, 3]] = 0
     result = train(config, model=model)
     pruned = [r["pruned"] for r in result.history if r["kind"] == "check" and r.get("pruned")]
-    assert pruned and pruned[0] == {"blocks.0": [1, 5], "blocks.1": [0, 2, 3]}
+    assert pruned and pruned[0] == {"blocks.0.0": [1, 5], "blocks.1.0": [0, 2, 3]}
     assert result.model is model and model.config.channels[0] <= 6 and model.config.channels[1] <= 13
     assert model.blocks[0][0].weight.shape[0] == model.config.channels[0]
 
@@ -166,7 +166,7 @@ def test_channel_grouped_head_prunes_unread_channels_in_the_loop_and_exports_exa
         model.head.bits[[2, 7, 11]] = 0  # the head stops reading these channels; their conv keeps its bits
     result = train(_quick(steps=30), model=model)
     pruned = [r["pruned"] for r in result.history if r["kind"] == "check" and r.get("pruned")]
-    assert pruned and set(pruned[0]["blocks.1"]) >= {2, 7, 11}
+    assert pruned and set(pruned[0]["head"]) >= {2, 7, 11}
     assert model.config.channels[1] <= 13 and model.head.bits.numel() == model.config.channels[1]
     path = tmp_path / "channel-head.sgsc"
     export.save_packed(model.eval(), path)
