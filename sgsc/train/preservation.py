@@ -72,7 +72,6 @@ __all__ = [
     "Scores",
     "Selection",
     "build",
-    "build_selection",
     "check_fraction",
     "compute_scores",
     "diversity_ranking",
@@ -229,30 +228,6 @@ def select(
     return Selection(indices=indices, by_criterion=chosen, dataset_size=n)
 
 
-def build_selection(
-    model: nn.Module,
-    dataset: Dataset | Sequence[torch.Tensor],
-    fraction: float = 0.1,
-    weights: Sequence[float] | Mapping[str, float] = (1, 1, 1),
-    *,
-    seed: int = 0,
-    batch_size: int = 256,
-    uncertainty: str = "margin",
-    attribution_layer: nn.Module | None = None,
-    embedding_layer: nn.Module | None = None,
-    task_loss=None,
-) -> Selection:
-    """:func:`build`, also telling which criterion chose each example."""
-    check_fraction(fraction)
-    shares = normalize_weights(weights)
-    needed = [name for name in CRITERIA if shares[name] > 0]
-    scores = compute_scores(
-        model, dataset, criteria=needed, batch_size=batch_size, uncertainty=uncertainty,
-        attribution_layer=attribution_layer, embedding_layer=embedding_layer, task_loss=task_loss,
-    )
-    return select(scores, fraction, weights, seed=seed)
-
-
 def build(
     model: nn.Module,
     dataset: Dataset | Sequence[torch.Tensor],
@@ -283,18 +258,14 @@ def build(
     if method == "random":
         n = len(_as_dataset(dataset))
         return random_subset(n, set_size(fraction, n), seed=seed)
-    return build_selection(
-        model,
-        dataset,
-        fraction,
-        weights,
-        seed=seed,
-        batch_size=batch_size,
-        uncertainty=uncertainty,
-        attribution_layer=attribution_layer,
-        embedding_layer=embedding_layer,
+    check_fraction(fraction)
+    shares = normalize_weights(weights)
+    scores = compute_scores(
+        model, dataset, criteria=[name for name in CRITERIA if shares[name] > 0], batch_size=batch_size,
+        uncertainty=uncertainty, attribution_layer=attribution_layer, embedding_layer=embedding_layer,
         task_loss=task_loss,
-    ).indices
+    )
+    return select(scores, fraction, weights, seed=seed).indices
 
 
 def random_subset(n: int, size: int, seed: int = 0) -> torch.Tensor:
