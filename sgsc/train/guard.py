@@ -20,6 +20,14 @@ A state **passes** when its upper bound is at most ``max_drop`` (the contract ho
 confidence), **fails** when its lower bound exceeds ``max_drop`` (harm beyond doubt), and is
 **uncertain** otherwise: noise neither triggers a rollback nor lets a state through. A custom metric
 callable gives one number, not per-example outcomes: it is compared as a point estimate.
+
+**Two looks.** Scoring the whole guard at every check cost as much as the training steps between
+checks. A check during the run therefore looks first at a quarter of the guard (its examples in a
+fixed random order, so the quarter is a random sample; a guard under ``4 * MIN_FIRST_LOOK`` examples
+is scored whole), and stops there when that quarter already
+passes; otherwise it scores the rest and decides on the whole guard. The error of passing a state
+whose true drop exceeds ``max_drop`` is split between the looks (Bonferroni: ``EARLY_SHARE`` of
+``1 - confidence`` to the first, the rest to the second), so it stays within ``1 - confidence``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ from sgsc.train.data import IGNORE_INDEX
 from sgsc.train.task import model_device
 
 VERDICTS = ("pass", "uncertain", "fail")
+# The share of the check's error spent on its first look, and the smallest first look worth taking.
+EARLY_SHARE = 0.2
+MIN_FIRST_LOOK = 250
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,37 @@ def compare(reference: Outcomes, now: Outcomes, *, higher_is_better: bool, max_d
     return Check(now.metric, reference.metric, drop, low, high, n, verdict)
 
 
+def first_look(n: int) -> int | None:
+    """How many guard examples a check scores first (a quarter), or None to score all at once."""
+    quarter = math.ceil(n / 4)
+    return quarter if quarter >= MIN_FIRST_LOOK else None
+
+
+def subset(outcomes: Outcomes, examples: torch.Tensor) -> Outcomes:
+    """The outcomes of the guard examples at indices ``examples``."""
+    return Outcomes(outcomes.values[examples], outcomes.weights[examples])
+
+
+def compare_in_looks(reference: Outcomes, measure: Callable[[torch.Tensor | None], Outcomes],
+                     order: torch.Tensor | None, *, higher_is_better: bool, max_drop: float,
+                     confidence: float) -> Check:
+    """:func:`compare` in two looks (the module docstring). ``measure(examples)`` scores the guard
+    examples at those indices (all of them for None); ``order`` is the guard's examples in a fixed
+    random order, whose first quarter is the first look (None: the whole guard at once). Returns the
+    first look's check when it passes, else the whole guard's."""
+    first = None if order is None else first_look(len(order))
+    if first is None:
+        return compare(reference, measure(None), higher_is_better=higher_is_better, max_drop=max_drop,
+                       confidence=confidence)
+    error, examples = 1 - confidence, order[:first]
+    early = compare(subset(reference, examples), measure(examples), higher_is_better=higher_is_better,
+                    max_drop=max_drop, confidence=1 - EARLY_SHARE * error)
+    if early.verdict == "pass":
+        return early
+    return compare(reference, measure(None), higher_is_better=higher_is_better, max_drop=max_drop,
+                   confidence=1 - (1 - EARLY_SHARE) * error)
+
+
 def warn_if_unresolvable(reference: Outcomes, *, metric: str, max_drop: float, confidence: float) -> None:
     """Warn when the guard is too small for its check to tell a drop of ``max_drop`` from noise.
 
@@ -180,9 +222,11 @@ def per_example(metric: str, task_loss: Callable | None) -> PerExample:
 
 
 @torch.no_grad()
-def outcomes(model: nn.Module, data: TensorDataset, score: PerExample, batch_size: int = 512) -> Outcomes:
-    """``score`` of ``model`` on every example of ``data``, in eval mode (the mode is put back)."""
-    inputs, targets = data.tensors
+def outcomes(model: nn.Module, data: TensorDataset, score: PerExample, batch_size: int = 512,
+             examples: torch.Tensor | None = None) -> Outcomes:
+    """``score`` of ``model`` on every example of ``data`` (those at indices ``examples``), in eval mode
+    (the mode is put back)."""
+    inputs, targets = data.tensors if examples is None else (t[examples] for t in data.tensors)
     device = model_device(model)
     was_training = model.training
     model.eval()

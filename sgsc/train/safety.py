@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from sgsc.nn import quantized_layers, storage_bits
-from sgsc.train.guard import Check, Outcomes, compare
+from sgsc.train.guard import Check, Outcomes, compare, compare_in_looks
 from sgsc.train.pruners import Pruner, Snapshot, Units, common_units, zero_bit_groups
 
 
@@ -81,7 +81,8 @@ class RunState:
 class Policy:
     """What a safety check does. ``max_drop`` None: no contract (checks only prune). ``restore``: roll
     back once ``patience`` checks in a row failed. ``prune`` with ``pruner`` (None: keep zero-bit
-    groups masked)."""
+    groups masked). ``look_order``: the guard's examples in the order a check looks at them (its two
+    looks, :func:`~sgsc.train.guard.compare_in_looks`; None: the whole guard at once)."""
 
     max_drop: float | None
     confidence: float = 0.95
@@ -90,6 +91,7 @@ class Policy:
     prune: bool = True
     higher_is_better: bool = True
     pruner: Pruner | None = None
+    look_order: torch.Tensor | None = None
 
 
 @dataclass
@@ -123,7 +125,7 @@ def lowered_layers(model: nn.Module, snapshot: Snapshot) -> list[str]:
 # ---- the decision (rank 0) ---------------------------------------------------------------------------
 
 
-Measure = Callable[[], Outcomes]  # the current model's outcomes on the guard
+Measure = Callable[[torch.Tensor | None], Outcomes]  # the current model's outcomes on these guard examples (None: all)
 
 
 def judge(model: nn.Module, state: RunState, policy: Policy, measure: Measure | None) -> Decision:
@@ -133,7 +135,8 @@ def judge(model: nn.Module, state: RunState, policy: Policy, measure: Measure | 
     """
     if policy.max_drop is None or measure is None:
         return _prune_decision(model, state, policy, Decision())
-    check = _compare(state, policy, measure())
+    check = compare_in_looks(state.reference, measure, policy.look_order, higher_is_better=policy.higher_is_better,
+                             max_drop=policy.max_drop, confidence=policy.confidence)
     if not policy.restore:
         return _prune_decision(model, state, policy, Decision(check))
     if check.verdict == "pass":
@@ -174,7 +177,7 @@ def culprits(model: nn.Module, state: RunState, policy: Policy, measure: Measure
         now = bits.detach().clone()
         bits.copy_(state.snapshot[name].to(bits.device))
         try:
-            recovered[name] = failed.drop - _compare(state, policy, measure()).drop
+            recovered[name] = failed.drop - _compare(state, policy, measure(None)).drop
         finally:
             bits.copy_(now)
     best = max(recovered.values(), default=0.0)

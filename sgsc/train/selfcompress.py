@@ -137,7 +137,7 @@ class SelfCompression:
             self._traced = TracedInputs(model, example_inputs)
             pruner = default_pruner(self._traced)
         self.policy = Policy(max_drop, self.config.confidence, self.config.patience, self.config.restore,
-                             self.config.prune, higher, pruner)
+                             self.config.prune, higher, pruner, self._look_order())
         self.terms: dict[str, torch.Tensor] = {}
         self._warned_masked = False
         # the reference: the model as it is handed over, which the contract is about
@@ -314,10 +314,17 @@ class SelfCompression:
             return per_position.mean() * t * t
         return (per_position * scored).sum() / scored.sum().clamp(min=1) * t * t
 
-    def _measure(self) -> guards.Outcomes:
-        """The current model's outcomes on the guard."""
+    def _look_order(self) -> torch.Tensor | None:
+        """The guard's examples in a fixed random order (the seed's), for the checks' two looks; None
+        for a custom metric, which gives one number for the whole guard."""
+        if self.guard is None or self._score is None:
+            return None
+        return torch.randperm(len(self.guard), generator=seeded_generator(self.config.seed, 0, 0, 2))
+
+    def _measure(self, examples: torch.Tensor | None = None) -> guards.Outcomes:
+        """The current model's outcomes on the guard (the examples at indices ``examples``)."""
         if self._score is not None:
-            return guards.outcomes(self.model, self.guard, self._score)
+            return guards.outcomes(self.model, self.guard, self._score, examples=examples)
         was_training = self.model.training
         self.model.eval()
         try:

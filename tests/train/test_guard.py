@@ -11,7 +11,17 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sgsc.train.guard import Outcomes, compare, outcomes, per_example, point, warn_if_unresolvable
+from sgsc.train.guard import (
+    MIN_FIRST_LOOK,
+    Outcomes,
+    compare,
+    compare_in_looks,
+    outcomes,
+    per_example,
+    point,
+    subset,
+    warn_if_unresolvable,
+)
 
 
 def _accuracy_pair(n: int, lost: int, gained: int) -> tuple[Outcomes, Outcomes]:
@@ -110,3 +120,71 @@ def test_a_guard_too_small_for_max_drop_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_unresolvable(large, metric="accuracy", max_drop=0.01, confidence=0.95)
+
+
+# ---- two looks --------------------------------------------------------------------------------
+
+
+def _flips(n: int, lost: int, gained: int, generator: torch.Generator) -> tuple[Outcomes, Outcomes]:
+    """A reference right on every example and a model that lost ``lost`` of them and gained ``gained``
+    back on others it had lost (both at random places)."""
+    reference = torch.ones(n, dtype=torch.float64)
+    reference[torch.randperm(n, generator=generator)[:gained]] = 0
+    now = reference.clone()
+    places = torch.randperm(n, generator=generator)
+    now[places[reference[places] == 1][:lost]] = 0
+    now[reference == 0] = 1
+    weights = torch.ones(n, dtype=torch.float64)
+    return Outcomes(reference, weights), Outcomes(now, weights)
+
+
+def _looks(reference: Outcomes, now: Outcomes, order, max_drop=0.01, confidence=0.95):
+    seen = []
+
+    def measure(examples):
+        seen.append(None if examples is None else len(examples))
+        return now if examples is None else subset(now, examples)
+
+    check = compare_in_looks(reference, measure, order, higher_is_better=True, max_drop=max_drop, confidence=confidence)
+    return check, seen
+
+
+def test_a_clear_pass_stops_at_the_first_quarter_and_a_close_one_scores_the_whole_guard():
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(4000, generator=generator)
+    reference, better = _flips(4000, lost=20, gained=60, generator=generator)  # 1 point better
+    check, seen = _looks(reference, better, order)
+    assert seen == [1000] and check.verdict == "pass" and check.n == 1000
+    reference, close = _flips(4000, lost=100, gained=60, generator=generator)  # 1 point worse
+    check, seen = _looks(reference, close, order)
+    assert seen == [1000, None] and check.n == 4000
+    # the whole guard's bound is taken at the error the first look left: 1 - 0.8 * 0.05
+    expected = compare(reference, close, higher_is_better=True, max_drop=0.01, confidence=1 - 0.8 * 0.05)
+    assert (check.high, check.verdict) == (pytest.approx(expected.high), expected.verdict)
+
+
+def test_a_small_guard_or_no_order_is_scored_whole_at_the_stated_confidence():
+    generator = torch.Generator().manual_seed(1)
+    reference, now = _flips(900, lost=5, gained=9, generator=generator)
+    assert 900 / 4 < MIN_FIRST_LOOK
+    for order in (torch.randperm(900, generator=generator), None):
+        check, seen = _looks(reference, now, order)
+        assert seen == [None]
+        assert check == compare(reference, now, higher_is_better=True, max_drop=0.01, confidence=0.95)
+
+
+def test_two_looks_pass_a_state_at_the_limit_no_more_often_than_the_confidence_allows():
+    # true drop exactly max_drop: passing it is the error the contract bounds (5% at 0.95)
+    generator = torch.Generator().manual_seed(2)
+    trials, n, passed = 1500, 2000, 0
+    for _ in range(trials):
+        flips = torch.rand(n, generator=generator)
+        reference = torch.ones(n, dtype=torch.float64)
+        now = reference.clone()
+        now[flips < 0.03] = 0          # 3% lost
+        reference[flips > 0.98] = 0    # 2% the reference missed and the model gets right: net 1 point worse
+        weights = torch.ones(n, dtype=torch.float64)
+        check, _ = _looks(Outcomes(reference, weights), Outcomes(now, weights), torch.randperm(n, generator=generator))
+        passed += check.verdict == "pass"
+    rate = passed / trials
+    assert rate <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials), rate

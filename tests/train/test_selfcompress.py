@@ -20,7 +20,7 @@ from sgsc.nn import QConv2d, QLinear
 from sgsc.nn.zoo import PaperCNN, PaperCNNConfig
 from sgsc.train import Pruner, SelfCompression, evaluate
 from sgsc.train.batches import seeded_generator
-from sgsc.train.guard import Outcomes
+from sgsc.train.guard import Outcomes, subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +190,8 @@ def test_an_uncertain_check_neither_rolls_back_nor_counts_as_passed(trained_resn
     # the model now loses 6 of the guard's examples: a drop whose bounds straddle max_drop
     lost = reference.values.clone()
     lost[(lost > 0).nonzero().flatten()[:6]] = 0
-    monkeypatch.setattr(comp, "_measure", lambda: Outcomes(lost, reference.weights))
+    now = Outcomes(lost, reference.weights)
+    monkeypatch.setattr(comp, "_measure", lambda examples=None: now if examples is None else subset(now, examples))
     with torch.no_grad():
         model.layer1.conv1.bits[[0, 2]] = -1.0  # dead now: pruned on a pass, not on an uncertain check
     width = model.layer1.conv1.out_channels
