@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.sgsc-installed
 
-.PHONY: install demo test test-isa bench clean
+.PHONY: install demo test test-isa test-torch-compat bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test-isa: $(STAMP)
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/ops tests/train
 	rm -rf $(ISA_CACHE)
 	SGSC_CPU_ISA=scalar $(BIN)/python -m pytest -q -p no:cacheprovider tests/ops
+
+# One wheel, built once against the torch above, tested beside torch 2.13.0 and 2.14.1 in fresh
+# environments under /tmp (about 5.5 GB for 2.14's CUDA build); not part of `make test` or CI.
+test-torch-compat: $(STAMP)
+	PYTHON=$(PYTHON) BUILD_PYTHON=$(BIN)/python scripts/check_torch_compat.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_fake_quantize.py

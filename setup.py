@@ -6,16 +6,16 @@ on CPU, and ``sgsc doctor`` says why the extension is missing.
 
 import glob
 import os
-import sys
 
 from setuptools import setup
 
 ext_modules = []
 cmdclass = {}
-# at::parallel_for is a header template: without OpenMP at compile time its `omp parallel` is
-# ignored and every kernel runs on one thread. The library linked is the libgomp.so.1 torch
-# already loaded, so there is one OpenMP runtime in the process.
-OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+options = {}
+# The kernels use only the LibTorch stable ABI (csrc/stable.h) at the level of the lowest torch the
+# package supports, so this one build loads beside that torch and every later one; the headers then
+# refuse anything newer. Keep it equal to the lower bound of `torch` in pyproject.toml.
+TORCH_TARGET_VERSION = (2 << 56) | (13 << 48)
 if os.environ.get("SGSC_SKIP_CPP", "0") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -24,14 +24,19 @@ if os.environ.get("SGSC_SKIP_CPP", "0") != "1":
             name="sgsc._C",
             sources=sorted(glob.glob("csrc/*.cpp")),
             include_dirs=[os.path.abspath("csrc")],
+            # Python's limited API too: one file, sgsc/_C.abi3.so, for every CPython >= 3.10.
+            py_limited_api=True,
             # -O3 turns on the loop vectoriser that fills each ISA clone (no -march=native: the
             # binary runs on any x86-64 and picks its clone at load time). -fno-trapping-math lets
             # the compare-and-select loops of the backward vectorise; the kernels raise no FP traps.
             # -g0 and -s: Python's default flags carry -g, which made the library 29 MB instead of 0.6 MB.
-            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-g0", *OPENMP],
-            extra_link_args=[*OPENMP, "-s"],
+            # No OpenMP: the parallel loops are torch's own (torch_parallel_for), run inside libtorch.
+            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-g0",
+                                f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION:#x}"],
+            extra_link_args=["-s"],
         )
     )
     cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    options["bdist_wheel"] = {"py_limited_api": "cp310"}
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)

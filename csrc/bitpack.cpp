@@ -13,10 +13,6 @@
 // AVX2, unpack of widths up to 25 bits runs 8 codes per instruction sequence (unpack_avx2, chosen
 // at run time by isa.h's active_isa()); the portable loops finish the tails.
 
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -27,6 +23,7 @@
 
 #include "buffers.h"
 #include "isa.h"
+#include "stable.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -67,13 +64,13 @@ struct Layout {
   }
 };
 
-Layout make_layout(const at::Tensor& widths, int64_t group_len, const char* op) {
+Layout make_layout(const Tensor& widths, int64_t group_len, const char* op) {
   auto dtype = widths.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kByte || dtype == at::kInt || dtype == at::kLong, "sgsc.", op,
-                   ": widths must be uint8, int32 or int64, got ", dtype);
-  TORCH_CHECK_VALUE(widths.dim() == 1 && widths.numel() > 0, "sgsc.", op,
-                    ": widths must be a non-empty 1-D tensor of per-group bit widths, got shape ",
-                    widths.sizes());
+  SGSC_CHECK_TYPE(dtype == kByte || dtype == kInt || dtype == kLong, "sgsc.", op,
+                  ": widths must be uint8, int32 or int64, got ", dtype);
+  SGSC_CHECK_VALUE(widths.dim() == 1 && widths.numel() > 0, "sgsc.", op,
+                   ": widths must be a non-empty 1-D tensor of per-group bit widths, got shape ",
+                   widths.sizes());
   Layout layout;
   layout.groups = widths.numel();
   layout.group_len = group_len;
@@ -82,17 +79,17 @@ Layout make_layout(const at::Tensor& widths, int64_t group_len, const char* op) 
   layout.offset.resize(layout.groups + 1);
   // uint8 widths (the packed runtime's) are read in place; other dtypes through one int64 copy
   std::vector<int64_t> w(layout.groups);
-  if (dtype == at::kByte && widths.is_contiguous()) {
-    std::copy_n(widths.data_ptr<uint8_t>(), layout.groups, w.begin());
+  if (dtype == kByte && widths.is_contiguous()) {
+    std::copy_n(widths.const_data_ptr<uint8_t>(), layout.groups, w.begin());
   } else {
-    auto w64 = widths.to(at::kLong).contiguous();
-    std::copy_n(w64.data_ptr<int64_t>(), layout.groups, w.begin());
+    Tensor w64 = as_contiguous(to_dtype(widths, kLong));
+    std::copy_n(w64.const_data_ptr<int64_t>(), layout.groups, w.begin());
   }
   layout.offset[0] = 0;
   for (int64_t g = 0; g < layout.groups; ++g) {
     // the width limit and the stream size are sgsc.ops.spec's MAX_WIDTH and stream_bytes
-    TORCH_CHECK_VALUE(w[g] >= 0 && w[g] <= 32, "sgsc.", op, ": widths must be in [0, 32], got ", w[g],
-                      " at group ", g);
+    SGSC_CHECK_VALUE(w[g] >= 0 && w[g] <= 32, "sgsc.", op, ": widths must be in [0, 32], got ", w[g],
+                     " at group ", g);
     layout.width[g] = static_cast<int>(w[g]);
     layout.offset[g + 1] = layout.offset[g] + (w[g] * group_len + 7) / 8;
   }
@@ -256,27 +253,27 @@ std::pair<int32_t, int32_t> code_range(int width) {
 
 // ---- ops -----------------------------------------------------------------------------------
 
-void check_ints(const at::Tensor& ints, int64_t groups) {
-  TORCH_CHECK_TYPE(ints.scalar_type() == at::kInt, "sgsc.pack: ints must be int32, got ", ints.scalar_type());
-  TORCH_CHECK_VALUE(ints.dim() >= 1, "sgsc.pack: ints must have at least one dimension");
-  TORCH_CHECK_VALUE(ints.size(0) % groups == 0, "sgsc.pack: ", groups,
-                    " groups do not divide ints' first dimension ", ints.size(0));
+void check_ints(const Tensor& ints, int64_t groups) {
+  SGSC_CHECK_TYPE(ints.scalar_type() == kInt, "sgsc.pack: ints must be int32, got ", ints.scalar_type());
+  SGSC_CHECK_VALUE(ints.dim() >= 1, "sgsc.pack: ints must have at least one dimension");
+  SGSC_CHECK_VALUE(ints.size(0) % groups == 0, "sgsc.pack: ", groups,
+                   " groups do not divide ints' first dimension ", ints.size(0));
 }
 
-at::Tensor pack_cpu(const at::Tensor& ints, const at::Tensor& widths) {
-  TORCH_CHECK_VALUE(widths.dim() == 1 && widths.numel() > 0,
-                    "sgsc.pack: widths must be a non-empty 1-D tensor, got shape ", widths.sizes());
+Tensor pack_cpu(const Tensor& ints, const Tensor& widths) {
+  SGSC_CHECK_VALUE(widths.dim() == 1 && widths.numel() > 0,
+                   "sgsc.pack: widths must be a non-empty 1-D tensor, got shape ", widths.sizes());
   check_ints(ints, widths.numel());
   const Layout layout = make_layout(widths, ints.numel() / widths.numel(), "pack");
-  auto codes = ints.contiguous();
-  auto packed = empty_output({layout.offset[layout.groups]}, ints.options().dtype(at::kByte));
+  auto codes = as_contiguous(ints);
+  auto packed = empty_output({layout.offset[layout.groups]}, kByte, ints);
   if (codes.numel() == 0) return packed;
-  const int32_t* src = codes.data_ptr<int32_t>();
-  uint8_t* dst = packed.data_ptr<uint8_t>();
+  const int32_t* src = codes.const_data_ptr<int32_t>();
+  uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
 
   // Tasks that met an out-of-range code; reported after the loop, lowest group first.
   std::vector<uint8_t> bad(layout.tasks(), 0);
-  at::parallel_for(0, layout.tasks(), layout.grain(), [&](int64_t first, int64_t last) {
+  parallel_for(0, layout.tasks(), layout.grain(), [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t g = layout.group(task), n = layout.codes(task);
       const int w = layout.width[g];
@@ -297,35 +294,35 @@ at::Tensor pack_cpu(const at::Tensor& ints, const at::Tensor& widths) {
     const auto [lo, hi] = code_range(w);
     const int32_t* group_src = src + g * layout.group_len;
     for (int64_t i = layout.first_code(task);; ++i) {
-      TORCH_CHECK_VALUE(group_src[i] >= lo && group_src[i] <= hi, "sgsc.pack: group ", g, " (width ", w,
-                        ") holds code ", group_src[i], " at position ", i, ", outside the range [", lo,
-                        ", ", hi, "] of its width");
+      SGSC_CHECK_VALUE(group_src[i] >= lo && group_src[i] <= hi, "sgsc.pack: group ", g, " (width ", w,
+                       ") holds code ", group_src[i], " at position ", i, ", outside the range [", lo,
+                       ", ", hi, "] of its width");
     }
   }
   return packed;
 }
 
 // Checks the arguments of unpack and returns the layout they describe.
-Layout unpack_layout(const at::Tensor& packed, const at::Tensor& widths, int64_t rows_per_group, int64_t row_len) {
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "sgsc.unpack: packed must be uint8, got ",
-                   packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.dim() == 1, "sgsc.unpack: packed must be 1-D, got shape ", packed.sizes());
-  TORCH_CHECK_VALUE(rows_per_group >= 0 && row_len >= 0,
-                    "sgsc.unpack: rows_per_group and row_len must be >= 0, got ", rows_per_group, " and ",
-                    row_len);
+Layout unpack_layout(const Tensor& packed, const Tensor& widths, int64_t rows_per_group, int64_t row_len) {
+  SGSC_CHECK_TYPE(packed.scalar_type() == kByte, "sgsc.unpack: packed must be uint8, got ",
+                  packed.scalar_type());
+  SGSC_CHECK_VALUE(packed.dim() == 1, "sgsc.unpack: packed must be 1-D, got shape ", packed.sizes());
+  SGSC_CHECK_VALUE(rows_per_group >= 0 && row_len >= 0,
+                   "sgsc.unpack: rows_per_group and row_len must be >= 0, got ", rows_per_group, " and ",
+                   row_len);
   Layout layout = make_layout(widths, rows_per_group * row_len, "unpack");
-  TORCH_CHECK_VALUE(packed.numel() == layout.offset[layout.groups], "sgsc.unpack: packed must hold ",
-                    layout.offset[layout.groups], " bytes for these widths and shape, got ", packed.numel());
+  SGSC_CHECK_VALUE(packed.numel() == layout.offset[layout.groups], "sgsc.unpack: packed must hold ",
+                   layout.offset[layout.groups], " bytes for these widths and shape, got ", packed.numel());
   return layout;
 }
 
-void unpack_into(const at::Tensor& packed, const Layout& layout, at::Tensor& out) {
+void unpack_into(const Tensor& packed, const Layout& layout, Tensor& out) {
   if (out.numel() == 0) return;
-  auto stream = packed.contiguous();
-  const uint8_t* src = stream.data_ptr<uint8_t>();
+  auto stream = as_contiguous(packed);
+  const uint8_t* src = stream.const_data_ptr<uint8_t>();
   const uint8_t* end = src + stream.numel();
-  int32_t* dst = out.data_ptr<int32_t>();
-  at::parallel_for(0, layout.tasks(), layout.grain(), [&](int64_t first, int64_t last) {
+  int32_t* dst = out.mutable_data_ptr<int32_t>();
+  parallel_for(0, layout.tasks(), layout.grain(), [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t g = layout.group(task);
       unpack_table[layout.width[g]](src + layout.first_byte(task), end,
@@ -334,21 +331,21 @@ void unpack_into(const at::Tensor& packed, const Layout& layout, at::Tensor& out
   });
 }
 
-at::Tensor unpack_cpu(const at::Tensor& packed, const at::Tensor& widths, int64_t rows_per_group,
-                      int64_t row_len) {
+Tensor unpack_cpu(const Tensor& packed, const Tensor& widths, int64_t rows_per_group,
+                  int64_t row_len) {
   const Layout layout = unpack_layout(packed, widths, rows_per_group, row_len);
-  auto out = empty_output({layout.groups * rows_per_group, row_len}, packed.options().dtype(at::kInt));
+  auto out = empty_output({layout.groups * rows_per_group, row_len}, kInt, packed);
   unpack_into(packed, layout, out);
   return out;
 }
 
-void unpack_out_cpu(const at::Tensor& packed, const at::Tensor& widths, int64_t rows_per_group, int64_t row_len,
-                    at::Tensor out) {
+void unpack_out_cpu(const Tensor& packed, const Tensor& widths, int64_t rows_per_group, int64_t row_len,
+                    Tensor out) {
   const Layout layout = unpack_layout(packed, widths, rows_per_group, row_len);
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kInt && out.numel() == layout.groups * layout.group_len,
-                    "sgsc.unpack: out must be int32 with ", layout.groups * layout.group_len, " elements, got ",
-                    out.scalar_type(), " of shape ", out.sizes());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "sgsc.unpack: out must be contiguous");
+  SGSC_CHECK_VALUE(out.scalar_type() == kInt && out.numel() == layout.groups * layout.group_len,
+                   "sgsc.unpack: out must be int32 with ", layout.groups * layout.group_len, " elements, got ",
+                   out.scalar_type(), " of shape ", out.sizes());
+  SGSC_CHECK_VALUE(out.is_contiguous(), "sgsc.unpack: out must be contiguous");
   unpack_into(packed, layout, out);
 }
 
@@ -358,13 +355,13 @@ void unpack_out_cpu(const at::Tensor& packed, const at::Tensor& widths, int64_t 
 // writes them to out as floats: the int32 codes are never a tensor of their own, so the packed
 // runtime's workspace is the float weight alone. Each value is float(code) * scale rounded once, as
 // the float runtime computes it (exact for power-of-two scales and codes of up to 24 bits).
-void unpack_dequantize_into(const at::Tensor& packed, const Layout& layout, const at::Tensor& scales, float* out) {
+void unpack_dequantize_into(const Tensor& packed, const Layout& layout, const Tensor& scales, float* out) {
   if (layout.groups * layout.group_len == 0) return;
-  auto stream = packed.contiguous();
-  const uint8_t* src = stream.data_ptr<uint8_t>();
+  auto stream = as_contiguous(packed);
+  const uint8_t* src = stream.const_data_ptr<uint8_t>();
   const uint8_t* end = src + stream.numel();
-  const float* scale = scales.data_ptr<float>();
-  at::parallel_for(0, layout.tasks(), layout.grain(), [&](int64_t first, int64_t last) {
+  const float* scale = scales.const_data_ptr<float>();
+  parallel_for(0, layout.tasks(), layout.grain(), [&](int64_t first, int64_t last) {
     thread_local std::vector<int32_t> codes;
     codes.resize(kChunk);
     for (int64_t task = first; task < last; ++task) {
@@ -377,43 +374,43 @@ void unpack_dequantize_into(const at::Tensor& packed, const Layout& layout, cons
   });
 }
 
-Layout unpack_dequantize_layout(const at::Tensor& packed, const at::Tensor& widths, const at::Tensor& scales,
+Layout unpack_dequantize_layout(const Tensor& packed, const Tensor& widths, const Tensor& scales,
                                 int64_t rows_per_group, int64_t row_len) {
   Layout layout = unpack_layout(packed, widths, rows_per_group, row_len);
-  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "sgsc.unpack_dequantize: scales must be float32, got ",
-                   scales.scalar_type());
-  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == layout.groups && scales.is_contiguous(),
-                    "sgsc.unpack_dequantize: scales must be contiguous with one scale per group (", layout.groups,
-                    "), got shape ", scales.sizes());
+  SGSC_CHECK_TYPE(scales.scalar_type() == kFloat, "sgsc.unpack_dequantize: scales must be float32, got ",
+                  scales.scalar_type());
+  SGSC_CHECK_VALUE(scales.dim() == 1 && scales.numel() == layout.groups && scales.is_contiguous(),
+                   "sgsc.unpack_dequantize: scales must be contiguous with one scale per group (", layout.groups,
+                   "), got shape ", scales.sizes());
   return layout;
 }
 
-at::Tensor unpack_dequantize_cpu(const at::Tensor& packed, const at::Tensor& widths, const at::Tensor& scales,
-                                 int64_t rows_per_group, int64_t row_len) {
+Tensor unpack_dequantize_cpu(const Tensor& packed, const Tensor& widths, const Tensor& scales,
+                             int64_t rows_per_group, int64_t row_len) {
   const Layout layout = unpack_dequantize_layout(packed, widths, scales, rows_per_group, row_len);
-  auto out = at::empty({layout.groups * rows_per_group, row_len}, packed.options().dtype(at::kFloat));
-  unpack_dequantize_into(packed, layout, scales, out.data_ptr<float>());
+  auto out = empty({layout.groups * rows_per_group, row_len}, kFloat, packed);
+  unpack_dequantize_into(packed, layout, scales, out.mutable_data_ptr<float>());
   return out;
 }
 
-void unpack_dequantize_out_cpu(const at::Tensor& packed, const at::Tensor& widths, const at::Tensor& scales,
-                               int64_t rows_per_group, int64_t row_len, at::Tensor out) {
+void unpack_dequantize_out_cpu(const Tensor& packed, const Tensor& widths, const Tensor& scales,
+                               int64_t rows_per_group, int64_t row_len, Tensor out) {
   const Layout layout = unpack_dequantize_layout(packed, widths, scales, rows_per_group, row_len);
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.numel() == layout.groups * layout.group_len,
-                    "sgsc.unpack_dequantize: out must be float32 with ", layout.groups * layout.group_len,
-                    " elements, got ", out.scalar_type(), " of shape ", out.sizes());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "sgsc.unpack_dequantize: out must be contiguous");
-  unpack_dequantize_into(packed, layout, scales, out.data_ptr<float>());
+  SGSC_CHECK_VALUE(out.scalar_type() == kFloat && out.numel() == layout.groups * layout.group_len,
+                   "sgsc.unpack_dequantize: out must be float32 with ", layout.groups * layout.group_len,
+                   " elements, got ", out.scalar_type(), " of shape ", out.sizes());
+  SGSC_CHECK_VALUE(out.is_contiguous(), "sgsc.unpack_dequantize: out must be contiguous");
+  unpack_dequantize_into(packed, layout, scales, out.mutable_data_ptr<float>());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
-  m.impl("pack", &pack_cpu);
-  m.impl("unpack", &unpack_cpu);
-  m.impl("unpack_out", &unpack_out_cpu);
-  m.impl("unpack_dequantize", &unpack_dequantize_cpu);
-  m.impl("unpack_dequantize_out", &unpack_dequantize_out_cpu);
+STABLE_TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
+  m.impl("pack", TORCH_BOX(&pack_cpu));
+  m.impl("unpack", TORCH_BOX(&unpack_cpu));
+  m.impl("unpack_out", TORCH_BOX(&unpack_out_cpu));
+  m.impl("unpack_dequantize", TORCH_BOX(&unpack_dequantize_cpu));
+  m.impl("unpack_dequantize_out", TORCH_BOX(&unpack_dequantize_out_cpu));
 }
 
 }  // namespace sgsc

@@ -1,8 +1,6 @@
 // Byte-level helpers shared by the CPU kernels that read packed streams and write large outputs.
 #pragma once
 
-#include <torch/extension.h>
-
 #include <cstdint>
 #include <cstring>
 
@@ -11,6 +9,7 @@
 #endif
 
 #include "isa.h"
+#include "stable.h"
 
 namespace sgsc {
 
@@ -29,14 +28,15 @@ SGSC_ALWAYS_INLINE uint64_t load_le64(const uint8_t* p) {
 // cost more than the work that fills it (on the 2-core VM of bench/RESULTS.md: 3x an unpack's time,
 // and two thirds of a 64 MB fake-quantize forward+backward); NumPy advises its large arrays the same
 // way. Only the 2 MiB-aligned interior is advised.
-inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  auto out = at::empty(shape, options);
+inline Tensor empty_output(IntArrayRef shape, ScalarType dtype, const Tensor& like) {
+  Tensor out = empty(shape, dtype, like);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const auto data = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const auto data = reinterpret_cast<uintptr_t>(out.mutable_data_ptr());
+  const uintptr_t nbytes = static_cast<uintptr_t>(out.numel()) * out.element_size();
   const uintptr_t begin = (data + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (data + out.nbytes()) & ~(kHugePage - 1);
-  if (out.nbytes() >= 4 * kHugePage && end > begin) {
+  const uintptr_t end = (data + nbytes) & ~(kHugePage - 1);
+  if (nbytes >= 4 * kHugePage && end > begin) {
     madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only: failure is harmless
   }
 #endif

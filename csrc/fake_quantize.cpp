@@ -1,21 +1,20 @@
 // CPU kernels of sgsc::fake_quantize and its fused backward.
 //
-// The schemas live in sgsc/ops/library.py; this file only provides the CPU implementations. The per-group
-// constants (2^-e, 2^e and the clamp range) come from ATen on the (G,) tensors with exactly the
-// calls the PyTorch reference makes, so forward outputs match it bit for bit. The element loops
+// The schemas and the autograd live in sgsc/ops/library.py; this file only provides the CPU implementations.
+// The per-group constants (2^-e, 2^e and the clamp range) come from ATen's exp2 on the (G,) tensors with
+// exactly the calls the PyTorch reference makes, so forward outputs match it bit for bit. The element loops
 // are compiled once per instruction set through function multiversioning: without SSE4.1, floor
 // and rint are libm calls and the loop runs at a fraction of memory bandwidth.
 
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-
+#include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <cstring>
 #include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "buffers.h"
@@ -27,12 +26,16 @@ namespace {
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task: large enough to amortise scheduling
 constexpr double kLn2 = 0.69314718055994530942;
 
-// The weight dtypes the op accepts; the arithmetic is float32 in every case.
-#define SGSC_DISPATCH_WEIGHT_TYPES(TYPE, NAME, ...)           \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// Calls f with a value of the element type of the weight dtypes the op accepts (check_inputs refused
+// the others); the arithmetic is float32 in every case.
+template <typename F>
+void dispatch_weight_type(ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case kHalf: return f(Half{});
+    case kBFloat16: return f(BFloat16{});
+    default: return f(float{});
+  }
+}
 
 // Per-group constants of eq. (1), one struct per group for the element loops.
 struct Group {
@@ -43,18 +46,18 @@ struct Group {
 // Mirrors sgsc.ops.reference.group_params: the three powers of two come from one ATen exp2 over a
 // (3, G) tensor laid out exactly as the reference's, so every value (including ATen's choice of
 // vector or scalar exp2 for each position) is the same; the rest is exact arithmetic.
-std::vector<Group> group_constants(const at::Tensor& b, const at::Tensor& e) {
+std::vector<Group> group_constants(const Tensor& b, const Tensor& e) {
   const int64_t groups = b.numel();
-  auto powers = at::empty({3, groups}, b.options());
-  const float* b_ptr = b.data_ptr<float>();
-  const float* e_ptr = e.data_ptr<float>();
-  float* p = powers.data_ptr<float>();
+  Tensor powers = empty({3, groups}, kFloat, b);
+  const float* b_ptr = b.const_data_ptr<float>();
+  const float* e_ptr = e.const_data_ptr<float>();
+  float* p = powers.mutable_data_ptr<float>();
   for (int64_t g = 0; g < groups; ++g) {
     p[g] = -e_ptr[g];
     p[groups + g] = e_ptr[g];
     p[2 * groups + g] = std::max(b_ptr[g], 0.0f) - 1.0f;
   }
-  powers.exp2_();
+  exp2_(powers);
   std::vector<Group> out(groups);
   for (int64_t g = 0; g < groups; ++g) {
     float half = p[2 * groups + g];
@@ -65,45 +68,45 @@ std::vector<Group> group_constants(const at::Tensor& b, const at::Tensor& e) {
 
 enum class Rounding { kNearest, kFloor };
 
-Rounding parse_rounding(c10::string_view rounding) {
+Rounding parse_rounding(std::string_view rounding) {
   if (rounding == "nearest") return Rounding::kNearest;
   if (rounding == "floor") return Rounding::kFloor;
-  TORCH_CHECK_VALUE(false, "sgsc.fake_quantize: rounding must be 'nearest' or 'floor', got '",
-                    std::string(rounding), "'");
+  SGSC_CHECK_VALUE(false, "sgsc.fake_quantize: rounding must be 'nearest' or 'floor', got '",
+                   std::string(rounding), "'");
 }
 
 // sgsc.ops.spec.MAX_EXPONENT: beyond it 2^e or 2^-e leaves the normal float32 range, where eq. (1)'s
 // float arithmetic gives NaN (0 * inf) instead of its real value.
 constexpr float kMaxExponent = 126.0f;
 
-void check_finite(const at::Tensor& t, const char* name, float bound) {
-  auto values = t.contiguous();
-  const float* p = values.data_ptr<float>();
+void check_finite(const Tensor& t, const char* name, float bound) {
+  Tensor values = as_contiguous(t);
+  const float* p = values.const_data_ptr<float>();
   for (int64_t g = 0; g < values.numel(); ++g) {
-    TORCH_CHECK_VALUE(std::isfinite(p[g]), "sgsc.fake_quantize: ", name, " must be finite, found ", p[g],
-                      " at group ", g);
-    TORCH_CHECK_VALUE(std::fabs(p[g]) <= bound, "sgsc.fake_quantize: ", name, " must lie in [", -bound, ", ",
-                      bound, "], found ", p[g], " at group ", g);
+    SGSC_CHECK_VALUE(std::isfinite(p[g]), "sgsc.fake_quantize: ", name, " must be finite, found ", p[g],
+                     " at group ", g);
+    SGSC_CHECK_VALUE(std::fabs(p[g]) <= bound, "sgsc.fake_quantize: ", name, " must lie in [", -bound, ", ",
+                     bound, "], found ", p[g], " at group ", g);
   }
 }
 
-void check_inputs(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e) {
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf ||
-                       w.scalar_type() == at::kBFloat16,
-                   "sgsc.fake_quantize: w must be float32, float16 or bfloat16, got ", w.scalar_type());
-  TORCH_CHECK_TYPE(b.scalar_type() == at::kFloat && e.scalar_type() == at::kFloat,
-                   "sgsc.fake_quantize: b and e must be float32, got ", b.scalar_type(), " and ",
-                   e.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() >= 1, "sgsc.fake_quantize: w must have at least one dimension");
-  TORCH_CHECK_VALUE(b.dim() == 1 && e.sizes() == b.sizes(),
-                    "sgsc.fake_quantize: b and e must be 1-D of equal length, got ", b.sizes(), " and ",
-                    e.sizes());
-  TORCH_CHECK_VALUE(b.size(0) > 0 && w.size(0) % b.size(0) == 0, "sgsc.fake_quantize: ", b.size(0),
-                    " groups do not divide w's first dimension ", w.size(0));
+void check_inputs(const Tensor& w, const Tensor& b, const Tensor& e) {
+  SGSC_CHECK_TYPE(w.scalar_type() == kFloat || w.scalar_type() == kHalf ||
+                  w.scalar_type() == kBFloat16,
+                  "sgsc.fake_quantize: w must be float32, float16 or bfloat16, got ", w.scalar_type());
+  SGSC_CHECK_TYPE(b.scalar_type() == kFloat && e.scalar_type() == kFloat,
+                  "sgsc.fake_quantize: b and e must be float32, got ", b.scalar_type(), " and ",
+                  e.scalar_type());
+  SGSC_CHECK_VALUE(w.dim() >= 1, "sgsc.fake_quantize: w must have at least one dimension");
+  SGSC_CHECK_VALUE(b.dim() == 1 && e.sizes().equals(b.sizes()),
+                   "sgsc.fake_quantize: b and e must be 1-D of equal length, got ", b.sizes(), " and ",
+                   e.sizes());
+  SGSC_CHECK_VALUE(b.size(0) > 0 && w.size(0) % b.size(0) == 0, "sgsc.fake_quantize: ", b.size(0),
+                   " groups do not divide w's first dimension ", w.size(0));
   // The CPU kernel reads b and e through raw pointers: on another device (meta, CUDA) they hold no host values.
-  TORCH_CHECK_VALUE(b.device() == w.device() && e.device() == w.device(),
-                    "sgsc.fake_quantize: w, b and e must be on one device, got ", w.device(), ", ", b.device(),
-                    " and ", e.device());
+  SGSC_CHECK_VALUE(same_device(b, w) && same_device(e, w),
+                   "sgsc.fake_quantize: w, b and e must be on one device, got ", w.device(), ", ", b.device(),
+                   " and ", e.device());
   check_finite(b, "b", std::numeric_limits<float>::max());
   check_finite(e, "e", kMaxExponent);
 }
@@ -224,7 +227,7 @@ struct Tiling {
   }
 };
 
-Tiling make_tiling(const at::Tensor& w, int64_t groups) {
+Tiling make_tiling(const Tensor& w, int64_t groups) {
   int64_t group_len = w.numel() / groups;
   return {groups, group_len, std::max<int64_t>(1, (group_len + kChunk - 1) / kChunk)};
 }
@@ -262,16 +265,17 @@ struct FloatSpan {
   }
 };
 
-void forward_into(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e, Rounding rounding,
-                  at::Tensor& q) {
+void forward_into(const Tensor& w, const Tensor& b, const Tensor& e, Rounding rounding,
+                  Tensor& q) {
   if (w.numel() == 0) return;
   const std::vector<Group> constants = group_constants(b, e);
   Tiling tiling = make_tiling(w, b.size(0));
   auto span_fn = rounding == Rounding::kFloor ? forward_span_floor : forward_span_nearest;
-  SGSC_DISPATCH_WEIGHT_TYPES(w.scalar_type(), "sgsc_fake_quantize", [&] {
-    const scalar_t* w_ptr = w.data_ptr<scalar_t>();
-    scalar_t* q_ptr = q.data_ptr<scalar_t>();
-    at::parallel_for(0, tiling.tasks(), task_grain(tiling), [&](int64_t first, int64_t last) {
+  dispatch_weight_type(w.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    const auto* w_ptr = static_cast<const scalar_t*>(w.const_data_ptr());
+    auto* q_ptr = static_cast<scalar_t*>(q.mutable_data_ptr());
+    parallel_for(0, tiling.tasks(), task_grain(tiling), [&](int64_t first, int64_t last) {
       FloatSpan<scalar_t> in, out;
       for (int64_t task = first; task < last; ++task) {
         int64_t g = tiling.group(task), begin = tiling.begin(task), n = tiling.length(task);
@@ -288,39 +292,39 @@ void forward_into(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
   });
 }
 
-at::Tensor fake_quantize_cpu(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
-                             c10::string_view rounding) {
+Tensor fake_quantize_cpu(const Tensor& w, const Tensor& b, const Tensor& e,
+                         std::string_view rounding) {
   check_inputs(w, b, e);
-  auto w_contig = w.contiguous();
-  auto q = empty_output(w_contig.sizes(), w_contig.options());
-  forward_into(w_contig, b.contiguous(), e.contiguous(), parse_rounding(rounding), q);
+  Tensor w_contig = as_contiguous(w);
+  Tensor q = empty_output(w_contig.sizes(), w_contig.scalar_type(), w_contig);
+  forward_into(w_contig, as_contiguous(b), as_contiguous(e), parse_rounding(rounding), q);
   return q;
 }
 
-void fake_quantize_out_cpu(const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
-                           c10::string_view rounding, at::Tensor out) {
+void fake_quantize_out_cpu(const Tensor& w, const Tensor& b, const Tensor& e,
+                           std::string_view rounding, Tensor out) {
   check_inputs(w, b, e);
-  TORCH_CHECK_VALUE(out.sizes() == w.sizes() && out.scalar_type() == w.scalar_type() && out.device() == w.device(),
-                    "sgsc.fake_quantize: out must match w's shape, dtype and device");
-  TORCH_CHECK_VALUE(out.is_contiguous(), "sgsc.fake_quantize: out must be contiguous");
-  forward_into(w.contiguous(), b.contiguous(), e.contiguous(), parse_rounding(rounding), out);
+  SGSC_CHECK_VALUE(out.sizes().equals(w.sizes()) && out.scalar_type() == w.scalar_type() && same_device(out, w),
+                   "sgsc.fake_quantize: out must match w's shape, dtype and device");
+  SGSC_CHECK_VALUE(out.is_contiguous(), "sgsc.fake_quantize: out must be contiguous");
+  forward_into(as_contiguous(w), as_contiguous(b), as_contiguous(e), parse_rounding(rounding), out);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
-    const at::Tensor& grad_q, const at::Tensor& w, const at::Tensor& b, const at::Tensor& e,
-    c10::string_view rounding) {
+std::tuple<Tensor, Tensor, Tensor> fake_quantize_backward_cpu(
+    const Tensor& grad_q, const Tensor& w, const Tensor& b, const Tensor& e,
+    std::string_view rounding) {
   check_inputs(w, b, e);
-  TORCH_CHECK_VALUE(grad_q.sizes() == w.sizes() && grad_q.device() == w.device(),
-                    "sgsc.fake_quantize backward: grad_q (shape ", grad_q.sizes(), " on ", grad_q.device(),
-                    ") does not match w (shape ", w.sizes(), " on ", w.device(), ")");
-  auto w_contig = w.contiguous();
-  auto g_contig = grad_q.to(w.scalar_type()).contiguous();
-  auto grad_w = empty_output(w_contig.sizes(), w_contig.options());
-  auto grad_b = at::zeros_like(b);
-  auto grad_e = at::zeros_like(e);
+  SGSC_CHECK_VALUE(grad_q.sizes().equals(w.sizes()) && same_device(grad_q, w),
+                   "sgsc.fake_quantize backward: grad_q (shape ", grad_q.sizes(), " on ", grad_q.device(),
+                   ") does not match w (shape ", w.sizes(), " on ", w.device(), ")");
+  Tensor w_contig = as_contiguous(w);
+  Tensor g_contig = as_contiguous(to_dtype(grad_q, w.scalar_type()));
+  Tensor grad_w = empty_output(w_contig.sizes(), w_contig.scalar_type(), w_contig);
+  Tensor grad_b = zeros_like(b);
+  Tensor grad_e = zeros_like(e);
   if (w.numel() == 0) return {grad_w, grad_b, grad_e};
 
-  const std::vector<Group> constants = group_constants(b.contiguous(), e.contiguous());
+  const std::vector<Group> constants = group_constants(as_contiguous(b), as_contiguous(e));
   Tiling tiling = make_tiling(w_contig, b.size(0));
   BackwardBlockFn block_fn =
       parse_rounding(rounding) == Rounding::kFloor ? backward_block_floor : backward_block_nearest;
@@ -328,11 +332,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   // how many threads ran or how the tasks were split between them.
   std::vector<std::array<double, 2>> partial(tiling.tasks(), {0.0, 0.0});
 
-  SGSC_DISPATCH_WEIGHT_TYPES(w.scalar_type(), "sgsc_fake_quantize_bwd", [&] {
-    const scalar_t* w_ptr = w_contig.data_ptr<scalar_t>();
-    const scalar_t* g_ptr = g_contig.data_ptr<scalar_t>();
-    scalar_t* gw_ptr = grad_w.data_ptr<scalar_t>();
-    at::parallel_for(0, tiling.tasks(), task_grain(tiling), [&](int64_t first, int64_t last) {
+  dispatch_weight_type(w.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    const auto* w_ptr = static_cast<const scalar_t*>(w_contig.const_data_ptr());
+    const auto* g_ptr = static_cast<const scalar_t*>(g_contig.const_data_ptr());
+    auto* gw_ptr = static_cast<scalar_t*>(grad_w.mutable_data_ptr());
+    parallel_for(0, tiling.tasks(), task_grain(tiling), [&](int64_t first, int64_t last) {
       FloatSpan<scalar_t> w_in, g_in, gw_out;
       for (int64_t task = first; task < last; ++task) {
         int64_t g = tiling.group(task), begin = tiling.begin(task), n = tiling.length(task);
@@ -348,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     });
   });
 
-  float* grad_b_ptr = grad_b.data_ptr<float>();
-  float* grad_e_ptr = grad_e.data_ptr<float>();
+  float* grad_b_ptr = grad_b.mutable_data_ptr<float>();
+  float* grad_e_ptr = grad_e.mutable_data_ptr<float>();
   for (int64_t g = 0; g < tiling.groups; ++g) {
     const Group& k = constants[g];
     if (k.pruned) continue;
@@ -367,27 +372,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_backward_cpu(
 
 }  // namespace
 
-// The threads at::parallel_for actually runs this extension's kernels on: 1 whatever torch's
-// setting when the build lacked OpenMP (the header template then compiles to a serial loop).
-int64_t parallel_threads() {
-  const int64_t wanted = std::min<int64_t>(at::get_num_threads(), 64);
-  std::atomic<uint64_t> seen{0};
-  at::parallel_for(0, wanted, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << at::get_thread_num()); });
-  return __builtin_popcountll(seen.load());
-}
-
-TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
-  m.impl("fake_quantize", &fake_quantize_cpu);
-  m.impl("fake_quantize_out", &fake_quantize_out_cpu);
-  m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
+  m.impl("fake_quantize", TORCH_BOX(&fake_quantize_cpu));
+  m.impl("fake_quantize_out", TORCH_BOX(&fake_quantize_out_cpu));
+  m.impl("fake_quantize_backward", TORCH_BOX(&fake_quantize_backward_cpu));
 }
 
 }  // namespace sgsc
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cpu_isa", [] { return std::string(sgsc::isa_name(sgsc::active_isa())); },
-        "The instruction set the CPU kernels run with: the CPU's best, lowered by SGSC_CPU_ISA.");
-  m.def("cpu_isa_detected", [] { return std::string(sgsc::isa_name(sgsc::detected_isa())); },
-        "The best instruction set this CPU supports, whatever SGSC_CPU_ISA asks for.");
-  m.def("parallel_threads", &sgsc::parallel_threads, "Threads the CPU kernels' parallel loops run on now.");
-}

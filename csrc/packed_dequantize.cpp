@@ -134,34 +134,34 @@ void dequantize_into(const Plan& p, float* out) {
 
 // ---- ops -----------------------------------------------------------------------------------
 
-at::Tensor packed_dequantize_cpu(const at::Tensor& words, const at::Tensor& seg_table, const at::Tensor& seg_scale,
-                                 const at::Tensor& tile_table, const at::Tensor& tile_ptr, const at::Tensor& rows,
-                                 const at::Tensor& row_scale, int64_t out_features, int64_t in_features) {
+Tensor packed_dequantize_cpu(const Tensor& words, const Tensor& seg_table, const Tensor& seg_scale,
+                             const Tensor& tile_table, const Tensor& tile_ptr, const Tensor& rows,
+                             const Tensor& row_scale, int64_t out_features, int64_t in_features) {
   const Plan p = make_plan(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
                            in_features, "packed_dequantize");
-  auto out = at::empty({out_features, in_features}, seg_scale.options());
-  dequantize_into(p, out.data_ptr<float>());
+  Tensor out = empty({out_features, in_features}, kFloat, seg_scale);
+  dequantize_into(p, out.mutable_data_ptr<float>());
   return out;
 }
 
-void packed_dequantize_out_cpu(const at::Tensor& words, const at::Tensor& seg_table, const at::Tensor& seg_scale,
-                               const at::Tensor& tile_table, const at::Tensor& tile_ptr, const at::Tensor& rows,
-                               const at::Tensor& row_scale, int64_t out_features, int64_t in_features, at::Tensor out) {
+void packed_dequantize_out_cpu(const Tensor& words, const Tensor& seg_table, const Tensor& seg_scale,
+                               const Tensor& tile_table, const Tensor& tile_ptr, const Tensor& rows,
+                               const Tensor& row_scale, int64_t out_features, int64_t in_features, Tensor out) {
   const Plan p = make_plan(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
                            in_features, "packed_dequantize_out");
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "sgsc.packed_dequantize_out: out must be float32, got ",
-                   out.scalar_type());
-  TORCH_CHECK_VALUE(out.numel() == out_features * in_features && out.is_contiguous(),
-                    "sgsc.packed_dequantize_out: out must be contiguous with ", out_features * in_features,
-                    " elements, got shape ", out.sizes());
-  dequantize_into(p, out.data_ptr<float>());
+  SGSC_CHECK_TYPE(out.scalar_type() == kFloat, "sgsc.packed_dequantize_out: out must be float32, got ",
+                  out.scalar_type());
+  SGSC_CHECK_VALUE(out.numel() == out_features * in_features && out.is_contiguous(),
+                   "sgsc.packed_dequantize_out: out must be contiguous with ", out_features * in_features,
+                   " elements, got shape ", out.sizes());
+  dequantize_into(p, out.mutable_data_ptr<float>());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
-  m.impl("packed_dequantize", &packed_dequantize_cpu);
-  m.impl("packed_dequantize_out", &packed_dequantize_out_cpu);
+STABLE_TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
+  m.impl("packed_dequantize", TORCH_BOX(&packed_dequantize_cpu));
+  m.impl("packed_dequantize_out", TORCH_BOX(&packed_dequantize_out_cpu));
 }
 
 }  // namespace packed

@@ -22,19 +22,17 @@
 
 #pragma once
 
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
 
 #include "isa.h"
+#include "stable.h"
 
 // The 32-byte vector types never cross a call boundary between ISAs (every helper is inlined into
 // its ISA's entry point), so GCC's note that their by-value ABI differs without AVX does not apply.
@@ -80,12 +78,12 @@ struct Plan {
   int64_t words_of(int64_t s) const { return (len(s) + codes_per_word(width(s)) - 1) / codes_per_word(width(s)); }
 };
 
-void check_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* name, const char* op);
+void check_tensor(const Tensor& t, ScalarType dtype, int64_t dim, const char* name, const char* op);
 
 // The layout's tensors, every index checked (a corrupt layout is an error, never a wild read).
-Plan make_plan(const at::Tensor& words, const at::Tensor& seg_table, const at::Tensor& seg_scale,
-               const at::Tensor& tile_table, const at::Tensor& tile_ptr, const at::Tensor& rows,
-               const at::Tensor& row_scale, int64_t out_features, int64_t in_features, const char* op);
+Plan make_plan(const Tensor& words, const Tensor& seg_table, const Tensor& seg_scale,
+               const Tensor& tile_table, const Tensor& tile_ptr, const Tensor& rows,
+               const Tensor& row_scale, int64_t out_features, int64_t in_features, const char* op);
 
 SGSC_ALWAYS_INLINE u8v load8(const uint32_t* p) {
   u8v v;
@@ -97,8 +95,16 @@ SGSC_ALWAYS_INLINE u8v load8(const uint32_t* p) {
 #define SGSC_PACKED_AVX2 1
 #endif
 
+// Runs task on one of this library's helper threads, started on first need and kept, at most one per
+// core (the stable ABI offers torch's parallel loop, but not the task pool behind at::launch).
+void launch(std::function<void()> task);
+
+// Whether the caller already runs inside a parallel region: a helper thread, or one of torch's
+// parallel-loop threads past the first. Nested work then stays on the calling thread.
+bool in_parallel_region();
+
 // Runs body(first, last) over [0, items) in blocks of kStealTiles, taken from a shared counter by the
-// calling thread and by helper tasks on ATen's inter-op pool. The call returns once every block is
+// calling thread and by tasks on the helper threads of launch(). The call returns once every block is
 // done, never waiting for a helper to start or finish idle: with at::parallel_for, whose end is a
 // barrier, a helper that had lost its core to another process held every batch-1 call until the
 // scheduler gave it back (8 ms instead of 1.5 ms on the loaded 2-core host). A helper that starts
@@ -107,8 +113,8 @@ template <typename Body>
 void steal_blocks(int64_t items, int64_t work_per_item, const Body& body) {
   // About 64K multiply-adds per thread at least: tiny layers stay on one thread, where a helper costs more.
   const int64_t threads =
-      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, items * work_per_item / (1 << 16)));
-  if (threads <= 1 || at::in_parallel_region()) return body(0, items);
+      std::min<int64_t>(num_threads(), std::max<int64_t>(1, items * work_per_item / (1 << 16)));
+  if (threads <= 1 || in_parallel_region()) return body(0, items);
   struct Counters {
     std::atomic<int64_t> next{0}, done{0};
   };
@@ -122,7 +128,7 @@ void steal_blocks(int64_t items, int64_t work_per_item, const Body& body) {
       counters->done.fetch_add(last - first, std::memory_order_release);
     }
   };
-  for (int64_t h = 1; h < threads; ++h) at::launch(run);
+  for (int64_t h = 1; h < threads; ++h) launch(run);
   run();
   while (counters->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }

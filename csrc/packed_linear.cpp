@@ -237,37 +237,41 @@ void fused_linear(const Plan& p, const float* x, int64_t M, float* y, const floa
 
 // ---- op -----------------------------------------------------------------------------------
 
-at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& words, const at::Tensor& seg_table,
-                             const at::Tensor& seg_scale, const at::Tensor& tile_table, const at::Tensor& tile_ptr,
-                             const at::Tensor& rows, const at::Tensor& row_scale, int64_t out_features,
-                             const std::optional<at::Tensor>& bias) {
-  check_tensor(x, at::kFloat, 2, "x", "packed_linear");
+Tensor packed_linear_cpu(const Tensor& x, const Tensor& words, const Tensor& seg_table,
+                         const Tensor& seg_scale, const Tensor& tile_table, const Tensor& tile_ptr,
+                         const Tensor& rows, const Tensor& row_scale, int64_t out_features,
+                         const std::optional<Tensor>& bias) {
+  check_tensor(x, kFloat, 2, "x", "packed_linear");
   const Plan p = make_plan(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
                            x.size(1), "packed_linear");
   const float* bias_ptr = nullptr;
   if (bias.has_value()) {
-    check_tensor(*bias, at::kFloat, 1, "bias", "packed_linear");
-    TORCH_CHECK_VALUE(bias->size(0) == out_features, "sgsc.packed_linear: bias must have ", out_features,
-                      " elements, got ", bias->size(0));
-    bias_ptr = bias->data_ptr<float>();
+    check_tensor(*bias, kFloat, 1, "bias", "packed_linear");
+    SGSC_CHECK_VALUE(bias->size(0) == out_features, "sgsc.packed_linear: bias must have ", out_features,
+                     " elements, got ", bias->size(0));
+    bias_ptr = bias->const_data_ptr<float>();
   }
   const int64_t M = x.size(0);
   // Rows no tile covers (pruned) are the bias alone; when the tiles cover every row the kernel writes
   // all of y, and filling it first would cost a second pass (most of a small layer's call).
   // (A fresh tensor: for M == 1 an expanded bias is already "contiguous" and would alias it.)
-  auto y = at::empty({M, out_features}, x.options());
+  Tensor y = empty({M, out_features}, kFloat, x);
+  float* y_ptr = y.mutable_data_ptr<float>();
   if (!p.covers_all_rows || p.tiles == 0) {
-    if (bias_ptr) y.copy_(bias->unsqueeze(0).expand({M, out_features}));
-    else y.zero_();
+    for (int64_t m = 0; m < M; ++m) {
+      float* y_row = y_ptr + m * out_features;
+      if (bias_ptr) std::copy_n(bias_ptr, out_features, y_row);
+      else std::fill_n(y_row, out_features, 0.0f);
+    }
   }
   if (M == 0 || p.tiles == 0) return y;
-  fused_linear(p, x.data_ptr<float>(), M, y.data_ptr<float>(), bias_ptr);
+  fused_linear(p, x.const_data_ptr<float>(), M, y_ptr, bias_ptr);
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sgsc, CPU, m) { m.impl("packed_linear", &packed_linear_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(sgsc, CPU, m) { m.impl("packed_linear", TORCH_BOX(&packed_linear_cpu)); }
 
 }  // namespace packed
 }  // namespace sgsc

@@ -78,9 +78,9 @@ def _fake_quantize_backward_fake(grad_q, w, b, e, rounding):
 
 # ---- autograd ------------------------------------------------------------------------------
 #
-# With the C++ extension, csrc/fake_quantize_autograd.cpp registers the autograd of
-# sgsc::fake_quantize for every device: a Python-registered backward costs more than the kernels
-# on layer-sized weights. Without it, the same straight-through backward is registered here.
+# One straight-through backward for every device and for the reference: the C++ extension is built on
+# the LibTorch stable ABI, which has no C++ autograd, so the gradient is attached here whether or not
+# it loaded.
 
 
 def _setup_context(ctx, inputs, output):
@@ -90,22 +90,32 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(w, b, e)
 
 
-def _backward(ctx, grad_q):
-    if torch.is_grad_enabled():
-        # The gradients are linear in grad_q; the backward op has no autograd of its own, so a
-        # graph through it would differentiate as if it were constant: silently wrong.
+class _BackwardOnce(torch.autograd.Function):
+    """The backward op under create_graph=True: its gradients are linear in grad_q, and the op has no
+    autograd of its own, so a graph through it would differentiate as if it were constant (silently
+    wrong). First-order gradients still come, and any attempt to differentiate them is an error."""
+
+    @staticmethod
+    def forward(ctx, grad_q, w, b, e, rounding):
+        return torch.ops.sgsc.fake_quantize_backward(grad_q, w, b, e, rounding)
+
+    @staticmethod
+    def backward(ctx, *grads):
         raise NotImplementedError(
             "sgsc.fake_quantize: double backward (differentiating its gradients, e.g. create_graph=True) "
             "is not supported"
         )
+
+
+def _backward(ctx, grad_q):
     w, b, e = ctx.saved_tensors
-    grad_w, grad_b, grad_e = torch.ops.sgsc.fake_quantize_backward(grad_q, w, b, e, ctx.rounding)
+    backward = _BackwardOnce.apply if torch.is_grad_enabled() else torch.ops.sgsc.fake_quantize_backward
+    grad_w, grad_b, grad_e = backward(grad_q, w, b, e, ctx.rounding)
     needs = ctx.needs_input_grad
     return (grad_w if needs[0] else None, grad_b if needs[1] else None, grad_e if needs[2] else None, None)
 
 
-if not _native.available():
-    torch.library.register_autograd("sgsc::fake_quantize", _backward, setup_context=_setup_context)
+torch.library.register_autograd("sgsc::fake_quantize", _backward, setup_context=_setup_context)
 
 
 # ---- CUDA: Triton kernels, imported on first use -------------------------------------------

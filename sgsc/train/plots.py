@@ -48,6 +48,34 @@ def plot_training(history: list[dict], path: str | os.PathLike) -> Path:
     return _save(figure, path)
 
 
+def plot_accuracy_vs_bytes(history: list[dict], path: str | os.PathLike, *, file_bytes: int | None = None,
+                           file_accuracy: float | None = None, float_bytes: int | None = None) -> Path:
+    """Test accuracy against model bytes through training, from ``eval`` records: the trade-off the run
+    walked, from the first evaluation to the last, with the packed file written (``file_bytes``,
+    ``file_accuracy``) and the float32 model's size (``float_bytes``) when given."""
+    evals = [r for r in history if r.get("kind") == "eval"]
+    if not evals:
+        raise ValueError("history has no eval records to plot")
+    figure = Figure(figsize=(7, 4))
+    axis = figure.add_subplot()
+    sizes, accuracies = [r["bytes"] for r in evals], [r["test_accuracy"] for r in evals]
+    axis.plot(sizes, accuracies, color="tab:gray", lw=0.8, zorder=1)
+    points = axis.scatter(sizes, accuracies, c=[r["step"] for r in evals], cmap="viridis", s=18, zorder=2)
+    figure.colorbar(points, ax=axis, label="step")
+    if file_bytes is not None and file_accuracy is not None:
+        axis.scatter([file_bytes], [file_accuracy], marker="*", s=160, color="tab:red", zorder=3,
+                     label=f"packed file: {file_bytes} bytes, {file_accuracy:.4f}")
+    if float_bytes is not None:
+        axis.axvline(float_bytes, color="tab:blue", lw=0.8, ls="--", label=f"float32: {float_bytes} bytes")
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="lower right")
+    axis.set_xscale("log")
+    axis.set_xlabel("model bytes (log scale)")
+    axis.set_ylabel("test accuracy")
+    axis.set_title("accuracy against size during compression")
+    return _save(figure, path)
+
+
 @torch.no_grad()
 def plot_weight_histogram(model: nn.Module, path: str | os.PathLike) -> Path:
     """Histogram of every quantized layer's weights as the forward pass sees them (Fig. 3)."""
