@@ -140,6 +140,13 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(markdown: str, *written: Path) -> int:
+    """Print an experiment's markdown section and the files it wrote; the command's exit status."""
+    print(markdown)
+    print(f"wrote {' and '.join(map(str, written))}")
+    return 0
+
+
 def _run_language(args: argparse.Namespace) -> int:
     from sgsc.experiments import language
 
@@ -152,9 +159,7 @@ def _run_language(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     result = language.run(corpus, quick=args.quick, seeds=args.seeds, steps=args.steps, out_dir=args.out)
-    print(language.markdown(result))
-    print(f"wrote {Path(args.out) / language.RESULT_FILE}")
-    return 0
+    return _report(language.markdown(result), Path(args.out) / language.RESULT_FILE)
 
 
 def _add_language(subparsers) -> None:
@@ -247,9 +252,7 @@ def _run_frontier(args: argparse.Namespace) -> int:
     overrides["progress"] = args.progress
     settings = frontier.quick_settings(**overrides) if args.quick else frontier.FrontierSettings(**overrides)
     result = frontier.run(settings, args.out, workers=args.workers)
-    print(frontier.markdown(result))
-    print(f"wrote {Path(args.out) / frontier.RESULT_FILE} and {Path(args.out) / frontier.PLOT_FILE}")
-    return 0
+    return _report(frontier.markdown(result), Path(args.out) / frontier.RESULT_FILE, Path(args.out) / frontier.PLOT_FILE)
 
 
 def register(subparsers) -> None:

@@ -7,8 +7,8 @@ through the public API (:func:`sgsc.compress`, the baselines of :mod:`sgsc.exper
 * SGSC at each gamma of ``gammas``, with the guard contract at ``max_drop``, for each preservation
   term (``task``, ``distill``, and ``none``: the guard and rollback without a preservation term);
 * unsafe self-compression at the same gammas (no guard, no preservation term);
-* fixed-bit QAT at 2, 3 and 4 bits; post-training quantization to int4 and int8;
-* one SGSC run at ``one_run_max_drop`` and ``one_run_gamma`` (a large gamma the contract holds back).
+* fixed-bit QAT at 2, 3 and 4 bits, post-training quantization to int4 and int8, and one SGSC run at
+  ``one_run_max_drop`` and ``one_run_gamma`` (a large gamma the contract holds back).
 
 Every model is exported, loaded back and scored on the test split (which no method sees). A
 method's frontier is the upper envelope of its (bytes, accuracy) points; its accuracy at each
