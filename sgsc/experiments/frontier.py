@@ -10,12 +10,12 @@ through the public API (:func:`sgsc.compress`, the baselines of :mod:`sgsc.exper
 * fixed-bit QAT at 2, 3 and 4 bits, post-training quantization to int4 and int8, and one SGSC run at
   ``one_run_max_drop`` and ``one_run_gamma`` (a large gamma the contract holds back).
 
-Every model is exported, loaded back and scored on the test split (which no method sees). A
-method's frontier is the upper envelope of its (bytes, accuracy) points; its accuracy at each
-budget of ``budgets`` (% of the float32 file) is interpolated linearly on that envelope, per seed,
-then averaged over seeds with a 95% interval (Student's t). The contract table gives each SGSC
-run's test-split drop from its reference (the snapshot at ``init_bits``, as compression started)
-beside ``max_drop`` and two standard errors of the test split.
+Every model is exported, loaded back and scored on the test split (which no method sees). A method's
+frontier is the upper envelope of its (bytes, accuracy) points; its accuracy at each budget of
+``budgets`` (% of the float32 file) is interpolated linearly on that envelope, per seed, then averaged
+over seeds with a 95% interval (Student's t). The contract table gives each SGSC run's test-split drop
+from its reference (the snapshot at ``init_bits``, as compression started) beside ``max_drop`` and two
+standard errors of the test split.
 """
 
 from __future__ import annotations
@@ -414,8 +414,7 @@ def markdown(result: dict) -> str:
         f"{len(result['seeds'])} seeds (\"not reached\": a seed has no file that small):",
         "",
         "| method | " + " | ".join(f"{b}% of float32" for b in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
-    ]
+        "|---|" + "---|" * len(budgets)]
     for family in FAMILIES:
         lines.append(f"| {LABELS[family]} | " + " | ".join(_cell(summary["table"][family][b]) for b in budgets) + " |")
     lines.append("")
