@@ -18,6 +18,7 @@ from sgsc.nn.layers import (
     check_rounding,
     quantized_layers,
 )
+from sgsc.nn.size import float_weights
 from sgsc.ops.spec import WEIGHT_DTYPES
 
 # Exact types quantize_model swaps (a subclass may change the forward, so it is left alone).
@@ -35,7 +36,28 @@ _UNSUPPORTED = (
 )
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly Hugging Face transformers' ``Conv1D`` (GPT-2's projections): a linear
+    layer that stores its weight as ``(in_features, out_features)``. Recognised by name, so sgsc never
+    imports transformers."""
+    kind = type(module)
+    return kind.__name__ == "Conv1D" and kind.__module__ == "transformers.pytorch_utils"
+
+
+def _as_linear(conv1d: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what a transformers ``Conv1D`` computes: its weight transposed to a new
+    Parameter (one bit depth per output feature is then one per row, as for every linear layer; the
+    packed runtime, the file and ONNX need nothing new), its bias taken over."""
+    weight = conv1d.weight
+    linear = nn.Linear(weight.shape[0], weight.shape[1], conv1d.bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    linear.bias = conv1d.bias
+    return linear.train(conv1d.training)
+
+
 def _unsupported_reason(module: nn.Module) -> str | None:
+    if is_transposed_linear(module):
+        return None
     if isinstance(module, (*QUANTIZED_TYPES, QMultiheadAttention)) or type(module) in _SWAPS:
         if type(module) is nn.Embedding and module.max_norm is not None:
             return "max_norm renormalises the table in place on every lookup"
@@ -73,6 +95,8 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def _swap(module: nn.Module, name: str, init_bits: float, quant_groups: int | None, rounding: str) -> nn.Module:
+    if is_transposed_linear(module):
+        module = _as_linear(module)
     weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"layer {name or '<model>'} has {weight.dtype} weights; sgsc quantizes {WEIGHT_DTYPES}")
@@ -150,7 +174,7 @@ def quantize_model(
             whole_modules.append(name)
             left_alone.append(f"{name or '<model>'} ({type(module).__name__}: {reason})")
             continue
-        if type(module) not in _SWAPS and type(module) is not nn.MultiheadAttention:
+        if type(module) not in _SWAPS and type(module) is not nn.MultiheadAttention and not is_transposed_linear(module):
             continue
         if type(module) is nn.MultiheadAttention:
             whole_modules.append(name)  # its projections are taken over whole, not swapped one by one
@@ -163,6 +187,15 @@ def quantize_model(
         replace_submodule(model, name, swapped[id(module)])
 
     _tie_quantizers(model)
+    left_alone += _other_float_weights(model, [*skip, *whole_modules])
     if left_alone:
         warnings.warn("sgsc.quantize_model left these layers in float: " + "; ".join(left_alone), stacklevel=2)
     return model
+
+
+def _other_float_weights(model: nn.Module, named: list[str]) -> list[str]:
+    """Weights of two or more dimensions left float outside the modules already named (skipped, or left
+    with a reason): a custom module's own Parameter (a position table, a class token) or a layer sgsc does not
+    know, which would otherwise stay float with nothing said."""
+    return [f"{entry['name']} (a float Parameter of shape {tuple(entry['shape'])})" for entry in float_weights(model)
+            if not any(entry["name"].startswith(prefix + ".") or prefix == "" for prefix in named)]

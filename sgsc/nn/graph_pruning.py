@@ -58,6 +58,7 @@ from torch import nn
 
 from sgsc.nn.graph_analysis import _Analysis
 from sgsc.nn.graph_trace import (
+    EntangledGroup,
     UntraceableModel,
     _CausalAttentionPruner,
     _ConvPruner,
@@ -155,7 +156,11 @@ def _plan_graph(trace: _Trace, model: nn.Module, silence: bool, kept: list[KeptU
         if root in visited:
             continue
         pruner = graph.get_pruner_of_module(root)
-        group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root))))
+        try:
+            group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root))))
+        except EntangledGroup as exc:
+            kept.extend(_entangled(trace, root, str(exc)))
+            continue
         analysis = _Analysis(trace, group, silence)
         visited.update(node.module for node, into, _, _ in analysis.items if not into)
         candidates = {r for r in analysis.members if analysis.zero_bit_units(r)}
@@ -171,6 +176,17 @@ def _plan_graph(trace: _Trace, model: nn.Module, silence: bool, kept: list[KeptU
         if removable:
             plans.append(_Plan(root, sorted(removable), analysis.silenced(removable) if silence else []))
     return plans
+
+
+def _entangled(trace: _Trace, root: nn.Module, why: str) -> list[KeptUnits]:
+    """The zero-bit rows of a root whose coupled set torch-pruning could not resolve: they stay, masked."""
+    if not isinstance(root, QUANTIZED_TYPES) or root.group_by != "output" or not root.quant_groups:
+        return []
+    rows = trace.dead(root).repeat_interleave(root.weight.shape[0] // root.quant_groups)
+    if not bool(rows.any()):
+        return []
+    return [KeptUnits(trace.names[root], "output channels", rows.nonzero().flatten().tolist(),
+                      f"the coupled set cannot be resolved: {why}")]
 
 
 def _merged(kept: list[KeptUnits]) -> list[KeptUnits]:

@@ -9,8 +9,9 @@
   width); a lookup decodes only the rows it returns.
 - :func:`packed_module`: the packed layer for one quantized layer's codes (what a loader calls).
 - :func:`pack_model`: every QLinear/QConv2d of a trained model replaced in place.
-- :func:`resident_bytes`, :func:`packed_file_bytes`: what the packed weights keep in memory, and the
-  dense bit-packed size of the same codes (the file's), for the overhead ratio.
+- :func:`resident_bytes`: every byte a model holds; :func:`packed_weight_bytes`, :func:`packed_file_bytes`:
+  what the packed weights keep in memory, and the dense bit-packed size of the same codes (the file's), for
+  the overhead ratio.
 """
 
 from __future__ import annotations
@@ -265,10 +266,33 @@ def _packed_modules(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (_PackedBase, StreamLayer, PackedEmbedding))]
 
 
-def resident_bytes(model: nn.Module) -> int:
+def packed_weight_bytes(model: nn.Module) -> int:
     """Bytes the packed weights of ``model`` keep resident (codes and layout tables; biases and the
-    shared dequantization buffer, :data:`WORKSPACE`, not included)."""
+    shared dequantization buffer, :data:`WORKSPACE`, not included): what the codes cost, against the file's."""
     return sum(m.weight_nbytes for m in _packed_modules(model))
+
+
+def _held_tensors(module: nn.Module):
+    """The tensors ``module`` itself holds: Parameters, buffers, and tensors kept as plain attributes (a cache, a
+    layout table outside the buffers)."""
+    yield from (t for t in module._parameters.values() if t is not None)
+    yield from (t for t in module._buffers.values() if t is not None)
+    yield from (t for t in vars(module).values() if isinstance(t, torch.Tensor))
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes ``model`` keeps in memory: every tensor it holds (float Parameters and buffers, packed codes and
+    their tables, tensors kept as attributes), each storage counted once however many tensors view it,
+    plus :func:`workspace_bytes`, the shared buffer its stream layers dequantize into."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    storages: dict[tuple, int] = {}
+    for module in model.modules():
+        for tensor in _held_tensors(module):
+            storage = tensor.untyped_storage()
+            if storage.device.type != "meta":
+                storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values()) + workspace_bytes(model)
 
 
 def workspace_bytes(model: nn.Module) -> int:
@@ -285,4 +309,4 @@ def packed_file_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["PackedConv2d", "PackedEmbedding", "PackedLinear", "PackedStreamLinear", "WORKSPACE", "pack_model", "packable_layers", "packed_file_bytes", "packed_module",
-           "resident_bytes", "workspace_bytes"]
+           "packed_weight_bytes", "resident_bytes", "workspace_bytes"]
