@@ -26,6 +26,8 @@ _PUBLIC = {
     "QLinear": "sgsc.nn",
     "QConv1d": "sgsc.nn",
     "QConv2d": "sgsc.nn",
+    "QConvTranspose1d": "sgsc.nn",
+    "QConvTranspose2d": "sgsc.nn",
     "QEmbedding": "sgsc.nn",
     "QMultiheadAttention": "sgsc.nn",
     "QCausalSelfAttention": "sgsc.nn",

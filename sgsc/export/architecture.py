@@ -105,10 +105,10 @@ def _unpruned_groups(model: nn.Module, record: Record) -> dict[str, int]:
         weight = getattr(module, "weight", None)
         if is_transposed_linear(module):  # (in, out): quantize_model makes it a linear layer's (out, in)
             weight = weight.t()
-        pruned = record.state[layer.key("weight")][0][0 if layer.group_by == "output" else 1]
+        pruned = record.state[layer.key("weight")][0][layer.grouped_axis]
         if isinstance(weight, torch.Tensor) and weight.dim() > 1 and layer.groups and pruned >= layer.groups:
             span = pruned // layer.groups
-            channels = weight.shape[0 if layer.group_by == "output" else 1]
+            channels = weight.shape[layer.grouped_axis]
             if channels % span == 0 and channels:
                 groups[layer.name] = channels // span
     return groups

@@ -27,6 +27,7 @@ from sgsc.export import codec
 from sgsc.export.onnx_op import dequantize_linear, onnx_integer_type
 from sgsc.export.writer import integer_codes
 from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
+from sgsc.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
 from sgsc.ops.spec import MAX_WIDTH
 
 _TORCH_STORAGE = {"INT2": torch.int8, "INT4": torch.int8, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32}
@@ -176,6 +177,20 @@ class _IntegerConv2d(nn.Module):
         return self.convolve(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class _IntegerConvTranspose(nn.Module):
+    """A transposed convolution (1-D or 2-D, as ``layer``) over a weight dequantized in the graph."""
+
+    def __init__(self, layer: QConvTranspose1d | QConvTranspose2d, weight: _IntegerWeight,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.transpose = F.conv_transpose2d if isinstance(layer, QConvTranspose2d) else F.conv_transpose1d
+        self.weight, self.bias = weight, _frozen(bias)
+        self.options = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transpose(x, self.weight(), self.bias, *self.options)
+
+
 @dataclass
 class _LayerPlan:
     name: str
@@ -236,6 +251,10 @@ def _integer_module(plan: _LayerPlan, opset: int) -> tuple[nn.Module, OnnxLayer]
     elif isinstance(layer, (QConv1d, QConv2d)):
         weight = _rows_weight(plan, opset)
         module = _IntegerConv2d(layer, weight, plan.bias)
+    elif isinstance(layer, (QConvTranspose1d, QConvTranspose2d)):  # output channels along dim 1
+        weight = _IntegerWeight(_grouped_layout(codes, 1, layer.quant_groups), plan.scales, plan.widths, 1,
+                                tuple(codes.shape), opset)
+        module = _IntegerConvTranspose(layer, weight, plan.bias)
     else:
         axis = 1 if layer.group_by == "output" else 0  # of the transposed (in, out) weight
         weight = _IntegerWeight(_grouped_layout(codes.t(), axis, layer.quant_groups), plan.scales, plan.widths,

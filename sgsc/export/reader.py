@@ -24,6 +24,7 @@ from sgsc.export.packed_file import (
     read_packed,
 )
 from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, quantized_layers, replace_submodule
+from sgsc.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
 
 __all__ = [
     "RUNTIMES",
@@ -63,6 +64,11 @@ def _new_plain_twin(layer: nn.Module) -> nn.Module:
         conv = nn.Conv1d if isinstance(layer, QConv1d) else nn.Conv2d
         return conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                     layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+    if isinstance(layer, (QConvTranspose1d, QConvTranspose2d)):
+        conv = nn.ConvTranspose1d if isinstance(layer, QConvTranspose1d) else nn.ConvTranspose2d
+        return conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                    layer.output_padding, layer.groups, layer.bias is not None, layer.dilation, layer.padding_mode,
+                    device="meta")
     if isinstance(layer, QEmbedding):
         return nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
                             scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, device="meta")

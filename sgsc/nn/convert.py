@@ -7,13 +7,14 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
+from sgsc.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
 from sgsc.nn.layers import (
-    QUANTIZED_TYPES,
     QConv1d,
     QConv2d,
     QEmbedding,
     QLinear,
     QMultiheadAttention,
+    _Quantized,
     check_init_bits,
     check_rounding,
     quantized_layers,
@@ -22,12 +23,13 @@ from sgsc.nn.size import float_weights
 from sgsc.ops.spec import WEIGHT_DTYPES
 
 # Exact types quantize_model swaps (a subclass may change the forward, so it is left alone).
-_SWAPS = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Embedding: QEmbedding}
+_SWAPS = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Embedding: QEmbedding,
+          nn.ConvTranspose1d: QConvTranspose1d, nn.ConvTranspose2d: QConvTranspose2d}
 
 # Weight-bearing layers quantize_model leaves in float, with the reason it tells the user.
 _UNSUPPORTED = (
     (nn.MultiheadAttention, "a subclass of nn.MultiheadAttention may change its forward"),
-    (nn.modules.conv._ConvNd, "only nn.Conv1d and nn.Conv2d are supported"),
+    (nn.modules.conv._ConvNd, "only nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d and nn.ConvTranspose2d are supported"),
     (nn.EmbeddingBag, "embedding bags are not quantized"),
     (nn.Embedding, "subclasses of nn.Embedding may change its forward; only exact nn.Embedding is swapped"),
     (nn.Bilinear, "not supported"),
@@ -58,9 +60,11 @@ def _as_linear(conv1d: nn.Module) -> nn.Linear:
 def _unsupported_reason(module: nn.Module) -> str | None:
     if is_transposed_linear(module):
         return None
-    if isinstance(module, (*QUANTIZED_TYPES, QMultiheadAttention)) or type(module) in _SWAPS:
+    if isinstance(module, (_Quantized, QMultiheadAttention)) or type(module) in _SWAPS:
         if type(module) is nn.Embedding and module.max_norm is not None:
             return "max_norm renormalises the table in place on every lookup"
+        if type(module) in (nn.ConvTranspose1d, nn.ConvTranspose2d) and module.groups != 1:
+            return "a transposed convolution is quantized only with groups=1"
         return None
     if type(module) is nn.MultiheadAttention:
         if not module._qkv_same_embed_dim or module.bias_k is not None:
@@ -140,8 +144,10 @@ def quantize_model(
     groups: int | Mapping[str, int] | None = None,
     rounding: str = "nearest",
 ) -> nn.Module:
-    """Swap ``model``'s layers in place for quantized ones: ``nn.Linear`` -> QLinear, ``nn.Conv1d``/``nn.Conv2d``
-    -> QConv1d/QConv2d, ``nn.Embedding`` -> QEmbedding, ``nn.MultiheadAttention`` -> QMultiheadAttention.
+    """Swap ``model``'s layers in place for quantized ones: ``nn.Linear`` (and transformers' ``Conv1D``, as the
+    linear layer it computes) -> QLinear, ``nn.Conv1d``/``nn.Conv2d`` -> QConv1d/QConv2d,
+    ``nn.ConvTranspose1d``/``nn.ConvTranspose2d`` -> QConvTranspose1d/QConvTranspose2d, ``nn.Embedding`` ->
+    QEmbedding, ``nn.MultiheadAttention`` -> QMultiheadAttention.
 
     The new layers take over the old layers' Parameters (so an existing reference to ``layer.weight``
     stays valid) and start at ``init_bits`` with exponents fitted to the weights; layers that share a
@@ -150,7 +156,8 @@ def quantize_model(
     quantization groups: ``None`` for one per output channel (per token for embeddings), an int for
     every layer, or a mapping from layer name to int (others per channel); attention is always
     grouped per head. Weight-bearing layers it cannot quantize (other conv types, subclasses of the
-    swapped types, recurrent layers, ...) are left in float with one ``UserWarning`` naming them,
+    swapped types, recurrent layers, ...) and any other weight of two or more dimensions (a module's own
+    Parameter) are left in float with one ``UserWarning`` naming them,
     and :func:`sgsc.model_bits_report` lists them; layers that are already quantized are left as they
     are. Returns ``model``, converted in place. A bare layer cannot replace itself in place: it is
     refused, naming the ``from_float`` constructor that makes its quantized copy.
