@@ -19,6 +19,7 @@ from sgsc.nn.layers import (
     check_rounding,
     quantized_layers,
 )
+from sgsc.nn.recurrent import RECURRENT_SWAPS
 from sgsc.nn.size import float_weights
 from sgsc.ops.spec import WEIGHT_DTYPES
 
@@ -33,7 +34,7 @@ _UNSUPPORTED = (
     (nn.EmbeddingBag, "embedding bags are not quantized"),
     (nn.Embedding, "subclasses of nn.Embedding may change its forward; only exact nn.Embedding is swapped"),
     (nn.Bilinear, "not supported"),
-    (nn.RNNBase, "recurrent layers are not supported"),
+    (nn.RNNBase, "only exact nn.LSTM (without proj_size) and nn.GRU are quantized"),
     (nn.Linear, "subclasses of nn.Linear may change its forward; only exact nn.Linear is swapped"),
 )
 
@@ -66,6 +67,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         if type(module) in (nn.ConvTranspose1d, nn.ConvTranspose2d) and module.groups != 1:
             return "a transposed convolution is quantized only with groups=1"
         return None
+    if type(module) in RECURRENT_SWAPS and not getattr(module, "proj_size", 0):
+        return None
     if type(module) is nn.MultiheadAttention:
         if not module._qkv_same_embed_dim or module.bias_k is not None:
             return "only kdim == vdim == embed_dim without bias_k/bias_v is supported"
@@ -74,6 +77,11 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         if isinstance(module, kind):
             return reason
     return None
+
+
+def _swapped_whole(module: nn.Module) -> bool:
+    return (type(module) in _SWAPS or type(module) in RECURRENT_SWAPS or type(module) is nn.MultiheadAttention
+            or is_transposed_linear(module))
 
 
 def _groups_for(name: str, groups: int | Mapping[str, int] | None) -> int | None:
@@ -101,6 +109,11 @@ def _under(name: str, prefix: str) -> bool:
 def _swap(module: nn.Module, name: str, init_bits: float, quant_groups: int | None, rounding: str) -> nn.Module:
     if is_transposed_linear(module):
         module = _as_linear(module)
+    if type(module) in RECURRENT_SWAPS:  # per gate row, whatever ``groups`` says
+        if module.weight_ih_l0.dtype not in WEIGHT_DTYPES:
+            raise TypeError(f"layer {name or '<model>'} has {module.weight_ih_l0.dtype} weights; sgsc quantizes "
+                            f"{WEIGHT_DTYPES}")
+        return RECURRENT_SWAPS[type(module)].from_float(module, init_bits=init_bits, rounding=rounding)
     weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"layer {name or '<model>'} has {weight.dtype} weights; sgsc quantizes {WEIGHT_DTYPES}")
@@ -147,7 +160,8 @@ def quantize_model(
     """Swap ``model``'s layers in place for quantized ones: ``nn.Linear`` (and transformers' ``Conv1D``, as the
     linear layer it computes) -> QLinear, ``nn.Conv1d``/``nn.Conv2d`` -> QConv1d/QConv2d,
     ``nn.ConvTranspose1d``/``nn.ConvTranspose2d`` -> QConvTranspose1d/QConvTranspose2d, ``nn.Embedding`` ->
-    QEmbedding, ``nn.MultiheadAttention`` -> QMultiheadAttention.
+    QEmbedding, ``nn.MultiheadAttention`` -> QMultiheadAttention, ``nn.LSTM``/``nn.GRU`` -> QLSTM/QGRU (one bit
+    depth per gate row).
 
     The new layers take over the old layers' Parameters (so an existing reference to ``layer.weight``
     stays valid) and start at ``init_bits`` with exponents fitted to the weights; layers that share a
@@ -156,7 +170,7 @@ def quantize_model(
     quantization groups: ``None`` for one per output channel (per token for embeddings), an int for
     every layer, or a mapping from layer name to int (others per channel); attention is always
     grouped per head. Weight-bearing layers it cannot quantize (other conv types, subclasses of the
-    swapped types, recurrent layers, ...) and any other weight of two or more dimensions (a module's own
+    swapped types, nn.RNN, ...) and any other weight of two or more dimensions (a module's own
     Parameter) are left in float with one ``UserWarning`` naming them,
     and :func:`sgsc.model_bits_report` lists them; layers that are already quantized are left as they
     are. Returns ``model``, converted in place. A bare layer cannot replace itself in place: it is
@@ -181,7 +195,7 @@ def quantize_model(
             whole_modules.append(name)
             left_alone.append(f"{name or '<model>'} ({type(module).__name__}: {reason})")
             continue
-        if type(module) not in _SWAPS and type(module) is not nn.MultiheadAttention and not is_transposed_linear(module):
+        if not _swapped_whole(module):
             continue
         if type(module) is nn.MultiheadAttention:
             whole_modules.append(name)  # its projections are taken over whole, not swapped one by one
