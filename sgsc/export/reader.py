@@ -136,9 +136,10 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     ``PackedConv2d`` and ``PackedEmbedding`` holding the integer codes bit-packed at each group's width
     (memory about the file's size),
     computing from them; outputs match the float runtime's within the fp32 bound of
-    :mod:`sgsc.ops.packed` (embeddings: bit for bit). QConv1d layers, a QMultiheadAttention's
-    projections (it computes from their weights) and layers sharing a weight with one stay on the
-    float runtime. A model exported in another dtype than float32 runs
+    :mod:`sgsc.ops.packed` (embeddings: bit for bit). A QMultiheadAttention's projections and a
+    QLSTM/QGRU's matrices run packed too: those modules read each packed child's ``weight``, dequantized
+    from its codes on every call. QConv1d layers, transposed convolutions and layers sharing a weight
+    with one stay on the float runtime. A model exported in another dtype than float32 runs
     only on the float runtime.
 
     Every value is checked first (docs/FORMAT.md, "Validation a reader performs"): a file that fails

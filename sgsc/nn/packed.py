@@ -21,12 +21,15 @@ from torch import nn
 
 from sgsc.nn.convert import replace_submodule
 from sgsc.nn.layers import QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
+from sgsc.nn.recurrent import _QRecurrent
 from sgsc.nn.packed_stream import WORKSPACE, PackedConv2d, PackedStreamLinear, StreamLayer, bit_stream
 from sgsc.ops import packed as packed_ops
 from sgsc.ops import reference
 from sgsc.ops.spec import group_offsets
 
 _BUFFERS = packed_ops.TENSOR_NAMES
+# modules that hand their children's weights to a fused function instead of calling them
+WEIGHT_READERS = (QMultiheadAttention, _QRecurrent)
 # Linear layers of at most this many codes (256 KiB of float32 weight) keep the file's stream and
 # dequantize per call (PackedStreamLinear): at this size a call costs its fixed overhead either way,
 # and the fused kernel's tiles (8 lanes, padding and per-row tables) would hold 1.3-1.9x the file's
@@ -229,18 +232,16 @@ def packed_module(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
 
 def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The quantized layers the packed runtime can replace (name -> layer): QLinear, QConv2d and
-    QEmbedding, except a QMultiheadAttention's projections, whose weights it hands to
-    ``F.multi_head_attention_forward`` (they stay quantized, or float on a loaded model)."""
-    attention = {name for name, module in model.named_modules() if isinstance(module, QMultiheadAttention)}
-    return {name: layer for name, layer in quantized_layers(model)
-            if isinstance(layer, (QLinear, QConv2d, QEmbedding)) and name.rpartition(".")[0] not in attention}
+    QEmbedding. A QMultiheadAttention's projections are among them: it hands their ``weight`` to
+    ``F.multi_head_attention_forward``, which a packed layer dequantizes from its codes on each access."""
+    return {name: layer for name, layer in quantized_layers(model) if isinstance(layer, (QLinear, QConv2d, QEmbedding))}
 
 
 @torch.no_grad()
 def pack_model(model: nn.Module) -> nn.Module:
     """Replace every QLinear/QConv2d of ``model`` by its packed layer, in place; returns ``model`` in eval mode.
 
-    The layers are :func:`packable_layers`'; QConv1d layers and attention projections stay as they
+    The layers are :func:`packable_layers`'; QConv1d layers and transposed convolutions stay as they
     are. An embedding tied to a linear layer (a tied head) becomes a PackedEmbedding and a
     PackedLinear holding the same codes.
 
@@ -297,9 +298,12 @@ def resident_bytes(model: nn.Module) -> int:
 
 def workspace_bytes(model: nn.Module) -> int:
     """Bytes of the one buffer ``model``'s stream layers (convolutions, small linears) share: the largest of
-    their float32 weights."""
-    return max((4 * m.out_features * m.in_features for m in _packed_modules(model) if isinstance(m, StreamLayer)),
-               default=0)
+    their float32 weights. Layers that are never called, only read (an attention's projections, a recurrent
+    layer's matrices: their ``weight`` is a fresh copy, freed after the call), do not grow it."""
+    read_only = {id(child) for module in model.modules() if isinstance(module, WEIGHT_READERS)
+                 for child in module.children()}
+    return max((4 * m.out_features * m.in_features for m in _packed_modules(model)
+                if isinstance(m, StreamLayer) and id(m) not in read_only), default=0)
 
 
 def packed_file_bytes(model: nn.Module) -> int:

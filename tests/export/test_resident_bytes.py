@@ -1,5 +1,6 @@
-"""``resident_bytes`` against the bytes a loaded model really holds, counted independently: every tensor the
-process gained by loading and running it, found through the garbage collector."""
+"""A ViT loaded on the packed runtime: its attention computes from the codes, and ``resident_bytes`` is checked
+against the bytes the loaded model really holds, counted independently: every tensor the process gained by
+loading and running it, found through the garbage collector."""
 
 import gc
 import threading
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 import sgsc
-from sgsc.nn.packed import packed_weight_bytes, resident_bytes
+from sgsc.nn.packed import PackedLinear, packed_weight_bytes, resident_bytes
+from sgsc.nn.packed_stream import PackedStreamLinear
 
 
 class _Vit(nn.Module):
@@ -67,3 +69,16 @@ def test_resident_bytes_are_within_5_percent_of_what_a_loaded_model_holds(runtim
     assert abs(measured["resident"] - measured["held"]) <= 0.05 * measured["held"]
     if runtime == "packed":  # the float tensors (norms, tables, biases) are counted besides the codes
         assert measured["resident"] > 1.5 * measured["codes"]
+
+
+def test_attention_projections_run_from_their_codes_on_the_packed_runtime(tmp_path):
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning):
+        model = sgsc.quantize_model(_Vit(), init_bits=5).eval()
+    sgsc.save_packed(model, tmp_path / "vit.sgsc")
+    packed = sgsc.load_packed(tmp_path / "vit.sgsc", model=_Vit(), runtime="packed")
+    attention = packed.blocks.layers[0].self_attn
+    assert isinstance(attention.in_proj, PackedStreamLinear) and isinstance(attention.out_proj, PackedLinear)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(packed(x), sgsc.load_packed(tmp_path / "vit.sgsc", model=_Vit())(x))
