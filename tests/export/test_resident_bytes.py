@@ -38,7 +38,10 @@ def _storages() -> dict[int, int]:
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and not obj.is_meta:
             storage = obj.untyped_storage()
-            found[storage.data_ptr()] = storage.nbytes()
+            try:
+                found[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # a fake or functional tensor (an earlier test's export left it) holds no data
+                continue
     return found
 
 
