@@ -21,8 +21,8 @@ from torch import nn
 
 from sgsc.nn.convert import replace_submodule
 from sgsc.nn.layers import QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
-from sgsc.nn.recurrent import _QRecurrent
 from sgsc.nn.packed_stream import WORKSPACE, PackedConv2d, PackedStreamLinear, StreamLayer, bit_stream
+from sgsc.nn.recurrent import _QRecurrent
 from sgsc.ops import packed as packed_ops
 from sgsc.ops import reference
 from sgsc.ops.spec import group_offsets
