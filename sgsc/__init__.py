@@ -29,6 +29,8 @@ _PUBLIC = {
     "QConvTranspose1d": "sgsc.nn",
     "QConvTranspose2d": "sgsc.nn",
     "QEmbedding": "sgsc.nn",
+    "QLSTM": "sgsc.nn",
+    "QGRU": "sgsc.nn",
     "QMultiheadAttention": "sgsc.nn",
     "QCausalSelfAttention": "sgsc.nn",
     "quantize_model": "sgsc.nn",

@@ -3,6 +3,7 @@
 - :mod:`~sgsc.nn.layers`: ``QLinear``, ``QConv1d``, ``QConv2d``, ``QEmbedding``, ``QMultiheadAttention``,
   ``QCausalSelfAttention`` (they call :mod:`sgsc.ops`);
 - :mod:`~sgsc.nn.conv_transpose`: ``QConvTranspose1d``, ``QConvTranspose2d``;
+- :mod:`~sgsc.nn.recurrent`: ``QLSTM``, ``QGRU`` (one bit depth per gate row);
 - :mod:`~sgsc.nn.convert`: ``quantize_model`` for any ``nn.Module``;
 - :mod:`~sgsc.nn.size`: the differentiable size term and the payload report;
 - :mod:`~sgsc.nn.zoo`: the paper's CNN and the character decoder, rebuilt from their configs;
@@ -22,6 +23,7 @@ from sgsc.nn.layers import (
     QMultiheadAttention,
     quantized_layers,
 )
+from sgsc.nn.recurrent import QGRU, QLSTM
 from sgsc.nn.size import average_bits, model_bits_report, storage_bits
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "QConvTranspose1d",
     "QConvTranspose2d",
     "QEmbedding",
+    "QGRU",
+    "QLSTM",
     "QLinear",
     "QMultiheadAttention",
     "average_bits",
