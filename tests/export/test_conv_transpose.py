@@ -76,3 +76,21 @@ def test_an_autoencoder_exports_to_onnx_within_the_bound(tmp_path):
     reference = model(x).detach().numpy()
     output = session.run(None, {"input": x.numpy()})[0]
     assert np.abs(output - reference).max() / np.abs(reference).max() <= 1e-5
+
+
+def test_pruning_keeps_a_transposed_convs_zero_bit_channels_and_says_why():
+    pytest.importorskip("torch_pruning")
+    from sgsc.nn.graph_pruning import prune_zero_bit_units
+
+    torch.manual_seed(0)
+    model = sgsc.quantize_model(_autoencoder(), init_bits=4).eval()
+    with torch.no_grad():
+        model[4].bits[:3] = 0
+        model[2].bits[:5] = 0  # the conv feeding it: its channels are the transposed conv's inputs
+    x = torch.randn(2, 1, 16, 16)
+    expected = model(x)
+    report = prune_zero_bit_units(model, x)
+    kept = {unit.layer: unit for unit in report.kept}
+    assert kept["4"].indices == [0, 1, 2] and "transposed convolution" in kept["4"].reason
+    assert kept["2"].indices == [0, 1, 2, 3, 4]  # no cut reaches into a transposed conv
+    assert model[4].weight.shape == (32, 16, 3, 3) and torch.equal(model(x), expected)

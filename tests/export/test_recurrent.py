@@ -90,3 +90,19 @@ def test_a_char_rnn_exports_to_onnx_within_the_bound(kind, bidirectional, tmp_pa
     reference = model(ids).detach().numpy()
     output = session.run(None, {"input": ids.numpy()})[0]
     assert np.abs(output - reference).max() / np.abs(reference).max() <= 1e-5
+
+
+def test_pruning_keeps_a_recurrent_layers_zero_bit_gate_rows_and_says_why():
+    pytest.importorskip("torch_pruning")
+    from sgsc.nn.graph_pruning import prune_zero_bit_units
+
+    torch.manual_seed(0)
+    model = sgsc.quantize_model(CharRNN(), init_bits=4).eval()
+    with torch.no_grad():
+        model.rnn.hh_l0.bits[:10] = 0
+    ids = torch.randint(0, 64, (2, 7))
+    expected = model(ids)
+    report = prune_zero_bit_units(model, ids)
+    kept = {unit.layer: unit for unit in report.kept}
+    assert kept["rnn.hh_l0"].indices == list(range(10)) and "recurrent" in kept["rnn.hh_l0"].reason
+    assert report.parameters_removed == 0 and torch.equal(model(ids), expected)
