@@ -5,7 +5,7 @@ next-token task (repeating token patterns), then compressed with ``sgsc.compress
 fresh ``from_config`` model, and run with ``generate()``, on the packed runtime and in onnxruntime. Needs
 ``pip install 'sgsc[hf,onnx]'``.
 
-    python examples/hugging_face.py               # both models, about a minute on one CPU
+    python examples/hugging_face.py               # both models, about two minutes on one CPU
     python examples/hugging_face.py --model gpt2  # or llama
 """
 
