@@ -28,7 +28,7 @@ means the packed runtime is faster) and the median of the per-repeat ratios. Eac
 
 Memory, per model and runtime: (a) the bytes of the model's tensors (parameters and buffers, each
 storage once), of its quantized layers' weights (float32 on the float runtime; on the packed runtime
-``sgsc.nn.packed.resident_bytes``, the codes and layout tables) and ``workspace_bytes`` (the float32
+``sgsc.nn.packed.packed_weight_bytes``, the codes and layout tables) and ``workspace_bytes`` (the float32
 buffer the packed convolutions share); (b) the RSS growth of a fresh subprocess that imports torch and
 sgsc, warms up (saves, loads and runs tiny models of each kind: imports and one-time initialisation),
 then loads the file and runs one batch-1 forward: ``VmRSS`` after minus before, the peak ``VmHWM``
@@ -231,7 +231,7 @@ def tensor_bytes(model: nn.Module) -> int:
 def weight_bytes(model: nn.Module, runtime: str) -> int:
     """Resident bytes of the quantized layers' weights: float32 matrices, or packed codes and tables."""
     if runtime == "packed":
-        return packed_nn.resident_bytes(model)
+        return packed_nn.packed_weight_bytes(model)
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.is_meta)
 

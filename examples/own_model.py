@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sgsc
-from sgsc.nn.packed import resident_bytes
+from sgsc.nn.packed import packed_weight_bytes
 from sgsc.train import SelfCompression, evaluate, param_groups, preservation
 from sgsc.train.data import load_vision
 
@@ -158,7 +158,7 @@ def main() -> None:
     floats = sgsc.load_packed(args.out, model=SmallResNet(**architecture))
     print(f"{args.out}: {summary.file_bytes} bytes; on the packed runtime test accuracy "
           f"{evaluate(packed, data.test)['accuracy']:.4f} (float runtime {evaluate(floats, data.test)['accuracy']:.4f}), "
-          f"weights resident {resident_bytes(packed)} bytes against {sum(p.numel() * 4 for p in floats.parameters())} "
+          f"weights resident {packed_weight_bytes(packed)} bytes against {sum(p.numel() * 4 for p in floats.parameters())} "
           "bytes of float32 parameters")
 
 

@@ -6,12 +6,19 @@ The variable must be set before anything imports triton, which is why it lives h
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `python -m pytest` puts the checkout's root on sys.path, where the Triton sources' folder `kernels/`
+# (installed as sgsc.kernels) would shadow the `kernels` package transformers imports; sgsc is installed.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
 
 @pytest.fixture

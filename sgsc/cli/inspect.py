@@ -36,9 +36,9 @@ def architecture(spec: str | None) -> nn.Module | None:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes a loaded model keeps for its quantized layers' weights: float tensors, or packed codes and tables."""
-    from sgsc.nn.packed import resident_bytes
+    from sgsc.nn.packed import packed_weight_bytes
 
-    packed = resident_bytes(model)
+    packed = packed_weight_bytes(model)
     floats = sum(module.weight.numel() * module.weight.element_size() for module in model.modules()
                  if isinstance(module, (nn.Linear, nn.Conv2d)))
     return packed + floats

@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 from sgsc.export.format import dtype_name, layer_slots
 from sgsc.export.record import ArchitectureMismatch, Record, first_mismatch, record_of
 from sgsc.nn import quantize_model, quantized_layers
+from sgsc.nn.convert import is_transposed_linear
 from sgsc.nn.replay import cut_to_shapes
 from sgsc.nn.zoo import build_model
 
@@ -100,11 +101,14 @@ def _unpruned_groups(model: nn.Module, record: Record) -> dict[str, int]:
     many channels as in the file, and the unpruned layer's channels give the count."""
     groups, modules = {}, dict(model.named_modules())
     for layer in record.layers:
-        weight = getattr(modules.get(layer.name), "weight", None)
-        pruned = record.state[layer.key("weight")][0][0 if layer.group_by == "output" else 1]
+        module = modules.get(layer.name)
+        weight = getattr(module, "weight", None)
+        if is_transposed_linear(module):  # (in, out): quantize_model makes it a linear layer's (out, in)
+            weight = weight.t()
+        pruned = record.state[layer.key("weight")][0][layer.grouped_axis]
         if isinstance(weight, torch.Tensor) and weight.dim() > 1 and layer.groups and pruned >= layer.groups:
             span = pruned // layer.groups
-            channels = weight.shape[0 if layer.group_by == "output" else 1]
+            channels = weight.shape[layer.grouped_axis]
             if channels % span == 0 and channels:
                 groups[layer.name] = channels // span
     return groups

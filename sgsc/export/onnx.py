@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,12 +177,55 @@ def export_onnx(
             "(nothing was written)"
         ) from exc
     proto = program.model_proto
+    _check_batch_axis(proto, example_inputs.shape[0])
     _retype_narrow_codes(proto, opset)
     strip_debug_info(proto)
     _narrow_gather_indices(proto)
     onnx.checker.check_model(proto, full_check=True)
     atomic_write(path, proto.SerializeToString())
+    _warn_fused_widths(plans, described)
     return OnnxSummary(str(path), Path(path).stat().st_size, opset, described)
+
+
+# onnxruntime's one session option under which every width computes within the README's 1e-5
+EXACT_SESSION_OPTION = ("session.disable_quant_qdq", "1")
+# the integer types whose DequantizeLinear onnxruntime's default session fuses with a MatMul into MatMulNBits
+FUSED_TYPES = ("INT2", "INT4", "INT8")
+
+
+def _warn_fused_widths(plans: list[_LayerPlan], described: list[OnnxLayer]) -> None:
+    """Warn, naming the layers and the option, where onnxruntime's default session would not compute what the
+    model computes. It fuses a ``DequantizeLinear`` of INT2/INT4/INT8 codes that feeds a ``MatMul`` directly
+    (a linear layer stored as one integer type, no pruned group) into ``MatMulNBits``, which rounds the
+    activations to int8 (relative errors 1e-3 to 1e-2; measured on onnxruntime 1.32) and at INT2 returns
+    wrong outputs; ``session.disable_quant_qdq=1`` keeps the float ``MatMul``. Layers stored in several types
+    (concatenated), with pruned groups (padded), in INT16/INT32, convolutions and embeddings are not fused."""
+    linear = {plan.name for plan in plans if isinstance(plan.layer, nn.Linear)}
+    fused = [layer.name or "<model>" for layer in described
+             if layer.name in linear and len(layer.stored) == 1 and set(layer.stored) <= set(FUSED_TYPES)
+             and not layer.dropped]
+    if fused:
+        key, value = EXACT_SESSION_OPTION
+        warnings.warn(
+            f"linear layers {', '.join(fused[:5])}{' ...' if len(fused) > 5 else ''} are stored as one type of 8 bits "
+            "or fewer, which onnxruntime's default session fuses into MatMulNBits (int8 activations, relative errors "
+            f"up to 1e-2; wrong outputs at 2 bits): for the model's outputs within 1e-5, create the session with "
+            f"options.add_session_config_entry({key!r}, {value!r})", stacklevel=3)
+
+
+def _check_batch_axis(proto, example_batch: int) -> None:
+    """The file's batch axis must be dynamic: a model whose forward fixed it (a shape read as a Python int)
+    gives a file that runs one batch size. Fixed at the example's size, that is warned about; fixed at another
+    (the larger sample traced for a batch-1 example), the file could not even run the example, and is refused."""
+    axis = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    if axis.dim_param:
+        return
+    if axis.dim_value != example_batch:
+        raise ValueError(f"the exported graph fixes the batch axis at {axis.dim_value}, not the example's "
+                         f"{example_batch}: the model's forward fixes its batch size; pass example_inputs with "
+                         "at least 2 examples, of the batch size to run (nothing was written)")
+    warnings.warn(f"the exported graph's batch axis is not dynamic: the model's forward fixes it, and the ONNX file "
+                  f"runs only batches of {axis.dim_value}", stacklevel=3)
 
 
 # ---- a packed file as the source -----------------------------------------------------------------

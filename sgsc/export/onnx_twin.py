@@ -27,6 +27,8 @@ from sgsc.export import codec
 from sgsc.export.onnx_op import dequantize_linear, onnx_integer_type
 from sgsc.export.writer import integer_codes
 from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
+from sgsc.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
+from sgsc.nn.recurrent import _QRecurrent
 from sgsc.ops.spec import MAX_WIDTH
 
 _TORCH_STORAGE = {"INT2": torch.int8, "INT4": torch.int8, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32}
@@ -176,6 +178,42 @@ class _IntegerConv2d(nn.Module):
         return self.convolve(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class _IntegerRecurrent(nn.Module):
+    """QLSTM/QGRU's forward over integer matrices (its ``flat_weights`` is the one difference)."""
+
+    forward = _QRecurrent.forward
+
+    def __init__(self, recurrent: _QRecurrent, weights: dict[str, _IntegerWeight]):
+        super().__init__()
+        for name in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                     "bidirectional"):
+            setattr(self, name, getattr(recurrent, name))
+        self.matrices = nn.ModuleDict(weights)
+        self.biases = nn.ParameterDict({name: _frozen(child.bias) for name, child in recurrent.named_children()
+                                        if child.bias is not None})
+
+    def flat_weights(self) -> list[torch.Tensor]:
+        names, flat = list(self.matrices), []
+        for ih, hh in zip(names[::2], names[1::2]):  # per layer and direction: w_ih, w_hh, b_ih, b_hh
+            flat += [self.matrices[ih](), self.matrices[hh]()]
+            flat += [self.biases[ih], self.biases[hh]] if self.bias else []
+        return flat
+
+
+class _IntegerConvTranspose(nn.Module):
+    """A transposed convolution (1-D or 2-D, as ``layer``) over a weight dequantized in the graph."""
+
+    def __init__(self, layer: QConvTranspose1d | QConvTranspose2d, weight: _IntegerWeight,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.transpose = F.conv_transpose2d if isinstance(layer, QConvTranspose2d) else F.conv_transpose1d
+        self.weight, self.bias = weight, _frozen(bias)
+        self.options = (layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transpose(x, self.weight(), self.bias, *self.options)
+
+
 @dataclass
 class _LayerPlan:
     name: str
@@ -236,6 +274,10 @@ def _integer_module(plan: _LayerPlan, opset: int) -> tuple[nn.Module, OnnxLayer]
     elif isinstance(layer, (QConv1d, QConv2d)):
         weight = _rows_weight(plan, opset)
         module = _IntegerConv2d(layer, weight, plan.bias)
+    elif isinstance(layer, (QConvTranspose1d, QConvTranspose2d)):  # output channels along dim 1
+        weight = _IntegerWeight(_grouped_layout(codes, 1, layer.quant_groups), plan.scales, plan.widths, 1,
+                                tuple(codes.shape), opset)
+        module = _IntegerConvTranspose(layer, weight, plan.bias)
     else:
         axis = 1 if layer.group_by == "output" else 0  # of the transposed (in, out) weight
         weight = _IntegerWeight(_grouped_layout(codes.t(), axis, layer.quant_groups), plan.scales, plan.widths,
@@ -254,7 +296,9 @@ def _integer_twin(model: nn.Module, plans: list[_LayerPlan], opset: int):
 
     by_name = {plan.name: plan for plan in plans}
     attentions = {name: module for name, module in model.named_modules() if isinstance(module, QMultiheadAttention)}
-    replaced = list(attentions) + [name for name in by_name if name.rpartition(".")[0] not in attentions]
+    recurrents = {name: module for name, module in model.named_modules() if isinstance(module, _QRecurrent)}
+    whole = {**attentions, **recurrents}
+    replaced = list(whole) + [name for name in by_name if name.rpartition(".")[0] not in whole]
     # deepcopy with the replaced modules left out: their float weights are never needed again
     memo = {id(model.get_submodule(name)): nn.Identity() for name in replaced}
     twin = copy.deepcopy(model, memo).cpu().eval()
@@ -264,8 +308,13 @@ def _integer_twin(model: nn.Module, plans: list[_LayerPlan], opset: int):
         in_weight, out_weight = _rows_weight(in_plan, opset), _rows_weight(out_plan, opset)
         replace_submodule(twin, name, _IntegerMultiheadAttention(attention, in_weight, out_weight))
         described += [_describe(in_plan, in_weight), _describe(out_plan, out_weight)]
+    for name, recurrent in recurrents.items():
+        children = [by_name[f"{name}.{child}"] for child, _ in recurrent.named_children()]
+        weights = {plan.name.rpartition(".")[2]: _rows_weight(plan, opset) for plan in children}
+        replace_submodule(twin, name, _IntegerRecurrent(recurrent, weights))
+        described += [_describe(plan, weights[plan.name.rpartition(".")[2]]) for plan in children]
     for plan in plans:
-        if plan.name.rpartition(".")[0] in attentions:
+        if plan.name.rpartition(".")[0] in whole:
             continue
         module, description = _integer_module(plan, opset)
         replace_submodule(twin, plan.name, module)

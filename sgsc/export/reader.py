@@ -24,6 +24,7 @@ from sgsc.export.packed_file import (
     read_packed,
 )
 from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, quantized_layers, replace_submodule
+from sgsc.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
 
 __all__ = [
     "RUNTIMES",
@@ -63,6 +64,11 @@ def _new_plain_twin(layer: nn.Module) -> nn.Module:
         conv = nn.Conv1d if isinstance(layer, QConv1d) else nn.Conv2d
         return conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                     layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+    if isinstance(layer, (QConvTranspose1d, QConvTranspose2d)):
+        conv = nn.ConvTranspose1d if isinstance(layer, QConvTranspose1d) else nn.ConvTranspose2d
+        return conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                    layer.output_padding, layer.groups, layer.bias is not None, layer.dilation, layer.padding_mode,
+                    device="meta")
     if isinstance(layer, QEmbedding):
         return nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
                             scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, device="meta")
@@ -130,9 +136,10 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     ``PackedConv2d`` and ``PackedEmbedding`` holding the integer codes bit-packed at each group's width
     (memory about the file's size),
     computing from them; outputs match the float runtime's within the fp32 bound of
-    :mod:`sgsc.ops.packed` (embeddings: bit for bit). QConv1d layers, a QMultiheadAttention's
-    projections (it computes from their weights) and layers sharing a weight with one stay on the
-    float runtime. A model exported in another dtype than float32 runs
+    :mod:`sgsc.ops.packed` (embeddings: bit for bit). A QMultiheadAttention's projections and a
+    QLSTM/QGRU's matrices run packed too: those modules read each packed child's ``weight``, dequantized
+    from its codes on every call. QConv1d layers, transposed convolutions and layers sharing a weight
+    with one stay on the float runtime. A model exported in another dtype than float32 runs
     only on the float runtime.
 
     Every value is checked first (docs/FORMAT.md, "Validation a reader performs"): a file that fails

@@ -19,11 +19,13 @@ from torch import nn
 
 from sgsc.export.format import STORED_DTYPES, LayerSlot, PackedFileError, dtype_name, quoted, quoted_names, state_key
 from sgsc.nn import QConv1d, QConv2d, QEmbedding, QLinear, quantized_layers
+from sgsc.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
 from sgsc.nn.layers import GROUP_BY
 from sgsc.ops.spec import ROUNDING_MODES
 
 # The quantized kinds a record names, with the weight's dimensions; a subclass is recorded as its base.
-LAYER_KINDS = {"QLinear": (QLinear, 2), "QConv1d": (QConv1d, 3), "QConv2d": (QConv2d, 4), "QEmbedding": (QEmbedding, 2)}
+LAYER_KINDS = {"QLinear": (QLinear, 2), "QConv1d": (QConv1d, 3), "QConv2d": (QConv2d, 4), "QEmbedding": (QEmbedding, 2),
+               "QConvTranspose1d": (QConvTranspose1d, 3), "QConvTranspose2d": (QConvTranspose2d, 4)}
 # The dtypes a state entry may have: those a stream may hold, by their torch names.
 STATE_DTYPES = {dtype_name(dtype): dtype for dtype in STORED_DTYPES.values()}
 RECORD_KEYS = ("layers", "state", "tied")
@@ -46,6 +48,11 @@ class LayerRecord:
 
     def key(self, part: str) -> str:
         return state_key(self.name, part)
+
+    @property
+    def grouped_axis(self) -> int:
+        """The weight's dimension the groups run along: output channels (dim 1 of a transposed conv's), or inputs."""
+        return LAYER_KINDS[self.kind][0].OUTPUT_AXIS if self.group_by == "output" else 1
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ def problems(record: Record) -> str | None:
         for part in ("bits", "exponent"):
             if record.state[layer.key(part)] != ((layer.groups,), torch.float32):
                 return f"layer {quoted(layer.name)}: its {part} must be float32 of shape ({layer.groups},)"
-        axis = shape[0 if layer.group_by == "output" else 1]
+        axis = shape[layer.grouped_axis]
         if (axis % layer.groups if layer.groups else axis):
             return (f"layer {quoted(layer.name)}: {layer.groups} groups do not divide its {axis} {layer.group_by} "
                     "channels")

@@ -2,6 +2,8 @@
 
 - :mod:`~sgsc.nn.layers`: ``QLinear``, ``QConv1d``, ``QConv2d``, ``QEmbedding``, ``QMultiheadAttention``,
   ``QCausalSelfAttention`` (they call :mod:`sgsc.ops`);
+- :mod:`~sgsc.nn.conv_transpose`: ``QConvTranspose1d``, ``QConvTranspose2d``;
+- :mod:`~sgsc.nn.recurrent`: ``QLSTM``, ``QGRU`` (one bit depth per gate row);
 - :mod:`~sgsc.nn.convert`: ``quantize_model`` for any ``nn.Module``;
 - :mod:`~sgsc.nn.size`: the differentiable size term and the payload report;
 - :mod:`~sgsc.nn.zoo`: the paper's CNN and the character decoder, rebuilt from their configs;
@@ -10,6 +12,7 @@
 Imports only :mod:`sgsc.ops` from the package.
 """
 
+from sgsc.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
 from sgsc.nn.convert import quantize_model, replace_submodule
 from sgsc.nn.layers import (
     QCausalSelfAttention,
@@ -20,13 +23,18 @@ from sgsc.nn.layers import (
     QMultiheadAttention,
     quantized_layers,
 )
+from sgsc.nn.recurrent import QGRU, QLSTM
 from sgsc.nn.size import average_bits, model_bits_report, storage_bits
 
 __all__ = [
     "QCausalSelfAttention",
     "QConv1d",
     "QConv2d",
+    "QConvTranspose1d",
+    "QConvTranspose2d",
     "QEmbedding",
+    "QGRU",
+    "QLSTM",
     "QLinear",
     "QMultiheadAttention",
     "average_bits",

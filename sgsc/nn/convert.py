@@ -7,38 +7,67 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
+from sgsc.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
 from sgsc.nn.layers import (
-    QUANTIZED_TYPES,
     QConv1d,
     QConv2d,
     QEmbedding,
     QLinear,
     QMultiheadAttention,
+    _Quantized,
     check_init_bits,
     check_rounding,
     quantized_layers,
 )
+from sgsc.nn.recurrent import RECURRENT_SWAPS
+from sgsc.nn.size import float_weights
 from sgsc.ops.spec import WEIGHT_DTYPES
 
 # Exact types quantize_model swaps (a subclass may change the forward, so it is left alone).
-_SWAPS = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Embedding: QEmbedding}
+_SWAPS = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Embedding: QEmbedding,
+          nn.ConvTranspose1d: QConvTranspose1d, nn.ConvTranspose2d: QConvTranspose2d}
 
 # Weight-bearing layers quantize_model leaves in float, with the reason it tells the user.
 _UNSUPPORTED = (
     (nn.MultiheadAttention, "a subclass of nn.MultiheadAttention may change its forward"),
-    (nn.modules.conv._ConvNd, "only nn.Conv1d and nn.Conv2d are supported"),
+    (nn.modules.conv._ConvNd, "only nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d and nn.ConvTranspose2d are supported"),
     (nn.EmbeddingBag, "embedding bags are not quantized"),
     (nn.Embedding, "subclasses of nn.Embedding may change its forward; only exact nn.Embedding is swapped"),
     (nn.Bilinear, "not supported"),
-    (nn.RNNBase, "recurrent layers are not supported"),
+    (nn.RNNBase, "only exact nn.LSTM (without proj_size) and nn.GRU are quantized"),
     (nn.Linear, "subclasses of nn.Linear may change its forward; only exact nn.Linear is swapped"),
 )
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly Hugging Face transformers' ``Conv1D`` (GPT-2's projections): a linear
+    layer that stores its weight as ``(in_features, out_features)``. Recognised by name, so sgsc never
+    imports transformers."""
+    kind = type(module)
+    return kind.__name__ == "Conv1D" and kind.__module__ == "transformers.pytorch_utils"
+
+
+def _as_linear(conv1d: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what a transformers ``Conv1D`` computes: its weight transposed to a new
+    Parameter (one bit depth per output feature is then one per row, as for every linear layer; the
+    packed runtime, the file and ONNX need nothing new), its bias taken over."""
+    weight = conv1d.weight
+    linear = nn.Linear(weight.shape[0], weight.shape[1], conv1d.bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    linear.bias = conv1d.bias
+    return linear.train(conv1d.training)
+
+
 def _unsupported_reason(module: nn.Module) -> str | None:
-    if isinstance(module, (*QUANTIZED_TYPES, QMultiheadAttention)) or type(module) in _SWAPS:
+    if is_transposed_linear(module):
+        return None
+    if isinstance(module, (_Quantized, QMultiheadAttention)) or type(module) in _SWAPS:
         if type(module) is nn.Embedding and module.max_norm is not None:
             return "max_norm renormalises the table in place on every lookup"
+        if type(module) in (nn.ConvTranspose1d, nn.ConvTranspose2d) and module.groups != 1:
+            return "a transposed convolution is quantized only with groups=1"
+        return None
+    if type(module) in RECURRENT_SWAPS and not getattr(module, "proj_size", 0):
         return None
     if type(module) is nn.MultiheadAttention:
         if not module._qkv_same_embed_dim or module.bias_k is not None:
@@ -48,6 +77,11 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         if isinstance(module, kind):
             return reason
     return None
+
+
+def _swapped_whole(module: nn.Module) -> bool:
+    return (type(module) in _SWAPS or type(module) in RECURRENT_SWAPS or type(module) is nn.MultiheadAttention
+            or is_transposed_linear(module))
 
 
 def _groups_for(name: str, groups: int | Mapping[str, int] | None) -> int | None:
@@ -73,6 +107,13 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def _swap(module: nn.Module, name: str, init_bits: float, quant_groups: int | None, rounding: str) -> nn.Module:
+    if is_transposed_linear(module):
+        module = _as_linear(module)
+    if type(module) in RECURRENT_SWAPS:  # per gate row, whatever ``groups`` says
+        if module.weight_ih_l0.dtype not in WEIGHT_DTYPES:
+            raise TypeError(f"layer {name or '<model>'} has {module.weight_ih_l0.dtype} weights; sgsc quantizes "
+                            f"{WEIGHT_DTYPES}")
+        return RECURRENT_SWAPS[type(module)].from_float(module, init_bits=init_bits, rounding=rounding)
     weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"layer {name or '<model>'} has {weight.dtype} weights; sgsc quantizes {WEIGHT_DTYPES}")
@@ -116,8 +157,11 @@ def quantize_model(
     groups: int | Mapping[str, int] | None = None,
     rounding: str = "nearest",
 ) -> nn.Module:
-    """Swap ``model``'s layers in place for quantized ones: ``nn.Linear`` -> QLinear, ``nn.Conv1d``/``nn.Conv2d``
-    -> QConv1d/QConv2d, ``nn.Embedding`` -> QEmbedding, ``nn.MultiheadAttention`` -> QMultiheadAttention.
+    """Swap ``model``'s layers in place for quantized ones: ``nn.Linear`` (and transformers' ``Conv1D``, as the
+    linear layer it computes) -> QLinear, ``nn.Conv1d``/``nn.Conv2d`` -> QConv1d/QConv2d,
+    ``nn.ConvTranspose1d``/``nn.ConvTranspose2d`` -> QConvTranspose1d/QConvTranspose2d, ``nn.Embedding`` ->
+    QEmbedding, ``nn.MultiheadAttention`` -> QMultiheadAttention, ``nn.LSTM``/``nn.GRU`` -> QLSTM/QGRU (one bit
+    depth per gate row).
 
     The new layers take over the old layers' Parameters (so an existing reference to ``layer.weight``
     stays valid) and start at ``init_bits`` with exponents fitted to the weights; layers that share a
@@ -126,7 +170,8 @@ def quantize_model(
     quantization groups: ``None`` for one per output channel (per token for embeddings), an int for
     every layer, or a mapping from layer name to int (others per channel); attention is always
     grouped per head. Weight-bearing layers it cannot quantize (other conv types, subclasses of the
-    swapped types, recurrent layers, ...) are left in float with one ``UserWarning`` naming them,
+    swapped types, nn.RNN, ...) and any other weight of two or more dimensions (a module's own
+    Parameter) are left in float with one ``UserWarning`` naming them,
     and :func:`sgsc.model_bits_report` lists them; layers that are already quantized are left as they
     are. Returns ``model``, converted in place. A bare layer cannot replace itself in place: it is
     refused, naming the ``from_float`` constructor that makes its quantized copy.
@@ -150,7 +195,7 @@ def quantize_model(
             whole_modules.append(name)
             left_alone.append(f"{name or '<model>'} ({type(module).__name__}: {reason})")
             continue
-        if type(module) not in _SWAPS and type(module) is not nn.MultiheadAttention:
+        if not _swapped_whole(module):
             continue
         if type(module) is nn.MultiheadAttention:
             whole_modules.append(name)  # its projections are taken over whole, not swapped one by one
@@ -163,6 +208,15 @@ def quantize_model(
         replace_submodule(model, name, swapped[id(module)])
 
     _tie_quantizers(model)
+    left_alone += _other_float_weights(model, [*skip, *whole_modules])
     if left_alone:
         warnings.warn("sgsc.quantize_model left these layers in float: " + "; ".join(left_alone), stacklevel=2)
     return model
+
+
+def _other_float_weights(model: nn.Module, named: list[str]) -> list[str]:
+    """Weights of two or more dimensions left float outside the modules already named (skipped, or left
+    with a reason): a custom module's own Parameter (a position table, a class token) or a layer sgsc does not
+    know, which would otherwise stay float with nothing said."""
+    return [f"{entry['name']} (a float Parameter of shape {tuple(entry['shape'])})" for entry in float_weights(model)
+            if not any(entry["name"].startswith(prefix + ".") or prefix == "" for prefix in named)]

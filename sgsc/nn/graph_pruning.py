@@ -59,8 +59,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sgsc.nn.conv_transpose import _QConvTranspose
 from sgsc.nn.graph_analysis import _Analysis
 from sgsc.nn.graph_trace import (
+    EntangledGroup,
     UntraceableModel,
     _CausalAttentionPruner,
     _ConvPruner,
@@ -68,7 +70,15 @@ from sgsc.nn.graph_trace import (
     _LinearPruner,
     _Trace,
 )
-from sgsc.nn.layers import QUANTIZED_TYPES, QCausalSelfAttention, QEmbedding, QMultiheadAttention, quantized_layers
+from sgsc.nn.layers import (
+    QUANTIZED_TYPES,
+    QCausalSelfAttention,
+    QEmbedding,
+    QLinear,
+    QMultiheadAttention,
+    quantized_layers,
+)
+from sgsc.nn.recurrent import _QRecurrent
 from sgsc.nn.surgery import fold_into_bias, freeze_empty_layers
 
 __all__ = ["KeptUnits", "LayerChange", "PruneReport", "UntraceableModel", "prune_zero_bit_units"]
@@ -159,7 +169,11 @@ def _plan_graph(trace: _Trace, model: nn.Module, silence: bool, kept: list[KeptU
         if root in visited:
             continue
         pruner = graph.get_pruner_of_module(root)
-        group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root))))
+        try:
+            group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root))))
+        except EntangledGroup as exc:
+            kept.extend(_entangled(trace, root, str(exc)))
+            continue
         analysis = _Analysis(trace, group, silence)
         visited.update(node.module for node, into, _, _ in analysis.items if not into)
         candidates = {r for r in analysis.members if analysis.zero_bit_units(r)}
@@ -176,6 +190,30 @@ def _plan_graph(trace: _Trace, model: nn.Module, silence: bool, kept: list[KeptU
             plans.append(_Plan(root, sorted(removable), analysis.silenced(removable) if silence else [],
                                analysis.folds(removable) if silence else {}))
     return plans
+
+
+def _never_cut(model: nn.Module, trace: _Trace) -> list[KeptUnits]:
+    """Zero-bit rows of layers sgsc has no cut for: a recurrent layer's matrices (its hidden size is one for
+    every gate and both matrices) and transposed convolutions (their output channels are dimension 1)."""
+    recurrent = {name for name, module in model.named_modules() if isinstance(module, _QRecurrent)}
+    return [KeptUnits(name, "rows" if isinstance(layer, QLinear) else "output channels",
+                      trace.dead(layer).nonzero().flatten().tolist(),
+                      "a recurrent layer's gate rows are kept" if isinstance(layer, QLinear)
+                      else "a transposed convolution's channels are kept")
+            for name, layer in quantized_layers(model)
+            if (name.rpartition(".")[0] in recurrent or isinstance(layer, _QConvTranspose))
+            and bool(trace.dead(layer).any())]
+
+
+def _entangled(trace: _Trace, root: nn.Module, why: str) -> list[KeptUnits]:
+    """The zero-bit rows of a root whose coupled set torch-pruning could not resolve: they stay, masked."""
+    if not isinstance(root, QUANTIZED_TYPES) or root.group_by != "output" or not root.quant_groups:
+        return []
+    rows = trace.dead(root).repeat_interleave(root.weight.shape[0] // root.quant_groups)
+    if not bool(rows.any()):
+        return []
+    return [KeptUnits(trace.names[root], "output channels", rows.nonzero().flatten().tolist(),
+                      f"the coupled set cannot be resolved: {why}")]
 
 
 def _merged(kept: list[KeptUnits]) -> list[KeptUnits]:
@@ -302,6 +340,7 @@ def prune_zero_bit_units(
         KeptUnits(name, "rows", trace.dead(layer).nonzero().flatten().tolist(), "embedding rows are kept")
         for name, layer in quantized_layers(model) if isinstance(layer, QEmbedding) and bool(trace.dead(layer).any())
     )
+    kept.extend(_never_cut(model, trace))
     head_plans = _plan_heads(model, trace, kept)
     graph_plans = _plan_graph(trace, model, silence, kept)
 

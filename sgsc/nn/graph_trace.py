@@ -5,7 +5,9 @@ count as zero-bit, and the trace of a model (modes and ``requires_grad`` flags l
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,6 +21,39 @@ _ops = tp.ops
 
 class UntraceableModel(ValueError):
     """torch-pruning cannot follow the model's graph (a custom layer outside autograd, inputs it cannot run on)."""
+
+
+class EntangledGroup(Exception):
+    """A coupled set whose channels come back permuted each time around a cycle of the graph (rotary halves,
+    grouped k/v heads): torch-pruning cannot say which channels couple to which, so the set stays."""
+
+
+# A coupled set reaches one layer along one direction once per path to it (residual adds, cat/split
+# branches): a handful of times. Through rotary attention the channels come back permuted on every pass
+# around a cycle, and torch-pruning adds each new permutation until the orbit closes, which on a 2-layer
+# Llama took over 10 minutes; past this many arrivals the set is declared entangled.
+MAX_ARRIVALS = 32
+
+
+@contextmanager
+def _bounded_arrivals(limit: int) -> Iterator[None]:
+    """torch-pruning's group walk, stopped with :class:`EntangledGroup` once one (node, direction) is reached
+    ``limit`` times. Its walk is a closure with no hook, so its ``Group.add_dep`` is wrapped for the call."""
+    group_type = tp.dependency.group.Group
+    add_dep = group_type.add_dep
+
+    def bounded(group, dep, idxs):
+        arrivals = group.__dict__.setdefault("_sgsc_arrivals", Counter())
+        arrivals[dep.target, dep.handler] += 1
+        if arrivals[dep.target, dep.handler] > limit:
+            raise EntangledGroup(f"its channels reach {dep.target.name} more than {limit} times, permuted")
+        add_dep(group, dep, idxs)
+
+    group_type.add_dep = bounded
+    try:
+        yield
+    finally:
+        group_type.add_dep = add_dep
 
 
 # ---- pruners: torch-pruning's surgery functions for sgsc's layers, optimizer-aware ----------------
@@ -216,6 +251,12 @@ class _Graph(tp.DependencyGraph):
 
     def get_pruner_of_module(self, module):
         return self.sgsc_pruner_of(module) or super().get_pruner_of_module(module)
+
+    def get_pruning_group(self, module, pruning_fn, idxs):
+        """torch-pruning's coupled set of ``module``'s channels ``idxs``; raises :class:`EntangledGroup`
+        where its walk would not end in reasonable time."""
+        with _bounded_arrivals(MAX_ARRIVALS):
+            return super().get_pruning_group(module, pruning_fn, idxs)
 
 
 def _is_depthwise(conv: nn.Module) -> bool:

@@ -84,10 +84,11 @@ class _Quantized:
     exponent: nn.Parameter
     rounding: str
     group_by: str
+    OUTPUT_AXIS = 0  # the weight's dimension of output channels (1 for a transposed convolution's)
 
     def _init_quantizer(self, quant_groups: int | None, init_bits: float, rounding: str, group_by: str = "output") -> None:
         self.group_by = _check_group_by(group_by)
-        axis, what = (0, "output channels") if group_by == "output" else (1, "input features")
+        axis, what = (self.OUTPUT_AXIS, "output channels") if group_by == "output" else (1, "input features")
         dim = self.weight.shape[axis]
         groups = _resolve_quant_groups(quant_groups, dim, what) if dim else 0
         bits = check_init_bits(init_bits)
@@ -417,11 +418,12 @@ class QCausalSelfAttention(nn.Module):
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:
-    """``(name, layer)`` for every quantized layer in ``model``, in ``named_modules`` order."""
+    """``(name, layer)`` for every quantized layer in ``model`` (those of :data:`QUANTIZED_TYPES` and the layers
+    of other modules built on the same quantizer, such as :mod:`sgsc.nn.conv_transpose`'s), in ``named_modules`` order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
-        if isinstance(module, QUANTIZED_TYPES):
+        if isinstance(module, _Quantized):
             yield name, module
 
 

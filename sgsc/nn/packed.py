@@ -9,8 +9,9 @@
   width); a lookup decodes only the rows it returns.
 - :func:`packed_module`: the packed layer for one quantized layer's codes (what a loader calls).
 - :func:`pack_model`: every QLinear/QConv2d of a trained model replaced in place.
-- :func:`resident_bytes`, :func:`packed_file_bytes`: what the packed weights keep in memory, and the
-  dense bit-packed size of the same codes (the file's), for the overhead ratio.
+- :func:`resident_bytes`: every byte a model holds; :func:`packed_weight_bytes`, :func:`packed_file_bytes`:
+  what the packed weights keep in memory, and the dense bit-packed size of the same codes (the file's), for
+  the overhead ratio.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from torch import nn
 from sgsc.nn.convert import replace_submodule
 from sgsc.nn.layers import QConv2d, QEmbedding, QLinear, QMultiheadAttention, quantized_layers
 from sgsc.nn.packed_stream import WORKSPACE, PackedConv2d, PackedStreamLinear, StreamLayer, bit_stream
+from sgsc.nn.recurrent import _QRecurrent
 from sgsc.ops import packed as packed_ops
 from sgsc.ops import reference
 from sgsc.ops.spec import group_offsets
 
 _BUFFERS = packed_ops.TENSOR_NAMES
+# modules that hand their children's weights to a fused function instead of calling them
+WEIGHT_READERS = (QMultiheadAttention, _QRecurrent)
 # Linear layers of at most this many codes (256 KiB of float32 weight) keep the file's stream and
 # dequantize per call (PackedStreamLinear): at this size a call costs its fixed overhead either way,
 # and the fused kernel's tiles (8 lanes, padding and per-row tables) would hold 1.3-1.9x the file's
@@ -228,18 +232,16 @@ def packed_module(layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
 
 def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The quantized layers the packed runtime can replace (name -> layer): QLinear, QConv2d and
-    QEmbedding, except a QMultiheadAttention's projections, whose weights it hands to
-    ``F.multi_head_attention_forward`` (they stay quantized, or float on a loaded model)."""
-    attention = {name for name, module in model.named_modules() if isinstance(module, QMultiheadAttention)}
-    return {name: layer for name, layer in quantized_layers(model)
-            if isinstance(layer, (QLinear, QConv2d, QEmbedding)) and name.rpartition(".")[0] not in attention}
+    QEmbedding. A QMultiheadAttention's projections are among them: it hands their ``weight`` to
+    ``F.multi_head_attention_forward``, which a packed layer dequantizes from its codes on each access."""
+    return {name: layer for name, layer in quantized_layers(model) if isinstance(layer, (QLinear, QConv2d, QEmbedding))}
 
 
 @torch.no_grad()
 def pack_model(model: nn.Module) -> nn.Module:
     """Replace every QLinear/QConv2d of ``model`` by its packed layer, in place; returns ``model`` in eval mode.
 
-    The layers are :func:`packable_layers`'; QConv1d layers and attention projections stay as they
+    The layers are :func:`packable_layers`'; QConv1d layers and transposed convolutions stay as they
     are. An embedding tied to a linear layer (a tied head) becomes a PackedEmbedding and a
     PackedLinear holding the same codes.
 
@@ -265,17 +267,43 @@ def _packed_modules(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (_PackedBase, StreamLayer, PackedEmbedding))]
 
 
-def resident_bytes(model: nn.Module) -> int:
+def packed_weight_bytes(model: nn.Module) -> int:
     """Bytes the packed weights of ``model`` keep resident (codes and layout tables; biases and the
-    shared dequantization buffer, :data:`WORKSPACE`, not included)."""
+    shared dequantization buffer, :data:`WORKSPACE`, not included): what the codes cost, against the file's."""
     return sum(m.weight_nbytes for m in _packed_modules(model))
+
+
+def _held_tensors(module: nn.Module):
+    """The tensors ``module`` itself holds: Parameters, buffers, and tensors kept as plain attributes (a cache, a
+    layout table outside the buffers)."""
+    yield from (t for t in module._parameters.values() if t is not None)
+    yield from (t for t in module._buffers.values() if t is not None)
+    yield from (t for t in vars(module).values() if isinstance(t, torch.Tensor))
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes ``model`` keeps in memory: every tensor it holds (float Parameters and buffers, packed codes and
+    their tables, tensors kept as attributes), each storage counted once however many tensors view it,
+    plus :func:`workspace_bytes`, the shared buffer its stream layers dequantize into."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    storages: dict[tuple, int] = {}
+    for module in model.modules():
+        for tensor in _held_tensors(module):
+            storage = tensor.untyped_storage()
+            if storage.device.type != "meta":
+                storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values()) + workspace_bytes(model)
 
 
 def workspace_bytes(model: nn.Module) -> int:
     """Bytes of the one buffer ``model``'s stream layers (convolutions, small linears) share: the largest of
-    their float32 weights."""
-    return max((4 * m.out_features * m.in_features for m in _packed_modules(model) if isinstance(m, StreamLayer)),
-               default=0)
+    their float32 weights. Layers that are never called, only read (an attention's projections, a recurrent
+    layer's matrices: their ``weight`` is a fresh copy, freed after the call), do not grow it."""
+    read_only = {id(child) for module in model.modules() if isinstance(module, WEIGHT_READERS)
+                 for child in module.children()}
+    return max((4 * m.out_features * m.in_features for m in _packed_modules(model)
+                if isinstance(m, StreamLayer) and id(m) not in read_only), default=0)
 
 
 def packed_file_bytes(model: nn.Module) -> int:
@@ -285,4 +313,4 @@ def packed_file_bytes(model: nn.Module) -> int:
 
 
 __all__ = ["PackedConv2d", "PackedEmbedding", "PackedLinear", "PackedStreamLinear", "WORKSPACE", "pack_model", "packable_layers", "packed_file_bytes", "packed_module",
-           "resident_bytes", "workspace_bytes"]
+           "packed_weight_bytes", "resident_bytes", "workspace_bytes"]

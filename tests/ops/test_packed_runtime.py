@@ -29,7 +29,7 @@ from sgsc.nn.packed import (
     pack_model,
     packed_file_bytes,
     packed_module,
-    resident_bytes,
+    packed_weight_bytes,
 )
 from sgsc.ops import library, reference
 from sgsc.ops import packed as packed_ops
@@ -320,7 +320,7 @@ def test_pack_model_matches_the_quantized_model():
         assert isinstance(model[6], PackedStreamLinear)
         assert all(isinstance(m, (PackedConv2d, PackedLinear, PackedStreamLinear, nn.ReLU, nn.Flatten)) for m in model)
         assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)
-    assert 0 < packed_file_bytes(model) <= resident_bytes(model)
+    assert 0 < packed_file_bytes(model) <= packed_weight_bytes(model)
 
 
 def test_packed_module_from_a_meta_layer_and_grouped_codes():
@@ -411,7 +411,7 @@ def test_small_linear_layers_keep_the_file_stream_and_large_ones_the_fused_tiles
     # the stream form holds the file's bytes plus a width byte and a float32 scale per group
     stream = packed_module(small, *reference.integer_codes(small.grouped(small.weight.detach()), small.bits,
                                                            small.exponent, "nearest"))
-    assert resident_bytes(nn.Sequential(stream)) == packed_file_bytes(nn.Sequential(stream)) + 6 * (1 + 4)
+    assert packed_weight_bytes(nn.Sequential(stream)) == packed_file_bytes(nn.Sequential(stream)) + 6 * (1 + 4)
     assert workspace_bytes(nn.Sequential(stream)) == 4 * 24 * 40 <= WORKSPACE.nbytes()
     x = torch.randn(3, 40, requires_grad=True)
     stream(x).sum().backward()  # autograd saves a weight of its own, not the shared buffer
@@ -464,18 +464,18 @@ def test_layers_with_every_output_row_pruned_pack():
     model = nn.Sequential(QConv2d(3, 0, 3), QLinear(0, 5), nn.ReLU(), QLinear(5, 0))
     pack_model(model)
     assert isinstance(model[0], PackedConv2d) and model[0].weight.shape == (0, 3, 3, 3)
-    assert resident_bytes(nn.Sequential(model[0])) == 0
+    assert packed_weight_bytes(nn.Sequential(model[0])) == 0
     with torch.no_grad():
         assert torch.equal(model[1](torch.zeros(2, 0)), model[1].bias.expand(2, 5))
         assert model[1:](torch.zeros(2, 0)).shape == (2, 0)
 
 
-def test_resident_bytes_of_a_large_mixed_layer_stay_within_10_percent_of_the_file():
+def test_packed_weight_bytes_of_a_large_mixed_layer_stay_within_10_percent_of_the_file():
     gen = torch.Generator().manual_seed(0)
     widths = torch.randint(1, 9, (512,), generator=gen).tolist()
     codes, scales = random_layer(512, 1024, widths, "output", 0)
     model = nn.Sequential(PackedLinear.from_codes(codes, scales))
-    assert resident_bytes(model) <= 1.1 * packed_file_bytes(model)
+    assert packed_weight_bytes(model) <= 1.1 * packed_file_bytes(model)
 
 
 @settings(max_examples=25, deadline=None)
@@ -503,7 +503,7 @@ def test_packed_embedding_holds_the_bits_and_refuses_bad_ids():
     assert packed.padding_idx == 0
     # the codes at 4 bits or less, then per token a width byte, a 4-byte offset and a 4-byte scale
     assert packed.stream.numel() <= 1000 * 64 * 4 // 8 + 5
-    assert resident_bytes(nn.Sequential(packed)) == packed.stream.numel() + 1000 * (1 + 4 + 4)
+    assert packed_weight_bytes(nn.Sequential(packed)) == packed.stream.numel() + 1000 * (1 + 4 + 4)
     with pytest.raises(IndexError, match=r"outside \[0, 1000\)"):
         packed(torch.tensor([1, 1000]))
     with pytest.raises(IndexError, match="outside"):
