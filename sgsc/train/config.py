@@ -138,6 +138,8 @@ class CompressConfig:
         (1.0, 1.0, 1.0), "shares of the gradcam, uncertainty and diversity criteria", _weights, nargs=3,
         metavar=("GRADCAM", "UNCERTAINTY", "DIVERSITY"))
     preservation_batch: int = param(32, "preservation examples per step", _count(1), method=True)
+    preservation_pool: int | None = param(None, "examples scored when choosing the preservation set: a random pool "
+                                          "of the training data (unset: all of it)", _optional(_count(1)), type=int)
     # optimisation
     steps: int = param(1000, "total optimiser steps (a resumed run continues up to this many)", _count(0))
     batch_size: int = param(64, "training examples per step and process", _count(1))

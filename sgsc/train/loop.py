@@ -134,7 +134,7 @@ def _start_compression(model, data: _Data, spec: _Preserve, config: CompressConf
         by_loss = task.loss if data.fit.tensors[1].is_floating_point() else None
         chosen = from_rank0(lambda: preservation.build(
             model, data.fit, spec.fraction, config.preservation_weights, method=config.preservation_method,
-            seed=config.seed, task_loss=by_loss).tolist())
+            seed=config.seed, task_loss=by_loss, pool=config.preservation_pool).tolist())
         state.preservation = data.fit_index[chosen].tolist()
     else:
         state.preservation = spec.indices or []

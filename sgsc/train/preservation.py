@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from sgsc._deps import require
 from sgsc.train.preservation_files import FORMAT, VERSION, load, save
@@ -241,6 +241,7 @@ def build(
     attribution_layer: nn.Module | None = None,
     embedding_layer: nn.Module | None = None,
     task_loss=None,
+    pool: int | None = None,
 ) -> torch.Tensor:
     """Sorted int64 indices of the ``round(fraction * len(dataset))`` examples to preserve.
 
@@ -250,8 +251,11 @@ def build(
     :func:`compute_scores` for ``attribution_layer``, ``embedding_layer`` and ``task_loss`` (for
     outputs that are not class scores: the criteria then come from each example's task loss).
     ``method="random"`` is the ablation baseline: :func:`random_subset` of the same size, drawn with
-    ``seed``; ``model`` and ``weights`` play no part. ``ValueError`` for an unknown ``method``,
-    ``fraction`` outside ``(0, 1]`` or a fraction so small that it selects nothing.
+    ``seed``; ``model`` and ``weights`` play no part. ``pool`` (criteria only) scores a random pool of
+    that many examples (drawn with ``seed``; at least the set's size) instead of all of them: the
+    scoring and the k-means cost grow with the examples scored, the set's size does not change.
+    ``ValueError`` for an unknown ``method``, ``fraction`` outside ``(0, 1]`` or a fraction so small
+    that it selects nothing.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -260,12 +264,18 @@ def build(
         return random_subset(n, set_size(fraction, n), seed=seed)
     check_fraction(fraction)
     shares = normalize_weights(weights)
+    dataset = _as_dataset(dataset)
+    n = len(dataset)
+    candidates = None if pool is None or pool >= n else random_subset(n, max(pool, set_size(fraction, n)), seed=seed)
     scores = compute_scores(
-        model, dataset, criteria=[name for name in CRITERIA if shares[name] > 0], batch_size=batch_size,
-        uncertainty=uncertainty, attribution_layer=attribution_layer, embedding_layer=embedding_layer,
-        task_loss=task_loss,
+        model, dataset if candidates is None else Subset(dataset, candidates.tolist()),
+        criteria=[name for name in CRITERIA if shares[name] > 0], batch_size=batch_size, uncertainty=uncertainty,
+        attribution_layer=attribution_layer, embedding_layer=embedding_layer, task_loss=task_loss,
     )
-    return select(scores, fraction, weights, seed=seed).indices
+    if candidates is None:
+        return select(scores, fraction, weights, seed=seed).indices
+    chosen = select(scores, set_size(fraction, n) / len(candidates), weights, seed=seed).indices
+    return candidates[chosen].sort().values
 
 
 def random_subset(n: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -20,11 +20,13 @@ FIELDS = dataclasses.fields(CompressConfig)
 OTHER = {"gamma": 0.05, "alpha": 0.01, "lambda_": 0.5, "preservation_loss": "task", "max_drop": 0.02,
          "confidence": 0.9, "guard_fraction": 0.2, "k": 7, "patience": 3, "restore": False, "prune": False,
          "preservation_method": "random", "preservation_weights": (1.0, 0.0, 2.0), "preservation_batch": 8,
+         "preservation_pool": 5000,
          "steps": 12, "batch_size": 16, "lr": 2e-3, "quant_lr": 0.1, "exponent_lr": 0.02, "lr_schedule": "cosine",
          "warmup_steps": 3, "seed": 5, "eval_every": 4, "checkpoint_every": 6, "progress": False, "device": "cpu"}
 BAD = {"gamma": -1.0, "alpha": float("nan"), "lambda_": -0.1, "preservation_loss": "kl", "max_drop": -0.01,
        "confidence": 1.0, "guard_fraction": 0.0, "k": 0, "patience": 0, "restore": "yes", "prune": 1, "preservation_method": "all",
-       "preservation_weights": (0.0, 0.0, 0.0), "preservation_batch": 0, "steps": -1, "batch_size": 0, "lr": 0.0,
+       "preservation_weights": (0.0, 0.0, 0.0), "preservation_batch": 0, "preservation_pool": 0, "steps": -1,
+       "batch_size": 0, "lr": 0.0,
        "quant_lr": -1.0, "exponent_lr": 0.0, "lr_schedule": "step", "warmup_steps": -2, "seed": -1,
        "eval_every": 0, "checkpoint_every": -1, "progress": None, "device": "tpu"}
 

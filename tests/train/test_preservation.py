@@ -352,6 +352,20 @@ def test_build_selects_what_a_manual_computation_selects(case, digits):
     assert torch.equal(build(model, (x, y), 0.2, seed=2), select(manual, 0.2, seed=2).indices)
 
 
+def test_a_pool_scores_a_random_subset_and_keeps_the_set_size(digits):
+    torch.manual_seed(0)
+    model = sgsc.quantize_model(TinyResNet())
+    x, y = digits.tensors[0][:80], digits.tensors[1][:80]
+    pool = random_subset(80, 40, seed=5)  # the pool build draws with the same seed
+    manual = _manual_scores(model, x[pool], y[pool], model.layer2, model.fc)
+    for weights in ((1, 0, 0), (0, 1, 0)):
+        criterion = "gradcam" if weights[0] else "uncertainty"
+        chosen = build(model, (x, y), 0.1, weights, seed=5, pool=40)
+        assert chosen.tolist() == sorted(pool[_top(getattr(manual, criterion), 8)].tolist())
+    assert torch.equal(build(model, (x, y), 0.1, seed=5, pool=80), build(model, (x, y), 0.1, seed=5))
+    assert len(build(model, (x, y), 0.5, seed=5, pool=10)) == 40  # a pool smaller than the set grows to it
+
+
 def test_outputs_that_are_not_class_scores_are_scored_by_each_examples_loss():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1)).eval()
