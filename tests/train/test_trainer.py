@@ -116,9 +116,9 @@ def test_a_failed_check_rolls_the_zoo_model_back_and_slows_the_broken_layer(comp
     optimizer = _optimizer(model, config)
     state = RunState(step=7, snapshot=snapshot, reference=outcomes(result.model, guard, score))
     keep_passed(result.model, None, state, None)  # the healthy model is the last state that passed
-    policy = Policy(config.max_drop, pruner=default_pruner(model))
+    policy = Policy(config.max_drop, pruner=default_pruner(lambda: guard.tensors[0][:2]))
 
-    decision = judge(model, state, policy, lambda: outcomes(model, guard, score))
+    decision = judge(model, state, policy, lambda examples=None: outcomes(model, guard, score, examples=examples))
     assert decision.check.verdict == "fail" and decision.check.low > config.max_drop
     assert decision.rollback and decision.slow == ["blocks.0.0"]
     event = carry_out(model, optimizer, state, decision, pruner=policy.pruner)
@@ -132,7 +132,8 @@ def test_unsafe_baseline_has_no_guard_and_never_rolls_back(compressed):
     model, snapshot, _ = _broken_copy(result, 1.0)
     baseline = unsafe(config)
     assert baseline.lambda_ == 0 and baseline.restore is False and baseline.gamma == config.gamma
-    decision = judge(model, RunState(snapshot=snapshot), Policy(None, pruner=default_pruner(model)), None)
+    inputs = _guard(config, result).tensors[0][:2]
+    decision = judge(model, RunState(snapshot=snapshot), Policy(None, pruner=default_pruner(lambda: inputs)), None)
     assert decision.check is None and not decision.rollback
 
 
