@@ -169,6 +169,35 @@ __attribute__((target(SGSC_Q8_VNNI), noinline)) void q_dot_vnni(const uint32_t* 
   }
   *out += as_f8(acc);
 }
+
+// Eight batch rows at once (rows a_stride / s_stride apart in xa / sx): each word's code bytes are extracted
+// once and feed 8 vpdpbusd, one accumulator chain per row; out[r] += row r's sum.
+template <int PER>
+__attribute__((target(SGSC_Q8_VNNI), noinline)) void q_dot_vnni_rows(const uint32_t* w, int64_t n_words,
+                                                                     const int32_t* xa, int64_t a_stride,
+                                                                     const float* sx, int64_t s_stride, f8* out) {
+  constexpr int P4 = PER / 4, SLOT = 32 / PER, WB = kQBlock / PER;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << SLOT) - 1));
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t w0 = 0, b = 0; w0 < n_words; w0 += WB, ++b) {
+    __m256i c[8];
+    for (int r = 0; r < 8; ++r) c[r] = _mm256_setzero_si256();
+    for (int64_t t = w0, w1 = std::min(n_words, w0 + WB); t < w1; ++t) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kLanes * t));
+#pragma GCC unroll 8
+      for (int p = 0; p < P4; ++p) {
+        const __m256i bytes = SLOT == 8 ? v : _mm256_and_si256(_mm256_srli_epi32(v, p * SLOT), mask);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r)
+          c[r] = _mm256_dpbusd_epi32(c[r], bytes, _mm256_set1_epi32(xa[r * a_stride + t * P4 + p]));
+      }
+    }
+    for (int r = 0; r < 8; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[r]), _mm256_set1_ps(sx[r * s_stride + b]), acc[r]);
+  }
+  for (int r = 0; r < 8; ++r) out[r] += as_f8(acc[r]);
+}
 #endif
 
 template <QPath PATH, int PER>
@@ -180,49 +209,75 @@ SGSC_ALWAYS_INLINE void q_dot(const uint32_t* w, int64_t n_words, const int32_t*
   *out += q_dot_portable<PER>(w, n_words, xa, sx);
 }
 
+// Rows of a chunk that share each word's decoding: 8 on the VNNI path (q_dot_vnni_rows), 1 elsewhere.
 template <QPath PATH>
-SGSC_ALWAYS_INLINE void q8_tiles_body(const QArgs& a, int64_t first, int64_t last) {
+SGSC_ALWAYS_INLINE void q8_chunk(const QArgs& a, int64_t t, int64_t m0, int64_t rows) {
   const Plan& p = *a.plan;
   const int64_t S = p.segments;
-  for (int64_t t = first; t < last; ++t) {
-    for (int64_t m = 0; m < a.M; ++m) {  // the tile's words stay in L1 from one batch row to the next
-      f8 acc[1] = {f8{}};
-      for (int64_t i = p.tile_ptr[t]; i < p.tile_ptr[t + 1]; ++i) {
-        const int64_t s = p.tile_seg[2 * i];
-        const uint32_t* w = p.words + p.tile_seg[2 * i + 1];
-        const int64_t n = p.words_of(s);
-        if (a.integer[s]) {
-          const int32_t* xa = a.xa + m * a.a_stride + a.a_off[s];
-          const float* sx = a.sx + m * a.s_stride + a.s_off[s];
-          switch (codes_per_word(p.width(s))) {
-            case 32: q_dot<PATH, 32>(w, n, xa, sx, acc); break;
-            case 16: q_dot<PATH, 16>(w, n, xa, sx, acc); break;
-            case 8: q_dot<PATH, 8>(w, n, xa, sx, acc); break;
-            default: q_dot<PATH, 4>(w, n, xa, sx, acc); break;
-          }
-        } else {
-          const float* xs = a.xf + m * a.f_stride + a.f_off[s];
-          switch (codes_per_word(p.width(s))) {
-            case 32: segment_dot<32, 1>(w, n, xs, acc); break;
-            case 16: segment_dot<16, 1>(w, n, xs, acc); break;
-            case 10: segment_dot<10, 1>(w, n, xs, acc); break;
-            case 8: segment_dot<8, 1>(w, n, xs, acc); break;
-            case 6: segment_dot<6, 1>(w, n, xs, acc); break;
-            case 5: segment_dot<5, 1>(w, n, xs, acc); break;
-            case 4: segment_dot<4, 1>(w, n, xs, acc); break;
-            case 3: segment_dot<3, 1>(w, n, xs, acc); break;
-            case 2: segment_dot<2, 1>(w, n, xs, acc); break;
-            default: segment_dot<1, 1>(w, n, xs, acc); break;
-          }
+  f8 acc[8];
+  for (int r = 0; r < rows; ++r) acc[r] = f8{};
+  for (int64_t i = p.tile_ptr[t]; i < p.tile_ptr[t + 1]; ++i) {
+    const int64_t s = p.tile_seg[2 * i];
+    const uint32_t* w = p.words + p.tile_seg[2 * i + 1];
+    const int64_t n = p.words_of(s);
+    if (a.integer[s]) {
+      const int32_t* xa = a.xa + m0 * a.a_stride + a.a_off[s];
+      const float* sx = a.sx + m0 * a.s_stride + a.s_off[s];
+#ifdef SGSC_X86_DISPATCH
+      if (PATH == QPath::kVnni && rows == 8) {
+        switch (codes_per_word(p.width(s))) {
+          case 32: q_dot_vnni_rows<32>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
+          case 16: q_dot_vnni_rows<16>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
+          case 8: q_dot_vnni_rows<8>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
+          default: q_dot_vnni_rows<4>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
         }
-        acc[0] -= a.offsets[m * S + s];
+        for (int r = 0; r < rows; ++r) acc[r] -= a.offsets[(m0 + r) * S + s];
+        continue;
       }
-      float* y = a.y + m * p.out_features;
-      for (int r = 0; r < kLanes; ++r) {
-        const int32_t row = p.rows[kLanes * t + r];
-        if (row >= 0) y[row] = acc[0][r] * p.row_scale[kLanes * t + r] + (a.bias ? a.bias[row] : 0.0f);
+#endif
+      for (int r = 0; r < rows; ++r, xa += a.a_stride, sx += a.s_stride) {
+        switch (codes_per_word(p.width(s))) {
+          case 32: q_dot<PATH, 32>(w, n, xa, sx, acc + r); break;
+          case 16: q_dot<PATH, 16>(w, n, xa, sx, acc + r); break;
+          case 8: q_dot<PATH, 8>(w, n, xa, sx, acc + r); break;
+          default: q_dot<PATH, 4>(w, n, xa, sx, acc + r); break;
+        }
+      }
+    } else {
+      for (int r = 0; r < rows; ++r) {
+        const float* xs = a.xf + (m0 + r) * a.f_stride + a.f_off[s];
+        switch (codes_per_word(p.width(s))) {
+          case 32: segment_dot<32, 1>(w, n, xs, acc + r); break;
+          case 16: segment_dot<16, 1>(w, n, xs, acc + r); break;
+          case 10: segment_dot<10, 1>(w, n, xs, acc + r); break;
+          case 8: segment_dot<8, 1>(w, n, xs, acc + r); break;
+          case 6: segment_dot<6, 1>(w, n, xs, acc + r); break;
+          case 5: segment_dot<5, 1>(w, n, xs, acc + r); break;
+          case 4: segment_dot<4, 1>(w, n, xs, acc + r); break;
+          case 3: segment_dot<3, 1>(w, n, xs, acc + r); break;
+          case 2: segment_dot<2, 1>(w, n, xs, acc + r); break;
+          default: segment_dot<1, 1>(w, n, xs, acc + r); break;
+        }
       }
     }
+    for (int r = 0; r < rows; ++r) acc[r] -= a.offsets[(m0 + r) * S + s];
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* y = a.y + (m0 + r) * p.out_features;
+    for (int l = 0; l < kLanes; ++l) {
+      const int32_t row = p.rows[kLanes * t + l];
+      if (row >= 0) y[row] = acc[r][l] * p.row_scale[kLanes * t + l] + (a.bias ? a.bias[row] : 0.0f);
+    }
+  }
+}
+
+template <QPath PATH>
+SGSC_ALWAYS_INLINE void q8_tiles_body(const QArgs& a, int64_t first, int64_t last) {
+  for (int64_t t = first; t < last; ++t) {
+    int64_t m0 = 0;  // the tile's words stay in L1 from one chunk of batch rows to the next
+    if (PATH == QPath::kVnni)
+      for (; m0 + 8 <= a.M; m0 += 8) q8_chunk<PATH>(a, t, m0, 8);
+    for (; m0 < a.M; ++m0) q8_chunk<PATH>(a, t, m0, 1);
   }
 }
 
