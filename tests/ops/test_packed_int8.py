@@ -171,3 +171,27 @@ def test_packed_linear_layer_takes_the_option():
     y = layer(x)
     assert y.shape == (2, 3, 16) and not torch.equal(y, exact)
     check_int8(y.reshape(6, 16), x.reshape(6, 256), codes, scales, "output", layer.packed_weight)
+
+
+def test_pack_model_takes_the_option_for_its_packed_linear_layers():
+    from torch import nn
+
+    from sgsc.nn import QLinear
+    from sgsc.nn.packed import PackedStreamLinear, pack_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(QLinear(40, 24, group_by="input", quant_groups=4), nn.ReLU(), QLinear(24, 5)).eval()
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="activations must be one of"):
+            pack_model(model, activations="int4")
+        pack_model(model, activations="int8")
+        assert isinstance(model[0], PackedLinear) and model[0].activations == "int8"
+        assert isinstance(model[2], PackedStreamLinear)  # a stream layer: float activations
+        weight = model[0].packed_weight
+        err = (model[0](x).double() - (x.double() @ weight_of(model[0]).double().T + model[0].bias.double())).abs()
+        assert (err <= packed_ops.int8_error_bound(x, weight) + 1e-6).all()
+
+
+def weight_of(layer):
+    return ops.packed_dequantize(layer.packed_weight)
