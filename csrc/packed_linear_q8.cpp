@@ -1,7 +1,7 @@
 // CPU kernel of sgsc::packed_linear_q8: y = x_hat W^T + b, where x_hat is x quantized to int8 in blocks of
-// kQBlock = 128 columns (sgsc.ops.spec.Q8_BLOCK) and W is the packed layout's weight (csrc/packed_layout.h).
+// kQBlock = 480 columns (sgsc.ops.spec.Q8_BLOCK) and W is the packed layout's weight (csrc/packed_layout.h).
 //
-// Quantization (sgsc.ops.reference.quantize_activations is its twin): per batch row and per block of 128
+// Quantization (sgsc.ops.reference.quantize_activations is its twin): per batch row and per block of 480
 // columns counted from the start of each segment's column range, s = absmax / 127 and
 // q = round_half_even(x * (127 / absmax)) in [-127, 127]; x_hat = q * s (a block of zeros has s = 0).
 //
@@ -9,38 +9,34 @@
 // take integer dot products: slot phase p of a word, (v >> p * SLOT) & byte mask, holds in its 4 bytes the
 // codes i * PER / 4 + p (i = 0..3) of the 8 rows, unsigned (u = code + 2^(W-1)), and x's q is laid out in
 // the same order, 4 bytes per (word, phase), broadcast to every row. The sum of u * q per block is exact
-// in int32 (|u * q| <= 255 * 127, 128 terms), converted to float and multiplied by the block's s; the
+// in int32 (|u * q| <= 255 * 127, 480 terms), converted to float and multiplied by the block's s; the
 // offset 2^(W-1) * sum_b s_b * sum q is subtracted once per segment (in double).
 //   * AVX-512 VNNI (vpdpbusd, 256-bit: 8 rows): one instruction per phase and word, 8 accumulator chains;
 //   * AVX2 (vpmaddubsw + vpmaddwd): the phases of a word are summed in int16 first (at most
 //     2 * 127 * 127 per pair at 7 bits; 8-bit codes would saturate, so they take the float loop there);
 //   * elsewhere (SGSC_CPU_ISA=sse41/scalar, other CPUs): the same integer sums with plain vector code.
 // The integer sums are exact, so every ISA gives the same per-block values; only the fp32 accumulation
-// of the block terms rounds. Other widths (3, 5, 6, 9-32 bits) run the float loop of csrc/packed_dot.h on
+// of the block terms rounds. With AVX-512 VBMI as well, 3, 5 and 6 bits take integer products too (vpmultishiftqb,
+// csrc/packed_q8_dot.h). Other widths (elsewhere 3, 5, 6; 9-32 bits) run the float loop of csrc/packed_dot.h on
 // x_hat. Result: W x_hat within the fp32 bound of sgsc/ops/packed.py, and W x within that plus
 // sum_k |W_rk| * |x_k - x_hat_k| (|x_k - x_hat_k| <= s_b / 2).
 
-#include "packed_dot.h"
+#include "packed_q8_dot.h"
 
 #include <cmath>
-#ifdef SGSC_X86_DISPATCH
-#include <immintrin.h>
-#endif
 
 namespace sgsc {
 namespace packed {
 namespace {
 
-constexpr int64_t kQBlock = 128;
-
-enum class QPath : int { kPortable = 0, kAvx2 = 1, kVnni = 2 };
+enum class QPath : int { kPortable = 0, kAvx2 = 1, kVnni = 2, kVnniVbmi = 3 };
 
 QPath q_path() {
   static const QPath path = [] {
 #ifdef SGSC_X86_DISPATCH
     __builtin_cpu_init();
     if (isa_at_least(Isa::kAvx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"))
-      return QPath::kVnni;
+      return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw") ? QPath::kVnniVbmi : QPath::kVnni;
     if (isa_at_least(Isa::kAvx2)) return QPath::kAvx2;
 #endif
     return QPath::kPortable;
@@ -50,8 +46,8 @@ QPath q_path() {
 
 // Whether segment width w runs on integer dot products on this path.
 bool integer_segment(int64_t width, QPath path) {
-  const int per = codes_per_word(width);
-  if (per != 4 && per != 8 && per != 16 && per != 32) return false;
+  if (path == QPath::kVnniVbmi) return width <= 8;
+  if (!byte_slots(codes_per_word(width))) return false;
   return path != QPath::kAvx2 || width <= 7;
 }
 
@@ -73,137 +69,11 @@ struct QArgs {
   const float* bias;
 };
 
-// ---- integer dot products of one segment for one tile's 8 rows: sum over blocks of float(sum u q) * s_b ----
-
-template <int PER>
-SGSC_ALWAYS_INLINE f8 q_dot_portable(const uint32_t* w, int64_t n_words, const int32_t* xa, const float* sx) {
-  constexpr int P4 = PER / 4, SLOT = 32 / PER, WB = kQBlock / PER;
-  constexpr uint32_t mask = (uint32_t{1} << SLOT) - 1;
-  f8 acc = f8{};
-  for (int64_t w0 = 0, b = 0; w0 < n_words; w0 += WB, ++b) {
-    i8v c = i8v{};
-    for (int64_t t = w0, w1 = std::min(n_words, w0 + WB); t < w1; ++t) {
-      const u8v v = load8(w + kLanes * t);
-      for (int p = 0; p < P4; ++p) {
-        const int32_t packed = xa[t * P4 + p];
-        for (int i = 0; i < 4; ++i) {
-          const int32_t q = static_cast<int8_t>(static_cast<uint32_t>(packed) >> (8 * i));
-          c += (i8v)((v >> static_cast<uint32_t>(8 * i + p * SLOT)) & mask) * q;
-        }
-      }
-    }
-    acc += __builtin_convertvector(c, f8) * sx[b];
-  }
-  return acc;
-}
-
-#ifdef SGSC_X86_DISPATCH
-#define SGSC_Q8_AVX2 "avx2,fma"
-#define SGSC_Q8_VNNI "avx2,fma,avx512f,avx512vl,avx512vnni"
-
-inline __attribute__((target(SGSC_Q8_AVX2))) f8 as_f8(__m256 v) {
-  f8 r;
-  std::memcpy(&r, &v, sizeof(r));
-  return r;
-}
-
-// (Called, not inlined: a function using these intrinsics cannot be inlined into the ISA-neutral tile body.
-// The sum is added into *out through memory, so no vector crosses the call.)
-template <int PER>
-__attribute__((target(SGSC_Q8_AVX2), noinline)) void q_dot_avx2(const uint32_t* w, int64_t n_words, const int32_t* xa,
-                                                                const float* sx, f8* out) {
-  constexpr int P4 = PER / 4, SLOT = 32 / PER, WB = kQBlock / PER;
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << SLOT) - 1)), ones = _mm256_set1_epi16(1);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t w0 = 0, b = 0; w0 < n_words; w0 += WB, ++b) {
-    __m256i c[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (int64_t t = w0, w1 = std::min(n_words, w0 + WB); t < w1; ++t) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kLanes * t));
-      __m256i pairs = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int p = 0; p < P4; ++p) {
-        const __m256i bytes = SLOT == 8 ? v : _mm256_and_si256(_mm256_srli_epi32(v, p * SLOT), mask);
-        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(bytes, _mm256_set1_epi32(xa[t * P4 + p])));
-      }
-      c[t & 3] = _mm256_add_epi32(c[t & 3], _mm256_madd_epi16(pairs, ones));
-    }
-    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(sx[b]), acc);
-  }
-  *out += as_f8(acc);
-}
-
-template <int PER>
-__attribute__((target(SGSC_Q8_VNNI), noinline)) void q_dot_vnni(const uint32_t* w, int64_t n_words, const int32_t* xa,
-                                                                const float* sx, f8* out) {
-  constexpr int P4 = PER / 4, SLOT = 32 / PER, WB = kQBlock / PER, U = 8 / P4;  // U words x P4 phases = 8 chains
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << SLOT) - 1));
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t w0 = 0, b = 0; w0 < n_words; w0 += WB, ++b) {
-    __m256i c[8];
-    for (int i = 0; i < 8; ++i) c[i] = _mm256_setzero_si256();
-    const int64_t w1 = std::min(n_words, w0 + WB);
-    int64_t t = w0;
-    for (; t + U <= w1; t += U) {
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kLanes * (t + u)));
-#pragma GCC unroll 8
-        for (int p = 0; p < P4; ++p) {
-          const __m256i bytes = SLOT == 8 ? v : _mm256_and_si256(_mm256_srli_epi32(v, p * SLOT), mask);
-          c[u * P4 + p] = _mm256_dpbusd_epi32(c[u * P4 + p], bytes, _mm256_set1_epi32(xa[(t + u) * P4 + p]));
-        }
-      }
-    }
-    for (; t < w1; ++t) {  // the segment's last words
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kLanes * t));
-#pragma GCC unroll 8
-      for (int p = 0; p < P4; ++p) {
-        const __m256i bytes = SLOT == 8 ? v : _mm256_and_si256(_mm256_srli_epi32(v, p * SLOT), mask);
-        c[p] = _mm256_dpbusd_epi32(c[p], bytes, _mm256_set1_epi32(xa[t * P4 + p]));
-      }
-    }
-    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])),
-                                         _mm256_add_epi32(_mm256_add_epi32(c[4], c[5]), _mm256_add_epi32(c[6], c[7])));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(sx[b]), acc);
-  }
-  *out += as_f8(acc);
-}
-
-// Eight batch rows at once (rows a_stride / s_stride apart in xa / sx): each word's code bytes are extracted
-// once and feed 8 vpdpbusd, one accumulator chain per row; out[r] += row r's sum.
-template <int PER>
-__attribute__((target(SGSC_Q8_VNNI), noinline)) void q_dot_vnni_rows(const uint32_t* w, int64_t n_words,
-                                                                     const int32_t* xa, int64_t a_stride,
-                                                                     const float* sx, int64_t s_stride, f8* out) {
-  constexpr int P4 = PER / 4, SLOT = 32 / PER, WB = kQBlock / PER;
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << SLOT) - 1));
-  __m256 acc[8];
-  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t w0 = 0, b = 0; w0 < n_words; w0 += WB, ++b) {
-    __m256i c[8];
-    for (int r = 0; r < 8; ++r) c[r] = _mm256_setzero_si256();
-    for (int64_t t = w0, w1 = std::min(n_words, w0 + WB); t < w1; ++t) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kLanes * t));
-#pragma GCC unroll 8
-      for (int p = 0; p < P4; ++p) {
-        const __m256i bytes = SLOT == 8 ? v : _mm256_and_si256(_mm256_srli_epi32(v, p * SLOT), mask);
-#pragma GCC unroll 8
-        for (int r = 0; r < 8; ++r)
-          c[r] = _mm256_dpbusd_epi32(c[r], bytes, _mm256_set1_epi32(xa[r * a_stride + t * P4 + p]));
-      }
-    }
-    for (int r = 0; r < 8; ++r)
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[r]), _mm256_set1_ps(sx[r * s_stride + b]), acc[r]);
-  }
-  for (int r = 0; r < 8; ++r) out[r] += as_f8(acc[r]);
-}
-#endif
 
 template <QPath PATH, int PER>
 SGSC_ALWAYS_INLINE void q_dot(const uint32_t* w, int64_t n_words, const int32_t* xa, const float* sx, f8* out) {
 #ifdef SGSC_X86_DISPATCH
-  if constexpr (PATH == QPath::kVnni) return q_dot_vnni<PER>(w, n_words, xa, sx, out);
+  if constexpr (PATH == QPath::kVnni || PATH == QPath::kVnniVbmi) return q_dot_vnni<PER>(w, n_words, xa, sx, out);
   if constexpr (PATH == QPath::kAvx2) return q_dot_avx2<PER>(w, n_words, xa, sx, out);
 #endif
   *out += q_dot_portable<PER>(w, n_words, xa, sx);
@@ -224,8 +94,11 @@ SGSC_ALWAYS_INLINE void q8_chunk(const QArgs& a, int64_t t, int64_t m0, int64_t 
       const int32_t* xa = a.xa + m0 * a.a_stride + a.a_off[s];
       const float* sx = a.sx + m0 * a.s_stride + a.s_off[s];
 #ifdef SGSC_X86_DISPATCH
-      if (PATH == QPath::kVnni && rows == 8) {
+      if ((PATH == QPath::kVnni || PATH == QPath::kVnniVbmi) && rows == 8) {
         switch (codes_per_word(p.width(s))) {
+          case 10: q_dot_vbmi<10, 8>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
+          case 6: q_dot_vbmi<6, 8>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
+          case 5: q_dot_vbmi<5, 8>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
           case 32: q_dot_vnni_rows<32>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
           case 16: q_dot_vnni_rows<16>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
           case 8: q_dot_vnni_rows<8>(w, n, xa, a.a_stride, sx, a.s_stride, acc); break;
@@ -237,6 +110,11 @@ SGSC_ALWAYS_INLINE void q8_chunk(const QArgs& a, int64_t t, int64_t m0, int64_t 
 #endif
       for (int r = 0; r < rows; ++r, xa += a.a_stride, sx += a.s_stride) {
         switch (codes_per_word(p.width(s))) {
+#ifdef SGSC_X86_DISPATCH
+          case 10: q_dot_vbmi<10, 1>(w, n, xa, 0, sx, 0, acc + r); break;  // reached on kVnniVbmi only
+          case 6: q_dot_vbmi<6, 1>(w, n, xa, 0, sx, 0, acc + r); break;
+          case 5: q_dot_vbmi<5, 1>(w, n, xa, 0, sx, 0, acc + r); break;
+#endif
           case 32: q_dot<PATH, 32>(w, n, xa, sx, acc + r); break;
           case 16: q_dot<PATH, 16>(w, n, xa, sx, acc + r); break;
           case 8: q_dot<PATH, 8>(w, n, xa, sx, acc + r); break;
@@ -275,7 +153,7 @@ template <QPath PATH>
 SGSC_ALWAYS_INLINE void q8_tiles_body(const QArgs& a, int64_t first, int64_t last) {
   for (int64_t t = first; t < last; ++t) {
     int64_t m0 = 0;  // the tile's words stay in L1 from one chunk of batch rows to the next
-    if (PATH == QPath::kVnni)
+    if (PATH == QPath::kVnni || PATH == QPath::kVnniVbmi)
       for (; m0 + 8 <= a.M; m0 += 8) q8_chunk<PATH>(a, t, m0, 8);
     for (; m0 < a.M; ++m0) q8_chunk<PATH>(a, t, m0, 1);
   }
@@ -291,10 +169,14 @@ __attribute__((target(SGSC_Q8_AVX2))) void q8_tiles_avx2(const QArgs& a, int64_t
 __attribute__((target(SGSC_Q8_VNNI))) void q8_tiles_vnni(const QArgs& a, int64_t first, int64_t last) {
   q8_tiles_body<QPath::kVnni>(a, first, last);
 }
+__attribute__((target(SGSC_Q8_VNNI))) void q8_tiles_vnni_vbmi(const QArgs& a, int64_t first, int64_t last) {
+  q8_tiles_body<QPath::kVnniVbmi>(a, first, last);
+}
 #endif
 
 QTilesFn q8_kernel(QPath path) {
 #ifdef SGSC_X86_DISPATCH
+  if (path == QPath::kVnniVbmi) return q8_tiles_vnni_vbmi;
   if (path == QPath::kVnni) return q8_tiles_vnni;
   if (path == QPath::kAvx2) return q8_tiles_avx2;
 #endif
@@ -364,7 +246,7 @@ Tensor packed_linear_q8_cpu(const Tensor& x, const Tensor& words, const Tensor& 
   for (int64_t s = 0; s < S; ++s) {
     integer[s] = integer_segment(p.width(s), path);
     const int64_t n = p.xs_offset[s + 1] - p.xs_offset[s];  // codes, padded to whole words
-    a_off[s + 1] = a_off[s] + (integer[s] ? n / 4 : 0);
+    a_off[s + 1] = a_off[s] + (integer[s] ? n / codes_per_word(p.width(s)) * phases(codes_per_word(p.width(s))) : 0);
     f_off[s + 1] = f_off[s] + (integer[s] ? 0 : n);
     s_off[s + 1] = s_off[s] + (p.len(s) + kQBlock - 1) / kQBlock;
     if (p.same_columns_as[s] == s) {
@@ -412,15 +294,15 @@ Tensor packed_linear_q8_cpu(const Tensor& x, const Tensor& words, const Tensor& 
         }
         offsets[m * S + s] = static_cast<float>(p.offset_factor[s] * qdot[m * S + rep]);
         if (integer[s]) {
-          const int per = codes_per_word(p.width(s)), p4 = per / 4;
+          const int per = codes_per_word(p.width(s)), np = phases(per);
           int32_t* dst = xa + m * a_off[S] + a_off[s];
           const int64_t groups = a_off[s + 1] - a_off[s];  // (word, phase) pairs
           for (int64_t g = 0; g < groups; ++g) {
-            const int64_t base = (g / p4) * per + g % p4;
+            const int64_t word = g / np, phase = g % np;
             uint32_t packed = 0;
-            for (int i = 0; i < 4; ++i) {
-              const int64_t k = base + i * p4;
-              packed |= static_cast<uint32_t>(static_cast<uint8_t>(k < len ? qr[k] : 0)) << (8 * i);
+            for (int i = 0; i < 4; ++i) {  // byte i of phase p: code i * PER / 4 + p, or 4p + i (csrc/packed_q8_dot.h)
+              const int64_t j = byte_slots(per) ? i * np + phase : 4 * phase + i, k = word * per + j;
+              packed |= static_cast<uint32_t>(static_cast<uint8_t>(j < per && k < len ? qr[k] : 0)) << (8 * i);
             }
             dst[g] = static_cast<int32_t>(packed);
           }

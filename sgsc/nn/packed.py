@@ -90,7 +90,7 @@ class PackedLinear(_PackedBase):
 
     Inputs must be float32; inference only (no gradient to the codes). ``activations="float"`` (default)
     computes with ``x`` as given (``F.linear``'s result within fp32 rounding); ``"int8"`` quantizes ``x``
-    per block of 128 columns and multiplies in integer arithmetic (faster; within
+    per block of 480 columns and multiplies in integer arithmetic (faster; within
     :func:`sgsc.ops.packed.int8_error_bound`). Set it at construction or on the attribute.
     """
 
@@ -247,7 +247,7 @@ def pack_model(model: nn.Module, *, activations: str = "float") -> nn.Module:
     """Replace every QLinear/QConv2d of ``model`` by its packed layer, in place; returns ``model`` in eval mode.
 
     ``activations`` is each :class:`PackedLinear`'s (``"float"``: exact within fp32 rounding; ``"int8"``:
-    activations quantized per block of 128 columns, within :func:`sgsc.ops.packed.int8_error_bound`);
+    activations quantized per block of 480 columns, within :func:`sgsc.ops.packed.int8_error_bound`);
     convolutions and the small linear layers that keep the file's stream always take float activations.
 
     The layers are :func:`packable_layers`'; QConv1d layers and attention projections stay as they

@@ -41,15 +41,16 @@ which differs from a row's own width only in the few tiles where the sorted widt
 Every batch size runs that kernel (in chunks of 8, 4, 2 and 1 batch rows), so the bound holds for all.
 
 Int8 activations (``activations="int8"``, op ``sgsc::packed_linear_q8``): each batch row of ``x`` is
-quantized to int8 in blocks of ``Q8_BLOCK = 128`` columns (counted from the start of each segment's
+quantized to int8 in blocks of ``Q8_BLOCK = 480`` columns (counted from the start of each segment's
 column range): ``s = absmax / 127``, ``q = round(x / s)``, ``x_hat = q * s``
 (:func:`sgsc.ops.reference.quantize_activations`). Segments at widths 1, 2, 4, 7 and 8 then multiply
 bytes of codes by bytes of ``q`` in exact int32 sums (AVX-512 VNNI ``vpdpbusd``; AVX2 ``vpmaddubsw``, where
-8-bit codes take the float loop; plain integer code elsewhere), one fp32 multiply-add per block of 128
-columns; the other widths run the float loop on ``x_hat``. The result is ``F.linear(x_hat, W, bias)``
+8-bit codes take the float loop; plain integer code elsewhere), and with AVX-512 VBMI widths 3, 5 and 6
+as well (``vpmultishiftqb``), one fp32 multiply-add per block; the other widths run the float loop on
+``x_hat``. The result is ``F.linear(x_hat, W, bias)``
 within the fp32 bound above, so against ``F.linear(x, W, bias)`` it is off by at most that plus
 ``sum_k |W_rk| * |x_k - x_hat_k|``, where ``|x_k - x_hat_k| <= s_b / 2 = absmax_b / 254`` (the stated
-bound, :func:`int8_error_bound`). For Gaussian activations that is about 0.5% of the output's norm.
+bound, :func:`int8_error_bound`). For Gaussian activations the error is 0.6-0.8% of the output's norm.
 """
 
 from __future__ import annotations
@@ -367,7 +368,7 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
     unpack-and-multiply kernel that never writes ``W``, for every batch size (each tile's codes are
     read from memory once per 64 batch rows). On CUDA, a Triton kernel.
     ``activations="float"`` (default): the result equals ``F.linear(x, W, bias)`` within the fp32 bound
-    in this module's docstring. ``"int8"``: ``x`` is quantized per block of 128 columns and the codes
+    in this module's docstring. ``"int8"``: ``x`` is quantized per block of 480 columns and the codes
     multiply it in integer arithmetic; the result is within :func:`int8_error_bound` of ``F.linear(x, W, bias)``.
     """
     check_weight(weight)

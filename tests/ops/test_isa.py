@@ -74,8 +74,9 @@ def test_every_level_computes_the_same_bits(tmp_path):
         assert torch.equal(first["stream"], other["stream"]), level
         # avx2 and up multiply-add with FMA, the portable path in two roundings
         torch.testing.assert_close(other["packed_linear"], first["packed_linear"], rtol=1e-5, atol=1e-5)
-        # int8 activations: exact integer sums on every path (AVX-512 VNNI, AVX2 maddubs, plain code), fp32 block sums
-        torch.testing.assert_close(other["packed_linear_q8"], first["packed_linear_q8"], rtol=1e-5, atol=1e-5)
+        # int8 activations: the same x_hat on every level; the sums are exact integers where a level multiplies
+        # in integers (3-, 5-, 6-bit rows only with AVX-512 VBMI) and fp32 elsewhere, so equal within fp32 rounding
+        torch.testing.assert_close(other["packed_linear_q8"], first["packed_linear_q8"], rtol=1e-4, atol=1e-4)
 
 
 def test_doctor_names_the_level_and_what_asked_for_it():
