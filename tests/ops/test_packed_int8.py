@@ -195,3 +195,27 @@ def test_pack_model_takes_the_option_for_its_packed_linear_layers():
 
 def weight_of(layer):
     return ops.packed_dequantize(layer.packed_weight)
+
+
+def test_load_packed_takes_the_option(tmp_path):
+    from sgsc import export
+    from sgsc.nn import quantized_layers
+    from sgsc.nn.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model("char_decoder", {"n_embd": 160, "n_layer": 1, "head_dim": 32}).eval()
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            layer.bits.copy_(torch.randint(1, 9, layer.bits.shape).float())
+    path = tmp_path / "dec.sgsc"
+    export.save_packed(model, path)
+    with pytest.raises(ValueError, match="activations must be"):
+        export.load_packed(path, activations="int8")  # the float runtime has no int8 path
+    packed = export.load_packed(path, runtime="packed")
+    int8 = export.load_packed(path, runtime="packed", activations="int8")
+    linears = [m for m in int8.modules() if isinstance(m, PackedLinear)]
+    assert linears and all(m.activations == "int8" for m in linears)  # the MLP's 160x640 layers
+    x = torch.randint(0, 27, (2, 16))
+    with torch.no_grad():
+        exact, approx = packed(x), int8(x)
+    assert not torch.equal(exact, approx) and (approx - exact).norm() < 0.05 * exact.norm()
