@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -136,6 +137,28 @@ def make_data(n_codes: int, widths_spec: str, seed: int) -> tuple[torch.Tensor, 
 def parse_count(text: str) -> int:
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
     return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and its SIMD flags (every avx*, amx*, fma, f16c, sse4* and *vnni flag of
+    /proc/cpuinfo), with the level sgsc's kernels run at: recorded in every result file."""
+    info = {"machine": platform.machine(), "processor": platform.processor(), "model_name": None, "flags": [],
+            "cores": os.cpu_count(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and info["model_name"] is None:
+            info["model_name"] = value.strip()
+        if key.strip() == "flags" and not info["flags"]:
+            keep = ("avx", "amx", "fma", "f16c", "sse4", "vnni", "bf16")
+            info["flags"] = sorted(f for f in value.split() if f.startswith(keep) or "vnni" in f)
+    from sgsc.ops import native
+
+    info["sgsc_cpu_isa"] = native.cpu_isa() if native.available() else None
+    return info
 
 
 def commit() -> str:

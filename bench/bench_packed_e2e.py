@@ -21,7 +21,9 @@ data), written once with ``sgsc.save_packed`` to a temporary directory, and load
   3x32x32 inputs so that batch 256 fits the time budget; batch 1 and 256. It loads with
   ``load_packed(path, model=<float architecture built on the meta device>)``.
 
-Timing: the two runtimes run interleaved in one process (the order alternates every repeat), inside
+Timing: the two runtimes, and the packed one with int8 activations in its ``PackedLinear`` layers
+(``packed-int8``: ``activations="int8"``; its stream layers and convolutions keep float activations),
+run interleaved in one process (the order alternates every repeat), inside
 ``torch.inference_mode()``; medians with min-max, the ratio of the medians (``float / packed``: above 1
 means the packed runtime is faster) and the median of the per-repeat ratios. Each row runs
 ``--repeats`` rounds (one call of each runtime), or stops after ``--budget-s`` seconds (at least 3 rounds).
@@ -59,7 +61,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_bitpack import commit
+from bench_bitpack import commit, cpu_info
 from bench_pruned_speed import ResNet
 from torch import nn
 
@@ -70,6 +72,9 @@ from sgsc.nn.zoo import CharDecoder, CharDecoderConfig, PaperCNN, PaperCNNConfig
 
 CASES = ("decoder", "decoder-wide", "decoder-xl", "cnn", "resnet18")
 RUNTIMES = ("float", "packed")
+# Timed side by side: the two runtimes, and the packed one with int8 activations in its PackedLinear layers
+# (sgsc.nn.pack_model(activations="int8")'s choice; stream layers and convolutions keep float activations).
+TIMED = (*RUNTIMES, "packed-int8")
 
 # ---- models -----------------------------------------------------------------------------------
 
@@ -175,12 +180,12 @@ def time_decoder(case: str, models: dict, args) -> list[dict]:
             outputs[runtime] = generate(models[runtime], prompt, args.tokens)
         return call
 
-    times, repeats = side_by_side({runtime: run(runtime) for runtime in RUNTIMES}, args.repeats, args.budget_s)
+    times, repeats = side_by_side({runtime: run(runtime) for runtime in TIMED}, args.repeats, args.budget_s)
     same = outputs["float"] == outputs["packed"]
     first_diff = None if same else next(
         i for i, (a, b) in enumerate(zip(outputs["float"], outputs["packed"])) if a != b)
     context = torch.cat([prompt, torch.tensor([outputs["float"]])], dim=1)[:, -models["float"].config.block_size:]
-    logits = {runtime: models[runtime](context) for runtime in RUNTIMES}
+    logits = {runtime: models[runtime](context) for runtime in TIMED}
     row = time_row(case, 1, times, repeats)
     row.update({
         "tokens": args.tokens, "prompt": args.prompt,
@@ -189,6 +194,8 @@ def time_decoder(case: str, models: dict, args) -> list[dict]:
         "same_tokens": same, "first_differing_step": first_diff,
         "distinct_tokens": len(set(outputs["float"])),
         "max_abs_logit_diff": float((logits["float"] - logits["packed"]).abs().max()),
+        "int8_same_tokens": outputs["packed-int8"] == outputs["float"],
+        "int8_max_abs_logit_diff": float((logits["float"] - logits["packed-int8"]).abs().max()),
         "float_tokens": outputs["float"], "packed_tokens": outputs["packed"],
     })
     return [row]
@@ -196,9 +203,9 @@ def time_decoder(case: str, models: dict, args) -> list[dict]:
 
 def time_row(case: str, batch: int, times: dict, repeats: int) -> dict:
     ratios = [f / p for f, p in zip(times["float"], times["packed"])]
-    row = {"case": case, "batch": batch, "repeats": repeats, "float": stats(times["float"]),
-           "packed": stats(times["packed"])}
+    row = {"case": case, "batch": batch, "repeats": repeats, **{runtime: stats(times[runtime]) for runtime in TIMED}}
     row["float_over_packed"] = row["float"]["median_s"] / row["packed"]["median_s"]
+    row["float_over_packed_int8"] = row["float"]["median_s"] / row["packed-int8"]["median_s"]
     row["median_pair_ratio"] = statistics.median(ratios)
     return row
 
@@ -208,9 +215,11 @@ def time_forward(case: str, models: dict, batches: list[int], args) -> list[dict
     for batch in batches:
         x = example_input(case, batch)
         diff = float((models["float"](x) - models["packed"](x)).abs().max())
-        times, repeats = side_by_side({runtime: (lambda m=models[runtime]: m(x)) for runtime in RUNTIMES},
+        diff_int8 = float((models["float"](x) - models["packed-int8"](x)).abs().max())
+        times, repeats = side_by_side({runtime: (lambda m=models[runtime]: m(x)) for runtime in TIMED},
                                       args.repeats, args.budget_s)
-        rows.append({**time_row(case, batch, times, repeats), "max_abs_output_diff": diff})
+        rows.append({**time_row(case, batch, times, repeats), "max_abs_output_diff": diff,
+                     "int8_max_abs_output_diff": diff_int8})
     return rows
 
 
@@ -324,19 +333,23 @@ def mb(n: int | None) -> str:
 
 def report(timing: list[dict], memory: list[dict], header: str) -> str:
     lines = [header, "", "| model | batch | repeats | float ms (min-max) | packed ms (min-max) | float / packed | "
-             "median pair ratio | tokens/s float / packed |", "|---|---|---|---|---|---|---|---|"]
+             "median pair ratio | tokens/s float / packed | packed-int8 ms | float / packed-int8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in timing:
-        f, p = r["float"], r["packed"]
+        f, p, q = r["float"], r["packed"], r["packed-int8"]
         tokens = (f"{r['float_tokens_per_s']:.0f} / {r['packed_tokens_per_s']:.0f}" if "tokens" in r else "")
         lines.append(f"| {r['case']}{' (generate)' if 'tokens' in r else ''} | {r['batch']} | {r['repeats']} | "
                      f"{1e3 * f['median_s']:.3f} ({1e3 * f['min_s']:.3f}-{1e3 * f['max_s']:.3f}) | "
                      f"{1e3 * p['median_s']:.3f} ({1e3 * p['min_s']:.3f}-{1e3 * p['max_s']:.3f}) | "
-                     f"{r['float_over_packed']:.2f} | {r['median_pair_ratio']:.2f} | {tokens} |")
+                     f"{r['float_over_packed']:.2f} | {r['median_pair_ratio']:.2f} | {tokens} | "
+                     f"{1e3 * q['median_s']:.3f} | {r['float_over_packed_int8']:.2f} |")
     for r in timing:
         if "tokens" in r:
             verdict = "same tokens" if r["same_tokens"] else f"tokens differ from step {r['first_differing_step']}"
             lines.append(f"\n{r['case']}: {r['tokens']} greedy tokens from a {r['prompt']}-token prompt: {verdict} "
-                         f"({r['distinct_tokens']} distinct); max |logit difference| {r['max_abs_logit_diff']:.2e}")
+                         f"({r['distinct_tokens']} distinct); max |logit difference| {r['max_abs_logit_diff']:.2e}; "
+                         f"int8 activations: {'same' if r['int8_same_tokens'] else 'different'} tokens, max |logit "
+                         f"difference| {r['int8_max_abs_logit_diff']:.2e}")
     if not memory:
         return "\n".join(lines)
     lines += ["", "| model | runtime | packed weights in file (MB) | weights resident (MB) | x packed | "
@@ -395,6 +408,10 @@ def main() -> None:
                 del model
             models = {runtime: sgsc.load_packed(path, runtime=runtime, model=architecture(case))
                       for runtime in RUNTIMES}
+            models["packed-int8"] = sgsc.load_packed(path, runtime="packed", model=architecture(case))
+            for module in models["packed-int8"].modules():
+                if isinstance(module, packed_nn.PackedLinear):
+                    module.activations = "int8"
             print(f"{case}: {summary.file_bytes:,} bytes on disk, {summary.packed_bytes:,} of packed weights "
                   f"({summary.average_bits:.2f} bits per weight)", file=sys.stderr)
             if case.startswith("decoder"):
@@ -413,7 +430,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     subset = "" if set(cases) == set(CASES) else "_" + "-".join(cases)  # a run of some cases keeps the others' file
     path = out_dir / f"packed_e2e_{device.replace(' ', '_')}-{args.threads}t_{commit()}{subset}.json"
-    path.write_text(json.dumps({"device": device, "commit": commit(), "torch": torch.__version__,
+    path.write_text(json.dumps({"device": device, "cpu": cpu_info(), "commit": commit(), "torch": torch.__version__,
                                 "load_average_start": load_at_start, "load_average_end": load,
                                 "args": vars(args), "timing": timing, "memory": memory}, indent=2))
     print(f"\nwrote {path}")

@@ -134,18 +134,30 @@ SGSC_ALWAYS_INLINE void unpack_span(const uint8_t* src, const uint8_t* end, int3
 // Returns how many codes it unpacked; the caller finishes the rest.
 constexpr int kAvx2MaxWidth = 25;
 
-__attribute__((target("avx2"))) int64_t unpack_avx2(const uint8_t* src, const uint8_t* end, int32_t* dst,
-                                                   int64_t n, int W) {
-  const int high_half = 4 * W / 8;  // byte where the second 16-byte load starts
+// The byte shuffle and left shifts of width W, built at compile time (a packed layer's weight is unpacked a
+// group of a few dozen codes at a time, where building them on every call cost more than the unpack).
+template <int W>
+struct Avx2UnpackTables {
   alignas(32) int8_t shuffle[32];
   alignas(32) int32_t left[8];
-  for (int j = 0; j < 8; ++j) {
-    const int bit = j * W - (j < 4 ? 0 : 8 * high_half);  // first bit of code j within its half
-    for (int k = 0; k < 4; ++k) shuffle[4 * j + k] = static_cast<int8_t>(bit / 8 + k);
-    left[j] = 32 - W - bit % 8;
+  constexpr Avx2UnpackTables() : shuffle(), left() {
+    const int high_half = 4 * W / 8;  // byte where the second 16-byte load starts
+    for (int j = 0; j < 8; ++j) {
+      const int bit = j * W - (j < 4 ? 0 : 8 * high_half);  // first bit of code j within its half
+      for (int k = 0; k < 4; ++k) shuffle[4 * j + k] = static_cast<int8_t>(bit / 8 + k);
+      left[j] = 32 - W - bit % 8;
+    }
   }
-  const __m256i shuffle_v = _mm256_load_si256(reinterpret_cast<const __m256i*>(shuffle));
-  const __m256i left_v = _mm256_load_si256(reinterpret_cast<const __m256i*>(left));
+};
+
+template <int W>
+constexpr Avx2UnpackTables<W> kAvx2UnpackTables{};
+
+template <int W>
+__attribute__((target("avx2"))) int64_t unpack_avx2(const uint8_t* src, const uint8_t* end, int32_t* dst, int64_t n) {
+  constexpr int high_half = 4 * W / 8;
+  const __m256i shuffle_v = _mm256_load_si256(reinterpret_cast<const __m256i*>(kAvx2UnpackTables<W>.shuffle));
+  const __m256i left_v = _mm256_load_si256(reinterpret_cast<const __m256i*>(kAvx2UnpackTables<W>.left));
   const __m128i right = _mm_cvtsi32_si128(32 - W);
   int64_t i = 0;
   for (; i + 8 <= n && end - src >= high_half + 16; i += 8, src += W, dst += 8) {
@@ -166,7 +178,7 @@ void unpack_span_fn(const uint8_t* src, const uint8_t* end, int32_t* dst, int64_
 #ifdef SGSC_BITPACK_AVX2
   if constexpr (W <= kAvx2MaxWidth) {
     if (isa_at_least(Isa::kAvx2)) {
-      const int64_t done = unpack_avx2(src, end, dst, n, W);  // done is a multiple of 8: W whole bytes each
+      const int64_t done = unpack_avx2<W>(src, end, dst, n);  // done is a multiple of 8: W whole bytes each
       src += done / 8 * W;
       dst += done;
       n -= done;

@@ -118,7 +118,7 @@ RUNTIMES = ("float", "packed")
 
 
 def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, runtime: str = "float",
-                max_bytes: int | None = None, model: nn.Module | None = None) -> nn.Module:
+                max_bytes: int | None = None, model: nn.Module | None = None, activations: str = "float") -> nn.Module:
     """Rebuild a runnable model from a packed file, in eval mode, on ``device``.
 
     A zoo model's file names its architecture. Any other file records it by shapes and needs
@@ -140,7 +140,8 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     QLSTM/QGRU's matrices run packed too: those modules read each packed child's ``weight``, dequantized
     from its codes on every call. QConv1d layers, transposed convolutions and layers sharing a weight
     with one stay on the float runtime. A model exported in another dtype than float32 runs
-    only on the float runtime.
+    only on the float runtime. ``activations="int8"`` (packed runtime only) makes each ``PackedLinear``
+    quantize its input per block (:func:`sgsc.ops.packed.int8_error_bound` bounds the difference).
 
     Every value is checked first (docs/FORMAT.md, "Validation a reader performs"): a file that fails
     raises :class:`PackedFileError`. So does one whose model would need more than ``max_bytes`` of
@@ -149,6 +150,9 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if activations not in ("float", "int8") or (activations != "float" and runtime != "packed"):
+        raise ValueError(f"activations must be 'float', or 'int8' with runtime='packed', got {activations!r} "
+                         f"with runtime={runtime!r}")
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (the float architecture) or None, got {type(model).__name__}")
     path = Path(path)
@@ -167,6 +171,8 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", *, 
         packable = set(packable_layers(model))
     names = _names_by_module(model)
     for name, new in _runtime_layers(path, packed_file, layers, runtime, device, packable):
+        if hasattr(new, "activations"):  # a PackedLinear
+            new.activations = activations
         for place in names[id(layers[name])]:
             replace_submodule(model, place, new)
     left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]

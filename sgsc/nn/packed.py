@@ -92,12 +92,18 @@ class _PackedBase(nn.Module):
 class PackedLinear(_PackedBase):
     """``nn.Linear`` whose weight stays bit-packed: ``y = x W^T + b`` computed from the codes.
 
-    Inputs must be float32 (activations stay float); inference only (no gradient to the codes).
+    Inputs must be float32; inference only (no gradient to the codes). ``activations="float"`` (default)
+    computes with ``x`` as given (``F.linear``'s result within fp32 rounding); ``"int8"`` quantizes ``x``
+    per block of 480 columns and multiplies in integer arithmetic (faster; within
+    :func:`sgsc.ops.packed.int8_error_bound`). Set it at construction or on the attribute.
     """
 
-    def __init__(self, weight: packed_ops.PackedWeight, bias: torch.Tensor | None = None, *, file_bytes: int = 0):
+    def __init__(self, weight: packed_ops.PackedWeight, bias: torch.Tensor | None = None, *, file_bytes: int = 0,
+                 activations: str = "float"):
         super().__init__()
+        packed_ops.check_activations(activations)
         self._set_weight(weight, bias, file_bytes)
+        self.activations = activations
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -112,10 +118,11 @@ class PackedLinear(_PackedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_ops.linear_on_checked(x, self.checked_layout(), self.out_features, self.in_features,
-                                           self._buffers["bias"])
+                                           self._buffers["bias"], self.activations)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + (f", activations={self.activations!r}" if self.activations != "float" else ""))
 
 
 # A code of up to 32 bits starting anywhere in a byte spans at most 5 bytes: the stream is padded by
@@ -238,8 +245,12 @@ def packable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def pack_model(model: nn.Module) -> nn.Module:
+def pack_model(model: nn.Module, *, activations: str = "float") -> nn.Module:
     """Replace every QLinear/QConv2d of ``model`` by its packed layer, in place; returns ``model`` in eval mode.
+
+    ``activations`` is each :class:`PackedLinear`'s (``"float"``: exact within fp32 rounding; ``"int8"``:
+    activations quantized per block of 480 columns, within :func:`sgsc.ops.packed.int8_error_bound`);
+    convolutions and the small linear layers that keep the file's stream always take float activations.
 
     The layers are :func:`packable_layers`'; QConv1d layers and transposed convolutions stay as they
     are. An embedding tied to a linear layer (a tied head) becomes a PackedEmbedding and a
@@ -248,6 +259,7 @@ def pack_model(model: nn.Module) -> nn.Module:
     The codes are eq. (1)'s (``sgsc.ops.reference.integer_codes``, what the exporter writes), so the
     packed model computes with exactly the weights of the exported one.
     """
+    packed_ops.check_activations(activations)
     for name, layer in packable_layers(model).items():
         if layer.quant_groups == 0 or layer.weight.numel() == 0:
             codes = torch.zeros(layer.quant_groups, 0, dtype=torch.int32)
@@ -257,6 +269,8 @@ def pack_model(model: nn.Module) -> nn.Module:
                                                     layer.exponent.detach(), layer.rounding)
         device = layer.weight.device
         packed = packed_module(layer, codes.cpu(), scales.cpu().float(), getattr(layer, "bias", None))
+        if isinstance(packed, PackedLinear):
+            packed.activations = activations
         replace_submodule(model, name, packed.to(device))
     return model.eval()
 

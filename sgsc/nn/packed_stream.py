@@ -106,24 +106,29 @@ class StreamLayer(nn.Module):
 
     def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """The weight for one call on ``x``: in the shared :data:`WORKSPACE`, unless autograd would save it
-        for a backward pass or torch.compile traces the call (then in a tensor of its own)."""
-        self._check_input(x)
+        for a backward pass or torch.compile traces the call (then in a tensor of its own).
+
+        Buffers are read from ``_buffers`` and the op through its ``default`` overload: on a 64x64 layer the
+        module attribute lookups and overload resolution cost as much as the dequantization itself."""
+        buffers = self._buffers
+        stream = buffers["stream"]
+        self._check_input(x, stream.device)
         if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or not self.out_features:
             return self.dequantized_weight().view(self.weight_shape)
-        weight = WORKSPACE.view(self.weight_shape, self.stream.device)
-        torch.ops.sgsc.unpack_dequantize_out(self.stream, self.widths, self.scales, self.rows_per_group,
-                                             self.in_features, weight)
+        weight = WORKSPACE.view(self.weight_shape, stream.device)
+        torch.ops.sgsc.unpack_dequantize_out.default(stream, buffers["widths"], buffers["scales"], self.rows_per_group,
+                                                     self.in_features, weight)
         return weight
 
-    def _check_input(self, x) -> None:
+    def _check_input(self, x, device: torch.device) -> None:
         # torch's own errors (RuntimeError, not naming x) would come from deep inside F.linear / F.conv2d
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
             raise TypeError(f"x must be a float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         dim, expected = self.input_dim, self.input_features
         if x.dim() < -dim or x.shape[dim] != expected:
             raise ValueError(f"x must have {expected} features in dimension {dim}, got shape {tuple(x.shape)}")
-        if x.device != self.stream.device:
-            raise ValueError(f"x must be on the layer's device {self.stream.device}, got {x.device}")
+        if x.device != device:
+            raise ValueError(f"x must be on the layer's device {device}, got {x.device}")
 
 
 class PackedStreamLinear(StreamLayer):
@@ -146,7 +151,7 @@ class PackedStreamLinear(StreamLayer):
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight_for(x), self.bias)
+        return F.linear(x, self._weight_for(x), self._buffers["bias"])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -39,6 +39,18 @@ bound of an fp32 dot product of length K whose terms are at most ``scale * 2^W *
 the width the codes are stored at: the column group's, or the tile's (the widest of its 8 rows,
 which differs from a row's own width only in the few tiles where the sorted widths change).
 Every batch size runs that kernel (in chunks of 8, 4, 2 and 1 batch rows), so the bound holds for all.
+
+Int8 activations (``activations="int8"``, op ``sgsc::packed_linear_q8``): each batch row of ``x`` is
+quantized to int8 in blocks of ``Q8_BLOCK = 480`` columns (counted from the start of each segment's
+column range): ``s = absmax / 127``, ``q = round(x / s)``, ``x_hat = q * s``
+(:func:`sgsc.ops.reference.quantize_activations`). Segments at widths 1, 2, 4, 7 and 8 then multiply
+bytes of codes by bytes of ``q`` in exact int32 sums (AVX-512 VNNI ``vpdpbusd``; AVX2 ``vpmaddubsw``, where
+8-bit codes take the float loop; plain integer code elsewhere), and with AVX-512 VBMI widths 3, 5 and 6
+as well (``vpmultishiftqb``), one fp32 multiply-add per block; the other widths run the float loop on
+``x_hat``. The result is ``F.linear(x_hat, W, bias)``
+within the fp32 bound above, so against ``F.linear(x, W, bias)`` it is off by at most that plus
+``sum_k |W_rk| * |x_k - x_hat_k|``, where ``|x_k - x_hat_k| <= s_b / 2 = absmax_b / 254`` (the stated
+bound, :func:`int8_error_bound`). For Gaussian activations the error is 0.6-0.8% of the output's norm.
 """
 
 from __future__ import annotations
@@ -52,13 +64,17 @@ from sgsc.ops import native as _native
 from sgsc.ops import reference
 from sgsc.ops.functional import _check_tensor
 from sgsc.ops.library import _triton_module
-from sgsc.ops.spec import LANES, MAX_WIDTH, minimal_widths, stream_bytes
+from sgsc.ops.spec import LANES, MAX_WIDTH, Q8_BLOCK, minimal_widths, stream_bytes
 
 GROUP_BY = ("output", "input")
+# How a packed linear layer takes its activations: float32 as given (exact within fp32 rounding), or
+# quantized to int8 per block of Q8_BLOCK columns (faster; within int8_error_bound).
+ACTIVATIONS = ("float", "int8")
 
 _LAYOUT = ("Tensor words, Tensor seg_table, Tensor seg_scale, Tensor tile_table, Tensor tile_ptr, "
            "Tensor rows, Tensor row_scale")
 torch.library.define("sgsc::packed_linear", f"(Tensor x, {_LAYOUT}, int out_features, Tensor? bias) -> Tensor")
+torch.library.define("sgsc::packed_linear_q8", f"(Tensor x, {_LAYOUT}, int out_features, Tensor? bias) -> Tensor")
 torch.library.define("sgsc::packed_dequantize", f"({_LAYOUT}, int out_features, int in_features) -> Tensor")
 torch.library.define(
     "sgsc::packed_dequantize_out",
@@ -273,6 +289,11 @@ def _packed_linear_fake(x, words, seg_table, seg_scale, tile_table, tile_ptr, ro
     return x.new_empty((x.shape[0], out_features))
 
 
+@torch.library.register_fake("sgsc::packed_linear_q8")
+def _packed_linear_q8_fake(x, words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features, bias):
+    return _packed_linear_fake(x, words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features, bias)
+
+
 @torch.library.register_fake("sgsc::packed_dequantize")
 def _packed_dequantize_fake(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
                             in_features):
@@ -314,6 +335,7 @@ NATIVE_CPU_CHECKS = _native.available()
 
 # the default kernels, as library.py registers them: the CPU without the C++ build, any device without its own
 torch.library.register_kernel("sgsc::packed_linear", None, reference.packed_linear)
+torch.library.register_kernel("sgsc::packed_linear_q8", None, reference.packed_linear_q8)
 torch.library.register_kernel("sgsc::packed_dequantize", None, reference.packed_dequantize)
 
 
@@ -337,21 +359,29 @@ def check_weight(weight) -> None:
             raise ValueError(f"weight.{name} must be contiguous")
 
 
-def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
+                  activations: str = "float") -> torch.Tensor:
     """``F.linear(x, W, bias)`` with ``W`` the dequantized ``weight``, computed from its packed codes.
 
     ``x`` is float32 ``(..., in_features)`` on ``weight``'s device, any strides (it is made contiguous
     like ``F.linear`` would read it); ``bias`` float32 ``(out_features,)`` or None. On CPU, a fused
     unpack-and-multiply kernel that never writes ``W``, for every batch size (each tile's codes are
     read from memory once per 64 batch rows). On CUDA, a Triton kernel.
-    The result equals ``F.linear(x, W, bias)`` within the fp32 bound in this module's docstring.
+    ``activations="float"`` (default): the result equals ``F.linear(x, W, bias)`` within the fp32 bound
+    in this module's docstring. ``"int8"``: ``x`` is quantized per block of 480 columns and the codes
+    multiply it in integer arithmetic; the result is within :func:`int8_error_bound` of ``F.linear(x, W, bias)``.
     """
     check_weight(weight)
-    return linear_on_checked(x, weight.tensors(), weight.out_features, weight.in_features, bias)
+    return linear_on_checked(x, weight.tensors(), weight.out_features, weight.in_features, bias, activations)
+
+
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
 
 
 def linear_on_checked(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], out_features: int, in_features: int,
-                      bias: torch.Tensor | None) -> torch.Tensor:
+                      bias: torch.Tensor | None, activations: str = "float") -> torch.Tensor:
     """:func:`packed_linear` without checking the layout ``tensors`` in Python (a packed layer has them checked
     by the C++ op on CPU, or once in Python elsewhere: those checks cost more than a small layer's product)."""
     _check_tensor("x", x, (torch.float32,))
@@ -366,12 +396,34 @@ def linear_on_checked(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], out_fe
             raise ValueError(f"bias must have shape ({out_features},) on {device}, "
                              f"got {tuple(bias.shape)} on {bias.device}")
         bias = bias.contiguous()
+    if activations == "float":
+        op = torch.ops.sgsc.packed_linear
+    elif activations == "int8":
+        op = torch.ops.sgsc.packed_linear_q8
+    else:
+        check_activations(activations)
     if x.dim() == 2:
-        return torch.ops.sgsc.packed_linear(x.contiguous(), *tensors, out_features, bias)
+        return op(x.contiguous(), *tensors, out_features, bias)
     # reshape(-1, 0) cannot infer the rows of a layer with no inputs (a fully pruned MLP's output layer)
     rows = -1 if in_features else math.prod(x.shape[:-1])
-    y = torch.ops.sgsc.packed_linear(x.reshape(rows, in_features).contiguous(), *tensors, out_features, bias)
+    y = op(x.reshape(rows, in_features).contiguous(), *tensors, out_features, bias)
     return y.view(*x.shape[:-1], out_features)
+
+
+def int8_error_bound(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """The stated bound of ``activations="int8"`` against ``F.linear(x, W)``, float64 ``(batch, out_features)``
+    for ``x`` ``(batch, in_features)``: ``sum_k |W_rk| |x_k - x_hat_k|`` (computed from ``x_hat``) plus the
+    fp32 bound of this module's docstring, ``(K + 2) eps 2^W scale_r sum_k |x_hat_k|`` (W: the widest segment)."""
+    check_weight(weight)
+    t = [t.cpu() for t in weight.tensors()]
+    w = reference.packed_dequantize(*t, weight.out_features, weight.in_features).double()
+    x = x.detach().cpu().float().reshape(-1, weight.in_features)
+    x_hat = reference.quantize_segments(x, t[1]).double()
+    row_scale = torch.zeros(weight.out_features, dtype=torch.float64)
+    row_scale[t[5][t[5] >= 0].long()] = t[6][t[5] >= 0].double() * float(t[2].max()) if t[2].numel() else 0.0
+    top = 2.0 ** float(t[1][:, 2].max()) if t[1].numel() else 0.0
+    fp32 = (weight.in_features + 2) * 2.0**-24 * top * x_hat.abs().sum(1, keepdim=True) * row_scale
+    return (x.double() - x_hat).abs() @ w.abs().T + fp32
 
 
 def packed_dequantize(weight: PackedWeight, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sgsc.ops.spec import MAX_WIDTH, ROUNDING_MODES, stream_bytes
+from sgsc.ops.spec import MAX_WIDTH, Q8_BLOCK, ROUNDING_MODES, stream_bytes
 
 
 def group_params(b: torch.Tensor, e: torch.Tensor):
@@ -245,3 +245,35 @@ def packed_linear(x, words, seg_table, seg_scale, tile_table, tile_ptr, rows, ro
     weight = packed_dequantize(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
                                x.shape[1])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x_hat``: 2-D float32 ``x`` quantized to int8 per row in blocks of ``block`` columns and back.
+
+    Per block: ``s = absmax / 127``, ``q = round_half_even(x * (127 / absmax))`` in ``[-127, 127]``,
+    ``x_hat = q * s`` in float32; an all-zero block stays zero, a block with a non-finite value is NaN."""
+    rows, cols = x.shape
+    pad = -cols % block
+    blocks = torch.nn.functional.pad(x, (0, pad)).reshape(rows, -1, block)
+    absmax = blocks.abs().amax(dim=2, keepdim=True)
+    finite = torch.isfinite(blocks).all(dim=2, keepdim=True)
+    safe = torch.where(finite & (absmax > 0), absmax, torch.ones(()))
+    q = torch.round(blocks * (127.0 / safe)).clamp(-127, 127)
+    scale = torch.where(finite, torch.where(absmax > 0, absmax / 127.0, torch.zeros(())), torch.full((), float("nan")))
+    return (q * scale).reshape(rows, -1)[:, :cols]
+
+
+def quantize_segments(x: torch.Tensor, seg_table: torch.Tensor) -> torch.Tensor:
+    """2-D ``x`` with each segment's column range ``[k0, k1)`` quantized by :func:`quantize_activations`
+    in blocks of ``Q8_BLOCK`` counted from ``k0`` (the ranges of a layout are equal or disjoint)."""
+    x_hat = x.clone()
+    for k0, k1 in sorted({(int(k0), int(k1)) for k0, k1, _ in seg_table.tolist()}):
+        x_hat[:, k0:k1] = quantize_activations(x[:, k0:k1], Q8_BLOCK)
+    return x_hat
+
+
+def packed_linear_q8(x, words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features: int,
+                     bias=None) -> torch.Tensor:
+    """``F.linear(x_hat, packed_dequantize(...), bias)``: ``x`` quantized per block of ``Q8_BLOCK`` columns
+    counted from the start of each segment's column range (:func:`quantize_activations`)."""
+    return packed_linear(quantize_segments(x, seg_table), words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features, bias)

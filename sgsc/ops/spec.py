@@ -24,6 +24,12 @@ MAX_WIDTH = 32
 # (csrc/packed_layout.h) must equal it, which every C++ call on a Python-built layout checks.
 LANES = 8
 
+# Columns per block of the packed runtime's int8 activations (sgsc.ops.packed.packed_linear with
+# activations="int8"): each batch row's x is quantized per block of this many columns, counted from the
+# start of each segment's column range; the C++ kernel's kQBlock (csrc/packed_linear_q8.cpp) equals it.
+# 480 = lcm(32, 10, 6, 5): a block holds whole 32-bit words of codes at every width up to 8 bits.
+Q8_BLOCK = 480
+
 
 def stream_bytes(width, group_len: int):
     """Bytes of one group's packed stream: ``ceil(width * group_len / 8)``.

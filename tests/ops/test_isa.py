@@ -38,6 +38,9 @@ _KERNELS = textwrap.dedent(
     out["codes"], out["stream"], out["unpacked"] = codes, stream, sgsc.ops.unpack(stream, widths, 1, 100)
     weight = packed.pack_weight(torch.randint(-7, 8, (64, 300), dtype=torch.int32), torch.full((8,), 0.125))
     out["packed_linear"] = packed.packed_linear(torch.randn(5, 300), weight)
+    mixed = packed.pack_weight(torch.randint(-128, 128, (64, 300), dtype=torch.int32) >> torch.arange(8).repeat(8)[:, None],
+                               torch.full((64,), 0.125))  # widths 8 down to 1: every integer path and the float one
+    out["packed_linear_q8"] = packed.packed_linear(torch.randn(5, 300), mixed, activations="int8")
     torch.save(out, sys.argv[1])
     """
 )
@@ -71,6 +74,9 @@ def test_every_level_computes_the_same_bits(tmp_path):
         assert torch.equal(first["stream"], other["stream"]), level
         # avx2 and up multiply-add with FMA, the portable path in two roundings
         torch.testing.assert_close(other["packed_linear"], first["packed_linear"], rtol=1e-5, atol=1e-5)
+        # int8 activations: the same x_hat on every level; the sums are exact integers where a level multiplies
+        # in integers (3-, 5-, 6-bit rows only with AVX-512 VBMI) and fp32 elsewhere, so equal within fp32 rounding
+        torch.testing.assert_close(other["packed_linear_q8"], first["packed_linear_q8"], rtol=1e-4, atol=1e-4)
 
 
 def test_doctor_names_the_level_and_what_asked_for_it():
