@@ -20,6 +20,14 @@ void check_tensor(const Tensor& t, ScalarType dtype, int64_t dim, const char* na
   SGSC_CHECK_VALUE(t.is_contiguous(), "sgsc.", op, ": ", name, " must be contiguous");
 }
 
+const float* checked_bias(const std::optional<Tensor>& bias, int64_t out_features, const char* op) {
+  if (!bias.has_value()) return nullptr;
+  check_tensor(*bias, kFloat, 1, "bias", op);
+  SGSC_CHECK_VALUE(bias->size(0) == out_features, "sgsc.", op, ": bias must have ", out_features, " elements, got ",
+                   bias->size(0));
+  return bias->const_data_ptr<float>();
+}
+
 namespace {
 
 struct HelperPool {

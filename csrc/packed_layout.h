@@ -80,6 +80,9 @@ struct Plan {
 
 void check_tensor(const Tensor& t, ScalarType dtype, int64_t dim, const char* name, const char* op);
 
+// The optional bias of a packed product, checked against its output width: its data, or nullptr.
+const float* checked_bias(const std::optional<Tensor>& bias, int64_t out_features, const char* op);
+
 // The layout's tensors, every index checked (a corrupt layout is an error, never a wild read).
 Plan make_plan(const Tensor& words, const Tensor& seg_table, const Tensor& seg_scale,
                const Tensor& tile_table, const Tensor& tile_ptr, const Tensor& rows,

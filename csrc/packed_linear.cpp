@@ -183,13 +183,7 @@ Tensor packed_linear_cpu(const Tensor& x, const Tensor& words, const Tensor& seg
   check_tensor(x, kFloat, 2, "x", "packed_linear");
   const Plan p = make_plan(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
                            x.size(1), "packed_linear");
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    check_tensor(*bias, kFloat, 1, "bias", "packed_linear");
-    SGSC_CHECK_VALUE(bias->size(0) == out_features, "sgsc.packed_linear: bias must have ", out_features,
-                     " elements, got ", bias->size(0));
-    bias_ptr = bias->const_data_ptr<float>();
-  }
+  const float* bias_ptr = checked_bias(bias, out_features, "packed_linear");
   const int64_t M = x.size(0);
   // Rows no tile covers (pruned) are the bias alone; when the tiles cover every row the kernel writes
   // all of y, and filling it first would cost a second pass (most of a small layer's call).

@@ -221,13 +221,7 @@ Tensor packed_linear_q8_cpu(const Tensor& x, const Tensor& words, const Tensor& 
   check_tensor(x, kFloat, 2, "x", "packed_linear_q8");
   const Plan p = make_plan(words, seg_table, seg_scale, tile_table, tile_ptr, rows, row_scale, out_features,
                            x.size(1), "packed_linear_q8");
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    check_tensor(*bias, kFloat, 1, "bias", "packed_linear_q8");
-    SGSC_CHECK_VALUE(bias->size(0) == out_features, "sgsc.packed_linear_q8: bias must have ", out_features,
-                     " elements, got ", bias->size(0));
-    bias_ptr = bias->const_data_ptr<float>();
-  }
+  const float* bias_ptr = checked_bias(bias, out_features, "packed_linear_q8");
   const int64_t M = x.size(0), K = p.in_features, S = p.segments;
   Tensor y = empty({M, out_features}, kFloat, x);
   float* y_ptr = y.mutable_data_ptr<float>();
