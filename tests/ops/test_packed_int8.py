@@ -18,31 +18,9 @@ from sgsc.ops import native
 from sgsc.ops import packed as packed_ops
 from sgsc.ops import reference
 from sgsc.ops.spec import Q8_BLOCK
+from packed_codes import dense_weight, random_layer  # noqa: E402
 
 EPS = 2.0**-24
-
-
-def random_layer(out_features, in_features, widths, group_by, seed):
-    gen = torch.Generator().manual_seed(seed)
-    groups = len(widths)
-    rows = out_features // groups if group_by == "output" else out_features
-    cols = in_features if group_by == "output" else in_features // groups
-    blocks = []
-    for w in widths:
-        block = (torch.zeros(rows, cols, dtype=torch.int64) if w == 0 else
-                 torch.randint(-(2 ** (w - 1)), 2 ** (w - 1), (rows, cols), generator=gen, dtype=torch.int64))
-        if w:
-            block.view(-1)[0] = -(2 ** (w - 1))
-        blocks.append(block)
-    codes = torch.cat(blocks, dim=0 if group_by == "output" else 1)
-    scales = torch.exp2(torch.randint(-12, 3, (groups,), generator=gen).float())
-    return codes, scales
-
-
-def dense_weight(codes, scales, group_by):
-    if group_by == "output":
-        return codes.double() * scales.double().repeat_interleave(codes.shape[0] // scales.numel()).unsqueeze(1)
-    return codes.double() * scales.double().repeat_interleave(codes.shape[1] // scales.numel()).unsqueeze(0)
 
 
 def x_hat_by_definition(x, ranges):
