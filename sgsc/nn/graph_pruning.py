@@ -269,17 +269,21 @@ def _fold_constants(model: nn.Module, example_inputs, readers: dict[nn.Module, l
 
     The columns' values are read off one forward pass: a zero-bit row outputs its bias, which pointwise
     ops keep constant over every position. Columns that are not constant there are left to silencing.
+    The pass runs in eval mode, so it moves no BatchNorm statistics and draws no dropout masks.
     """
     if not readers:
         return
     seen: dict[nn.Module, torch.Tensor] = {}
     hooks = [layer.register_forward_pre_hook(lambda layer, args: seen.setdefault(layer, args[0].detach()))
              for layer in readers]
+    modes = {module: module.training for module in model.modules()}
     try:
-        _call(model, example_inputs)
+        _call(model.eval(), example_inputs)
     finally:
         for hook in hooks:
             hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
     for layer, columns in readers.items():
         values = seen[layer].reshape(-1, seen[layer].shape[-1])[:, columns]
         if values.shape[0] and bool((values == values[0]).all()):

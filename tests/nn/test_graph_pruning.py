@@ -369,6 +369,20 @@ def test_causal_attention_heads_go_with_their_constant_folded():
     assert [c.removed for c in report.changes if c.layer == "blocks.0.attn"] == [{"heads": [1, 3]}]
 
 
+def test_folding_a_unit_into_its_reader_moves_no_batchnorm_statistics():
+    # the fold reads the unit's constant off a forward pass, which in train mode would update BN's statistics
+    model = _quantized(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(4 * 36, 16), nn.GELU(), nn.Linear(16, 3))).train()
+    _zero_bits(model[4], [1, 5])
+    reference = copy.deepcopy(model)  # the masked model: the units' GELU(bias) is folded, not silenced
+    assert model[4].bias[[1, 5]].abs().min() > 0
+    report = prune_zero_bit_units(model, torch.randn(5, 1, 6, 6, generator=torch.Generator().manual_seed(4)))
+    assert model[4].out_features == 14 and model[6].in_features == 14 and report.parameters_removed > 0
+    assert model.training and int(model[1].num_batches_tracked) == int(reference[1].num_batches_tracked)
+    assert torch.equal(model[1].running_mean, reference[1].running_mean)
+    _assert_same_outputs(model, reference, torch.randn(3, 1, 6, 6))
+
+
 # ---- the zoo agrees -------------------------------------------------------------------------
 
 
