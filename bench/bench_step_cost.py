@@ -9,7 +9,8 @@ the final check) are reported apart; the per-step ratio is the rest, guard check
 unsafe run's time. Runs alternate (unsafe, SGSC, unsafe, ...) and medians are reported; the result is
 written to ``bench/results/step_cost_<model>_<commit>.json``.
 
-Run: ``python bench/bench_step_cost.py [--model cnn|resnet20] [--steps 400] [--repeats 2]``.
+Run: ``python bench/bench_step_cost.py [--model cnn|resnet20] [--steps 400] [--repeats 2]
+[--preservation-batches 32,16]``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sgsc
 import sgsc.train.loop as loop
 from sgsc.experiments.resnet_model import resnet20
 from sgsc.nn.zoo import build_model
-from sgsc.train import SelfCompression, TrainConfig, load_data
+from sgsc.train import CompressConfig, SelfCompression, TrainConfig, load_data
 
 
 class OneTimeClock:
@@ -61,9 +62,13 @@ def _model(name: str) -> torch.nn.Module:
     return build_model("paper_cnn", {}) if name == "cnn" else sgsc.quantize_model(resnet20())
 
 
-def _run(name: str, train, safe: bool, args) -> dict:
+def _run(name: str, train, preservation_batch: int | None, args) -> dict:
+    """One run; ``preservation_batch`` None is unsafe self-compression."""
+    safe = preservation_batch is not None
     model = _model(name)
     settings = dict(steps=args.steps, warmup_steps=args.warmup, k=args.k, gamma=args.gamma, progress=False)
+    if safe:
+        settings["preservation_batch"] = preservation_batch
     with OneTimeClock() as once:
         started = time.process_time()
         result = sgsc.compress(model, train, preserve=0.05 if safe else None, **settings)
@@ -82,23 +87,29 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=0.03)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data", default="auto")
+    parser.add_argument("--preservation-batches", default=str(CompressConfig().preservation_batch),
+                        help="comma-separated preservation batches of the SGSC runs (default: the library's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_data(TrainConfig(data=args.data))
-    runs = {"unsafe": [], "sgsc": []}
+    sizes = [int(b) for b in args.preservation_batches.split(",")]
+    runs = {"unsafe": [], **{f"sgsc_pb{b}": [] for b in sizes}}
     for _ in range(args.repeats):
-        for kind in runs:
-            runs[kind].append(_run(args.model, data.train, kind == "sgsc", args))
+        for kind, size in zip(runs, (None, *sizes)):
+            runs[kind].append(_run(args.model, data.train, size, args))
             print(kind, json.dumps(runs[kind][-1]), flush=True)
     unsafe = statistics.median(r["cpu_seconds"] for r in runs["unsafe"])
-    per_step = statistics.median(r["cpu_seconds"] - r["one_time_seconds"] for r in runs["sgsc"])
-    once = statistics.median(r["one_time_seconds"] for r in runs["sgsc"])
     summary = {"model": args.model, "data": data.source, "steps": args.steps, "k": args.k, "torch_threads": 1,
-               "unsafe_cpu_seconds": unsafe, "sgsc_steps_cpu_seconds": per_step, "sgsc_one_time_cpu_seconds": once,
-               "step_ratio": per_step / unsafe, "cpu": platform.processor() or platform.machine(),
+               "unsafe_cpu_seconds": unsafe, "sgsc": {}, "cpu": platform.processor() or platform.machine(),
                "commit": commit(), "runs": runs}
-    print(f"{args.model}: an SGSC step costs {per_step / unsafe:.2f}x an unsafe step (guard checks included), "
-          f"plus {once:.1f} CPU s once (preservation set, reference, final check); unsafe {unsafe:.1f} CPU s")
+    for kind, size in zip(list(runs)[1:], sizes):
+        per_step = statistics.median(r["cpu_seconds"] - r["one_time_seconds"] for r in runs[kind])
+        once = statistics.median(r["one_time_seconds"] for r in runs[kind])
+        summary["sgsc"][kind] = {"preservation_batch": size, "steps_cpu_seconds": per_step,
+                                 "one_time_cpu_seconds": once, "step_ratio": per_step / unsafe}
+        print(f"{args.model}, preservation batch {size}: an SGSC step costs {per_step / unsafe:.2f}x an unsafe step "
+              f"(guard checks included), plus {once:.1f} CPU s once (preservation set, reference, final check); "
+              f"unsafe {unsafe:.1f} CPU s")
     out = Path(__file__).parent / "results" / f"step_cost_{args.model}_{commit()}.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out}")

@@ -227,9 +227,12 @@ def _add_frontier(subparsers) -> None:
     parser = subparsers.add_parser(
         "frontier", help="accuracy against bytes over seeds: SGSC (three preservation terms), unsafe, QAT, PTQ, "
         "and the contract table",
-        description="Per seed, a float paper CNN, then SGSC and unsafe at every gamma, fixed-bit QAT and PTQ from "
-        "its snapshot; each exported, loaded back and scored on test; writes <out>/frontier.json and "
-        "<out>/frontier.png. Resumable: runs whose <out>/frontier-seed<N>/<run>.json exists are read back.")
+        description="Per seed, a float model (the paper CNN or ResNet-20), then SGSC and unsafe at every gamma, "
+        "fixed-bit QAT and PTQ from its snapshot; each exported, loaded back and scored on test; writes "
+        "<out>/frontier.json and <out>/frontier.png (ResNet-20: frontier_resnet20.*). Resumable: runs whose "
+        "<out>/frontier[-resnet20]-seed<N>/<run>.json exists are read back.")
+    parser.add_argument("--model", choices=("paper_cnn", "resnet20"), default="paper_cnn",
+                        help="the model (default %(default)s; resnet20 brings its own steps, k, gammas and terms)")
     parser.add_argument("--quick", action="store_true", help="digits, a small CNN, tens of steps: a smoke test")
     parser.add_argument("--data", choices=VISION_NAMES, help="data set (default fashion-mnist; quick: digits)")
     parser.add_argument("--data-dir", help="directory of the four IDX files")
@@ -238,6 +241,10 @@ def _add_frontier(subparsers) -> None:
     parser.add_argument("--steps", type=positive_int, help="steps of every method from the float snapshot")
     parser.add_argument("--float-steps", type=positive_int, help="float steps before the snapshot")
     parser.add_argument("--max-drop", type=float, help="the contract of the SGSC runs (accuracy, a fraction)")
+    parser.add_argument("--terms", nargs="+", choices=("task", "distill", "none"),
+                        help="the preservation terms SGSC runs with (default: all three; resnet20: distill)")
+    parser.add_argument("--preservation-batch", type=positive_int,
+                        help="preservation examples per step of the SGSC runs (default: the library's)")
     parser.add_argument("--workers", type=positive_int, default=1, help="processes at once (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--out", default="results", help="output directory (default: %(default)s)")
@@ -247,12 +254,14 @@ def _add_frontier(subparsers) -> None:
 def _run_frontier(args: argparse.Namespace) -> int:
     from sgsc.experiments import frontier
 
-    keys = ("data", "data_dir", "seeds", "gammas", "steps", "float_steps", "max_drop")
+    keys = ("model", "data", "data_dir", "seeds", "gammas", "steps", "float_steps", "max_drop", "terms",
+            "preservation_batch")
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     overrides["progress"] = args.progress
-    settings = frontier.quick_settings(**overrides) if args.quick else frontier.FrontierSettings(**overrides)
+    settings = (frontier.quick_settings if args.quick else frontier.default_settings)(**overrides)
     result = frontier.run(settings, args.out, workers=args.workers)
-    return _report(frontier.markdown(result), Path(args.out) / frontier.RESULT_FILE, Path(args.out) / frontier.PLOT_FILE)
+    result_file, plot_file = frontier.result_names(settings)
+    return _report(frontier.markdown(result), Path(args.out) / result_file, Path(args.out) / plot_file)
 
 
 def register(subparsers) -> None:

@@ -1,11 +1,13 @@
 """Accuracy against bytes, as the field evaluates compression: frontiers over seeds, and the contract.
 
-For the paper's CNN on Fashion-MNIST, per seed: a float model is trained (``float_steps``, then as
-many steps again for the float and PTQ rows), and from its snapshot every method trains ``steps``
-through the public API (:func:`sgsc.compress`, the baselines of :mod:`sgsc.experiments.baselines`):
+For a model on Fashion-MNIST (``model``: the paper's CNN, or ResNet-20 as a user's model; what is
+model-specific lives in :mod:`sgsc.experiments.frontier_models`), per seed: a float model is trained
+(``float_steps``, then ``steps`` more for the float and PTQ rows), and from its snapshot every method
+trains ``steps`` through the public API (:func:`sgsc.compress`, the baselines of
+:mod:`sgsc.experiments.baselines`):
 
 * SGSC at each gamma of ``gammas``, with the guard contract at ``max_drop``, for each preservation
-  term (``task``, ``distill``, and ``none``: the guard and rollback without a preservation term);
+  term of ``terms`` (``task``, ``distill``, and ``none``: the guard and rollback without a preservation term);
 * unsafe self-compression at the same gammas (no guard, no preservation term);
 * fixed-bit QAT at 2, 3 and 4 bits, post-training quantization to int4 and int8, and one SGSC run at
   ``one_run_max_drop`` and ``one_run_gamma`` (a large gamma the contract holds back).
@@ -20,7 +22,6 @@ standard errors of the test split.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -34,13 +35,13 @@ import torch
 
 import sgsc
 from sgsc._deps import require
-from sgsc.experiments import baselines, vision
-from sgsc.experiments.common import git_commit, metadata, thaw_bits, write_json
+from sgsc.experiments import vision
+from sgsc.experiments.common import git_commit, metadata, write_json
+from sgsc.experiments.frontier_models import MODELS, TITLES, adapter
 from sgsc.experiments.pool import checked_workers, run_jobs
-from sgsc.nn.zoo import build_model
-from sgsc.train import CompressConfig, preservation
+from sgsc.train import CompressConfig
 
-RESULT_FILE = "frontier.json"
+RESULT_FILE = "frontier.json"  # the paper CNN's; another model's is frontier_<model>.json
 PLOT_FILE = "frontier.png"
 SGSC_TERMS = {"sgsc": "task", "sgsc_distill": "distill", "sgsc_no_term": "none"}
 LABELS = {"sgsc": "SGSC (task term)", "sgsc_distill": "SGSC (distillation term)",
@@ -51,6 +52,7 @@ FAMILIES = tuple(LABELS)
 
 @dataclass
 class FrontierSettings:
+    model: str = "paper_cnn"
     data: str = "fashion-mnist"
     data_dir: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -61,6 +63,8 @@ class FrontierSettings:
     quant_lr: float = 0.2
     lr_schedule: str = "cosine"
     gammas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    terms: tuple[str, ...] = tuple(SGSC_TERMS.values())  # the preservation terms SGSC runs with
+    preservation_batch: int = dataclasses.field(default_factory=lambda: CompressConfig().preservation_batch)
     max_drop: float = 0.01
     k: int = 50
     fraction: float = 0.05
@@ -75,10 +79,14 @@ class FrontierSettings:
     quick: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("seeds", "gammas", "qat_bits", "ptq_bits", "budgets"):
+        for name in ("seeds", "gammas", "terms", "qat_bits", "ptq_bits", "budgets"):
             setattr(self, name, tuple(getattr(self, name)))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if not self.terms or not set(self.terms) <= set(SGSC_TERMS.values()):
+            raise ValueError(f"terms must be some of {tuple(SGSC_TERMS.values())}, got {self.terms!r}")
         self.compress_config(0, 0.01, "task")  # the trainer's checks, on every hyper-parameter it receives
 
     def vision(self) -> vision.VisionSettings:
@@ -93,6 +101,7 @@ class FrontierSettings:
         return CompressConfig(
             gamma=gamma, lambda_=0.0 if term == "none" else 1.0, preservation_loss=term,
             max_drop=self.max_drop if max_drop is None else max_drop, k=self.k, steps=self.steps,
+            preservation_batch=self.preservation_batch,
             batch_size=self.batch_size, lr=self.lr, quant_lr=self.quant_lr, lr_schedule=self.lr_schedule, seed=seed,
             eval_every=self.steps, progress=False)
 
@@ -102,40 +111,53 @@ QUICK = dict(data="digits", seeds=(0, 1), float_steps=120, steps=60, batch_size=
              one_run_gamma=0.5, one_run_max_drop=0.05, budgets=(20.0, 30.0), model_config={"channels": [8, 16]})
 
 
+# ResNet-20 costs about 5x the paper CNN per step on this CPU: half the steps, the ResNet table's check
+# interval, the default preservation term only, and gammas that reach the budgets (at 0.3 unsafe's file
+# is 7.3% of float32 in the ResNet table).
+RESNET = dict(model="resnet20", float_steps=600, steps=300, k=25, gammas=(0.3, 1.0, 3.0), terms=("distill",),
+              one_run_gamma=3.0)
+QUICK_RESNET = dict(model_config={"widths": (4, 8, 16), "blocks": 1}, terms=("distill",))
+
+
 def quick_settings(**overrides) -> FrontierSettings:
-    """Digits, a small CNN, tens of steps, two seeds: a smoke test of the whole pipeline."""
-    return FrontierSettings(**{**QUICK, "quick": True, **overrides})
+    """Digits, a small CNN (or ResNet), tens of steps, two seeds: a smoke test of the whole pipeline."""
+    model = overrides.get("model", "paper_cnn")
+    return FrontierSettings(**{**QUICK, **(QUICK_RESNET if model == "resnet20" else {}), "quick": True, **overrides})
+
+
+def default_settings(**overrides) -> FrontierSettings:
+    """The full run for ``overrides["model"]`` (the paper CNN when absent), ``overrides`` applied."""
+    preset = RESNET if overrides.get("model") == "resnet20" else {}
+    return FrontierSettings(**{**preset, **overrides})
+
+
+def result_names(settings: FrontierSettings) -> tuple[str, str]:
+    """The result and plot file names of ``settings.model``."""
+    stem = "frontier" if settings.model == "paper_cnn" else f"frontier_{settings.model}"
+    return f"{stem}.json", f"{stem}.png"
 
 
 # ---- one seed's float model, reference and preservation set ------------------------------------------
 
 
-def _seed_dir(out: Path, seed: int) -> Path:
-    return out / f"frontier-seed{seed}"
+def _seed_dir(out: Path, seed: int, model: str = "paper_cnn") -> Path:
+    return out / (f"frontier-seed{seed}" if model == "paper_cnn" else f"frontier-{model}-seed{seed}")
 
 
 def prepare_seed(settings: FrontierSettings, seed: int, out: Path, threads: int) -> dict:
     """Train the float model, keep its snapshot, measure the float, PTQ and reference rows, choose the
     preservation set: what every method of the seed starts from. Read back when already done."""
     torch.set_num_threads(threads)
-    seed_dir = _seed_dir(out, seed)
+    seed_dir = _seed_dir(out, seed, settings.model)
     done = seed_dir / "prepared.json"
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
-    table = settings.vision()
-    run = vision.load_run_data(table, seed)
-    final, start, seconds = vision.train_float(table, seed, run)
-    torch.save({"config": dataclasses.asdict(start.config), "state": start.state_dict()}, seed_dir / "start.pt")
-    rows = {"float": {**vision.measure("float", final, run, seed_dir)[0], "train_seconds": seconds}}
-    for bits in settings.ptq_bits:
-        rows[f"ptq_{bits}"] = vision.measure(f"ptq_{bits}", baselines.post_training_quantize(final, bits), run,
-                                             seed_dir)[0]
-    reference = thaw_bits(copy.deepcopy(start), settings.init_bits)
-    rows["reference"] = vision.measure("reference", reference, run, seed_dir)[0]
+    model = adapter(settings)
+    run = model.data(seed)
     started = time.perf_counter()
-    keep = preservation.build(reference, run.data.train, settings.fraction, seed=seed).tolist()
-    record = {"seed": seed, "rows": rows, "preservation": keep, "preservation_seconds": time.perf_counter() - started,
-              "data": {"source": run.data.source, "train": len(run.data.train), "test": len(run.data.test)}}
+    rows, keep, float_training = model.prepare(seed, run, seed_dir)
+    record = {"seed": seed, "rows": rows, "preservation": keep, "float_training": float_training,
+              "prepare_seconds": time.perf_counter() - started, "data": model.describe(run)}
     write_json(done, record)
     return record
 
@@ -145,50 +167,45 @@ def prepare_seed(settings: FrontierSettings, seed: int, out: Path, threads: int)
 
 def method_jobs(settings: FrontierSettings) -> list[tuple[str, str, float]]:
     """``(family, run name, parameter)`` of every trained run of one seed."""
-    jobs = [(family, f"{family}_g{gamma:g}", gamma) for family in (*SGSC_TERMS, "unsafe") for gamma in settings.gammas]
+    families = [family for family, term in SGSC_TERMS.items() if term in settings.terms] + ["unsafe"]
+    jobs = [(family, f"{family}_g{gamma:g}", gamma) for family in families for gamma in settings.gammas]
     jobs += [("qat", f"qat_{bits}", bits) for bits in settings.qat_bits]
     jobs.append(("one_run", "one_run", settings.one_run_gamma))
     return jobs
-
-
-def _start(seed_dir: Path, init_bits: float):
-    saved = torch.load(seed_dir / "start.pt", weights_only=True)
-    model = build_model("paper_cnn", saved["config"])
-    model.load_state_dict(saved["state"])
-    return model, thaw_bits(copy.deepcopy(model), init_bits)
 
 
 def run_method(settings: FrontierSettings, seed: int, family: str, name: str, parameter: float, out: Path,
                threads: int) -> dict:
     """Train one run from the seed's snapshot, export it, load it back and score it; read back when done."""
     torch.set_num_threads(threads)
-    seed_dir = _seed_dir(out, seed)
+    seed_dir = _seed_dir(out, seed, settings.model)
     done = seed_dir / f"{name}.json"
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
     prepared = json.loads((seed_dir / "prepared.json").read_text(encoding="utf-8"))
-    run = vision.load_run_data(settings.vision(), seed)
-    snapshot, model = _start(seed_dir, settings.init_bits)
-    train = run.data.train
+    kind = adapter(settings)
+    run = kind.data(seed)
+    snapshot, model = kind.start(seed_dir, run)
+    train = kind.train_split(run)
     started = time.perf_counter()
     extra = {}
     if family == "qat":
-        plain = dataclasses.replace(settings.vision().train_config(seed), rounding="nearest")
-        result = baselines.fixed_bit_qat(snapshot, int(parameter), plain, run.trainer_view)
+        trained = kind.qat(snapshot, int(parameter), seed, run)
     elif family == "unsafe":
         config = dataclasses.replace(settings.compress_config(seed, parameter, "none"), restore=False)
-        result = sgsc.compress(model, train, config)
+        trained = sgsc.compress(model, train, config).model
     else:
-        term = "task" if family == "one_run" else SGSC_TERMS[family]
+        term = settings.terms[0] if family == "one_run" else SGSC_TERMS[family]
         max_drop = settings.one_run_max_drop if family == "one_run" else None
         config = settings.compress_config(seed, parameter, term, max_drop)
         preserve = None if term == "none" else prepared["preservation"]
         result = sgsc.compress(model, train, config, preserve=preserve)
+        trained = result.model
         extra = {"max_drop": config.max_drop, "contract": result.contract,
                  "rollbacks": sum(1 for r in result.history if "rolled_back_to" in r),
                  "checks": sum(1 for r in result.history if r["kind"] == "check")}
     seconds = time.perf_counter() - started
-    row = {**vision.measure(name, result.model, run, seed_dir)[0], "family": family, "parameter": parameter,
+    row = {**kind.measure(name, trained, run, seed_dir), "family": family, "parameter": parameter,
            "train_seconds": seconds, **extra}
     write_json(done, row)
     return row
@@ -240,7 +257,7 @@ def family_points(seed_rows: dict[str, dict], family: str) -> list[tuple[float, 
 def summarize(seeds: list[dict], budgets: tuple[float, ...]) -> dict:
     """Per family and budget: accuracy on the frontier, per seed and over seeds; the best other method."""
     table = {}
-    for family in FAMILIES:
+    for family in (f for f in FAMILIES if any(family_points(seed["rows"], f) for seed in seeds)):
         table[family] = {}
         for budget in budgets:
             per_seed = [at_budget(family_points(seed["rows"], family), budget) for seed in seeds]
@@ -250,9 +267,10 @@ def summarize(seeds: list[dict], budgets: tuple[float, ...]) -> dict:
     verdicts = {}
     for budget in budgets:
         key = f"{budget:g}"
-        others = {f: table[f][key]["mean"] for f in FAMILIES if not f.startswith("sgsc") and table[f][key]["mean"]}
-        best_sgsc = max(((f, table[f][key]["mean"]) for f in SGSC_TERMS if table[f][key]["mean"] is not None),
-                        key=lambda item: item[1], default=(None, None))
+        others = {f: table[f][key]["mean"] for f in table if not f.startswith("sgsc") and table[f][key]["mean"]}
+        sgsc_means = [(f, table[f][key]["mean"]) for f in SGSC_TERMS if f in table]
+        best_sgsc = max(((f, mean) for f, mean in sgsc_means if mean is not None), key=lambda item: item[1],
+                        default=(None, None))
         rival = max(others.items(), key=lambda item: item[1], default=(None, None))
         margin = None if best_sgsc[1] is None or rival[1] is None else best_sgsc[1] - rival[1]
         verdicts[key] = {"sgsc": best_sgsc[0], "rival": rival[0], "margin_points": None if margin is None
@@ -308,7 +326,7 @@ def run(settings: FrontierSettings, out: str | Path = "results", workers: int = 
     workers = checked_workers(workers)
     out = Path(out)
     for seed in settings.seeds:
-        _seed_dir(out, seed).mkdir(parents=True, exist_ok=True)
+        _seed_dir(out, seed, settings.model).mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads() if workers == 1 else 1
     started, commit = time.perf_counter(), git_commit()
     prepared = run_jobs(prepare_seed, [(settings, seed, out, threads) for seed in settings.seeds], workers,
@@ -331,19 +349,22 @@ def run(settings: FrontierSettings, out: str | Path = "results", workers: int = 
                                                                           "workers": workers, "worker_threads": threads},
               "seeds": seeds, "summary": summarize(seeds, settings.budgets), "contract": contract_rows(seeds),
               "one_run": one_run_against_sweep(seeds)}
-    result["plot"] = plot(result, out / PLOT_FILE)
-    write_json(out / RESULT_FILE, result)
+    result_file, plot_file = result_names(settings)
+    result["plot"] = plot(result, out / plot_file)
+    write_json(out / result_file, result)
     return result
 
 
 def command_line(settings: FrontierSettings, out: Path, workers: int) -> str:
     parts = ["sgsc", "experiment", "frontier", *(["--quick"] if settings.quick else [])]
-    defaults = quick_settings() if settings.quick else FrontierSettings()
-    for key in ("data", "data_dir", "float_steps", "steps", "max_drop"):
+    if settings.model != "paper_cnn":
+        parts += ["--model", settings.model]
+    defaults = (quick_settings if settings.quick else default_settings)(model=settings.model)
+    for key in ("data", "data_dir", "float_steps", "steps", "max_drop", "preservation_batch"):
         value = getattr(settings, key)
         if value != getattr(defaults, key) and value is not None:
             parts += [f"--{key.replace('_', '-')}", str(value)]
-    for key in ("seeds", "gammas"):
+    for key in ("seeds", "gammas", "terms"):
         if getattr(settings, key) != getattr(defaults, key):
             parts += [f"--{key}", *map(str, getattr(settings, key))]
     return shlex.join([*parts, "--workers", str(workers), "--out", str(out)])
@@ -367,7 +388,8 @@ def plot(result: dict, path: Path) -> str:
         axis.plot(grid, means, color=colours[family], label=LABELS[family])
     float_accuracy = statistics.fmean(seed["rows"]["float"]["test_accuracy"] for seed in result["seeds"])
     axis.axhline(float_accuracy, color="grey", linestyle=":", label="float32 (mean)")
-    axis.set(xlabel="% of the float32 file", ylabel="test accuracy", title="Accuracy against bytes, every seed")
+    title = TITLES[result["settings"].get("model", "paper_cnn")]
+    axis.set(xlabel="% of the float32 file", ylabel="test accuracy", title=f"{title}: accuracy against bytes, every seed")
     axis.set_xlim(0, 35)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -392,20 +414,38 @@ def _cell(stats: dict) -> str:
     return f"{100 * stats['mean']:.2f}" + ("" if half is None else f" ± {100 * half:.2f}")
 
 
+def _float_training(result: dict) -> str:
+    """Whether the float model converged, from its training loss curve (recorded for ResNet-20)."""
+    curves = [seed.get("float_training", {}).get("loss_curve") for seed in result["seeds"]]
+    if not all(curves):
+        return ""
+    mean = [statistics.fmean(values) for values in zip(*curves)]
+    steps = result["seeds"][0]["float_training"]["steps"]
+    falling = len(mean) >= 2 and mean[-1] < 0.98 * mean[-2]
+    return (f"The float model trains {steps} steps (batch {result['settings']['batch_size']}), what this CPU "
+            f"allowed; its training loss per 50 steps (mean over seeds) went {mean[0]:.3f} at the start, then "
+            f"{', '.join(f'{v:.3f}' for v in mean[-3:])} in the last 150 steps: "
+            f"{'still falling, so it had not converged' if falling else 'flat at the end'}. ")
+
+
 def markdown(result: dict) -> str:
     """The frontier section of RESULTS.md."""
     s, summary = result["settings"], result["summary"]
     budgets = [f"{b:g}" for b in s["budgets"]]
+    model = s.get("model", "paper_cnn")
     lines = [
-        "## Accuracy against bytes: frontiers over seeds, and the contract",
+        "## Accuracy against bytes: frontiers over seeds, and the contract"
+        + ("" if model == "paper_cnn" else f" ({TITLES[model]})"),
         "",
-        f"Paper CNN on {result['seeds'][0]['data']['source']}, seeds {', '.join(map(str, s['seeds']))}: a float model "
+        f"{TITLES[model]} on {result['seeds'][0]['data']['source']}, seeds {', '.join(map(str, s['seeds']))}: a float model "
         f"per seed ({s['float_steps']} steps, then {s['steps']} more for the float and PTQ rows); from its "
         f"snapshot every method trains {s['steps']} steps (batch {s['batch_size']}, Adam {s['lr']:g} / "
         f"{s['quant_lr']:g} for bits and exponents, {s['lr_schedule']}). SGSC and unsafe at gammas "
         f"{', '.join(f'{g:g}' for g in s['gammas'])}; SGSC with the guard contract at max_drop {s['max_drop']:g} "
-        f"(a 10% guard held out of the training data, checks every {s['k']} steps) and each "
-        "preservation term. Every number is the test accuracy of the exported file loaded back; bytes are "
+        f"(a 10% guard held out of the training data, checks every {s['k']} steps, "
+        f"{s.get('preservation_batch', 32)} preservation examples per step) and each preservation term "
+        f"({', '.join(s.get('terms', SGSC_TERMS.values()))}). {_float_training(result)}"
+        "Every number is the test accuracy of the exported file loaded back; bytes are "
         f"% of the float32 file. Machine: {result['meta']['machine']}, {_processes(result['meta'])}"
         f"{result['meta']['wall_seconds'] / 60:.0f} minutes, commit `{result['meta']['commit']}`. "
         f"Reproduce: `{result['command']}`.",
@@ -415,7 +455,7 @@ def markdown(result: dict) -> str:
         "",
         "| method | " + " | ".join(f"{b}% of float32" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets)]
-    for family in FAMILIES:
+    for family in summary["table"]:
         lines.append(f"| {LABELS[family]} | " + " | ".join(_cell(summary["table"][family][b]) for b in budgets) + " |")
     lines.append("")
     for budget in budgets:

@@ -20,6 +20,7 @@ TUNING_FILE = "vision_tuning.json"
 LANGUAGE_FILE = "language.json"
 RESNET_FILE = resnet.RESULT_FILE
 FRONTIER_FILE = frontier.RESULT_FILE
+RESNET_FRONTIER_FILE = frontier.result_names(frontier.default_settings(model="resnet20"))[0]
 
 
 
@@ -41,7 +42,9 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
     vision_path, language_path = results_dir / VISION_FILE, results_dir / LANGUAGE_FILE
     tuning_path, resnet_path = results_dir / TUNING_FILE, results_dir / RESNET_FILE
     frontier_path = results_dir / FRONTIER_FILE
-    if not any(path.is_file() for path in (vision_path, language_path, tuning_path, resnet_path, frontier_path)):
+    resnet_frontier_path = results_dir / RESNET_FRONTIER_FILE
+    if not any(path.is_file() for path in (vision_path, language_path, tuning_path, resnet_path, frontier_path,
+                                           resnet_frontier_path)):
         raise FileNotFoundError(f"{results_dir} holds none of {VISION_FILE}, {LANGUAGE_FILE}, {TUNING_FILE}, "
                                 f"{RESNET_FILE}; run `sgsc experiment vision`, `language` or `resnet` first")
     sections = [
@@ -52,8 +55,9 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
         "hyper-parameters and the command that reproduces it.",
         "",
     ]
-    if frontier_path.is_file():
-        sections.append(frontier.markdown(_read(frontier_path)))
+    for path in (frontier_path, resnet_frontier_path):
+        if path.is_file():
+            sections.append(frontier.markdown(_read(path)))
     if vision_path.is_file():
         sections.append(vision_report.markdown(_read(vision_path), results_dir.resolve(), output))
     if tuning_path.is_file():

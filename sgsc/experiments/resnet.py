@@ -70,6 +70,7 @@ QAT_BITS = 2
 # QAT trains weights and per-channel step sizes (exponents) at Table I's rate for the quantizers; SGSC
 # and unsafe train bits and exponents at ResNetSettings.quant_lr
 QAT_QUANT_LR = 0.2
+CURVE_STEPS = 50  # the float training loss curve: the mean of each this many steps
 TABLE_KEYS = ("test_accuracy", "val_accuracy", "file_bytes", "pct_of_float", "parameters", "average_bits",
               "latency_batch256_ms", "train_seconds")
 
@@ -174,13 +175,15 @@ def _factory(settings: ResNetSettings, vision) -> nn.Module:
 
 
 def train_float(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: ResNetSettings, seed: int,
-                snapshot_at: int, total: int) -> tuple[dict, float]:
+                snapshot_at: int, total: int) -> tuple[dict, float, list[float]]:
     """Plain Adam training for ``total`` steps (cosine schedule over them, seeded epoch permutations);
-    returns the state dict after ``snapshot_at`` steps and the seconds taken."""
+    returns the state dict after ``snapshot_at`` steps, the seconds taken and the training loss curve
+    (the mean of every ``CURVE_STEPS`` steps): whether the float model converged."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), settings.lr)
     order, position, snapshot = torch.randperm(len(x), generator=generator), 0, None
     model.train()
+    losses = []
     started = time.perf_counter()
     for step in range(total):
         if step == snapshot_at:
@@ -196,7 +199,9 @@ def train_float(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Re
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return snapshot, time.perf_counter() - started
+        losses.append(loss.item())
+    curve = [sum(losses[i:i + CURVE_STEPS]) / len(losses[i:i + CURVE_STEPS]) for i in range(0, total, CURVE_STEPS)]
+    return snapshot, time.perf_counter() - started, curve
 
 
 def _compress_kwargs(settings: ResNetSettings, seed: int) -> dict:
@@ -256,7 +261,7 @@ def measure_packed(name: str, model: nn.Module, vision, settings: ResNetSettings
 # ---- one seed -------------------------------------------------------------------------------
 
 
-def _float_paths(seed_dir: Path) -> tuple[Path, Path]:
+def float_paths(seed_dir: Path) -> tuple[Path, Path]:
     return seed_dir / "float.safetensors", seed_dir / "float-snapshot.safetensors"
 
 
@@ -265,39 +270,48 @@ def _save_state(model_state: dict, path: Path) -> None:
                for k, v in model_state.items()}, str(path))
 
 
-def _load_float(path: Path, settings: ResNetSettings, vision) -> nn.Module:
+def load_float(path: Path, settings: ResNetSettings, vision) -> nn.Module:
     model = _factory(settings, vision)
     model.load_state_dict(load_file(str(path)))
     return model.eval()
 
 
-def _run_method(name: str, settings: ResNetSettings, seed: int, vision, seed_dir: Path) -> dict:
+def fixed_bit_qat(snapshot: nn.Module, bits: int, settings: ResNetSettings, seed: int, vision):
+    """``snapshot`` calibrated to per-channel int-``bits``, then ``settings.steps`` of ``sgsc.compress`` with
+    bits frozen (weights and exponents, the step sizes, train), no size term, preservation or restore."""
+    model = sgsc.quantize_model(copy.deepcopy(snapshot), init_bits=settings.init_bits)
+    baselines.calibrate(model, bits)
+    return sgsc.compress(model, vision.train.tensors, preserve=None, gamma=0.0, lambda_=0.0, restore=False,
+                         prune=False, **{**_compress_kwargs(settings, seed), "quant_lr": QAT_QUANT_LR})
+
+
+def run_method(name: str, settings: ResNetSettings, seed: int, vision, seed_dir: Path) -> dict:
     x, y = vision.train.tensors
-    final_path, snapshot_path = _float_paths(seed_dir)
+    final_path, snapshot_path = float_paths(seed_dir)
     if name == "float":
         torch.manual_seed(seed)
         model = _factory(settings, vision)
-        snapshot, seconds = train_float(model, x, y, settings, seed, settings.float_steps,
-                                        settings.float_steps + settings.steps)
+        snapshot, seconds, curve = train_float(model, x, y, settings, seed, settings.float_steps,
+                                               settings.float_steps + settings.steps)
         _save_state(snapshot, snapshot_path)
         _save_state(model.state_dict(), final_path)
-        loaded = _load_float(final_path, settings, vision)
+        loaded = load_float(final_path, settings, vision)
         return {"file": final_path.name, "file_bytes": final_path.stat().st_size, "average_bits": 32.0,
                 "parameters": parameter_count(loaded), "train_seconds": seconds,
-                "steps": settings.float_steps + settings.steps, **_evaluate(loaded, vision, settings)}
+                "steps": settings.float_steps + settings.steps, "loss_curve": curve, "curve_steps": CURVE_STEPS,
+                **_evaluate(loaded, vision, settings)}
     if name in PTQ_BITS:
         started = time.perf_counter()
-        model = baselines.post_training_quantize(sgsc.quantize_model(_load_float(final_path, settings, vision)),
+        model = baselines.post_training_quantize(sgsc.quantize_model(load_float(final_path, settings, vision)),
                                                  PTQ_BITS[name])
         seconds = time.perf_counter() - started  # calibration only, as training time excludes measuring
         return {**measure_packed(name, model, vision, settings, seed_dir), "train_seconds": seconds, "steps": 0}
-    model = sgsc.quantize_model(_load_float(snapshot_path, settings, vision), init_bits=settings.init_bits)
+    snapshot = load_float(snapshot_path, settings, vision)
+    model = sgsc.quantize_model(copy.deepcopy(snapshot), init_bits=settings.init_bits)
     common = _compress_kwargs(settings, seed)
     extra = {}
     if name == "qat_2":
-        baselines.calibrate(model, QAT_BITS)  # bits frozen at 2, exponents (step sizes) trainable
-        result = sgsc.compress(model, (x, y), preserve=None, gamma=0.0, lambda_=0.0, restore=False, prune=False,
-                               **{**common, "quant_lr": QAT_QUANT_LR})
+        result = fixed_bit_qat(snapshot, QAT_BITS, settings, seed, vision)
     elif name == "unsafe":
         result = sgsc.compress(model, (x, y), preserve=None, gamma=settings.gamma, lambda_=0.0, restore=False,
                                **common)
@@ -333,7 +347,7 @@ def run_seed(settings: ResNetSettings, seed: int, out: Path, threads: int = 1) -
             print(f"seed {seed}: {name} was run with other settings; running it again", flush=True)
         if settings.progress:
             print(f"seed {seed}: {name}", flush=True)
-        rows[name] = _run_method(name, settings, seed, vision, seed_dir)
+        rows[name] = run_method(name, settings, seed, vision, seed_dir)
         write_json(done, {"settings": identity, "row": rows[name]})
     rows = {name: rows[name] for name in METHODS}
     return {"seed": seed, "data": {"source": vision.source, "train": len(vision.train), "val": len(vision.val),
@@ -351,7 +365,7 @@ def add_latency(seeds: list[dict], out: Path, settings: ResNetSettings, vision) 
         seed_dir = out / f"resnet-seed{seed_result['seed']}"
         for name, row in seed_result["methods"].items():
             path = seed_dir / row["file"]
-            models.append(_load_float(path, settings, vision) if name == "float"
+            models.append(load_float(path, settings, vision) if name == "float"
                           else sgsc.load_packed(path, model=_factory(settings, vision)))
             rows.append(row)
     example = vision.test.tensors[0][0]

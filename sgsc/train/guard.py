@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from sgsc.train.data import IGNORE_INDEX
-from sgsc.train.task import model_device
+from sgsc.train.task import EVAL_BATCH, model_device
 
 VERDICTS = ("pass", "uncertain", "fail")
 # The share of the check's error spent on its first look, and the smallest first look worth taking.
@@ -222,7 +222,7 @@ def per_example(metric: str, task_loss: Callable | None) -> PerExample:
 
 
 @torch.no_grad()
-def outcomes(model: nn.Module, data: TensorDataset, score: PerExample, batch_size: int = 512,
+def outcomes(model: nn.Module, data: TensorDataset, score: PerExample, batch_size: int = EVAL_BATCH,
              examples: torch.Tensor | None = None) -> Outcomes:
     """``score`` of ``model`` on every example of ``data`` (those at indices ``examples``), in eval mode
     (the mode is put back)."""

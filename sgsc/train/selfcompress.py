@@ -45,7 +45,7 @@ from sgsc.train.data import IGNORE_INDEX
 from sgsc.train.distributed import from_rank0, rank_world
 from sgsc.train.pruners import Pruner, default_pruner
 from sgsc.train.safety import Pace, Policy, RunState, bits_snapshot, carry_out, judge, keep_passed, roll_back
-from sgsc.train.task import mean_abs_weight, model_device
+from sgsc.train.task import EVAL_BATCH, mean_abs_weight, model_device
 from sgsc.train.task import task_loss as cross_entropy
 
 DISTILL_TEMPERATURE = 2.0  # softens the reference's outputs, as in Hinton et al.'s distillation
@@ -297,8 +297,8 @@ class SelfCompression:
         self.model.eval()
         try:
             inputs = self.preserved.tensors[0]
-            return torch.cat([self.model(inputs[i : i + 512].to(model_device(self.model))).float().cpu()
-                              for i in range(0, len(inputs), 512)])
+            return torch.cat([self.model(inputs[i : i + EVAL_BATCH].to(model_device(self.model))).float().cpu()
+                              for i in range(0, len(inputs), EVAL_BATCH)])
         finally:
             self.model.train(was_training)
 

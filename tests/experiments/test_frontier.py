@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sgsc.experiments import frontier, report
+from sgsc.experiments import frontier, frontier_models, report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,3 +77,28 @@ def test_a_second_run_reads_every_run_back_and_the_report_renders_it(quick, tmp_
     text = report.render(out, tmp_path / "RESULTS.md")
     assert "## Accuracy against bytes: frontiers over seeds, and the contract" in text
     assert f"Within the bound in {sum(r['within'] for r in result['contract'])} of {len(result['contract'])}" in text
+
+
+@pytest.mark.slow
+def test_resnet20_runs_through_the_public_api_into_its_own_files(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = frontier.quick_settings(model="resnet20", seeds=(0,), gammas=(0.2,), qat_bits=(2,), progress=False)
+    loaded = []
+    load_packed = frontier_models.sgsc.load_packed
+    monkeypatch.setattr(frontier_models.resnet.sgsc, "load_packed",
+                        lambda path, **kwargs: loaded.append(type(kwargs["model"]).__name__) or load_packed(path, **kwargs))
+    try:
+        result = frontier.run(settings, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "frontier_resnet20.json").is_file() and not (tmp_path / frontier.RESULT_FILE).exists()
+    rows = result["seeds"][0]["rows"]
+    assert set(rows) == {"float", "reference", "ptq_4", "ptq_8", "sgsc_distill_g0.2", "unsafe_g0.2", "qat_2", "one_run"}
+    assert all((tmp_path / "frontier-resnet20-seed0" / row["file"]).is_file() for row in rows.values())
+    assert set(loaded) == {"ResNet20"} and len(loaded) == len(rows) - 1  # every packed file, rebuilt as a ResNet-20
+    assert set(result["summary"]["table"]) == {"sgsc_distill", "unsafe", "qat", "ptq"}  # only the families run
+    curve = result["seeds"][0]["float_training"]["loss_curve"]
+    assert len(curve) == -(-(settings.float_steps + settings.steps) // 50) and curve[-1] < curve[0]
+    text = frontier.markdown(result)
+    assert "(ResNet-20)" in text and "--model resnet20" in text and "in the last 150 steps" in text

@@ -68,8 +68,8 @@ def test_every_method_on_every_seed_measured_from_its_file(quick):
 def test_a_second_run_resumes_and_a_new_gamma_reruns_only_what_depends_on_it(quick, tmp_path, monkeypatch):
     result, out = quick
     ran = []
-    run_method = resnet._run_method
-    monkeypatch.setattr(resnet, "_run_method", lambda name, *args: ran.append(name) or run_method(name, *args))
+    run_method = resnet.run_method
+    monkeypatch.setattr(resnet, "run_method", lambda name, *args: ran.append(name) or run_method(name, *args))
     again = resnet.run(resnet.quick_settings(**TEST), out)
     assert ran == []  # every method read back: nothing trained again
     for before, after in zip(result["seeds"], again["seeds"]):
