@@ -193,11 +193,10 @@ class PackedConv2d(StreamLayer):
         """The weight for one call on ``x``: in the shared :data:`WORKSPACE`, unless autograd would save it
         for a backward pass or torch.compile traces the call (then in a tensor of its own).
 
-        Buffers are read from ``_buffers`` and the op through its ``default`` overload: on a 64x64 layer the
+        Buffers are read from ``_buffers`` and the op through its ``default`` overload: on a small layer the
         module attribute lookups and overload resolution cost as much as the dequantization itself."""
         buffers = self._buffers
         stream = buffers["stream"]
-        self._check_input(x, stream.device)
         if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or not self.out_features:
             return self.dequantized_weight().view(self.weight_shape)
         weight = WORKSPACE.view(self.weight_shape, stream.device)
@@ -206,12 +205,18 @@ class PackedConv2d(StreamLayer):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight_for(x)
-        if self.padding_mode != "zeros":
-            pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, self.bias, self.stride, 0,
-                            self.dilation, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        # The op and F.conv2d check x themselves; Python looks at it only once they refused it, to name what is
+        # wrong (at batch 1 the checks cost a tenth of a small convolution).
+        try:
+            weight, bias = self._weight_for(x), self._buffers["bias"]
+            if self.padding_mode != "zeros":
+                pad = [p for p in reversed(self.padding) for _ in range(2)]
+                return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, bias, self.stride, 0, self.dilation,
+                                self.groups)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        except (AttributeError, RuntimeError, ValueError):
+            self._check_input(x, self._buffers["stream"].device)
+            raise
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
