@@ -12,7 +12,7 @@
 // loops (one instantiation per width 1..32), so every shift and mask is a constant. On CPUs with
 // AVX2, unpack of widths up to 25 bits runs 8 codes per instruction sequence (unpack_avx2, chosen
 // at run time by isa.h's active_isa()); the portable loops finish the tails. With AVX-512 VBMI, widths
-// up to 8 run 64 codes per step with no tail (unpack_vbmi).
+// up to 8 run 64 codes per step with no tail (unpack_vbmi, csrc/bitpack.h).
 
 #include <algorithm>
 #include <array>
@@ -29,9 +29,6 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-// GCC 12's AVX-512 permute, multishift and extract intrinsics pass an unset vector as their unused merge
-// source, which it then warns about where they are inlined (as csrc/packed_q8_dot.h notes).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace sgsc {
@@ -148,72 +145,27 @@ __attribute__((target("avx2"))) int64_t unpack_avx2(const uint8_t* src, const ui
   return i;
 }
 
-// AVX-512 VBMI unpack of widths up to 8, 64 codes per step (their 8W bytes, a byte boundary): vpermb gives
-// each 64-bit lane the W bytes of its 8 codes, vpmultishiftqb puts code j's bits at the bottom of byte j
-// (shift j*W), and a mask, an xor and a subtraction of the sign bit sign-extend the bytes, which widen to
-// int32 16 at a time. Masked loads and stores touch nothing past the stream's end or the span's last
-// code, so a span needs no tail. On Zen 4 this is about 6x fewer instructions per code than unpack_avx2.
-#define SGSC_BITPACK_VBMI "avx512f,avx512bw,avx512vbmi,avx2"
+#endif
 
+#ifdef SGSC_UNPACK_VBMI
+// unpack_vbmi (csrc/bitpack.h) at a width fixed at compile time, for the unpack table.
 template <int W>
-struct VbmiUnpackTables {
-  alignas(64) uint8_t permute[64];
-  alignas(64) uint8_t shift[64];
-  constexpr VbmiUnpackTables() : permute(), shift() {
-    for (int i = 0; i < 64; ++i) {
-      permute[i] = static_cast<uint8_t>(std::min((i / 8) * W + i % 8, 63));  // bytes past 8W never reach a code
-      shift[i] = static_cast<uint8_t>((i % 8) * W);
-    }
-  }
-};
-
-template <int W>
-constexpr VbmiUnpackTables<W> kVbmiUnpackTables{};
-
-// Codes 16Q..16Q+15 of a step's 64 bytes, widened to int32; only the first `left` are written.
-template <int Q>
-__attribute__((target(SGSC_BITPACK_VBMI), always_inline)) inline void store_quarter(__m512i codes, int32_t* dst,
-                                                                                    int64_t left) {
-  if (left <= 0) return;
-  const __mmask16 mask = left >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << left) - 1);
-  _mm512_mask_storeu_epi32(dst + 16 * Q, mask, _mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, Q)));
+__attribute__((target(SGSC_VBMI_TARGET))) void unpack_vbmi_fixed(const uint8_t* src, const uint8_t* end, int32_t* dst,
+                                                                  int64_t n) {
+  unpack_vbmi(W, src, end, dst, n);
 }
-
-template <int W>
-__attribute__((target(SGSC_BITPACK_VBMI))) void unpack_vbmi(const uint8_t* src, const uint8_t* end, int32_t* dst,
-                                                             int64_t n) {
-  const __m512i permute = _mm512_load_si512(kVbmiUnpackTables<W>.permute);
-  const __m512i shift = _mm512_load_si512(kVbmiUnpackTables<W>.shift);
-  const __m512i low = _mm512_set1_epi8(static_cast<char>((1 << W) - 1));
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(1 << (W - 1)));
-  for (int64_t i = 0; i < n; i += 64, src += 8 * W, dst += 64) {
-    const int64_t avail = std::min<int64_t>(8 * W, end - src);
-    const __m512i bytes = _mm512_maskz_loadu_epi8(avail >= 64 ? ~__mmask64{0} : (__mmask64{1} << avail) - 1, src);
-    const __m512i fields = _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(permute, bytes));
-    const __m512i codes = _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(fields, low), sign), sign);
-    store_quarter<0>(codes, dst, n - i);
-    store_quarter<1>(codes, dst, n - i - 16);
-    store_quarter<2>(codes, dst, n - i - 32);
-    store_quarter<3>(codes, dst, n - i - 48);
-  }
-}
-
-inline bool vbmi_unpack_enabled() {
-  static const bool enabled = isa_at_least(Isa::kAvx512) && __builtin_cpu_supports("avx512vbmi") &&
-                              __builtin_cpu_supports("avx512bw");
-  return enabled;
-}
-
 #endif
 
 using UnpackSpanFn = void (*)(const uint8_t*, const uint8_t*, int32_t*, int64_t);
 
 template <int W>
 void unpack_span_fn(const uint8_t* src, const uint8_t* end, int32_t* dst, int64_t n) {
-#ifdef SGSC_BITPACK_AVX2
+#ifdef SGSC_UNPACK_VBMI
   if constexpr (W <= 8) {
-    if (vbmi_unpack_enabled()) return unpack_vbmi<W>(src, end, dst, n);
+    if (vbmi_unpack_enabled()) return unpack_vbmi_fixed<W>(src, end, dst, n);
   }
+#endif
+#ifdef SGSC_BITPACK_AVX2
   if constexpr (W <= kAvx2MaxWidth) {
     if (isa_at_least(Isa::kAvx2)) {
       const int64_t done = unpack_avx2<W>(src, end, dst, n);  // done is a multiple of 8: W whole bytes each
@@ -459,6 +411,14 @@ Layout unpack_dequantize_layout(const Tensor& packed, const Tensor& widths, cons
                    "), got shape ", scales.sizes());
   return layout;
 }
+
+#ifdef SGSC_UNPACK_VBMI
+bool vbmi_unpack_enabled() {
+  static const bool enabled = isa_at_least(Isa::kAvx512) && __builtin_cpu_supports("avx512vbmi") &&
+                              __builtin_cpu_supports("avx512bw");
+  return enabled;
+}
+#endif
 
 void unpack_codes(int width, const uint8_t* src, const uint8_t* end, int32_t* dst, int64_t n) {
   unpack_table[width](src, end, dst, n);

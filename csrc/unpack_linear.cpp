@@ -161,24 +161,14 @@ SGSC_ALWAYS_INLINE void dot_row(const int32_t* code, float scale, int64_t K, con
   }
 }
 
-// One block of L output rows over K columns (a chunk of at most kColumns): its codes decoded into codes (rows
-// K + kRowSlack apart), then (from kFewRows batch rows on) their values into w and every batch row times w, in
-// chunks of 8, 4, 2 and 1 rows. bias: the block's lanes of the bias, or nullptr (pointers only: a vector type
-// never crosses the call into an ISA's entry point, whose by-value ABI differs); accumulate: add to y (a
-// later chunk) instead of starting from the bias.
+// Every batch row times a block of L output rows over K columns (a chunk of at most kColumns), the rows' codes
+// as decoded (row[lane], scale[lane]): dot products below kFewRows batch rows, else the block's values into w
+// and every batch row times w, in chunks of 8, 4, 2 and 1 rows. bias: the block's lanes of the bias, or nullptr;
+// accumulate: add to y (a later chunk) instead of starting from the bias.
 template <int L>
-SGSC_ALWAYS_INLINE void block_body(const RowSource (&rows)[kMaxRows], const uint8_t* end, int32_t* codes, float* w,
-                                   int64_t K, const float* x, int64_t ldx, int64_t M, const float* bias_ptr,
-                                   bool accumulate, int64_t lanes, float* y, int64_t ldy) {
-  const int32_t* row[L];
-  float scale[L];
-  for (int lane = 0; lane < L; ++lane) {
-    int32_t* dst = codes + lane * (K + kRowSlack);
-    // a missing lane keeps whatever integer codes the buffer holds (zeros at first): scale 0, never stored
-    if (lane < lanes) unpack_codes(rows[lane].width, rows[lane].bytes, end, dst, rows[lane].skip + K);
-    row[lane] = dst + rows[lane].skip;
-    scale[lane] = rows[lane].scale;
-  }
+SGSC_ALWAYS_INLINE void multiply_decoded(const int32_t* const (&row)[L], const float (&scale)[L], float* w, int64_t K,
+                                         const float* x, int64_t ldx, int64_t M, const float* bias_ptr,
+                                         bool accumulate, int64_t lanes, float* y, int64_t ldy) {
   if (M < kFewRows) {
     for (int64_t lane = 0; lane < lanes; ++lane)
       dot_row<L>(row[lane], scale[lane], K, x, ldx, M, bias_ptr ? bias_ptr[lane] : 0.0f, accumulate, y + lane, ldy);
@@ -205,6 +195,22 @@ struct BlockKernel {
   void(*run) SGSC_BLOCK_PARAMS;
 };
 
+// One block of L output rows: lane l's codes decoded (through bitpack.cpp's unpack table) to codes + l * (K +
+// kRowSlack), then multiplied. A missing lane keeps whatever integer codes the buffer holds (zeros at first):
+// its scale is 0 and its outputs are never stored.
+template <int L>
+SGSC_ALWAYS_INLINE void block_body SGSC_BLOCK_PARAMS {
+  const int32_t* row[L];
+  float scale[L];
+  for (int lane = 0; lane < L; ++lane) {
+    int32_t* dst = codes + lane * (K + kRowSlack);
+    if (lane < lanes) unpack_codes(rows[lane].width, rows[lane].bytes, end, dst, rows[lane].skip + K);
+    row[lane] = dst + rows[lane].skip;
+    scale[lane] = rows[lane].scale;
+  }
+  multiply_decoded<L>(row, scale, w, K, x, ldx, M, bias, accumulate, lanes, y, ldy);
+}
+
 void block_portable SGSC_BLOCK_PARAMS { block_body<8> SGSC_BLOCK_ARGS; }
 
 #ifdef SGSC_PACKED_AVX2
@@ -212,8 +218,31 @@ __attribute__((target("avx2,fma"))) void block_avx2 SGSC_BLOCK_PARAMS { block_bo
 __attribute__((target("avx512f,avx2,fma"))) void block_avx512 SGSC_BLOCK_PARAMS { block_body<16> SGSC_BLOCK_ARGS; }
 #endif
 
+#ifdef SGSC_UNPACK_VBMI
+// block_body<16> with rows of widths up to 8 decoded inline by VBMI (a small layer's rows are a few dozen
+// codes, where a call per row through the unpack table cost as much as decoding it).
+__attribute__((target(SGSC_VBMI_TARGET ",fma"))) void block_avx512_vbmi SGSC_BLOCK_PARAMS {
+  const int32_t* row[16];
+  float scale[16];
+  for (int lane = 0; lane < 16; ++lane) {
+    int32_t* dst = codes + lane * (K + kRowSlack);
+    const RowSource& r = rows[lane];
+    if (lane < lanes) {
+      if (r.width >= 1 && r.width <= 8) unpack_vbmi(r.width, r.bytes, end, dst, r.skip + K);
+      else unpack_codes(r.width, r.bytes, end, dst, r.skip + K);
+    }
+    row[lane] = dst + r.skip;
+    scale[lane] = r.scale;
+  }
+  multiply_decoded<16>(row, scale, w, K, x, ldx, M, bias, accumulate, lanes, y, ldy);
+}
+#endif
+
 BlockKernel block_kernel() {
 #ifdef SGSC_PACKED_AVX2
+#ifdef SGSC_UNPACK_VBMI
+  if (vbmi_unpack_enabled()) return {16, block_avx512_vbmi};
+#endif
   if (isa_at_least(Isa::kAvx512)) return {16, block_avx512};
   if (isa_at_least(Isa::kAvx2)) return {8, block_avx2};
 #endif
