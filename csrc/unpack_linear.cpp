@@ -135,6 +135,17 @@ SGSC_ALWAYS_INLINE void multiply_block(const float* w, int64_t K, const float* x
 // columns, which then costs more than the products it feeds.
 constexpr int64_t kFewRows = 4;
 
+// L codes times L values of x, as floats.
+template <int L>
+SGSC_ALWAYS_INLINE typename Vec<L>::type code_times_x(const int32_t* code, const float* x) {
+  typedef int32_t IV __attribute__((vector_size(4 * L)));
+  IV c;
+  typename Vec<L>::type xs;
+  std::memcpy(&c, code, sizeof(c));
+  std::memcpy(&xs, x, sizeof(xs));
+  return __builtin_convertvector(c, typename Vec<L>::type) * xs;
+}
+
 // y[m * ldy] = bias + scale * sum_k code[k] * x[m][k] for M batch rows (or y += the scaled sum, accumulating
 // a later chunk of columns): one output row's codes as they were decoded, L columns per step in two partial
 // sums, the scale applied once (a power of two: the same value as multiplying each code by it).
@@ -142,17 +153,14 @@ template <int L>
 SGSC_ALWAYS_INLINE void dot_row(const int32_t* code, float scale, int64_t K, const float* x, int64_t ldx, int64_t M,
                                 float bias, bool accumulate, float* y, int64_t ldy) {
   using V = typename Vec<L>::type;
-  typedef int32_t IV __attribute__((vector_size(4 * L)));
   for (int64_t m = 0; m < M; ++m, x += ldx) {
-    V part[2] = {V{}, V{}};
+    V part[2] = {V{}, V{}};  // named, not indexed by k: an indexed pair lived in memory, one store per step
     int64_t k = 0;
-    for (; k + L <= K; k += L) {
-      IV c;
-      V xs;
-      std::memcpy(&c, code + k, sizeof(c));
-      std::memcpy(&xs, x + k, sizeof(xs));
-      part[(k / L) & 1] += __builtin_convertvector(c, V) * xs;
+    for (; k + 2 * L <= K; k += 2 * L) {
+      part[0] += code_times_x<L>(code + k, x + k);
+      part[1] += code_times_x<L>(code + k + L, x + k + L);
     }
+    if (k + L <= K) part[0] += code_times_x<L>(code + k, x + k), k += L;
     const V both = part[0] + part[1];
     float sum = 0.0f;
     for (int lane = 0; lane < L; ++lane) sum += both[lane];
