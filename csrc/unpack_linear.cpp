@@ -3,22 +3,22 @@
 // (sgsc.nn.PackedStreamLinear). The schema and the reference twin live in sgsc/ops/library.py.
 //
 // W is never written out whole: each block of L output rows (L = 16 on AVX-512, 8 elsewhere: one vector)
-// is decoded into per-thread buffers (its int32 codes, then its floats), stored column-major (one vector
-// holds column k of the L rows), and every batch row then multiplies it by broadcasting x[m][k] onto that
-// column: no horizontal sums, and one call instead of a dequantization into a buffer followed by a matrix
-// product (on a 64x64 layer those two calls cost more than the float layer's one).
+// by up to 512 columns is decoded into per-thread buffers (its int32 codes, then its floats), stored
+// column-major (one vector holds column k of the L rows), and every batch row then multiplies it by
+// broadcasting x[m][k] onto that column: no horizontal sums. Below 4 batch rows, each decoded row is
+// multiplied as it is (dot products: the transpose would cost more than the products it feeds). One call
+// instead of a dequantization into a buffer followed by a matrix product: on a 64x64 layer those two
+// calls cost more than the float layer's one.
 //
-// Numerics: fp32 multiply-adds (FMA on AVX2 and up), 8 independent partial sums per output spread over
-// batch rows and columns, then the bias: within the fp32 bound of a dot product of length K, like
-// sgsc::packed_linear. The weights themselves are exact (code * power-of-two scale).
+// Numerics: fp32 multiply-adds (FMA on AVX2 and up), in independent partial sums over interleaved columns,
+// the bias, and each later chunk of 512 columns added to y: within the fp32 bound of a dot product of
+// length K, like sgsc::packed_linear. The weights themselves are exact (code * power-of-two scale).
 
-#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "bitpack.h"
 #include "packed_layout.h"
-
 
 namespace sgsc {
 namespace packed {
@@ -27,7 +27,7 @@ namespace {
 // The most rows a block holds (AVX-512's 16 floats).
 constexpr int kMaxRows = 16;
 // Columns decoded at a time (a multiple of 8, so every chunk of a row starts on a byte): each thread's buffers
-// then hold a fixed 66 KiB, whatever the layer, as bitpack.cpp's unpack keeps a fixed chunk per thread.
+// then hold a fixed 64.5 KiB, whatever the layer, as bitpack.cpp's unpack keeps a fixed chunk per thread.
 constexpr int64_t kColumns = 512;
 static_assert(kColumns % 8 == 0, "a chunk of a row must start on a byte boundary");
 // Codes of slack after each decoded row: the codes skipped before it (< 8).

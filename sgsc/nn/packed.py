@@ -314,7 +314,7 @@ def resident_bytes(model: nn.Module) -> int:
 def workspace_bytes(model: nn.Module) -> int:
     """Bytes of the one buffer ``model``'s packed convolutions share (:data:`WORKSPACE`, per thread): the largest
     of their float32 weights. Convolutions that are never called do not grow it. The small linear layers keep no
-    buffer of their own: ``sgsc::unpack_linear`` decodes into a fixed 66 KiB per thread, whatever the model (as
+    buffer of their own: ``sgsc::unpack_linear`` decodes into a fixed 64.5 KiB per thread, whatever the model (as
     ``sgsc::unpack`` keeps a fixed chunk)."""
     read_only = {id(child) for module in model.modules() if isinstance(module, WEIGHT_READERS)
                  for child in module.children()}

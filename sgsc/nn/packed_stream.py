@@ -214,7 +214,7 @@ class PackedConv2d(StreamLayer):
                 return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, bias, self.stride, 0, self.dilation,
                                 self.groups)
             return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        except (AttributeError, RuntimeError, ValueError):
+        except (AttributeError, RuntimeError, TypeError, ValueError):
             self._check_input(x, self._buffers["stream"].device)
             raise
 
