@@ -11,7 +11,8 @@
 // bytes: tasks run in parallel without sharing a byte. Width is a template parameter of the inner
 // loops (one instantiation per width 1..32), so every shift and mask is a constant. On CPUs with
 // AVX2, unpack of widths up to 25 bits runs 8 codes per instruction sequence (unpack_avx2, chosen
-// at run time by isa.h's active_isa()); the portable loops finish the tails.
+// at run time by isa.h's active_isa()); the portable loops finish the tails. With AVX-512 VBMI, widths
+// up to 8 run 64 codes per step with no tail (unpack_vbmi, csrc/bitpack.h).
 
 #include <algorithm>
 #include <array>
@@ -21,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "bitpack.h"
 #include "buffers.h"
 #include "isa.h"
 #include "stable.h"
@@ -32,37 +34,11 @@
 namespace sgsc {
 namespace {
 
-constexpr int64_t kChunk = 1 << 14;  // codes per parallel task (a multiple of 8, see above)
-static_assert(kChunk % 8 == 0, "tasks must start on a byte boundary");
-
 // The w-bit field in the low bits of x, read as two's complement.
 template <int W>
 SGSC_ALWAYS_INLINE int32_t sign_extend(uint64_t x) {
   return static_cast<int32_t>(static_cast<int64_t>(x << (64 - W)) >> (64 - W));
 }
-
-// ---- layout: widths and byte offsets of every group ----------------------------------------
-
-struct Layout {
-  int64_t groups = 0;
-  int64_t group_len = 0;          // L, codes per group
-  int64_t chunks_per_group = 0;   // tasks per group
-  std::vector<int> width;         // (G,) validated to [0, 32]
-  std::vector<int64_t> offset;    // (G + 1,) byte offset of each group's stream; offset[G] = total
-
-  int64_t tasks() const { return groups * chunks_per_group; }
-  int64_t group(int64_t task) const { return task / chunks_per_group; }
-  int64_t first_code(int64_t task) const { return (task % chunks_per_group) * kChunk; }
-  int64_t codes(int64_t task) const { return std::min(kChunk, group_len - first_code(task)); }
-  // Byte where a task's codes start: exact, since first_code is a multiple of 8.
-  int64_t first_byte(int64_t task) const {
-    return offset[group(task)] + first_code(task) * width[group(task)] / 8;
-  }
-  int64_t grain() const {
-    // Keep tiny inputs on one thread, where waking the pool costs more than the work.
-    return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, std::min(group_len, kChunk)));
-  }
-};
 
 Layout make_layout(const Tensor& widths, int64_t group_len, const char* op) {
   auto dtype = widths.scalar_type();
@@ -171,10 +147,24 @@ __attribute__((target("avx2"))) int64_t unpack_avx2(const uint8_t* src, const ui
 
 #endif
 
+#ifdef SGSC_UNPACK_VBMI
+// unpack_vbmi (csrc/bitpack.h) at a width fixed at compile time, for the unpack table.
+template <int W>
+__attribute__((target(SGSC_VBMI_TARGET))) void unpack_vbmi_fixed(const uint8_t* src, const uint8_t* end, int32_t* dst,
+                                                                  int64_t n) {
+  unpack_vbmi(W, src, end, dst, n);
+}
+#endif
+
 using UnpackSpanFn = void (*)(const uint8_t*, const uint8_t*, int32_t*, int64_t);
 
 template <int W>
 void unpack_span_fn(const uint8_t* src, const uint8_t* end, int32_t* dst, int64_t n) {
+#ifdef SGSC_UNPACK_VBMI
+  if constexpr (W <= 8) {
+    if (vbmi_unpack_enabled()) return unpack_vbmi_fixed<W>(src, end, dst, n);
+  }
+#endif
 #ifdef SGSC_BITPACK_AVX2
   if constexpr (W <= kAvx2MaxWidth) {
     if (isa_at_least(Isa::kAvx2)) {
@@ -363,6 +353,12 @@ void unpack_out_cpu(const Tensor& packed, const Tensor& widths, int64_t rows_per
 
 // ---- unpack_dequantize: code * scale[group] as float32, straight from the stream ---------------
 
+// dst[i] = code[i] * scale, vectorised for each ISA (the loop is most of a small weight's dequantization).
+SGSC_ALWAYS_INLINE void scale_codes_body(const int32_t* codes, int64_t n, float scale, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(codes[i]) * scale;
+}
+SGSC_CLONES(void, scale_codes, (const int32_t* codes, int64_t n, float scale, float* dst), (codes, n, scale, dst))
+
 // Each task unpacks its codes into a per-thread int32 buffer of kChunk codes (64 KiB, in cache) and
 // writes them to out as floats: the int32 codes are never a tensor of their own, so the packed
 // runtime's workspace is the float weight alone. Each value is float(code) * scale rounded once, as
@@ -379,23 +375,11 @@ void unpack_dequantize_into(const Tensor& packed, const Layout& layout, const Te
     for (int64_t task = first; task < last; ++task) {
       const int64_t g = layout.group(task), n = layout.codes(task);
       unpack_table[layout.width[g]](src + layout.first_byte(task), end, codes.data(), n);
-      float* dst = out + g * layout.group_len + layout.first_code(task);
-      const float s = scale[g];
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(codes[i]) * s;
+      scale_codes(codes.data(), n, scale[g], out + g * layout.group_len + layout.first_code(task));
     }
   });
 }
 
-Layout unpack_dequantize_layout(const Tensor& packed, const Tensor& widths, const Tensor& scales,
-                                int64_t rows_per_group, int64_t row_len) {
-  Layout layout = unpack_layout(packed, widths, rows_per_group, row_len);
-  SGSC_CHECK_TYPE(scales.scalar_type() == kFloat, "sgsc.unpack_dequantize: scales must be float32, got ",
-                  scales.scalar_type());
-  SGSC_CHECK_VALUE(scales.dim() == 1 && scales.numel() == layout.groups && scales.is_contiguous(),
-                   "sgsc.unpack_dequantize: scales must be contiguous with one scale per group (", layout.groups,
-                   "), got shape ", scales.sizes());
-  return layout;
-}
 
 Tensor unpack_dequantize_cpu(const Tensor& packed, const Tensor& widths, const Tensor& scales,
                              int64_t rows_per_group, int64_t row_len) {
@@ -416,6 +400,29 @@ void unpack_dequantize_out_cpu(const Tensor& packed, const Tensor& widths, const
 }
 
 }  // namespace
+
+Layout unpack_dequantize_layout(const Tensor& packed, const Tensor& widths, const Tensor& scales,
+                                int64_t rows_per_group, int64_t row_len) {
+  Layout layout = unpack_layout(packed, widths, rows_per_group, row_len);
+  SGSC_CHECK_TYPE(scales.scalar_type() == kFloat, "sgsc.unpack_dequantize: scales must be float32, got ",
+                  scales.scalar_type());
+  SGSC_CHECK_VALUE(scales.dim() == 1 && scales.numel() == layout.groups && scales.is_contiguous(),
+                   "sgsc.unpack_dequantize: scales must be contiguous with one scale per group (", layout.groups,
+                   "), got shape ", scales.sizes());
+  return layout;
+}
+
+#ifdef SGSC_UNPACK_VBMI
+bool vbmi_unpack_enabled() {
+  static const bool enabled = isa_at_least(Isa::kAvx512) && __builtin_cpu_supports("avx512vbmi") &&
+                              __builtin_cpu_supports("avx512bw");
+  return enabled;
+}
+#endif
+
+void unpack_codes(int width, const uint8_t* src, const uint8_t* end, int32_t* dst, int64_t n) {
+  unpack_table[width](src, end, dst, n);
+}
 
 STABLE_TORCH_LIBRARY_IMPL(sgsc, CPU, m) {
   m.impl("pack", TORCH_BOX(&pack_cpu));

@@ -98,6 +98,34 @@ SGSC_ALWAYS_INLINE u8v load8(const uint32_t* p) {
 #define SGSC_PACKED_AVX2 1
 #endif
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SGSC_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
+#ifdef SGSC_HAS_SHUFFLEVECTOR
+// c[j][r] -> c[r][j]: 8 columns of 8 lanes become 8 rows of 8 columns, so each row is one 32-byte
+// store instead of eight scalar ones (the unpack / shuffle / 128-bit-permute transpose).
+SGSC_ALWAYS_INLINE void transpose8x8(f8 (&c)[8]) {
+  f8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(c[i], c[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(c[i], c[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    c[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    c[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+#endif
+
 // Runs task on one of this library's helper threads, started on first need and kept, at most one per
 // core (the stable ABI offers torch's parallel loop, but not the task pool behind at::launch).
 void launch(std::function<void()> task);

@@ -2,9 +2,10 @@
 
 - :class:`PackedLinear`: ``F.linear`` from bit-packed codes (:func:`sgsc.ops.packed_linear`, fused kernels).
 - :class:`PackedConv2d`, :class:`PackedStreamLinear` (:mod:`sgsc.nn.packed_stream`): keep the file's own
-  stream and dequantize it per call into one shared buffer, then ``F.conv2d`` / ``F.linear``. Small
-  linear layers take this form: the fused kernel's tiles cost them more memory (padding lanes, per-row
-  tables) than they save time.
+  stream; a convolution dequantizes it per call into one shared buffer, then ``F.conv2d``; a linear layer
+  computes ``x W^T + b`` from it in one op (``sgsc::unpack_linear``, a block of rows decoded at a time).
+  Small linear layers take this form: the fused kernel's tiles cost them more memory (padding lanes,
+  per-row tables) and, at their size, more time per call.
 - :class:`PackedEmbedding`: the table as :func:`sgsc.ops.pack`'s stream (each group of rows at its
   width); a lookup decodes only the rows it returns.
 - :func:`packed_module`: the packed layer for one quantized layer's codes (what a loader calls).
@@ -30,8 +31,8 @@ from sgsc.ops.spec import group_offsets
 _BUFFERS = packed_ops.TENSOR_NAMES
 # modules that hand their children's weights to a fused function instead of calling them
 WEIGHT_READERS = (QMultiheadAttention, _QRecurrent)
-# Linear layers of at most this many codes (256 KiB of float32 weight) keep the file's stream and
-# dequantize per call (PackedStreamLinear): at this size a call costs its fixed overhead either way,
+# Linear layers of at most this many codes (256 KiB of float32 weight) keep the file's stream and compute
+# from it (PackedStreamLinear, sgsc::unpack_linear): at this size a call costs its fixed overhead either way,
 # and the fused kernel's tiles (8 lanes, padding and per-row tables) would hold 1.3-1.9x the file's
 # bytes (the zoo's 64-wide decoder, the paper CNN's head).
 STREAM_LINEAR_MAX_CODES = 1 << 16
@@ -282,8 +283,8 @@ def _packed_modules(model: nn.Module):
 
 
 def packed_weight_bytes(model: nn.Module) -> int:
-    """Bytes the packed weights of ``model`` keep resident (codes and layout tables; biases and the
-    shared dequantization buffer, :data:`WORKSPACE`, not included): what the codes cost, against the file's."""
+    """Bytes the packed weights of ``model`` keep resident (codes and layout tables; biases and the convolutions'
+    shared dequantization buffer, :func:`workspace_bytes`, not included): what the codes cost, against the file's."""
     return sum(m.weight_nbytes for m in _packed_modules(model))
 
 
@@ -298,7 +299,7 @@ def _held_tensors(module: nn.Module):
 def resident_bytes(model: nn.Module) -> int:
     """Bytes ``model`` keeps in memory: every tensor it holds (float Parameters and buffers, packed codes and
     their tables, tensors kept as attributes), each storage counted once however many tensors view it,
-    plus :func:`workspace_bytes`, the shared buffer its stream layers dequantize into."""
+    plus :func:`workspace_bytes`, the shared buffer its convolutions dequantize into."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     storages: dict[tuple, int] = {}
@@ -311,13 +312,14 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def workspace_bytes(model: nn.Module) -> int:
-    """Bytes of the one buffer ``model``'s stream layers (convolutions, small linears) share: the largest of
-    their float32 weights. Layers that are never called, only read (an attention's projections, a recurrent
-    layer's matrices: their ``weight`` is a fresh copy, freed after the call), do not grow it."""
+    """Bytes of the one buffer ``model``'s packed convolutions share (:data:`WORKSPACE`, per thread): the largest
+    of their float32 weights. Convolutions that are never called do not grow it. The small linear layers keep no
+    buffer of their own: ``sgsc::unpack_linear`` decodes into a fixed 64.5 KiB per thread, whatever the model (as
+    ``sgsc::unpack`` keeps a fixed chunk)."""
     read_only = {id(child) for module in model.modules() if isinstance(module, WEIGHT_READERS)
                  for child in module.children()}
     return max((4 * m.out_features * m.in_features for m in _packed_modules(model)
-                if isinstance(m, StreamLayer) and id(m) not in read_only), default=0)
+                if isinstance(m, PackedConv2d) and id(m) not in read_only), default=0)
 
 
 def packed_file_bytes(model: nn.Module) -> int:

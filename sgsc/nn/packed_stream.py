@@ -1,9 +1,11 @@
 """Packed layers that keep the file's own bit stream: :class:`PackedConv2d` and :class:`PackedStreamLinear`.
 
 Each holds :func:`sgsc.ops.pack`'s stream (each group of output rows at its minimal width) plus a width
-byte and a float32 scale per group, and dequantizes it on every call with ``sgsc::unpack_dequantize``
-into :data:`WORKSPACE`, one float32 buffer per device and thread grown to the largest layer, then runs
-``F.conv2d`` / ``F.linear``: resident memory is the file's, plus that one buffer.
+byte and a float32 scale per group. A convolution dequantizes it on every call with
+``sgsc::unpack_dequantize`` into :data:`WORKSPACE`, one float32 buffer per device and thread grown to the
+largest convolution, then runs ``F.conv2d``; a linear layer runs ``sgsc::unpack_linear``, which decodes a
+block of rows and columns at a time into a fixed per-thread buffer and multiplies it there: resident memory is
+the file's, plus that one buffer.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from sgsc.ops.spec import minimal_widths
 
 
 class _Workspace(threading.local):
-    """One float32 buffer per device, grown to the largest weight asked for: every stream layer (packed
-    convolutions, small linears) dequantizes into it, so a model holds one dequantized layer at a time.
+    """One float32 buffer per device, grown to the largest weight asked for: every packed convolution
+    dequantizes into it, so a model holds one dequantized layer at a time.
 
     Each thread has its own (a ``threading.local``): threads serving one model concurrently never write
     into a weight another is reading, and a thread's buffers go when it ends."""
@@ -104,22 +106,6 @@ class StreamLayer(nn.Module):
         """The dequantized weight in ``nn.Linear``/``nn.Conv2d``'s shape, built on every access."""
         return self.dequantized_weight().reshape(self.weight_shape)
 
-    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight for one call on ``x``: in the shared :data:`WORKSPACE`, unless autograd would save it
-        for a backward pass or torch.compile traces the call (then in a tensor of its own).
-
-        Buffers are read from ``_buffers`` and the op through its ``default`` overload: on a 64x64 layer the
-        module attribute lookups and overload resolution cost as much as the dequantization itself."""
-        buffers = self._buffers
-        stream = buffers["stream"]
-        self._check_input(x, stream.device)
-        if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or not self.out_features:
-            return self.dequantized_weight().view(self.weight_shape)
-        weight = WORKSPACE.view(self.weight_shape, stream.device)
-        torch.ops.sgsc.unpack_dequantize_out.default(stream, buffers["widths"], buffers["scales"], self.rows_per_group,
-                                                     self.in_features, weight)
-        return weight
-
     def _check_input(self, x, device: torch.device) -> None:
         # torch's own errors (RuntimeError, not naming x) would come from deep inside F.linear / F.conv2d
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
@@ -132,8 +118,10 @@ class StreamLayer(nn.Module):
 
 
 class PackedStreamLinear(StreamLayer):
-    """``nn.Linear`` for small layers: its weight stays as the file's bit-packed stream and is dequantized
-    into the shared :data:`WORKSPACE` on each call, then ``F.linear``. Inference only."""
+    """``nn.Linear`` for small layers: its weight stays as the file's bit-packed stream, and each call computes
+    ``x W^T + b`` from it with ``sgsc::unpack_linear`` (``F.linear``'s result within the fp32 bound of a dot
+    product of length ``in_features``; the weights themselves exact). Where autograd would need the weight
+    (``x`` requires grad), ``F.linear`` on a dequantized copy."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, out_features: int,
                  in_features: int):
@@ -151,7 +139,19 @@ class PackedStreamLinear(StreamLayer):
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight_for(x), self._buffers["bias"])
+        buffers = self._buffers
+        if isinstance(x, torch.Tensor) and self.out_features and not (x.requires_grad and torch.is_grad_enabled()):
+            # One op computes from the stream and checks every argument itself: on a 64x64 layer a check or
+            # a reshape in Python costs as much as the product, so Python looks at x only once the op refused it.
+            try:
+                return torch.ops.sgsc.unpack_linear.default(x, buffers["stream"], buffers["widths"], buffers["scales"],
+                                                            self.rows_per_group, self.in_features, buffers["bias"])
+            except (ValueError, RuntimeError):
+                self._check_input(x, buffers["stream"].device)  # names what is wrong with x
+                raise
+        # autograd saves the weight for the backward pass (the op has none); a layer without rows has no stream
+        self._check_input(x, buffers["stream"].device)
+        return F.linear(x, self.dequantized_weight(), buffers["bias"])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -189,13 +189,34 @@ class PackedConv2d(StreamLayer):
     def input_features(self) -> int:
         return self.in_channels
 
+    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight for one call on ``x``: in the shared :data:`WORKSPACE`, unless autograd would save it
+        for a backward pass or torch.compile traces the call (then in a tensor of its own).
+
+        Buffers are read from ``_buffers`` and the op through its ``default`` overload: on a small layer the
+        module attribute lookups and overload resolution cost as much as the dequantization itself."""
+        buffers = self._buffers
+        stream = buffers["stream"]
+        if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or not self.out_features:
+            return self.dequantized_weight().view(self.weight_shape)
+        weight = WORKSPACE.view(self.weight_shape, stream.device)
+        torch.ops.sgsc.unpack_dequantize_out.default(stream, buffers["widths"], buffers["scales"], self.rows_per_group,
+                                                     self.in_features, weight)
+        return weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight_for(x)
-        if self.padding_mode != "zeros":
-            pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, self.bias, self.stride, 0,
-                            self.dilation, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        # The op and F.conv2d check x themselves; Python looks at it only once they refused it, to name what is
+        # wrong (at batch 1 the checks cost a tenth of a small convolution).
+        try:
+            weight, bias = self._weight_for(x), self._buffers["bias"]
+            if self.padding_mode != "zeros":
+                pad = [p for p in reversed(self.padding) for _ in range(2)]
+                return F.conv2d(F.pad(x, pad, mode=self.padding_mode), weight, bias, self.stride, 0, self.dilation,
+                                self.groups)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            self._check_input(x, self._buffers["stream"].device)
+            raise
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

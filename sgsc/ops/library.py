@@ -348,6 +348,38 @@ def _unpack_then_scale_out(packed, widths, scales, rows_per_group, row_len, out)
 torch.library.register_kernel("sgsc::unpack_dequantize", None, _unpack_then_scale)
 torch.library.register_kernel("sgsc::unpack_dequantize_out", None, _unpack_then_scale_out)
 
+# The packed runtime's small linear layers: y = x W^T + bias with W unpack_dequantize's, in one call. The CPU
+# kernel (csrc/unpack_linear.cpp) decodes 8 rows of W at a time into a per-thread buffer and never writes W
+# whole; its result is F.linear's within the fp32 bound of a dot product of length in_features. Elsewhere it is
+# the dequantization followed by F.linear.
+torch.library.define(
+    "sgsc::unpack_linear",
+    "(Tensor x, Tensor packed, Tensor widths, Tensor scales, int rows_per_group, int in_features, Tensor? bias) "
+    "-> Tensor",
+)
+
+
+@torch.library.register_fake("sgsc::unpack_linear")
+def _unpack_linear_fake(x, packed, widths, scales, rows_per_group, in_features, bias):
+    torch._check(x.dtype == torch.float32, lambda: f"x must be float32, got {x.dtype}")
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_features,
+                 lambda: f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+    torch._check(x.device == packed.device, lambda: f"x must be on packed's device {packed.device}, got {x.device}")
+    _check_unpack_args(packed, widths, rows_per_group, in_features)
+    _check_scales(scales, widths)
+    out_features = widths.shape[0] * rows_per_group
+    torch._check(bias is None or tuple(bias.shape) == (out_features,),
+                 lambda: f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _unpack_linear_reference(x, packed, widths, scales, rows_per_group, in_features, bias):
+    weight = torch.ops.sgsc.unpack_dequantize(packed, widths, scales, rows_per_group, in_features)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+torch.library.register_kernel("sgsc::unpack_linear", None, _unpack_linear_reference)
+
 
 # =============================================================================================
 # Sparse groups of the packed format: sgsc::nonzero_select / sgsc::nonzero_expand

@@ -57,9 +57,12 @@ def test_a_char_rnns_file_at_4_bits_is_at_most_20_percent_of_float32_and_reloads
     ids = torch.randint(0, 64, (3, 10))
     sgsc.save_packed(model, tmp_path / "rnn.sgsc")
     assert os.path.getsize(tmp_path / "rnn.sgsc") <= 0.20 * float_bytes
-    for runtime in ("float", "packed"):
-        loaded = sgsc.load_packed(tmp_path / "rnn.sgsc", model=CharRNN(kind, bidirectional), runtime=runtime)
-        assert torch.equal(loaded(ids), model(ids))
+    loaded = sgsc.load_packed(tmp_path / "rnn.sgsc", model=CharRNN(kind, bidirectional))
+    assert torch.equal(loaded(ids), model(ids))
+    # the packed runtime's recurrent matrices are dequantized exactly; its small head multiplies from the
+    # stream in its own order, within fp32 rounding
+    packed = sgsc.load_packed(tmp_path / "rnn.sgsc", model=CharRNN(kind, bidirectional), runtime="packed")
+    torch.testing.assert_close(packed(ids), model(ids), rtol=1e-5, atol=1e-6)
 
 
 def test_lstm_with_projections_stays_float_and_is_named():

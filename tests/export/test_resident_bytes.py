@@ -50,7 +50,7 @@ def _load_and_run(path, runtime: str, x: torch.Tensor, out: dict) -> None:
         fresh = _Vit()
     before = _storages()
     loaded = sgsc.load_packed(path, model=fresh, runtime=runtime)
-    with torch.no_grad():  # inference: the stream layers dequantize into the shared buffer
+    with torch.no_grad():  # inference: the convolutions dequantize into the shared buffer
         loaded(x)
     out["held"] = sum(size for ptr, size in _storages().items() if ptr not in before)
     out["resident"], out["codes"] = resident_bytes(loaded), packed_weight_bytes(loaded)
@@ -83,5 +83,6 @@ def test_attention_projections_run_from_their_codes_on_the_packed_runtime(tmp_pa
     attention = packed.blocks.layers[0].self_attn
     assert isinstance(attention.in_proj, PackedStreamLinear) and isinstance(attention.out_proj, PackedLinear)
     x = torch.randn(3, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(packed(x), sgsc.load_packed(tmp_path / "vit.sgsc", model=_Vit())(x))
+    with torch.no_grad():  # the small linear layers multiply in their own order: within fp32 rounding
+        torch.testing.assert_close(packed(x), sgsc.load_packed(tmp_path / "vit.sgsc", model=_Vit())(x),
+                                   rtol=1e-5, atol=1e-5)

@@ -370,7 +370,7 @@ def test_unpack_dequantize_refuses_bad_arguments_and_passes_opcheck():
 
 
 def test_small_linear_layers_keep_the_file_stream_and_large_ones_the_fused_tiles():
-    from sgsc.nn.packed import STREAM_LINEAR_MAX_CODES, WORKSPACE, workspace_bytes
+    from sgsc.nn.packed import STREAM_LINEAR_MAX_CODES, workspace_bytes
 
     small = trained_like(QLinear(40, 24, quant_groups=6), 5)
     large = trained_like(QLinear(STREAM_LINEAR_MAX_CODES // 64 + 1, 64), 6)
@@ -387,7 +387,7 @@ def test_small_linear_layers_keep_the_file_stream_and_large_ones_the_fused_tiles
     stream = packed_module(small, *reference.integer_codes(small.grouped(small.weight.detach()), small.bits,
                                                            small.exponent, "nearest"))
     assert packed_weight_bytes(nn.Sequential(stream)) == packed_file_bytes(nn.Sequential(stream)) + 6 * (1 + 4)
-    assert workspace_bytes(nn.Sequential(stream)) == 4 * 24 * 40 <= WORKSPACE.nbytes()
+    assert workspace_bytes(nn.Sequential(stream)) == 0  # it computes from the stream, dequantizing nothing whole
     x = torch.randn(3, 40, requires_grad=True)
     stream(x).sum().backward()  # autograd saves a weight of its own, not the shared buffer
     assert x.grad is not None
