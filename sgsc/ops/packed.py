@@ -64,7 +64,7 @@ from sgsc.ops import native as _native
 from sgsc.ops import reference
 from sgsc.ops.functional import _check_tensor
 from sgsc.ops.library import _triton_module
-from sgsc.ops.spec import LANES, MAX_WIDTH, Q8_BLOCK, minimal_widths, stream_bytes
+from sgsc.ops.spec import LANES, MAX_WIDTH, minimal_widths, stream_bytes
 
 GROUP_BY = ("output", "input")
 # How a packed linear layer takes its activations: float32 as given (exact within fp32 rounding), or

@@ -11,14 +11,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packed_codes import dense_weight, random_layer  # noqa: E402
 
 from sgsc import ops
 from sgsc.nn.packed import PackedLinear
-from sgsc.ops import native
+from sgsc.ops import native, reference
 from sgsc.ops import packed as packed_ops
-from sgsc.ops import reference
 from sgsc.ops.spec import Q8_BLOCK
-from packed_codes import dense_weight, random_layer  # noqa: E402
 
 EPS = 2.0**-24
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packed_codes import dense_weight, random_layer  # noqa: E402
 from torch import nn
 
 from sgsc import ops
@@ -34,7 +35,6 @@ from sgsc.nn.packed import (
 from sgsc.ops import library, reference
 from sgsc.ops import packed as packed_ops
 from sgsc.ops.spec import minimal_widths
-from packed_codes import dense_weight, random_layer  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packed_codes import dense_weight, random_layer  # noqa: E402
 
 from sgsc import ops
 from sgsc.ops import library
-from packed_codes import dense_weight, random_layer  # noqa: E402
 
 EPS = 2.0**-24
 

@@ -129,8 +129,9 @@ def test_device_cuda_without_cuda_is_named():
 
 
 def _resnet_data(digits_split):
-    import sgsc
     from own_models import TinyResNet
+
+    import sgsc
 
     (x, y), _ = digits_split
     torch.manual_seed(0)
