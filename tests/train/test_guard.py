@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from sgsc.nn import QLinear, quantized_layers
 from sgsc.train.guard import (
     MIN_FIRST_LOOK,
     Outcomes,
@@ -22,6 +23,7 @@ from sgsc.train.guard import (
     subset,
     warn_if_unresolvable,
 )
+from sgsc.train.safety import Policy, RunState, bits_snapshot, culprits
 
 
 def _accuracy_pair(n: int, lost: int, gained: int) -> tuple[Outcomes, Outcomes]:
@@ -188,3 +190,31 @@ def test_two_looks_pass_a_state_at_the_limit_no_more_often_than_the_confidence_a
         passed += check.verdict == "pass"
     rate = passed / trials
     assert rate <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials), rate
+
+
+def test_the_culprit_search_ranks_layers_on_the_first_look_only():
+    # Two quantized layers; outcomes on the guard depend on their storage widths: "harm" at 1 bit costs 60% of
+    # the examples, "mild" one bit lower costs nothing. The search scores only the first quarter of the guard.
+    model = nn.Sequential(QLinear(4, 4), QLinear(4, 4))
+    names = [name for name, _ in quantized_layers(model)]
+    state = RunState(reference=Outcomes(torch.ones(2000, dtype=torch.float64), torch.ones(2000, dtype=torch.float64)),
+                     snapshot=bits_snapshot(model))
+    order = torch.randperm(2000, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def measure(examples):
+        seen.append(None if examples is None else examples.tolist())
+        n = 2000 if examples is None else len(examples)
+        harmed = bool((model[0].bits <= 1).all())
+        values = torch.ones(n, dtype=torch.float64)
+        values[: int(0.6 * n)] = 0.0 if harmed else 1.0
+        return Outcomes(values, torch.ones(n, dtype=torch.float64))
+
+    with torch.no_grad():
+        model[0].bits.fill_(1.0)
+        model[1].bits -= 1.0
+    policy = Policy(max_drop=0.01, look_order=order)
+    assert culprits(model, state, policy, measure) == [names[0]]
+    assert seen == [order[:500].tolist()] * 3  # the failed state, then each lowered layer restored alone
+    seen.clear()
+    assert culprits(model, state, Policy(max_drop=0.01), measure) == [names[0]] and seen == [None] * 3
