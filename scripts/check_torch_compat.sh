@@ -24,7 +24,11 @@ TEST_TOOLS=(pytest "hypothesis>=6.100")  # and the wheel's [train] extra: some r
 mkdir -p "$WORK/wheel"
 rm -f "$WORK"/wheel/sgsc-*.whl
 echo "== building the wheel once, against $("$BUILD_PYTHON" -c 'import torch; print("torch", torch.__version__)')"
-"$BUILD_PYTHON" -m pip wheel --no-build-isolation --no-deps -q -w "$WORK/wheel" "$ROOT"
+# from the files a clone would have (tracked, and new ones git does not ignore): a checkout's build/ can
+# hold a stale extension or deleted modules, which setuptools would put in the wheel
+rm -rf "$WORK/source" && mkdir -p "$WORK/source"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$WORK/source" 2>/dev/null || true)
+"$BUILD_PYTHON" -m pip wheel --no-build-isolation --no-deps -q -w "$WORK/wheel" "$WORK/source"
 WHEEL=$(ls "$WORK"/wheel/sgsc-*.whl)
 echo "   $WHEEL ($(sha256sum "$WHEEL" | cut -c1-16))"
 
