@@ -252,7 +252,7 @@ def _add_frontier(subparsers) -> None:
 
 
 def _run_frontier(args: argparse.Namespace) -> int:
-    from sgsc.experiments import frontier
+    from sgsc.experiments import frontier, frontier_report
 
     keys = ("model", "data", "data_dir", "seeds", "gammas", "steps", "float_steps", "max_drop", "terms",
             "preservation_batch")
@@ -261,7 +261,7 @@ def _run_frontier(args: argparse.Namespace) -> int:
     settings = (frontier.quick_settings if args.quick else frontier.default_settings)(**overrides)
     result = frontier.run(settings, args.out, workers=args.workers)
     result_file, plot_file = frontier.result_names(settings)
-    return _report(frontier.markdown(result), Path(args.out) / result_file, Path(args.out) / plot_file)
+    return _report(frontier_report.markdown(result), Path(args.out) / result_file, Path(args.out) / plot_file)
 
 
 def register(subparsers) -> None:

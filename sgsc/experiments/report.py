@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from sgsc._io import atomic_write
-from sgsc.experiments import frontier, language, resnet, resnet_report, vision_report
+from sgsc.experiments import frontier, frontier_report, language, resnet, resnet_report, vision_report
 
 VISION_FILE = "vision.json"
 TUNING_FILE = "vision_tuning.json"
@@ -57,7 +57,7 @@ def render(results_dir: str | os.PathLike = "results", output: str | os.PathLike
     ]
     for path in (frontier_path, resnet_frontier_path):
         if path.is_file():
-            sections.append(frontier.markdown(_read(path)))
+            sections.append(frontier_report.markdown(_read(path)))
     if vision_path.is_file():
         sections.append(vision_report.markdown(_read(vision_path), results_dir.resolve(), output))
     if tuning_path.is_file():

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sgsc.experiments import frontier, frontier_models, report
+from sgsc.experiments import frontier, frontier_models, frontier_report, report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,5 +100,5 @@ def test_resnet20_runs_through_the_public_api_into_its_own_files(tmp_path, monke
     assert set(result["summary"]["table"]) == {"sgsc_distill", "unsafe", "qat", "ptq"}  # only the families run
     curve = result["seeds"][0]["float_training"]["loss_curve"]
     assert len(curve) == -(-(settings.float_steps + settings.steps) // 50) and curve[-1] < curve[0]
-    text = frontier.markdown(result)
+    text = frontier_report.markdown(result)
     assert "(ResNet-20)" in text and "--model resnet20" in text and "in the last 150 steps" in text
