@@ -151,12 +151,12 @@ def prepare_seed(settings: FrontierSettings, seed: int, out: Path, threads: int)
     done = seed_dir / "prepared.json"
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
-    model = adapter(settings)
-    run = model.data(seed)
+    kind = adapter(settings)
+    run = kind.data(seed)
     started = time.perf_counter()
-    rows, keep, float_training = model.prepare(seed, run, seed_dir)
+    rows, keep, float_training = kind.prepare(seed, run, seed_dir)
     record = {"seed": seed, "rows": rows, "preservation": keep, "float_training": float_training,
-              "prepare_seconds": time.perf_counter() - started, "data": model.describe(run)}
+              "prepare_seconds": time.perf_counter() - started, "data": kind.describe(run)}
     write_json(done, record)
     return record
 
