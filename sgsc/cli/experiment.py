@@ -245,6 +245,8 @@ def _add_frontier(subparsers) -> None:
                         help="the preservation terms SGSC runs with (default: all three; resnet20: distill)")
     parser.add_argument("--preservation-batch", type=positive_int,
                         help="preservation examples per step of the SGSC runs (default: the library's)")
+    parser.add_argument("--patience", type=positive_int,
+                        help="failed checks in a row before an SGSC run rolls back (default: the library's)")
     parser.add_argument("--workers", type=positive_int, default=1, help="processes at once (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--out", default="results", help="output directory (default: %(default)s)")
@@ -255,7 +257,7 @@ def _run_frontier(args: argparse.Namespace) -> int:
     from sgsc.experiments import frontier, frontier_report
 
     keys = ("model", "data", "data_dir", "seeds", "gammas", "steps", "float_steps", "max_drop", "terms",
-            "preservation_batch")
+            "preservation_batch", "patience")
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     overrides["progress"] = args.progress
     settings = (frontier.quick_settings if args.quick else frontier.default_settings)(**overrides)

@@ -65,6 +65,7 @@ class FrontierSettings:
     gammas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     terms: tuple[str, ...] = tuple(SGSC_TERMS.values())  # the preservation terms SGSC runs with
     preservation_batch: int = dataclasses.field(default_factory=lambda: CompressConfig().preservation_batch)
+    patience: int = dataclasses.field(default_factory=lambda: CompressConfig().patience)  # failed checks before a rollback
     max_drop: float = 0.01
     k: int = 50
     fraction: float = 0.05
@@ -101,7 +102,7 @@ class FrontierSettings:
         return CompressConfig(
             gamma=gamma, lambda_=0.0 if term == "none" else 1.0, preservation_loss=term,
             max_drop=self.max_drop if max_drop is None else max_drop, k=self.k, steps=self.steps,
-            preservation_batch=self.preservation_batch,
+            preservation_batch=self.preservation_batch, patience=self.patience,
             batch_size=self.batch_size, lr=self.lr, quant_lr=self.quant_lr, lr_schedule=self.lr_schedule, seed=seed,
             eval_every=self.steps, progress=False)
 
@@ -359,7 +360,7 @@ def command_line(settings: FrontierSettings, out: Path, workers: int) -> str:
     if settings.model != "paper_cnn":
         parts += ["--model", settings.model]
     defaults = (quick_settings if settings.quick else default_settings)(model=settings.model)
-    for key in ("data", "data_dir", "float_steps", "steps", "max_drop", "preservation_batch"):
+    for key in ("data", "data_dir", "float_steps", "steps", "max_drop", "preservation_batch", "patience"):
         value = getattr(settings, key)
         if value != getattr(defaults, key) and value is not None:
             parts += [f"--{key.replace('_', '-')}", str(value)]
