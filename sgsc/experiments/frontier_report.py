@@ -30,10 +30,12 @@ def _float_training(result: dict) -> str:
         return ""
     mean = [statistics.fmean(values) for values in zip(*curves)]
     steps = result["seeds"][0]["float_training"]["steps"]
+    window = result["seeds"][0]["rows"]["float"]["curve_steps"]  # steps each point of the curve averages
+    last = mean[-3:]
     falling = len(mean) >= 2 and mean[-1] < 0.98 * mean[-2]
     return (f"The float model trains {steps} steps (batch {result['settings']['batch_size']}), what this CPU "
-            f"allowed; its training loss per 50 steps (mean over seeds) went {mean[0]:.3f} at the start, then "
-            f"{', '.join(f'{v:.3f}' for v in mean[-3:])} in the last 150 steps: "
+            f"allowed; its training loss per {window} steps (mean over seeds) went {mean[0]:.3f} at the start, "
+            f"then {', '.join(f'{v:.3f}' for v in last)} in the last {len(last) * window} steps: "
             f"{'still falling, so it had not converged' if falling else 'flat at the end'}. ")
 
 
