@@ -304,16 +304,15 @@ Tensor pack_cpu(const Tensor& ints, const Tensor& widths) {
   return packed;
 }
 
-// Checks the arguments of unpack and returns the layout they describe.
-Layout unpack_layout(const Tensor& packed, const Tensor& widths, int64_t rows_per_group, int64_t row_len) {
-  SGSC_CHECK_TYPE(packed.scalar_type() == kByte, "sgsc.unpack: packed must be uint8, got ",
-                  packed.scalar_type());
-  SGSC_CHECK_VALUE(packed.dim() == 1, "sgsc.unpack: packed must be 1-D, got shape ", packed.sizes());
-  SGSC_CHECK_VALUE(rows_per_group >= 0 && row_len >= 0,
-                   "sgsc.unpack: rows_per_group and row_len must be >= 0, got ", rows_per_group, " and ",
-                   row_len);
-  Layout layout = make_layout(widths, rows_per_group * row_len, "unpack");
-  SGSC_CHECK_VALUE(packed.numel() == layout.offset[layout.groups], "sgsc.unpack: packed must hold ",
+// Checks the arguments of unpack (or of op, which reads the same stream) and returns the layout they describe.
+Layout unpack_layout(const Tensor& packed, const Tensor& widths, int64_t rows_per_group, int64_t row_len,
+                     const char* op = "unpack") {
+  SGSC_CHECK_TYPE(packed.scalar_type() == kByte, "sgsc.", op, ": packed must be uint8, got ", packed.scalar_type());
+  SGSC_CHECK_VALUE(packed.dim() == 1, "sgsc.", op, ": packed must be 1-D, got shape ", packed.sizes());
+  SGSC_CHECK_VALUE(rows_per_group >= 0 && row_len >= 0, "sgsc.", op,
+                   ": rows_per_group and row_len must be >= 0, got ", rows_per_group, " and ", row_len);
+  Layout layout = make_layout(widths, rows_per_group * row_len, op);
+  SGSC_CHECK_VALUE(packed.numel() == layout.offset[layout.groups], "sgsc.", op, ": packed must hold ",
                    layout.offset[layout.groups], " bytes for these widths and shape, got ", packed.numel());
   return layout;
 }
@@ -380,10 +379,10 @@ void unpack_dequantize_into(const Tensor& packed, const Layout& layout, const Te
   });
 }
 
-
 Tensor unpack_dequantize_cpu(const Tensor& packed, const Tensor& widths, const Tensor& scales,
                              int64_t rows_per_group, int64_t row_len) {
-  const Layout layout = unpack_dequantize_layout(packed, widths, scales, rows_per_group, row_len);
+  const Layout layout =
+      unpack_dequantize_layout(packed, widths, scales, rows_per_group, row_len, "unpack_dequantize");
   auto out = empty({layout.groups * rows_per_group, row_len}, kFloat, packed);
   unpack_dequantize_into(packed, layout, scales, out.mutable_data_ptr<float>());
   return out;
@@ -391,7 +390,8 @@ Tensor unpack_dequantize_cpu(const Tensor& packed, const Tensor& widths, const T
 
 void unpack_dequantize_out_cpu(const Tensor& packed, const Tensor& widths, const Tensor& scales,
                                int64_t rows_per_group, int64_t row_len, Tensor out) {
-  const Layout layout = unpack_dequantize_layout(packed, widths, scales, rows_per_group, row_len);
+  const Layout layout =
+      unpack_dequantize_layout(packed, widths, scales, rows_per_group, row_len, "unpack_dequantize_out");
   SGSC_CHECK_VALUE(out.scalar_type() == kFloat && out.numel() == layout.groups * layout.group_len,
                    "sgsc.unpack_dequantize: out must be float32 with ", layout.groups * layout.group_len,
                    " elements, got ", out.scalar_type(), " of shape ", out.sizes());
@@ -402,13 +402,13 @@ void unpack_dequantize_out_cpu(const Tensor& packed, const Tensor& widths, const
 }  // namespace
 
 Layout unpack_dequantize_layout(const Tensor& packed, const Tensor& widths, const Tensor& scales,
-                                int64_t rows_per_group, int64_t row_len) {
-  Layout layout = unpack_layout(packed, widths, rows_per_group, row_len);
-  SGSC_CHECK_TYPE(scales.scalar_type() == kFloat, "sgsc.unpack_dequantize: scales must be float32, got ",
+                                int64_t rows_per_group, int64_t row_len, const char* op) {
+  Layout layout = unpack_layout(packed, widths, rows_per_group, row_len, op);
+  SGSC_CHECK_TYPE(scales.scalar_type() == kFloat, "sgsc.", op, ": scales must be float32, got ",
                   scales.scalar_type());
-  SGSC_CHECK_VALUE(scales.dim() == 1 && scales.numel() == layout.groups && scales.is_contiguous(),
-                   "sgsc.unpack_dequantize: scales must be contiguous with one scale per group (", layout.groups,
-                   "), got shape ", scales.sizes());
+  SGSC_CHECK_VALUE(scales.dim() == 1 && scales.numel() == layout.groups && scales.is_contiguous(), "sgsc.", op,
+                   ": scales must be contiguous with one scale per group (", layout.groups, "), got shape ",
+                   scales.sizes());
   return layout;
 }
 

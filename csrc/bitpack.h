@@ -104,9 +104,9 @@ __attribute__((target(SGSC_VBMI_TARGET), always_inline)) inline void unpack_vbmi
 #endif
 
 // The checked layout of unpack_dequantize's arguments: a uint8 stream of groups*rows_per_group rows of
-// row_len codes, one width and one float32 scale per group.
+// row_len codes, one width and one float32 scale per group; errors name op.
 Layout unpack_dequantize_layout(const Tensor& packed, const Tensor& widths, const Tensor& scales,
-                                int64_t rows_per_group, int64_t row_len);
+                                int64_t rows_per_group, int64_t row_len, const char* op);
 
 // n codes of the given width from src (a byte boundary) into dst, sign-extended; no read reaches end.
 void unpack_codes(int width, const uint8_t* src, const uint8_t* end, int32_t* dst, int64_t n);

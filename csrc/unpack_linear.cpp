@@ -266,7 +266,7 @@ Tensor unpack_linear_cpu(const Tensor& x_in, const Tensor& packed, const Tensor&
   const int64_t K = in_features;
   int64_t M = 1;  // batch rows: every dimension but the last (x.numel() / K fails for K == 0)
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
-  const Layout layout = unpack_dequantize_layout(packed, widths, scales, rows_per_group, K);
+  const Layout layout = unpack_dequantize_layout(packed, widths, scales, rows_per_group, K, "unpack_linear");
   const int64_t N = layout.groups * rows_per_group;
   const float* bias_ptr = checked_bias(bias, N, "unpack_linear");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

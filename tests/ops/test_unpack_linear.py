@@ -84,9 +84,9 @@ def test_refuses_bad_arguments_and_passes_opcheck():
         torch.ops.sgsc.unpack_linear(x[:, :5], stream, widths_t, scales, 2, 6, None)
     with pytest.raises(ValueError, match="bias must have 4 elements"):
         torch.ops.sgsc.unpack_linear(x, stream, widths_t, scales, 2, 6, torch.zeros(3))
-    with pytest.raises(ValueError, match="packed must hold"):
+    with pytest.raises(ValueError, match="sgsc.unpack_linear: packed must hold"):
         torch.ops.sgsc.unpack_linear(x, stream[:-1], widths_t, scales, 2, 6, None)
-    with pytest.raises(ValueError, match="one scale per group"):
+    with pytest.raises(ValueError, match="sgsc.unpack_linear: scales must be contiguous with one scale per group"):
         torch.ops.sgsc.unpack_linear(x, stream, widths_t, scales[:1], 2, 6, None)
     with pytest.raises(RuntimeError, match="x must be on packed's device cpu, got meta"):  # the fake kernel
         torch.ops.sgsc.unpack_linear(x.to("meta"), stream, widths_t, scales, 2, 6, None)
